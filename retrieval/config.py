@@ -1,0 +1,217 @@
+"""Configuration: one dataclass per concern, and the paper's presets in one place.
+
+Everything here is plain data (str/int/float/bool/tuple/None) so that a config can be stored in a
+checkpoint or index metadata as JSON and read back with `from_dict` without pickle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+DatasetName = Literal["cub", "cars", "sop", "inshop", "folder", "demo"]
+LossName = Literal["contrastive", "ms", "pa"]
+MixupLevel = Literal["none", "input", "feature", "embedding"]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how batches are drawn."""
+
+    dataset: str = "demo"
+    root: str | None = None
+    image_size: int = 224  # side of the square crop fed to the network
+    resize_size: int = 256  # test-time short-side resize before the centre crop
+    batch_size: int = 100
+    sampler: Literal["random", "balanced"] = "random"
+    images_per_class: int = 5  # K of a P x K balanced batch; P = batch_size // K
+    workers: int = 4
+    cache: str | None = None  # decoded-image cache folder written by `retrieval prepare`
+
+
+@dataclass
+class ModelConfig:
+    """The embedder: ResNet trunk -> avg+max pool -> Linear -> L2 norm."""
+
+    arch: str = "resnet50"
+    embedding_size: int = 512
+    pretrained: str = "imagenet"  # "imagenet", "none", or a path to a local torchvision weights file
+
+
+@dataclass
+class LossConfig:
+    """Which pair loss and its hyper-parameters (defaults: the values behind the paper's numbers)."""
+
+    name: str = "ms"
+    # contrastive
+    pos_margin: float = 0.0
+    neg_margin: float = 0.5
+    # multi-similarity
+    ms_alpha: float = 17.97
+    ms_beta: float = 75.66
+    ms_base: float = 0.77
+    ms_miner_epsilon: float = 0.39
+    # proxy-anchor
+    pa_alpha: float = 32.0
+    pa_margin: float = 0.1
+
+
+@dataclass
+class MixupConfig:
+    """Metrix: what is mixed, how strongly, and how much it weighs in the objective."""
+
+    level: str = "none"  # none | input | feature | embedding
+    alpha: float = 2.0  # lam ~ Beta(alpha, alpha)
+    weight: float = 0.4  # w in  E = clean + w * mixed
+    lam_per: Literal["batch", "pair"] = "batch"
+    pair_kind: Literal["random", "positive", "anchor", "both"] = "random"
+    max_pairs: int = 0  # 0 = every (positive, negative) combination; > 0 = fixed budget per batch
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation recipe and the run's bookkeeping."""
+
+    epochs: int = 60
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    lr_step: int = 10
+    lr_gamma: float = 0.5
+    warmup_epochs: int = 5  # epochs training only the embedding layer and loss parameters
+    freeze_bn: bool = True
+    proxy_lr_mult: float = 100.0
+    grad_clip: float = 10.0
+    seed: int = 1
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    eval_every: int = 1
+    out_dir: str = "runs/default"
+    device: str = "auto"
+    max_steps_per_epoch: int = 0  # 0 = full epoch; > 0 caps steps (smoke runs, demos)
+
+
+@dataclass
+class IndexConfig:
+    """How a gallery is indexed."""
+
+    index_type: str = "auto"  # auto | flat | ivf-flat | ivf-pq | hnsw
+    nlist: int = 0  # 0 = chosen from the gallery size
+    nprobe: int = 16
+    pq_m: int = 64
+    hnsw_m: int = 32
+    ef_search: int = 128
+    memory_budget_gb: float = 4.0
+    use_gpu: bool = True
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs, stored verbatim in its checkpoints."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
+        return cls(
+            data=from_dict(DataConfig, raw.get("data", {})),
+            model=from_dict(ModelConfig, raw.get("model", {})),
+            loss=from_dict(LossConfig, raw.get("loss", {})),
+            mixup=from_dict(MixupConfig, raw.get("mixup", {})),
+            train=from_dict(TrainConfig, raw.get("train", {})),
+        )
+
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], raw: dict[str, Any]) -> T:
+    """Build a dataclass from a dict, refusing unknown keys so typos in config files fail loudly."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(names)}")
+    return cls(**raw)
+
+
+def override(obj: T, **changes: Any) -> T:
+    """Return a copy with the non-None changes applied (how CLI flags override presets)."""
+    return dataclasses.replace(obj, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[type-var]
+
+
+# ----------------------------------------------------------------------------------------------
+# Paper presets (metrix-spec section 3). Keyed by dataset family and loss; Metrix on CUB with MS/PA
+# trains longer (100 epochs, step 10).
+# ----------------------------------------------------------------------------------------------
+
+_SMALL = ("cub", "cars")
+_LARGE = ("sop", "inshop")
+
+
+def paper_train_preset(dataset: str, loss: str, mixup_level: str = "none") -> TrainConfig:
+    """The official recipe's optimiser/schedule values for a dataset x loss cell."""
+    mixed = mixup_level != "none"
+    if loss == "contrastive":
+        if dataset in _SMALL:
+            return TrainConfig(epochs=60, lr=1e-4, lr_step=10, lr_gamma=0.1, warmup_epochs=5, freeze_bn=True)
+        if dataset == "sop":
+            return TrainConfig(epochs=60, lr=3e-5, lr_step=10, lr_gamma=0.25, warmup_epochs=5, freeze_bn=False)
+        if dataset == "inshop":
+            return TrainConfig(epochs=60, lr=1e-4, lr_step=10, lr_gamma=0.25, warmup_epochs=5, freeze_bn=True)
+    elif loss in ("ms", "pa"):
+        if dataset == "cub" and mixed:
+            return TrainConfig(epochs=100, lr=1e-4, lr_step=10, lr_gamma=0.5, warmup_epochs=5, freeze_bn=True)
+        if dataset in _SMALL:
+            return TrainConfig(epochs=60, lr=1e-4, lr_step=5, lr_gamma=0.5, warmup_epochs=5, freeze_bn=True)
+        if dataset in _LARGE:
+            return TrainConfig(epochs=60, lr=6e-4, lr_step=20, lr_gamma=0.25, warmup_epochs=1, freeze_bn=False)
+    else:
+        raise ValueError(f"unknown loss {loss!r}; choose contrastive, ms or pa")
+    # folder / demo: a short schedule that suits small custom data and trains the BN statistics.
+    return TrainConfig(epochs=20, lr=1e-4, lr_step=10, lr_gamma=0.5, warmup_epochs=1, freeze_bn=False)
+
+
+def paper_data_preset(dataset: str) -> DataConfig:
+    """Random batches on CUB/Cars, class-balanced 20 x 5 on SOP/In-Shop (as the official code)."""
+    sampler: Literal["random", "balanced"] = "balanced" if dataset in _LARGE else "random"
+    return DataConfig(dataset=dataset, sampler=sampler, batch_size=100, images_per_class=5)
+
+
+def demo_run_config() -> RunConfig:
+    """Small, fast settings for the embedded demo dataset on a CPU: a light trunk at 64 px."""
+    return RunConfig(
+        data=DataConfig(dataset="demo", image_size=64, resize_size=72, batch_size=60, sampler="balanced",
+                        images_per_class=4, workers=0),
+        model=ModelConfig(arch="resnet18", embedding_size=128, pretrained="none"),
+        loss=LossConfig(name="ms"),
+        mixup=MixupConfig(level="feature"),
+        train=TrainConfig(epochs=6, lr=1e-3, lr_step=4, lr_gamma=0.3, warmup_epochs=0, freeze_bn=False,
+                          eval_every=2, out_dir="runs/demo", channels_last=False),
+    )
+
+
+def preset(dataset: str, loss: str = "ms", mixup_level: str = "none") -> RunConfig:
+    """The full run configuration for a dataset x loss x mixup cell."""
+    if dataset == "demo":
+        cfg = demo_run_config()
+        cfg.loss = LossConfig(name=loss)
+        cfg.mixup = MixupConfig(level=mixup_level)
+        return cfg
+    return RunConfig(
+        data=paper_data_preset(dataset),
+        model=ModelConfig(),
+        loss=LossConfig(name=loss),
+        mixup=MixupConfig(level=mixup_level),
+        train=paper_train_preset(dataset, loss, mixup_level),
+    )

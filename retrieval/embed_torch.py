@@ -1,0 +1,92 @@
+"""The torch embedding backend: a checkpointed (or in-memory) Embedder, batched through a DataLoader."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from retrieval.images import open_image
+from retrieval.model import Embedder, model_fingerprint
+from retrieval.preprocess import Preprocessing, preprocess_eval
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class _EvalImages(Dataset):
+    def __init__(self, paths: Sequence[str | os.PathLike[str]], prep: Preprocessing) -> None:
+        self.paths, self.prep = list(paths), prep
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(preprocess_eval(open_image(self.paths[i]), self.prep))
+
+
+class TorchBackend:
+    """EmbeddingBackend over an Embedder; bf16 autocast on CUDA, fp32 on CPU."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        model: Embedder,
+        preprocessing: Preprocessing,
+        device: str = "auto",
+        fingerprint: str | None = None,
+        workers: int = 0,
+    ) -> None:
+        self.torch_device = resolve_device(device)
+        self.model = model.to(self.torch_device).eval()
+        self.preprocessing = preprocessing
+        self.fingerprint = fingerprint or model_fingerprint(model)
+        self.embedding_size = model.embedding_size
+        self.workers = workers
+        self.amp = self.torch_device.type == "cuda"
+        self.device = f"{self.torch_device} (bf16 autocast)" if self.amp else str(self.torch_device)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike[str], device: str = "auto", workers: int = 0) -> "TorchBackend":
+        from retrieval.checkpoint import embedder_from_checkpoint
+
+        model, _cfg, prep, fp = embedder_from_checkpoint(path)
+        return cls(model, prep, device=device, fingerprint=fp, workers=workers)
+
+    @torch.inference_mode()
+    def embed_tensor(self, batch: torch.Tensor) -> np.ndarray:
+        """batch (B, 3, S, S) normalised -> (B, D) float32."""
+        batch = batch.to(self.torch_device, non_blocking=True)
+        with torch.autocast(self.torch_device.type, dtype=torch.bfloat16, enabled=self.amp):
+            emb = self.model(batch)
+        emb = torch.nn.functional.normalize(emb.float(), dim=1)
+        return emb.cpu().numpy().astype(np.float32, copy=False)
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        if not images:
+            return np.zeros((0, self.embedding_size), np.float32)
+        batch = torch.from_numpy(np.stack([preprocess_eval(im.convert("RGB"), self.preprocessing) for im in images]))
+        return self.embed_tensor(batch)
+
+    def embed_paths(
+        self, paths: Sequence[str | os.PathLike[str]], batch_size: int = 64, progress: bool = True
+    ) -> np.ndarray:
+        if len(paths) == 0:
+            return np.zeros((0, self.embedding_size), np.float32)
+        loader = DataLoader(
+            _EvalImages(paths, self.preprocessing),
+            batch_size=batch_size,
+            num_workers=self.workers,
+            pin_memory=self.torch_device.type == "cuda",
+        )
+        out = [self.embed_tensor(b) for b in tqdm(loader, desc="embedding", unit="batch", disable=not progress)]
+        return np.concatenate(out, axis=0)

@@ -1,0 +1,146 @@
+"""The embedder: ResNet trunk up to layer4 -> global avg + max pooling (summed) -> Linear -> L2 norm.
+
+`trunk()` and `head()` are separate so feature-level Metrix can mix layer4 maps computed once and
+run only the head on the mixes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from retrieval.config import ModelConfig
+
+TRUNK_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+_WEIGHTS_ENUM = {
+    "resnet18": "ResNet18_Weights",
+    "resnet34": "ResNet34_Weights",
+    "resnet50": "ResNet50_Weights",
+    "resnet101": "ResNet101_Weights",
+}
+
+
+class PretrainedWeightsError(RuntimeError):
+    """ImageNet weights could not be obtained; the message says how to supply a local file."""
+
+
+def _load_trunk_weights(net: nn.Module, arch: str, pretrained: str) -> None:
+    if pretrained in ("none", "", None):
+        return
+    if pretrained == "imagenet":
+        weights = getattr(torchvision.models, _WEIGHTS_ENUM[arch]).IMAGENET1K_V1
+        try:
+            state = weights.get_state_dict(progress=True)
+        except Exception as exc:  # no network, proxy, bad cache...
+            raise PretrainedWeightsError(
+                f"could not download torchvision's ImageNet weights for {arch} ({exc}). "
+                f"Download {weights.url} on a machine with internet access and pass the file with "
+                f"--pretrained PATH (or place it in torch's hub cache, {torch.hub.get_dir()}/checkpoints/), "
+                "or train from scratch with --pretrained none."
+            ) from exc
+    else:
+        path = Path(pretrained)
+        if not path.is_file():
+            raise PretrainedWeightsError(
+                f"pretrained weights file not found: {path}. Pass a torchvision {arch} state_dict (.pth), "
+                "'imagenet' to download, or 'none'."
+            )
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise PretrainedWeightsError(f"weights {pretrained} do not fit {arch}: {str(exc)[:500]}") from exc
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise PretrainedWeightsError(
+            f"weights {pretrained} do not fit {arch}: missing {missing[:5]}, unexpected {list(unexpected)[:5]}"
+        )
+
+
+class Embedder(nn.Module):
+    """ResNet -> (avg + max pool) -> Linear(C -> D) -> L2 norm.  forward: (B, 3, H, W) -> emb (B, D)."""
+
+    def __init__(self, cfg: ModelConfig | None = None) -> None:
+        super().__init__()
+        cfg = cfg or ModelConfig()
+        if cfg.arch not in TRUNK_CHANNELS:
+            raise ValueError(f"unknown arch {cfg.arch!r}; choose one of {sorted(TRUNK_CHANNELS)}")
+        self.cfg = cfg
+        net = getattr(torchvision.models, cfg.arch)(weights=None)
+        _load_trunk_weights(net, cfg.arch, cfg.pretrained)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.channels = TRUNK_CHANNELS[cfg.arch]
+        self.embedding = nn.Linear(self.channels, cfg.embedding_size)
+        nn.init.kaiming_normal_(self.embedding.weight, mode="fan_out")
+        nn.init.zeros_(self.embedding.bias)
+
+    @property
+    def embedding_size(self) -> int:
+        return self.embedding.out_features
+
+    def trunk(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) normalised -> layer4 maps (B, C, h, w)."""
+        x = self.stem(images)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    @staticmethod
+    def pool(fmap: torch.Tensor) -> torch.Tensor:
+        """layer4 maps (B, C, h, w) -> (B, C): global average + global max, summed (as the official code)."""
+        return fmap.mean(dim=(2, 3)) + fmap.amax(dim=(2, 3))
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled (B, C) -> emb (B, D) L2-normalised."""
+        return F.normalize(self.embedding(pooled), dim=1)
+
+    def head(self, fmap: torch.Tensor) -> torch.Tensor:
+        """layer4 maps (B, C, h, w) -> emb (B, D) L2-normalised."""
+        return self.project(self.pool(fmap))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(images))
+
+    def trunk_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if not n.startswith("embedding.")]
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.embedding.parameters())
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Put every BatchNorm in eval mode with frozen affine parameters (the official CUB/Cars recipe).
+
+    Call after every `model.train()`, which would switch them back.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+
+def fingerprint_state(state: dict[str, torch.Tensor]) -> str:
+    """A short content hash of weights: identical weights give identical fingerprints on any device.
+
+    Indexes and ONNX files record it so a gallery is never searched with a different embedder.
+    """
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().to("cpu").contiguous()
+        h.update(key.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    return fingerprint_state(model.state_dict())
