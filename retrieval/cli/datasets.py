@@ -1,0 +1,71 @@
+"""`retrieval datasets`: what datasets are supported, how each must be laid out, and a layout check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("datasets")
+    def datasets(
+        name: Annotated[
+            Optional[str], typer.Argument(help="Dataset to describe or check (cub, cars, sop, inshop, folder, demo).")
+        ] = None,
+        root: Annotated[
+            Optional[Path], typer.Option("--root", help="Check this folder against the dataset's layout and count its splits.")
+        ] = None,
+    ) -> None:
+        """List supported datasets with protocol, Recall@K and expected folder layout; --root checks a folder."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from retrieval.data import DATASETS, DatasetLayoutError, load_dataset
+
+        console = Console()
+        if name is not None and name.lower() not in DATASETS:
+            console.print(f"[red]unknown dataset {name!r}[/red]; choose one of: {', '.join(DATASETS)}")
+            raise typer.Exit(2)
+        if root is not None and name is None:
+            console.print("[red]--root needs a dataset name[/red], e.g. `retrieval datasets cub --root /data/CUB_200_2011`")
+            raise typer.Exit(2)
+
+        if root is None:
+            from rich.panel import Panel
+            from rich.text import Text
+
+            shown = [i for i in DATASETS.values() if name is None or i.name == name.lower()]
+            table = Table(title="Supported datasets")
+            table.add_column("name", style="bold cyan", no_wrap=True)
+            table.add_column("dataset")
+            table.add_column("protocol", no_wrap=True)
+            table.add_column("Recall@K", no_wrap=True)
+            for info in shown:
+                table.add_row(info.name, info.title, info.protocol, ", ".join(str(k) for k in info.recall_ks))
+            console.print(table)
+            for info in shown:
+                console.print(Panel.fit(Text(info.layout.rstrip()), title=f"{info.name}: expected layout", title_align="left"))
+            console.print("Check a folder: [bold]retrieval datasets NAME --root PATH[/bold]")
+            return
+
+        assert name is not None
+        if name.lower() == "demo" and not root.exists():
+            console.print(f"[yellow]{root} does not exist; `retrieval demo` draws the demo dataset there.[/yellow]")
+            raise typer.Exit(1)
+        try:
+            ds = load_dataset(name, root)
+        except DatasetLayoutError as exc:
+            console.print(f"[red]layout problem[/red]\n{exc}", markup=False, highlight=False)
+            raise typer.Exit(1) from None
+        table = Table(title=f"{ds.name} at {ds.root}")
+        table.add_column("split")
+        table.add_column("images", justify="right")
+        table.add_column("classes", justify="right")
+        for split in (ds.train, ds.test, ds.query, ds.gallery):
+            if split is not None:
+                table.add_row(split.name, f"{len(split):,}", f"{split.num_classes:,}")
+        console.print(table)
+        ks = ", ".join(str(k) for k in ds.recall_ks)
+        console.print(f"protocol: {ds.protocol}; reported Recall@K: {ks}; all listed image files exist.")

@@ -1,0 +1,58 @@
+"""Bring-your-own images: one sub-folder per class, split by class, evaluated all-vs-all.
+
+Split rule (deterministic, class-disjoint like the benchmarks): class folders are sorted by name;
+the first ceil(C / 2) classes are the train split, the remaining classes the test split. Images are
+files with a common image extension, sorted by path; hidden files and folders are ignored. Labels
+are 0..C-1 within each split, and the class folder name is the item id.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from retrieval.data._files import layout_error
+from retrieval.data.base import RetrievalDataset, Split
+
+RECALL_KS: tuple[int, ...] = (1, 2, 4, 8)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+LAYOUT = """\
+<root>/
+  <class A>/img001.jpg, img002.png, ...   one folder per class
+  <class B>/...                           (.jpg .jpeg .png .bmp .gif .webp .tif .tiff)
+  split: classes sorted by name, the first ceil(C/2) train, the rest test
+"""
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )  # fmt: skip
+
+
+def load_folder(root: str | os.PathLike[str]) -> RetrievalDataset:
+    name = "folder"
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise layout_error(name, f"dataset folder not found: {base}", LAYOUT)
+    class_dirs = sorted(d for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+    members = [(d.name, _images_in(d)) for d in class_dirs]
+    empty = [n for n, imgs in members if not imgs]
+    if empty:
+        raise layout_error(name, f"class folder {base / empty[0]} holds no images", LAYOUT)
+    if len(members) < 2:
+        raise layout_error(name, f"{base} needs at least 2 class folders (found {len(members)})", LAYOUT)
+    n_train = -(-len(members) // 2)
+
+    def make(split_name: str, part: list[tuple[str, list[Path]]]) -> Split:
+        paths = [p for _, imgs in part for p in imgs]
+        labels = [i for i, (_, imgs) in enumerate(part) for _ in imgs]
+        items = [c for c, imgs in part for _ in imgs]
+        return Split(split_name, tuple(paths), tuple(labels), tuple(items))
+
+    return RetrievalDataset(
+        name, base, make("train", members[:n_train]), "all-vs-all", RECALL_KS, test=make("test", members[n_train:])
+    )
