@@ -105,8 +105,15 @@ class Embedder(nn.Module):
         """layer4 maps (B, C, h, w) -> emb (B, D) L2-normalised."""
         return self.project(self.pool(fmap))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(images))
+    def forward(self, images: torch.Tensor, return_maps: bool = False):
+        """images -> emb (B, D); with return_maps, (layer4 maps (B, C, h, w), emb).
+
+        return_maps lets feature-level Metrix get both through one forward call, which is what
+        DistributedDataParallel needs to synchronise gradients.
+        """
+        fmap = self.trunk(images)
+        emb = self.head(fmap)
+        return (fmap, emb) if return_maps else emb
 
     def trunk_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if not n.startswith("embedding.")]

@@ -1,0 +1,106 @@
+"""The training objective: E = mean_a [ l(a) + w * l~(a) ], the clean loss plus w times the Metrix loss.
+
+The mixing level decides where the mixes come from:
+  none       one forward, clean loss only;
+  embedding  one forward; mixes of the clean embeddings;
+  feature    one forward returning the layer4 maps too; mixes of those maps are pooled chunk-wise and
+             projected by the embedding layer alone (the trunk is never run on mixes);
+  input      mixed images are embedded together with the clean ones in ONE forward of B + K images
+             (a fixed K, so cuDNN plans once; one call so DistributedDataParallel sees a single forward;
+             BatchNorm in train mode therefore normalises clean and mixed images with joint statistics).
+No step synchronises with the host: every count, choice and draw stays on the device.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+import torch.nn as nn
+
+from training.losses import PairLoss, build_loss
+from training.metrix import (
+    DEFAULT_CHUNK_ELEMENTS, LEVELS, MixedTargets, mix_embeddings, mix_images, mixed_pool, plan_pairs,
+    resolve_max_pairs,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from retrieval.config import MixupConfig, RunConfig
+
+
+class ObjectiveOutput(NamedTuple):
+    """loss: scalar to backpropagate (clean + w * mixed); clean, mixed: detached scalars for logging
+    (mixed is 0 without mixing).  All stay on the device; call .item() only when logging."""
+
+    loss: torch.Tensor
+    clean: torch.Tensor
+    mixed: torch.Tensor
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The Embedder inside DistributedDataParallel / torch.compile wrappers."""
+    inner = getattr(model, "_orig_mod", model)
+    inner = getattr(inner, "module", inner)
+    return getattr(inner, "_orig_mod", inner)
+
+
+class Objective(nn.Module):
+    """Holds the loss (so `parameters()` are the loss parameters, e.g. proxies) and the mixing recipe."""
+
+    def __init__(self, loss: PairLoss, mixup: "MixupConfig", chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> None:
+        super().__init__()
+        if mixup.level not in LEVELS:
+            raise ValueError(f"unknown mixup level {mixup.level!r}; choose one of {LEVELS}")
+        if mixup.alpha <= 0:
+            raise ValueError(f"mixup alpha must be > 0, got {mixup.alpha}")
+        self.loss = loss
+        self.level = mixup.level
+        self.weight = float(mixup.weight)
+        self.alpha = float(mixup.alpha)
+        self.lam_per = mixup.lam_per
+        self.pair_kind = mixup.pair_kind
+        self.max_pairs = int(mixup.max_pairs)
+        self.chunk_elements = int(chunk_elements)
+        resolve_max_pairs(self.level, self.max_pairs, 1)  # validate early
+
+    def plan(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> MixedTargets:
+        """The mixes of a batch under this recipe."""
+        return plan_pairs(
+            labels, pair_kind=self.pair_kind, alpha=self.alpha, lam_per=self.lam_per,
+            max_pairs=resolve_max_pairs(self.level, self.max_pairs, labels.shape[0]), generator=generator,
+        )
+
+    def forward(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                generator: torch.Generator | None = None) -> ObjectiveOutput:
+        """model: an Embedder (possibly wrapped by DDP or torch.compile); images (B, 3, H, W); labels (B,)
+        int64 on the images' device; generator: a torch.Generator on that device for the mixing draws
+        (None: the device's default generator)."""
+        if self.level == "none":
+            emb = model(images)
+            clean = self.loss(emb, labels)
+            return ObjectiveOutput(clean, clean.detach(), torch.zeros((), device=clean.device, dtype=clean.dtype))
+        targets = self.plan(labels, generator)
+        if self.level == "embedding":
+            emb = model(images)
+            mixed_emb = mix_embeddings(emb, targets)
+        elif self.level == "feature":
+            fmap, emb = model(images, return_maps=True)
+            mixed_emb = _unwrap(model).project(mixed_pool(fmap, targets, self.chunk_elements))
+        else:  # input
+            both = torch.cat([images, mix_images(images, targets)])
+            if images.dim() == 4 and not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last):
+                both = both.contiguous(memory_format=torch.channels_last)
+            out = model(both)
+            emb, mixed_emb = out[: images.shape[0]], out[images.shape[0]:]
+        clean = self.loss(emb, labels)
+        mixed = self.loss.mixed(emb, labels, mixed_emb, targets)
+        loss = clean + self.weight * mixed
+        return ObjectiveOutput(loss, clean.detach(), mixed.detach())
+
+
+def build_objective(cfg: "RunConfig", num_classes: int, embedding_size: int) -> Objective:
+    """The objective of a run: its loss (cfg.loss) and mixing recipe (cfg.mixup)."""
+    return Objective(build_loss(cfg.loss, num_classes, embedding_size), cfg.mixup)
+
+
+__all__ = ["Objective", "ObjectiveOutput", "build_objective"]
