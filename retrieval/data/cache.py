@@ -508,8 +508,14 @@ class _CacheBatchStream:
 
     _DONE = object()
 
-    def __init__(self, cached: CachedSplit, record_batches: Iterator[np.ndarray], device, slots: list[_PinnedSlot],  # noqa: ANN001
-                 fill_threads: int = 1) -> None:
+    def __init__(
+        self,
+        cached: CachedSplit,
+        record_batches: Iterator[np.ndarray],
+        device,  # noqa: ANN001 - torch.device (torch is imported lazily)
+        slots: list[_PinnedSlot],
+        fill_threads: int = 1,
+    ) -> None:
         self.device = device
         self.fill_threads = fill_threads
         self.free: queue.Queue = queue.Queue()
@@ -583,7 +589,9 @@ class _StreamOwner:
         # A GPU step eats batches faster than one thread copies them; a CPU needs its cores for the model.
         self._fill_threads = fill_threads if fill_threads is not None else (4 if device.type == "cuda" else 1)
 
-    def _open_stream(self, cached: CachedSplit, record_batches: Iterator[np.ndarray], device) -> _CacheBatchStream:  # noqa: ANN001
+    def _open_stream(
+        self, cached: CachedSplit, record_batches: Iterator[np.ndarray], device  # noqa: ANN001
+    ) -> _CacheBatchStream:
         if self._stream is not None:  # an earlier iteration was abandoned without being closed
             self._stream.close()
         self._stream = _CacheBatchStream(cached, record_batches, device, self._slots, self._fill_threads)
