@@ -1,0 +1,460 @@
+"""The Gradio Blocks of the search UI, built from an open `retrieval.search.Searcher`.
+
+Two tabs:
+    Search      a photo (upload, drag-and-drop, paste, webcam or one of the stored example queries)
+                -> the top-K gallery images with rank, similarity and item id; results of the query's
+                own item are ticked when the query is a stored example (its label is known).
+    Evaluation  Recall@K and MAP@R of the stored query set against the gallery (table + plot) and
+                the facts of the index and embedder; computed once and cached beside the index.
+
+Robustness: the image input hands over the uploaded file untouched (`preprocess=False`), so Gradio
+never decodes it; `retrieval.images.open_image` does, and every failure becomes a message in the
+status line of that query, never an exception (an exception would fail every query of a batch).
+
+Throughput: the search event is batched (`batch=True`): queries that queue up while the embedder is
+busy are embedded together in one forward pass, which keeps latency flat under concurrent use.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from app.eval_cache import EvaluationCache, EvaluationResult, index_cache_key
+from app.thumbnails import ThumbnailStore
+from retrieval.images import DEFAULT_MAX_PIXELS, ImageLoadError, open_image
+
+log = logging.getLogger(__name__)
+
+DEFAULT_K = 10
+MAX_K = 50
+MAX_BATCH_SIZE = 16  # queued queries embedded in one forward pass
+MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # also passed to launch(max_file_size=...)
+NUM_EXAMPLES = 12
+SEARCH_API = "search"
+EVALUATION_API = "evaluation"
+RECOMPUTE_API = "recompute_evaluation"
+CORRECT_MARK = "✓"
+
+NO_QUERY_MESSAGE = "Upload a photo (drag and drop, file picker, paste or webcam) or click an example query."
+
+
+class QueryError(ValueError):
+    """A query the app cannot search; the message is shown to the user as is."""
+
+
+@dataclass(frozen=True)
+class StoredQuery:
+    """One query image of the index's stored query set (label known: results can be marked correct)."""
+
+    path: Path
+    label: int
+    item_id: str
+    gallery_index: int | None = None  # set when the query is itself a gallery image (all-vs-all datasets)
+
+
+@dataclass(frozen=True)
+class DecodedQuery:
+    image: Image.Image  # RGB, upright
+    known: StoredQuery | None  # set when the uploaded bytes are one of the example queries
+    name: str  # what the user called the file, for messages
+
+
+def _clamp_k(k: Any, max_k: int) -> int:
+    try:
+        value = int(round(float(k)))
+    except (TypeError, ValueError):
+        value = DEFAULT_K
+    return max(1, min(value, max_k))
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+class SearchApp:
+    """Holds what the UI needs (searcher, thumbnails, evaluation cache) and the event handlers.
+
+    The handlers are plain methods so they can be called and tested without a browser;
+    `build_blocks()` wires them into Gradio.
+    """
+
+    def __init__(
+        self,
+        searcher: Any,
+        *,
+        index_dir: str | os.PathLike[str] | None = None,
+        max_k: int = MAX_K,
+        default_k: int = DEFAULT_K,
+        num_examples: int = NUM_EXAMPLES,
+        thumbnails: ThumbnailStore | None = None,
+        max_batch_size: int = MAX_BATCH_SIZE,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    ) -> None:
+        self.searcher = searcher
+        self.meta: dict[str, Any] = dict(searcher.meta)
+        self.index_dir = Path(index_dir if index_dir is not None else self.meta["folder"])
+        self.gallery_size = len(searcher.gallery_paths)
+        self.max_k = max(1, min(int(max_k), self.gallery_size))
+        self.default_k = _clamp_k(default_k, self.max_k)
+        self.max_batch_size = int(max_batch_size)
+        self.max_pixels = int(max_pixels)
+        self.max_upload_bytes = int(max_upload_bytes)
+        self.thumbnails = thumbnails or ThumbnailStore(searcher.gallery_paths)
+        self.backend = searcher.backend
+        self.examples = self._pick_examples(num_examples)
+        self._example_by_hash = {_sha256(q.path.read_bytes()): q for q in self.examples}
+        self.recall_ks = tuple(int(k) for k in self.meta.get("recall_ks") or (1, 2, 4, 8))
+        identity = {k: v for k, v in self.meta.items() if k != "folder"}  # moving the folder keeps its cache
+        key = index_cache_key(identity, self.backend.fingerprint, self.backend.name)
+        self.evaluation_cache = EvaluationCache(self.index_dir, key, searcher.evaluate)
+
+    # --- example queries ------------------------------------------------------------------------
+
+    def _pick_examples(self, n: int) -> list[StoredQuery]:
+        """Up to `n` stored queries of distinct items, spread evenly over the query set."""
+        queries = stored_queries(self.searcher)
+        if n <= 0 or not queries:
+            return []
+        first_of_item: dict[int, StoredQuery] = {}
+        for q in queries:
+            first_of_item.setdefault(q.label, q)
+        distinct = list(first_of_item.values())
+        step = max(1, len(distinct) // n)
+        return [q for q in distinct[::step][:n] if q.path.is_file()]
+
+    # --- search ---------------------------------------------------------------------------------
+
+    def _decode(self, payload: Any) -> DecodedQuery:
+        """Gradio's raw file payload (or a path) -> RGB image, or QueryError with a readable reason."""
+        if payload is None or payload == "":
+            raise QueryError(NO_QUERY_MESSAGE)
+        name = "the uploaded file"
+        data: bytes | None = None
+        if isinstance(payload, Mapping):
+            name = str(payload.get("orig_name") or name)
+            path, url = payload.get("path"), payload.get("url")
+            if path:
+                data = self._read_upload(Path(str(path)), name)
+            elif isinstance(url, str) and url.startswith("data:"):
+                data = self._decode_data_url(url)
+            else:
+                raise QueryError(NO_QUERY_MESSAGE)
+        elif isinstance(payload, (str, os.PathLike)):
+            name = Path(payload).name
+            data = self._read_upload(Path(payload), name)
+        else:
+            raise QueryError(f"unexpected input of type {type(payload).__name__}; upload an image file")
+        try:
+            image = open_image(data, max_pixels=self.max_pixels)
+        except ImageLoadError as exc:
+            reason = str(exc).removeprefix("<bytes>: ")
+            raise QueryError(f"Cannot use {name}: {reason}.") from None
+        except Exception as exc:  # a decoder bug must not take the server down
+            log.exception("unexpected error decoding %s", name)
+            raise QueryError(f"Cannot use {name}: it could not be decoded ({type(exc).__name__}).") from None
+        return DecodedQuery(image, self._example_by_hash.get(_sha256(data)), name)
+
+    def _read_upload(self, path: Path, name: str) -> bytes:
+        try:
+            size = path.stat().st_size
+            if size > self.max_upload_bytes:
+                raise QueryError(
+                    f"Cannot use {name}: {size / 2**20:.1f} MB is over the {self.max_upload_bytes / 2**20:.0f} MB limit."
+                )
+            return path.read_bytes()
+        except OSError:
+            raise QueryError(f"Cannot use {name}: the upload could not be read; please upload it again.") from None
+
+    def _decode_data_url(self, url: str) -> bytes:
+        try:
+            data = base64.b64decode(url.split(",", 1)[1], validate=False)
+        except (IndexError, binascii.Error, ValueError):
+            raise QueryError("Cannot use the pasted image: it is not valid base64 image data.") from None
+        if len(data) > self.max_upload_bytes:
+            raise QueryError("Cannot use the pasted image: it is over the upload size limit.")
+        return data
+
+    def search_batch(self, images: Sequence[Any], ks: Sequence[Any]) -> tuple[list[list[tuple[str, str]]], list[str]]:
+        """Batched handler: one (gallery, status) per queued query; never raises."""
+        n = len(images)
+        galleries: list[list[tuple[str, str]]] = [[] for _ in range(n)]
+        statuses = [""] * n
+        ks_clamped = [_clamp_k(ks[i] if i < len(ks) else self.default_k, self.max_k) for i in range(n)]
+        good: list[tuple[int, DecodedQuery]] = []
+        for i, payload in enumerate(images):
+            try:
+                good.append((i, self._decode(payload)))
+            except QueryError as exc:
+                statuses[i] = f"⚠️ {exc}"
+        if not good:
+            return galleries, statuses
+        k_batch = max(ks_clamped[i] for i, _ in good)
+        start = time.perf_counter()
+        try:
+            results = self.searcher.search_images([q.image for _, q in good], k_batch)
+        except Exception as exc:
+            log.exception("search failed for a batch of %d queries", len(good))
+            for i, _ in good:
+                statuses[i] = f"⚠️ Search failed ({type(exc).__name__}: {exc}). The server keeps running; try again."
+            return galleries, statuses
+        seconds = time.perf_counter() - start
+        for (i, query), hits in zip(good, results):
+            try:
+                galleries[i], statuses[i] = self._render(query, list(hits)[: ks_clamped[i]], seconds, len(good))
+            except Exception as exc:
+                log.exception("rendering results failed")
+                statuses[i] = f"⚠️ Could not show the results ({type(exc).__name__}: {exc})."
+        return galleries, statuses
+
+    def _render(
+        self, query: DecodedQuery, hits: Sequence[Any], seconds: float, batch: int
+    ) -> tuple[list[tuple[str, str]], str]:
+        gallery: list[tuple[str, str]] = []
+        correct_ranks: list[int] = []
+        for hit in hits:
+            itself = query.known is not None and query.known.gallery_index == int(hit.gallery_index)
+            correct = query.known is not None and int(hit.label) == query.known.label and not itself
+            if correct:
+                correct_ranks.append(int(hit.rank))
+            thumb = self.thumbnails.path_for(int(hit.gallery_index))
+            # the mark leads so it stays visible when a narrow tile truncates the caption
+            caption = f"{CORRECT_MARK} " if correct else ""
+            caption += f"#{hit.rank} · {float(hit.score):.3f} · {hit.item_id}"
+            if itself:
+                caption += " (the query itself)"
+            if self.thumbnails.is_placeholder(int(hit.gallery_index)):
+                caption += " (gallery file unreadable)"
+            gallery.append((str(thumb), caption))
+        timing = f"embed + search **{_fmt_ms(seconds)}**"
+        if batch > 1:
+            timing += f" (one batch of {batch} queued queries)"
+        lines = [f"**Top {len(hits)}** of {self.gallery_size:,} gallery images · {timing} · {self.devices_text()}"]
+        if query.known is not None:
+            item = query.known.item_id
+            if correct_ranks:
+                lines.append(
+                    f"{CORRECT_MARK} Example query of item `{item}`: first correct match at rank **{correct_ranks[0]}** "
+                    f"({len(correct_ranks)} of {len(hits)} results are this item, marked {CORRECT_MARK})."
+                )
+            else:
+                lines.append(f"✗ Example query of item `{item}`: no correct match in the top {len(hits)}.")
+        else:
+            lines.append("Query label unknown (not a stored example), so results are not marked correct.")
+        return gallery, "\n\n".join(lines)
+
+    # --- evaluation -----------------------------------------------------------------------------
+
+    def evaluation(self, recompute: bool = False) -> tuple[Any, Any, Any, str]:
+        """(Recall@K/MAP@R table, plot data, facts table, status) for the Evaluation tab; never raises."""
+        import pandas as pd
+
+        try:
+            result = self.evaluation_cache.get(recompute=recompute)
+        except Exception as exc:
+            log.exception("evaluation failed")
+            empty = pd.DataFrame({"Metric": [], "Value (%)": []})
+            return empty, pd.DataFrame({"K": [], "Recall@K (%)": []}), self.facts_table(), (
+                f"⚠️ Evaluation failed ({type(exc).__name__}: {exc})."
+            )
+        return self.metrics_table(result), self.recall_curve(result), self.facts_table(), self._evaluation_status(result)
+
+    def metrics_table(self, result: EvaluationResult) -> Any:
+        import pandas as pd
+
+        rows = [(name, round(100.0 * value, 2)) for name, value in ordered_metrics(result.metrics, self.recall_ks)]
+        return pd.DataFrame(rows, columns=["Metric", "Value (%)"])
+
+    def recall_curve(self, result: EvaluationResult) -> Any:
+        import pandas as pd
+
+        points = sorted(
+            (int(name[2:]), 100.0 * value) for name, value in result.metrics.items() if _is_recall_key(name)
+        )
+        return pd.DataFrame({"K": [k for k, _ in points], "Recall@K (%)": [round(v, 2) for _, v in points]})
+
+    def facts(self) -> list[tuple[str, str]]:
+        m = self.meta
+        params = m.get("index_params") if isinstance(m.get("index_params"), Mapping) else {}
+        rows = [
+            ("Dataset", _first(m, "dataset")),
+            ("Protocol", _first(m, "protocol")),
+            ("Split indexed", _first(m, "split")),
+            ("Gallery size", f"{self.gallery_size:,}"),
+            ("Stored queries", _first(m, "n_queries")),
+            ("Embedding size", _first(m, "embedding_size")),
+            ("Index type", _first(m, "index_type") or _first(params, "index_type")),
+            ("FAISS factory", _first(m, "index_factory")),
+            ("Embedder fingerprint", _first(m, "fingerprint", "model_fingerprint")),
+            ("Built", _first(m, "created_at")),
+            ("Updated", _first(m, "updated_at")),
+            ("Built with", _first(m, "backend")),
+            ("Serving", self.devices_text()),
+            ("Index folder", str(self.index_dir)),
+        ]
+        return [(k, v) for k, v in rows if v]
+
+    def facts_table(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame(self.facts(), columns=["Fact", "Value"])
+
+    def _evaluation_status(self, result: EvaluationResult) -> str:
+        how = "read from the cache" if result.from_cache else "computed now"
+        where = f"`{result.cache_path}`" if result.cache_path else "memory only"
+        text = f"Computed {result.computed_at} in {result.seconds:.1f} s ({how}; cached in {where})."
+        if result.note:
+            text += f" ⚠️ {result.note}"
+        return text
+
+    # --- Gradio wiring --------------------------------------------------------------------------
+
+    def devices_text(self) -> str:
+        text = f"{self.backend.name} on {self.backend.device}"
+        index_device = getattr(self.searcher, "devices", {}).get("index", "")
+        if index_device and index_device != "not yet used":
+            text += f", FAISS on {index_device}"
+        return text
+
+    def header_markdown(self) -> str:
+        dataset = _first(self.meta, "dataset") or "index"
+        return (
+            f"## Search by photo · {dataset}\n"
+            f"{self.gallery_size:,} gallery images · embedder `{self.backend.fingerprint}` · "
+            f"embedding with **{self.backend.name}** on **{self.backend.device}**"
+        )
+
+    def build_blocks(self) -> Any:
+        """The Gradio Blocks; queue settings are applied by `app.serve.configure_queue`."""
+        import gradio as gr
+
+        # delete_cache: uploads and result copies in Gradio's cache older than an hour are removed
+        # every 30 minutes (and at shutdown), so a long-running server does not fill the disk.
+        with gr.Blocks(title="metrix-retrieval search", analytics_enabled=False, delete_cache=(1800, 3600)) as demo:
+            gr.Markdown(self.header_markdown())
+            with gr.Tab("Search", id="search"):
+                with gr.Row():
+                    with gr.Column(scale=1, min_width=280):
+                        query = gr.Image(
+                            label="Query photo",
+                            type="filepath",
+                            sources=["upload", "webcam", "clipboard"],
+                            height=280,
+                            elem_id="query-image",
+                        )
+                        k = gr.Slider(1, self.max_k, value=self.default_k, step=1, label="K (results shown)",
+                                      elem_id="k-slider")
+                        button = gr.Button("Search", variant="primary", elem_id="search-button")
+                        if self.examples:
+                            gr.Examples(
+                                examples=[[str(q.path)] for q in self.examples],
+                                inputs=[query],
+                                label="Example queries from the stored query set (label known: correct results get a ✓)",
+                                examples_per_page=len(self.examples),
+                                elem_id="example-queries",
+                            )
+                    with gr.Column(scale=3):
+                        status = gr.Markdown(NO_QUERY_MESSAGE, elem_id="search-status")
+                        results = gr.Gallery(
+                            label="Results",
+                            columns=4,
+                            height="auto",
+                            object_fit="contain",
+                            allow_preview=True,
+                            elem_id="results-gallery",
+                        )
+                gr.on(
+                    triggers=[query.change, k.release, button.click],
+                    fn=self.search_batch,
+                    inputs=[query, k],
+                    outputs=[results, status],
+                    api_name=SEARCH_API,
+                    batch=True,
+                    max_batch_size=self.max_batch_size,
+                    preprocess=False,
+                    concurrency_limit=1,
+                    concurrency_id="search",
+                    show_progress="minimal",
+                )
+            with gr.Tab("Evaluation", id="evaluation"):
+                eval_status = gr.Markdown("Evaluating the stored query set against the gallery…",
+                                          elem_id="eval-status")
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        table = gr.Dataframe(label="Recall@K and MAP@R (stored queries vs gallery)",
+                                             interactive=False, elem_id="recall-table")
+                    with gr.Column(scale=2):
+                        plot = gr.LinePlot(x="K", y="Recall@K (%)", title="Recall@K", y_lim=[0, 100],
+                                           label="Recall@K", elem_id="recall-plot")
+                facts = gr.Dataframe(value=self.facts_table(), label="Index and embedder", interactive=False,
+                                     elem_id="facts-table")
+                recompute = gr.Button("Recompute evaluation", elem_id="recompute-button")
+                outputs = [table, plot, facts, eval_status]
+                demo.load(self.evaluation, inputs=None, outputs=outputs, api_name=EVALUATION_API,
+                          concurrency_limit=1, concurrency_id="evaluation")
+                recompute.click(lambda: self.evaluation(recompute=True), inputs=None, outputs=outputs,
+                                api_name=RECOMPUTE_API, concurrency_limit=1, concurrency_id="evaluation")
+        return demo
+
+
+# --- helpers shared with the tests / CLI ------------------------------------------------------------
+
+
+def _is_recall_key(name: str) -> bool:
+    return name.startswith("R@") and name[2:].isdigit()
+
+
+def ordered_metrics(metrics: Mapping[str, float], recall_ks: Sequence[int]) -> list[tuple[str, float]]:
+    """Recall@K in the dataset's K order, then MAP@R, then any other metric."""
+    out = [(f"R@{k}", metrics[f"R@{k}"]) for k in recall_ks if f"R@{k}" in metrics]
+    extra = sorted((int(n[2:]), n) for n in metrics if _is_recall_key(n) and int(n[2:]) not in set(recall_ks))
+    out += [(n, metrics[n]) for _, n in extra]
+    if "MAP@R" in metrics:
+        out.append(("MAP@R", metrics["MAP@R"]))
+    out += [(n, v) for n, v in metrics.items() if not _is_recall_key(n) and n != "MAP@R"]
+    names = {"RP": "R-precision"}
+    return [(("Recall@" + n[2:]) if _is_recall_key(n) else names.get(n, n), float(v)) for n, v in out]
+
+
+def _first(mapping: Mapping[str, Any], *keys: str) -> str:
+    for key in keys:
+        value = mapping.get(key)
+        if value not in (None, ""):
+            return str(value)
+    return ""
+
+
+def stored_queries(searcher: Any) -> list[StoredQuery]:
+    """Example candidates with known labels: the stored query set, or (all-vs-all datasets, which
+    store none) the labelled gallery images themselves."""
+    index = searcher.index
+    if index.queries is not None and len(index.queries.items):
+        items, from_gallery = index.queries.items, False
+    else:
+        items, from_gallery = index.items, True
+    return [
+        StoredQuery(Path(p), int(lab), str(item), i if from_gallery else None)
+        for i, (p, lab, item) in enumerate(zip(items.paths, items.labels, items.item_ids))
+        if int(lab) >= 0
+    ]
+
+
+def build_app(searcher: Any, **kwargs: Any) -> tuple[Any, SearchApp]:
+    """(Gradio Blocks, SearchApp) for an open Searcher; see SearchApp for the keyword arguments."""
+    search_app = SearchApp(searcher, **kwargs)
+    return search_app.build_blocks(), search_app

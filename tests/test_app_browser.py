@@ -1,0 +1,116 @@
+"""End to end in a real browser: Playwright drives Debian's headless Chromium against the served app.
+
+Playwright cannot download its own browser offline; the test launches the distribution's Chromium
+(`scripts/install_browser.sh` installs it) through `executable_path`. Screenshots are written to
+test-artifacts/ for a human to look at.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+TIMEOUT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def chromium_path() -> str:
+    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        pytest.skip(
+            f"!!! BROWSER TEST SKIPPED: Chromium not found at {CHROMIUM}. Install it with "
+            "`scripts/install_browser.sh` (apt-get install chromium, as root) or set CHROMIUM_PATH. !!!"
+        )
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+def app_url(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, object]]:
+    from app.serve import free_port, launch
+    from retrieval.build_index import build_index, untrained_backend
+    from retrieval.data.inshop import load_inshop
+    from retrieval.search import Searcher
+
+    backend, source = untrained_backend("resnet18", embedding_size=32, image_size=64, device="cpu")
+    index_dir = tmp_path_factory.mktemp("browser-index") / "demo-index"
+    build_index(load_inshop(demo_root, name="demo"), backend, source, index_dir, progress=False)
+    running = launch(Searcher.open(index_dir, backend=backend, device="cpu"), port=free_port(), index_dir=index_dir)
+    try:
+        yield running.url, running.search_app
+    finally:
+        running.close()
+
+
+def test_upload_search_examples_and_recall_table_render_in_chromium(
+    chromium_path: str, app_url: tuple[str, object]
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    url, search_app = app_url
+    k = search_app.default_k  # type: ignore[attr-defined]
+    query = search_app.searcher.gallery_paths[0]  # type: ignore[attr-defined]
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium_path, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url)
+
+            # upload a photo through the file input (what drag-and-drop and the picker feed)
+            page.locator("#query-image input[type=file]").set_input_files(query)
+            thumbs = page.locator("#results-gallery .thumbnail-item")
+            expect(thumbs).to_have_count(k)
+            expect(page.locator("#search-status")).to_contain_text(f"Top {k}")
+            expect(page.locator("#search-status")).to_contain_text("embed + search")
+            expect(page.locator("#results-gallery .caption-label").first).to_contain_text("#1 · 1.000")
+            page.wait_for_function(  # the thumbnails were fetched and decoded, not just laid out
+                "() => [...document.querySelectorAll('#results-gallery .thumbnail-item img')]"
+                ".every(img => img.complete && img.naturalWidth > 0)"
+            )
+            page.screenshot(path=str(ARTIFACTS / "app_search_upload.png"), full_page=True)
+
+            # one click on a stored example query: its item's results get a tick
+            page.locator("#example-queries button").nth(_example_with_a_hit_in_top(search_app, k)).click()
+            status = page.locator("#search-status")
+            expect(status).to_contain_text("first correct match at rank", timeout=TIMEOUT_MS)
+            expect(page.locator("#results-gallery .caption-label", has_text="✓").first).to_be_visible()
+            page.screenshot(path=str(ARTIFACTS / "app_search_example.png"), full_page=True)
+
+            # evaluation tab: Recall@K table for In-Shop's K list, MAP@R, and the plot
+            page.get_by_role("tab", name="Evaluation").click()
+            table = page.locator("#recall-table")
+            for name in ["Recall@1", "Recall@10", "Recall@20", "Recall@30", "Recall@40", "Recall@50", "MAP@R"]:
+                expect(table).to_contain_text(name)
+            expect(page.locator("#facts-table")).to_contain_text("Embedder fingerprint")
+            expect(page.locator("#recall-plot canvas, #recall-plot svg").first).to_be_visible()
+            expect(page.locator("#eval-status")).to_contain_text(re.compile(r"Computed .* in "))
+            page.screenshot(path=str(ARTIFACTS / "app_evaluation.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def _example_with_a_hit_in_top(search_app: object, k: int) -> int:
+    """Position of the first example query whose item appears in its top k (the embedder is untrained)."""
+    from retrieval.images import open_image
+
+    for i, example in enumerate(search_app.examples):  # type: ignore[attr-defined]
+        hits = search_app.searcher.search_images([open_image(example.path)], k)[0]  # type: ignore[attr-defined]
+        if any(h.label == example.label for h in hits):
+            return i
+    pytest.fail(f"no example query finds its item in the top {k}; the demo index is unusable")
