@@ -68,7 +68,10 @@ class MixupConfig:
     alpha: float = 2.0  # lam ~ Beta(alpha, alpha)
     weight: float = 0.4  # w in  E = clean + w * mixed
     lam_per: Literal["batch", "pair"] = "batch"
-    pair_kind: Literal["random", "positive", "anchor", "both"] = "random"
+    # "both": V(a) as the paper defines it (positive-negative mixes, and anchor-negative mixes for anchors
+    # without an in-batch positive). "random": the official code's one kind per iteration, which wastes
+    # every other step on class-balanced batches (no anchor lacks a positive there).
+    pair_kind: Literal["random", "positive", "anchor", "both"] = "both"
     max_pairs: int = 0  # 0 = every (positive, negative) combination; > 0 = fixed budget per batch
 
 
@@ -103,8 +106,12 @@ class IndexConfig:
     nlist: int = 0  # 0 = chosen from the gallery size
     nprobe: int = 16
     pq_m: int = 64
+    pq_nbits: int = 8  # bits per PQ sub-code (256 centroids at 8)
     hnsw_m: int = 32
+    ef_construction: int = 80
     ef_search: int = 128
+    refine_factor: int = 0  # > 0: re-rank k * factor approximate candidates with exact inner products
+    train_size: int = 0  # 0 = chosen from nlist; vectors sampled (seeded) to train IVF/PQ
     memory_budget_gb: float = 4.0
     use_gpu: bool = True
 

@@ -1,0 +1,130 @@
+"""`retrieval index`: embed a dataset's gallery into a FAISS index folder, or `--add` images to one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("index")
+    def index(
+        dataset: Optional[str] = typer.Option(None, "--dataset", help="cub | cars | sop | inshop | folder | demo."),
+        data_root: Optional[Path] = typer.Option(None, "--data-root", help="The dataset's folder (official layout)."),
+        out: Optional[Path] = typer.Option(None, "--out", "--index", help="Index folder (default indexes/<dataset>)."),
+        add: Optional[list[Path]] = typer.Option(
+            None, "--add", help="Add these images or folders to the existing index at --out (repeatable)."
+        ),
+        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint written by `retrieval train`."),
+        backend: str = typer.Option("auto", "--backend", help="torch | onnx | auto (onnx when --model is given)."),
+        model: Optional[Path] = typer.Option(None, "--model", help="ONNX model from `retrieval export` (--backend onnx)."),
+        untrained: bool = typer.Option(
+            False, "--untrained", help="Use a randomly initialised embedder (baselines, smoke tests); recorded in meta.json."
+        ),
+        arch: str = typer.Option("resnet50", "--arch", help="With --untrained: the trunk."),
+        embedding_size: int = typer.Option(512, "--embedding-size", min=1, help="With --untrained: embedding size."),
+        image_size: int = typer.Option(224, "--image-size", min=16, help="With --untrained: input crop size."),
+        seed: int = typer.Option(0, "--seed", help="With --untrained: initialisation seed; also IVF training sample."),
+        index_type: str = typer.Option("auto", "--index-type", help="auto | flat | ivf-flat | ivf-pq | hnsw."),
+        nlist: int = typer.Option(0, "--nlist", min=0, help="IVF lists (0 = about 4 sqrt(N))."),
+        nprobe: int = typer.Option(16, "--nprobe", min=1, help="IVF lists scanned per query."),
+        pq_m: int = typer.Option(64, "--pq-m", min=1, help="IVF-PQ sub-quantizers (bytes per vector at 8 bits)."),
+        pq_nbits: int = typer.Option(8, "--pq-nbits", min=1, max=16, help="IVF-PQ bits per sub-code."),
+        hnsw_m: int = typer.Option(32, "--hnsw-m", min=2, help="HNSW neighbours per node."),
+        ef_construction: int = typer.Option(80, "--ef-construction", min=1, help="HNSW build beam width."),
+        ef_search: int = typer.Option(128, "--ef-search", min=1, help="HNSW search beam width."),
+        refine_factor: int = typer.Option(0, "--refine-factor", min=0,
+                                          help="Re-rank k x this many approximate candidates exactly (0 = off)."),
+        memory_budget_gb: float = typer.Option(4.0, "--memory-budget-gb", help="For --index-type auto."),
+        gpu: bool = typer.Option(True, "--gpu/--no-gpu", help="Build IVF indexes on a GPU when FAISS sees one."),
+        device: str = typer.Option("auto", "--device", help="Embedding device: auto | cpu | cuda[:N]."),
+        batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per embedding batch."),
+    ) -> None:
+        """Embed a gallery and write an index folder (index.faiss, items.json, meta.json, queries.npy).
+
+        In-Shop/demo index the gallery split and store the query embeddings for `retrieval evaluate`;
+        CUB/Cars/SOP/folder index their test split. The previous index stays usable until the new
+        one is complete. With --add, new images are embedded with the same embedder and appended.
+        """
+        from rich.console import Console
+        from rich.markup import escape
+
+        from retrieval.config import IndexConfig
+
+        console = Console()
+
+        def fail(message: str) -> None:
+            console.print(f"[red]error:[/red] {escape(message)}")
+            raise typer.Exit(code=1)
+
+        if add:
+            if out is None:
+                fail("--add needs --out DIR (the index to add to)")
+            assert out is not None
+            _add(console, out, add, backend, checkpoint, model, device, batch_size, fail)
+            return
+        if dataset is None or data_root is None:
+            fail("pass --dataset and --data-root (or --add IMAGES --out DIR to extend an index)")
+        assert dataset is not None and data_root is not None
+        if untrained and (checkpoint or model):
+            fail("--untrained cannot be combined with --checkpoint/--model")
+        if not untrained and checkpoint is None and model is None:
+            fail("pass --checkpoint CKPT (or --backend onnx --model MODEL.onnx); for a random-weights baseline "
+                 "pass --untrained explicitly")
+        out = out or Path("indexes") / dataset
+        cfg = IndexConfig(index_type=index_type, nlist=nlist, nprobe=nprobe, pq_m=pq_m, pq_nbits=pq_nbits,
+                          hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search,
+                          refine_factor=refine_factor, memory_budget_gb=memory_budget_gb, use_gpu=gpu)
+        try:
+            from retrieval.build_index import build_index, open_backend, untrained_backend
+            from retrieval.data import load_dataset
+
+            ds = load_dataset(dataset, data_root)
+            if untrained:
+                emb_backend, source = untrained_backend(arch, embedding_size, image_size, seed=seed, device=device)
+                console.print("[yellow]note:[/yellow] untrained (random) embedder: results are a baseline only")
+            else:
+                emb_backend, source = open_backend(backend, checkpoint, model, device)
+            gallery = ds.gallery_split()
+            console.print(f"Indexing {ds.name} {gallery.name} split ({len(gallery):,} images) with the "
+                          f"{emb_backend.name} embedder {emb_backend.fingerprint} on {escape(emb_backend.device)}")
+            built = build_index(ds, emb_backend, source, out, cfg, batch_size=batch_size, seed=seed)
+        except (OSError, ValueError, RuntimeError) as exc:
+            fail(str(exc))
+            return
+        _summary(console, built, out)
+
+
+def _add(console, out, add, backend, checkpoint, model, device, batch_size, fail) -> None:  # type: ignore[no-untyped-def]
+    from rich.markup import escape
+
+    from retrieval.build_index import add_images, backend_from_source, open_backend
+    from retrieval.index_folder import GalleryIndex
+
+    try:
+        if checkpoint is not None or model is not None:
+            emb_backend, _ = open_backend(backend, checkpoint, model, device)
+        else:
+            source = GalleryIndex.load(out, verify_checksums=False).meta.get("embedder_source", {})
+            emb_backend = backend_from_source(source, device)
+        console.print(f"Adding to {escape(str(out))} with the {emb_backend.name} embedder "
+                      f"{emb_backend.fingerprint} on {escape(emb_backend.device)}")
+        updated, n_added = add_images(out, add, emb_backend, batch_size=batch_size)
+    except (OSError, ValueError, RuntimeError) as exc:
+        fail(str(exc))
+        return
+    console.print(f"[green]added {n_added:,} images[/green]; the index now holds {len(updated):,} items")
+
+def _summary(console, built, out: Path) -> None:  # type: ignore[no-untyped-def]
+    from rich.markup import escape
+
+    meta = built.meta
+    note = f" ({meta['index_note']})" if meta.get("index_note") else ""
+    console.print(
+        f"[green]wrote {escape(str(out))}[/green]: {len(built):,} items, {meta['index_factory']} "
+        f"({meta['index_type']}) built on {escape(meta['index_device'] + note)}, {meta['embedding_size']}-d, "
+        f"{meta['n_queries']:,} stored queries; embedding {meta['embed_seconds']:.1f}s, "
+        f"total {meta['build_seconds']:.1f}s"
+    )

@@ -1,0 +1,68 @@
+"""`retrieval search`: the nearest gallery items of one or more photos, as tables or JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("search")
+    def search(
+        images: list[Path] = typer.Argument(..., help="Query image files."),
+        index: Path = typer.Option(..., "--index", help="Index folder written by `retrieval index`."),
+        k: int = typer.Option(10, "-k", "--k", min=1, help="Results per query."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+        checkpoint: Optional[Path] = typer.Option(
+            None, "--checkpoint", help="Embedder checkpoint (default: the one recorded in the index)."
+        ),
+        backend: str = typer.Option("auto", "--backend", help="torch | onnx | auto (onnx when --model is given)."),
+        model: Optional[Path] = typer.Option(None, "--model", help="ONNX model from `retrieval export`."),
+        device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N] (embedding and FAISS)."),
+    ) -> None:
+        """Search an index by photo: rank, cosine score, label / item id and path of the k nearest items.
+
+        The embedder must be the one that built the index (same fingerprint); another is refused.
+        """
+        import json
+
+        from rich.console import Console
+        from rich.markup import escape
+        from rich.table import Table
+
+        from retrieval.search import Searcher, hits_as_json
+
+        console = Console()
+        try:
+            emb_backend = None
+            if checkpoint is not None or model is not None or backend == "onnx":
+                from retrieval.build_index import open_backend
+
+                emb_backend, _ = open_backend(backend, checkpoint, model, device)
+            searcher = Searcher.open(index, backend=emb_backend, device=device)
+            results = searcher.search_paths(images, k=k)
+        except (OSError, ValueError, RuntimeError) as exc:
+            console.print(f"[red]error:[/red] {escape(str(exc))}")
+            raise typer.Exit(code=1) from None
+
+        devices = searcher.devices
+        if as_json:
+            payload = {"index": str(index), "devices": devices, "results": hits_as_json(images, results)}
+            typer.echo(json.dumps(payload, indent=2))
+            return
+        meta = searcher.meta
+        console.print(f"index {escape(str(index))}: {meta.get('dataset')} {meta.get('split')}, {len(searcher.gallery_paths):,} "
+                      f"items, {meta.get('index_type')}; embedding on {escape(devices['embedding'])}, "
+                      f"search on {escape(devices['index'])}")
+        for path, hits in zip(images, results):
+            table = Table(title=f"{escape(str(path))}", title_justify="left")
+            table.add_column("rank", justify="right")
+            table.add_column("score", justify="right")
+            table.add_column("label", justify="right")
+            table.add_column("item id")
+            table.add_column("path", overflow="fold")
+            for h in hits:
+                table.add_row(str(h.rank), f"{h.score:.4f}", str(h.label), escape(h.item_id), escape(h.path))
+            console.print(table)

@@ -1,0 +1,414 @@
+"""The index folder: FAISS index + item table + metadata (+ stored queries), published atomically, verified on load.
+
+    <dir>/index.faiss    the FAISS index (CPU form); row i is item i
+    <dir>/items.json     {"paths": [...], "labels": [...], "item_ids": [...]} of the indexed gallery
+    <dir>/queries.npy    (Q, D) float32 query embeddings, for query/gallery datasets (evaluation needs no re-embedding)
+    <dir>/queries.json   the queries' paths, labels and item ids
+    <dir>/gallery.npy    (N, D) float32 gallery embeddings, only for lossy (IVF-PQ) indexes, so exact
+                         evaluation stays possible
+    <dir>/meta.json      written last: embedder fingerprint, index parameters, dataset, build facts, and the
+                         size and SHA-256 of every file above
+
+A save builds a complete sibling folder and swaps it in (old folder renamed aside, new one renamed in,
+old one deleted), so an interrupted build leaves the previous index in place. A load refuses a
+folder whose meta.json is missing or whose files do not match the sizes/checksums recorded in it,
+naming the bad file. Nothing here uses pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from retrieval.atomic import atomic_write_json, atomic_write_with, read_json
+from retrieval.index import (
+    IndexFileError,
+    IndexParams,
+    add_to_index,
+    check_embeddings,
+    configure_search,
+    exact_vectors,
+    read_index,
+    search,
+    to_search_device,
+    write_index,
+)
+
+INDEX_FORMAT = "metrix-retrieval/index/1"
+NORMALISATION = "l2"
+METRIC = "inner_product"
+INDEX_FILE, ITEMS_FILE, META_FILE = "index.faiss", "items.json", "meta.json"
+QUERIES_FILE, QUERY_ITEMS_FILE, GALLERY_FILE = "queries.npy", "queries.json", "gallery.npy"
+
+
+class EmbedderMismatchError(ValueError):
+    """An index was opened with an embedder other than the one that built it."""
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class ItemTable:
+    """What each index row is: image path, integer label (-1 = unlabelled) and display item id."""
+
+    paths: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    item_ids: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not len(self.paths) == len(self.labels) == len(self.item_ids):
+            raise ValueError(
+                f"item table columns differ in length: {len(self.paths)} paths, {len(self.labels)} labels, "
+                f"{len(self.item_ids)} item ids"
+            )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @classmethod
+    def from_split(cls, split: Any) -> "ItemTable":
+        """From a retrieval.data Split (paths, labels, optional item_ids)."""
+        n = len(split.paths)
+        paths = [os.path.abspath(p) for p in split.paths]  # search results must not depend on the working directory
+        return cls(paths, [int(v) for v in split.labels], [split.item_id(i) for i in range(n)])
+
+    def extend(self, other: "ItemTable") -> None:
+        self.paths += other.paths
+        self.labels += other.labels
+        self.item_ids += other.item_ids
+
+    def to_dict(self) -> dict[str, list]:
+        return {"paths": self.paths, "labels": self.labels, "item_ids": self.item_ids}
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: Path) -> "ItemTable":
+        try:
+            return cls([str(p) for p in raw["paths"]], [int(v) for v in raw["labels"]], [str(v) for v in raw["item_ids"]])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IndexFileError(f"{source} is not a valid item table ({exc}); rebuild the index") from exc
+
+
+@dataclass
+class StoredQueries:
+    """Query embeddings (Q, D) L2-normalised with their items: what `evaluate` searches with."""
+
+    emb: np.ndarray
+    items: ItemTable
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def _write_npy(target: Path, arr: np.ndarray) -> None:
+    def writer(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a handle, so np.save does not append ".npy" to the temporary name
+            np.save(fh, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
+
+    atomic_write_with(target, writer)
+
+
+def _read_npy(path: Path, mmap: bool = False) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except (ValueError, OSError, EOFError) as exc:
+        raise IndexFileError(f"{path} is corrupt or truncated ({exc}); rebuild the index") from exc
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def publish_folder(target: Path, write: Callable[[Path], None]) -> None:
+    """Run `write(tmp_dir)` on a fresh sibling folder, then swap it in for `target`.
+
+    If `write` raises, the temporary folder is removed and `target` is untouched. The swap is two
+    renames; if the second fails the old folder is renamed back.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+    try:
+        write(tmp)
+        # mkdtemp/mkstemp create owner-only entries; an index is meant to be shared like any output folder
+        os.chmod(tmp, 0o755)
+        for entry in tmp.iterdir():
+            os.chmod(entry, 0o644)
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old: Path | None = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        if old is not None:
+            os.rename(old, target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _missing_folder_message(folder: Path) -> str:
+    aside = sorted(folder.parent.glob(f".{folder.name}.old-*")) if folder.parent.is_dir() else []
+    if aside:
+        return (f"index folder {folder} not found, but {aside[-1]} holds a previous index left by an interrupted "
+                f"update: rename it to {folder} to use it, or rebuild with `retrieval index`")
+    return f"index folder not found: {folder}; build one with `retrieval index --dataset ... --out {folder}`"
+
+
+class GalleryIndex:
+    """A searchable gallery: FAISS index + the item behind each row + metadata (+ stored queries)."""
+
+    def __init__(
+        self,
+        index: faiss.Index,
+        params: IndexParams,
+        items: ItemTable,
+        meta: dict[str, Any],
+        queries: StoredQueries | None = None,
+        gallery_vectors: np.ndarray | None = None,
+        use_gpu: bool = True,
+    ) -> None:
+        if index.ntotal != len(items):
+            raise ValueError(f"index holds {index.ntotal} vectors but the item table has {len(items)} rows")
+        self.index, self.params, self.items, self.meta = index, params, items, meta
+        self.queries, self.gallery_vectors = queries, gallery_vectors
+        self.use_gpu = use_gpu
+        self._searchable: Any = None
+        self.search_device = "not yet used"
+        self.search_note = ""
+        configure_search(self.index, self.params)
+
+    # -- facts ---------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    @property
+    def embedding_size(self) -> int:
+        return int(self.index.d)
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.meta.get("fingerprint", ""))
+
+    @property
+    def exact(self) -> bool:
+        return self.params.exact
+
+    def check_embedder(self, fingerprint: str, embedding_size: int, normalisation: str = NORMALISATION,
+                       what: str = "the embedder") -> None:
+        """Refuse an embedder other than the one that built this index, saying what to do."""
+        problems = []
+        if fingerprint != self.fingerprint:
+            problems.append(f"fingerprint {fingerprint} != {self.fingerprint}")
+        if int(embedding_size) != self.embedding_size:
+            problems.append(f"embedding size {embedding_size} != {self.embedding_size}")
+        index_norm = self.meta.get("normalisation", NORMALISATION)
+        if normalisation != index_norm:
+            problems.append(f"normalisation {normalisation} != {index_norm}")
+        if problems:
+            source = self.meta.get("embedder_source", {})
+            hint = ""
+            if source.get("kind") == "checkpoint":
+                hint = f" (built from checkpoint {source.get('path')})"
+            elif source.get("kind") == "onnx":
+                hint = f" (built from ONNX model {source.get('path')})"
+            elif source.get("kind") == "untrained":
+                hint = " (built with an untrained embedder, --untrained)"
+            raise EmbedderMismatchError(
+                f"{what} does not match index {self.meta.get('folder', '')}: " + "; ".join(problems) + ". "
+                f"The index was built with embedder {self.fingerprint}{hint}, {self.embedding_size}-d, {index_norm}; "
+                f"{what} is {fingerprint}, {embedding_size}-d. Its results would be meaningless: pass the checkpoint "
+                "or model the index was built with, or rebuild the index with this embedder (`retrieval index`)."
+            )
+
+    # -- search --------------------------------------------------------------------------------
+    def _target(self) -> Any:
+        if self._searchable is None:
+            self._searchable, self.search_device, self.search_note = to_search_device(
+                self.index, self.params, self.use_gpu)
+        return self._searchable
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """queries (Q, D) L2-normalised -> (scores (Q, k'), ids (Q, k')), k' = min(k, len(self)); ids -1 = none."""
+        return search(self._target(), queries, k)
+
+    def exact_gallery_vectors(self) -> np.ndarray:
+        """(N, D) float32 gallery embeddings exactly as indexed (for exact evaluation and self-exclusion)."""
+        if self.gallery_vectors is not None:
+            return np.asarray(self.gallery_vectors, dtype=np.float32)
+        vectors = exact_vectors(self.index, self.params)
+        if vectors is None:
+            raise IndexFileError(f"the {self.params.index_type} index does not keep exact vectors and no "
+                                 f"{GALLERY_FILE} was stored; rebuild the index")
+        return vectors
+
+    # -- change --------------------------------------------------------------------------------
+    def add(self, vectors: np.ndarray, items: ItemTable) -> None:
+        """Append (N, D) L2-normalised embeddings of `items` (in memory; `save` publishes)."""
+        if len(vectors) != len(items):
+            raise ValueError(f"{len(vectors)} embeddings for {len(items)} items")
+        vectors = check_embeddings(vectors, self.embedding_size, "new embeddings")
+        n_before = len(self)
+        add_to_index(self.index, vectors)
+        if self.gallery_vectors is not None:
+            self.gallery_vectors = np.concatenate([np.asarray(self.gallery_vectors), vectors])
+        self.items.extend(items)
+        self._searchable = None
+        self.meta.setdefault("history", []).append({"action": "add", "items": len(items), "from": n_before, "at": now_iso()})
+
+    # -- files ---------------------------------------------------------------------------------
+    def save(self, folder: str | os.PathLike[str]) -> Path:
+        """Publish this index as `folder`, atomically (see module docstring)."""
+        folder = Path(folder)
+
+        published: dict[str, Any] = {}
+
+        def write(tmp: Path) -> None:
+            atomic_write_with(tmp / INDEX_FILE, lambda p: write_index(self.index, p))
+            atomic_write_json(tmp / ITEMS_FILE, self.items.to_dict())
+            names = [INDEX_FILE, ITEMS_FILE]
+            if self.queries is not None:
+                _write_npy(tmp / QUERIES_FILE, self.queries.emb)
+                atomic_write_json(tmp / QUERY_ITEMS_FILE, self.queries.items.to_dict())
+                names += [QUERIES_FILE, QUERY_ITEMS_FILE]
+            if self.gallery_vectors is not None:
+                _write_npy(tmp / GALLERY_FILE, np.asarray(self.gallery_vectors))
+                names.append(GALLERY_FILE)
+            meta = dict(self.meta)
+            meta.pop("folder", None)
+            meta.update({
+                "format": INDEX_FORMAT,
+                "n_items": len(self),
+                "embedding_size": self.embedding_size,
+                "normalisation": meta.get("normalisation", NORMALISATION),
+                "metric": METRIC,
+                "index_type": self.params.index_type,
+                "index_params": self.params.to_dict(),
+                "index_factory": self.params.factory_string(),
+                "n_queries": 0 if self.queries is None else len(self.queries.items),
+                "saved_at": now_iso(),
+                "files": {name: file_digest(tmp / name) for name in names},
+            })
+            atomic_write_json(tmp / META_FILE, meta)  # last: its presence marks a complete folder
+            published.update(meta)
+
+        publish_folder(folder, write)
+        self.meta = published
+        self.meta["folder"] = str(folder)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike[str], *, verify_checksums: bool = True, use_gpu: bool = True) -> "GalleryIndex":
+        """Open an index folder, refusing missing, truncated or altered files with an error naming the file."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise IndexFileError(_missing_folder_message(folder))
+        meta_path = folder / META_FILE
+        if not meta_path.is_file():
+            raise IndexFileError(
+                f"{meta_path} is missing: {folder} is not a complete index folder (an interrupted write, or not an "
+                "index); rebuild it with `retrieval index`"
+            )
+        try:
+            meta = read_json(meta_path, "index metadata")
+        except ValueError as exc:
+            raise IndexFileError(str(exc)) from exc
+        if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
+            raise IndexFileError(f"{meta_path} is not metrix-retrieval index metadata (format {INDEX_FORMAT} expected)")
+        files = meta.get("files", {})
+        for name in (INDEX_FILE, ITEMS_FILE):
+            if name not in files:
+                raise IndexFileError(f"{meta_path} records no {name}; rebuild the index")
+        for name, expected in files.items():
+            _verify_file(folder / name, expected, verify_checksums)
+
+        index = read_index(folder / INDEX_FILE)
+        items_path = folder / ITEMS_FILE
+        items = ItemTable.from_dict(_read_json_file(items_path, "item table"), items_path)
+        params = IndexParams.from_dict(meta.get("index_params", {"index_type": meta.get("index_type", "flat")}))
+        if index.ntotal != len(items) or index.ntotal != meta.get("n_items"):
+            raise IndexFileError(
+                f"{folder / INDEX_FILE} holds {index.ntotal} vectors, {items_path} {len(items)} items, meta.json says "
+                f"{meta.get('n_items')}; the folder is inconsistent, rebuild the index"
+            )
+        if index.d != meta.get("embedding_size"):
+            raise IndexFileError(f"{folder / INDEX_FILE} holds {index.d}-d vectors but meta.json says "
+                                 f"{meta.get('embedding_size')}; rebuild the index")
+        queries = None
+        if QUERIES_FILE in files:
+            emb = _read_npy(folder / QUERIES_FILE)
+            q_items_path = folder / QUERY_ITEMS_FILE
+            q_items = ItemTable.from_dict(_read_json_file(q_items_path, "query table"), q_items_path)
+            if emb.ndim != 2 or emb.shape != (len(q_items), index.d):
+                raise IndexFileError(f"{folder / QUERIES_FILE} has shape {emb.shape}, expected ({len(q_items)}, {index.d})")
+            queries = StoredQueries(emb.astype(np.float32, copy=False), q_items)
+        gallery_vectors = None
+        if GALLERY_FILE in files:
+            gallery_vectors = _read_npy(folder / GALLERY_FILE, mmap=True)
+            if gallery_vectors.shape != (index.ntotal, index.d):
+                raise IndexFileError(f"{folder / GALLERY_FILE} has shape {gallery_vectors.shape}, expected "
+                                     f"({index.ntotal}, {index.d})")
+        meta["folder"] = str(folder)
+        return cls(index, params, items, meta, queries, gallery_vectors, use_gpu=use_gpu)
+
+
+def _read_json_file(path: Path, what: str) -> Any:
+    try:
+        return read_json(path, what)
+    except ValueError as exc:
+        raise IndexFileError(str(exc)) from exc
+
+
+def _verify_file(path: Path, expected: dict[str, Any], verify_checksums: bool) -> None:
+    if not path.is_file():
+        raise IndexFileError(f"{path} is missing (listed in meta.json); the index folder is incomplete, rebuild it")
+    size = path.stat().st_size
+    if size != expected.get("bytes"):
+        raise IndexFileError(
+            f"{path} is {size:,} bytes but meta.json records {expected.get('bytes'):,}: the file is truncated or was "
+            "replaced; rebuild the index with `retrieval index`"
+        )
+    if verify_checksums and file_digest(path)["sha256"] != expected.get("sha256"):
+        raise IndexFileError(
+            f"{path} does not match the SHA-256 recorded in meta.json: the file is corrupt or was modified; "
+            "rebuild the index with `retrieval index`"
+        )
+
+
+def items_from_paths(paths: Sequence[str | os.PathLike[str]], label: int = -1) -> ItemTable:
+    """Items for images added without a dataset: label -1 (unlabelled), item id = parent folder name."""
+    resolved = [str(Path(p).resolve()) for p in paths]
+    return ItemTable(resolved, [int(label)] * len(resolved), [Path(p).parent.name for p in resolved])

@@ -1,0 +1,229 @@
+"""Search an index folder by image, and evaluate it: the API behind `retrieval search`, `evaluate` and the app.
+
+    searcher = Searcher.open("indexes/inshop")                # re-opens the embedder recorded in meta.json
+    hits = searcher.search_paths(["photo.jpg"], k=10)[0]      # [Hit(rank=1, score=0.93, path=..., ...), ...]
+    searcher.evaluate()                                       # {"R@1": ..., "MAP@R": ..., ...}
+
+The embedder is checked against the index (fingerprint, embedding size, normalisation) before any
+search; a different one is refused. `evaluate` needs no embedder: it uses the stored query
+embeddings (query/gallery datasets) or the gallery against itself with self excluded (all-vs-all).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from retrieval.embed import EmbeddingBackend
+from retrieval.index_folder import GalleryIndex
+
+NO_MATCH = np.iinfo(np.int64).min  # label given to missing neighbours (-1 ids): matches no query
+EVAL_CHUNK = 2048
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: rank from 1, cosine similarity, and the gallery item."""
+
+    rank: int
+    score: float
+    path: str
+    label: int
+    item_id: str
+    gallery_index: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Searcher:
+    """An opened index plus (lazily) the embedder that built it."""
+
+    def __init__(self, index: GalleryIndex, backend: EmbeddingBackend | None = None, device: str = "auto") -> None:
+        self.index = index
+        self.device = device
+        self._backend: EmbeddingBackend | None = None
+        if backend is not None:
+            self._attach(backend)
+
+    @classmethod
+    def open(
+        cls,
+        index_dir: str | os.PathLike[str],
+        backend: EmbeddingBackend | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        device: str = "auto",
+        *,
+        model: str | os.PathLike[str] | None = None,
+        verify_checksums: bool = True,
+    ) -> "Searcher":
+        """Open `index_dir`. The embedder is `backend`, else `checkpoint` (torch) or `model` (ONNX), else the one
+        recorded in the index (opened on first search). FAISS uses a GPU unless `device` is "cpu"."""
+        index = GalleryIndex.load(index_dir, verify_checksums=verify_checksums, use_gpu=device != "cpu")
+        if backend is None and (checkpoint is not None or model is not None):
+            from retrieval.build_index import open_backend
+
+            backend, _ = open_backend("onnx" if model is not None else "torch", checkpoint, model, device)
+        return cls(index, backend, device)
+
+    # -- facts ----------------------------------------------------------------------------------
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Index metadata: dataset, n_items, embedding_size, index_type, fingerprint, build_seconds, created_at, ..."""
+        return self.index.meta
+
+    @property
+    def gallery_paths(self) -> list[str]:
+        return self.index.items.paths
+
+    @property
+    def backend(self) -> EmbeddingBackend:
+        """The embedder (opened from the index's record on first use, then checked)."""
+        if self._backend is None:
+            from retrieval.build_index import backend_from_source
+
+            self._attach(backend_from_source(self.meta.get("embedder_source", {}), self.device))
+        assert self._backend is not None
+        return self._backend
+
+    def _attach(self, backend: EmbeddingBackend) -> None:
+        self.index.check_embedder(backend.fingerprint, backend.embedding_size,
+                                  getattr(backend, "normalisation", "l2"), what=f"the {backend.name} embedder")
+        self._backend = backend
+
+    @property
+    def devices(self) -> dict[str, str]:
+        """Where embedding and FAISS search run (known after the first search)."""
+        return {"embedding": self._backend.device if self._backend else "not opened yet",
+                "index": self.index.search_device}
+
+    # -- search ---------------------------------------------------------------------------------
+    def search_embeddings(self, emb: np.ndarray, k: int = 10) -> list[list[Hit]]:
+        """emb (Q, D) L2-normalised -> per query, up to k hits, best first."""
+        scores, ids = self.index.search(emb, k)
+        items = self.index.items
+        out: list[list[Hit]] = []
+        for row_scores, row_ids in zip(scores, ids):
+            hits = []
+            for s, i in zip(row_scores, row_ids):
+                if i < 0:
+                    continue
+                i = int(i)
+                hits.append(Hit(len(hits) + 1, float(s), items.paths[i], items.labels[i], items.item_ids[i], i))
+            out.append(hits)
+        return out
+
+    def search_images(self, images: Sequence[Image.Image], k: int = 10) -> list[list[Hit]]:
+        """RGB PIL images -> per image, its k nearest gallery items."""
+        if len(images) == 0:
+            return []
+        return self.search_embeddings(self.backend.embed_images(list(images)), k)
+
+    def search_paths(self, paths: Sequence[str | os.PathLike[str]], k: int = 10, batch_size: int = 64) -> list[list[Hit]]:
+        """Image files -> per file, its k nearest gallery items (unreadable files raise ImageLoadError naming them)."""
+        if len(paths) == 0:
+            return []
+        return self.search_embeddings(self.backend.embed_paths(list(paths), batch_size=batch_size, progress=False), k)
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def evaluate(self, ks: Sequence[int] | None = None, exact: bool = True) -> dict[str, float]:
+        """Recall@K, MAP@R and R-precision of the stored evaluation protocol, as fractions.
+
+        The keys are "R@k", "MAP@R", "RP" from the index's own search. For approximate indexes
+        (and `exact=True`) also "exact R@k", ... from exact search over the same vectors and
+        "diff R@k", ... = index - exact. Unlabelled items (added with --add) are never relevant.
+        """
+        ks = tuple(int(k) for k in (ks or self.meta.get("recall_ks") or (1, 2, 4, 8)))
+        gallery_labels = np.asarray(self.index.items.labels, dtype=np.int64)
+        if self.meta.get("protocol") == "query-gallery":
+            if self.index.queries is None:
+                raise ValueError(f"index {self.meta.get('folder')} stores no query embeddings; rebuild it to evaluate")
+            q_emb = self.index.queries.emb
+            q_labels = np.asarray(self.index.queries.items.labels, dtype=np.int64)
+            self_ids = None
+        else:
+            g_emb = self.index.exact_gallery_vectors()
+            self_ids = np.flatnonzero(gallery_labels >= 0)
+            q_emb, q_labels = g_emb[self_ids], gallery_labels[self_ids]
+        result = neighbour_metrics(self.index.search, q_emb, q_labels, gallery_labels, ks, self_ids)
+        if self.index.exact or not exact:
+            return result
+
+        from retrieval.knn import FlatSearcher
+
+        g_exact = self.index.exact_gallery_vectors()
+        labelled = gallery_labels[gallery_labels >= 0]
+        max_r = int(np.unique(labelled, return_counts=True)[1].max()) if len(labelled) else 0
+        flat = FlatSearcher(g_exact, metric="ip", use_gpu=self.device != "cpu", max_k=max(max(ks), max_r) + 1)
+        exact_result = neighbour_metrics(flat.search, q_emb, q_labels, gallery_labels, ks, self_ids)
+        for key, value in exact_result.items():
+            result[f"exact {key}"] = value
+            result[f"diff {key}"] = result[key] - value
+        return result
+
+
+def neighbour_metrics(
+    search_fn: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+    query_emb: np.ndarray,
+    query_labels: np.ndarray,
+    gallery_labels: np.ndarray,
+    ks: Sequence[int],
+    self_ids: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Recall@K / MAP@R / RP from any k-NN search (exact or approximate), chunked over queries.
+
+    search_fn(q (c, D), k) -> (scores, ids (c, k), -1 = none); self_ids (Q,) gives each query's own
+    gallery row (all-vs-all), removed wherever it ranks. R counts labelled gallery items with the
+    query's label (minus itself); queries with R = 0 are left out, as in retrieval.metrics.
+    """
+    from retrieval.metrics import mean_average_precision_at_r, r_precision, recall_at_k
+
+    gallery_labels = np.asarray(gallery_labels, dtype=np.int64)
+    labelled = gallery_labels[gallery_labels >= 0]
+    classes, counts = np.unique(labelled, return_counts=True)
+    pos = np.searchsorted(classes, query_labels)
+    pos = np.clip(pos, 0, max(len(classes) - 1, 0))
+    found = (classes[pos] == query_labels) if len(classes) else np.zeros(len(query_labels), bool)
+    num_relevant = np.where(found, counts[pos] if len(classes) else 0, 0) - (0 if self_ids is None else 1)
+    rows = np.flatnonzero(num_relevant > 0)
+    if len(rows) == 0:
+        raise ValueError("no query has a same-label item in the gallery; nothing to evaluate")
+    width = max(max(ks), int(num_relevant[rows].max()))
+    extra = 0 if self_ids is None else 1
+    k_search = min(width + extra, len(gallery_labels))
+
+    totals: dict[str, float] = {}
+    for start in range(0, len(rows), EVAL_CHUNK):
+        chunk = rows[start : start + EVAL_CHUNK]
+        _, ids = search_fn(np.ascontiguousarray(query_emb[chunk]), k_search)
+        if self_ids is not None:
+            ids = _drop_ids(ids, self_ids[chunk])
+        labels = np.where(ids >= 0, gallery_labels[np.maximum(ids, 0)], NO_MATCH)
+        labels = np.where(labels >= 0, labels, NO_MATCH)  # unlabelled gallery items are never relevant
+        if labels.shape[1] < width:
+            labels = np.pad(labels, ((0, 0), (0, width - labels.shape[1])), constant_values=NO_MATCH)
+        ql, r = query_labels[chunk], num_relevant[chunk]
+        part = recall_at_k(labels, ql, ks)
+        part["MAP@R"] = mean_average_precision_at_r(labels, ql, r)
+        part["RP"] = r_precision(labels, ql, r)
+        for key, value in part.items():
+            totals[key] = totals.get(key, 0.0) + value * len(chunk)
+    return {key: value / len(rows) for key, value in totals.items()}
+
+
+def _drop_ids(ids: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """Remove each row's own id wherever it ranks; rows without it lose their last column."""
+    drop = ids == own[:, None]
+    drop[~drop.any(axis=1), -1] = True
+    return ids[~drop].reshape(len(ids), ids.shape[1] - 1)
+
+
+def hits_as_json(paths: Sequence[str | os.PathLike[str]], results: Sequence[Sequence[Hit]]) -> list[dict[str, Any]]:
+    """[{"query": path, "hits": [Hit dicts]}] for `retrieval search --json`."""
+    return [{"query": str(Path(p)), "hits": [h.to_dict() for h in hits]} for p, hits in zip(paths, results)]
