@@ -108,7 +108,11 @@ class SearchApp:
     ) -> None:
         self.searcher = searcher
         self.meta: dict[str, Any] = dict(searcher.meta)
-        self.index_dir = Path(index_dir if index_dir is not None else self.meta["folder"])
+        index_dir = index_dir if index_dir is not None else searcher.index_dir
+        if index_dir is None:
+            raise ValueError("the searcher's index was never saved to a folder; pass index_dir "
+                             "(evaluations are cached there)")
+        self.index_dir = Path(index_dir)
         self.gallery_size = len(searcher.gallery_paths)
         self.max_k = max(1, min(int(max_k), self.gallery_size))
         self.default_k = _clamp_k(default_k, self.max_k)
@@ -119,7 +123,7 @@ class SearchApp:
         self.backend = searcher.backend
         self.examples = self._pick_examples(num_examples)
         self._example_by_hash = {_sha256(q.path.read_bytes()): q for q in self.examples}
-        self.recall_ks = tuple(int(k) for k in self.meta.get("recall_ks") or (1, 2, 4, 8))
+        self.recall_ks = tuple(searcher.recall_ks)
         identity = {k: v for k, v in self.meta.items() if k != "folder"}  # moving the folder keeps its cache
         key = index_cache_key(identity, self.backend.fingerprint, self.backend.name)
         self.evaluation_cache = EvaluationCache(self.index_dir, key, searcher.evaluate)
@@ -442,14 +446,13 @@ def _first(mapping: Mapping[str, Any], *keys: str) -> str:
 def stored_queries(searcher: Any) -> list[StoredQuery]:
     """Example candidates with known labels: the stored query set, or (all-vs-all datasets, which
     store none) the labelled gallery images themselves."""
-    index = searcher.index
-    if index.queries is not None and len(index.queries.items):
-        items, from_gallery = index.queries.items, False
+    if searcher.has_stored_queries:
+        columns, from_gallery = (searcher.query_paths, searcher.query_labels, searcher.query_item_ids), False
     else:
-        items, from_gallery = index.items, True
+        columns, from_gallery = (searcher.gallery_paths, searcher.gallery_labels, searcher.gallery_item_ids), True
     return [
         StoredQuery(Path(p), int(lab), str(item), i if from_gallery else None)
-        for i, (p, lab, item) in enumerate(zip(items.paths, items.labels, items.item_ids))
+        for i, (p, lab, item) in enumerate(zip(*columns))
         if int(lab) >= 0
     ]
 

@@ -1,7 +1,8 @@
 """The index folder: FAISS index + item table + metadata (+ stored queries), published atomically, verified on load.
 
     <dir>/index.faiss    the FAISS index (CPU form); row i is item i
-    <dir>/items.json     {"paths": [...], "labels": [...], "item_ids": [...]} of the indexed gallery
+    <dir>/items.json     {"paths": [...], "labels": [...], "item_ids": [...]} of the indexed gallery; paths inside
+                         meta["data_root"] are stored relative to it, so dataset + index can move together
     <dir>/queries.npy    (Q, D) float32 query embeddings, for query/gallery datasets (evaluation needs no re-embedding)
     <dir>/queries.json   the queries' paths, labels and item ids
     <dir>/gallery.npy    (N, D) float32 gallery embeddings, only for lossy (IVF-PQ) indexes, so exact
@@ -90,13 +91,19 @@ class ItemTable:
         self.labels += other.labels
         self.item_ids += other.item_ids
 
-    def to_dict(self) -> dict[str, list]:
-        return {"paths": self.paths, "labels": self.labels, "item_ids": self.item_ids}
+    def to_dict(self, data_root: str | None = None) -> dict[str, list]:
+        """Paths under `data_root` (an absolute folder) become relative to it; others stay absolute."""
+        prefix = os.path.join(data_root, "") if data_root else None
+        paths = [Path(p[len(prefix):]).as_posix() if prefix and p.startswith(prefix) else p for p in self.paths]
+        return {"paths": paths, "labels": self.labels, "item_ids": self.item_ids}
 
     @classmethod
-    def from_dict(cls, raw: Any, source: Path) -> "ItemTable":
+    def from_dict(cls, raw: Any, source: Path, data_root: str | None = None) -> "ItemTable":
+        """Relative paths are resolved against `data_root` (absolute ones are kept)."""
         try:
-            return cls([str(p) for p in raw["paths"]], [int(v) for v in raw["labels"]], [str(v) for v in raw["item_ids"]])
+            paths = [str(p) if os.path.isabs(str(p)) or not data_root else os.path.join(data_root, *str(p).split("/"))
+                     for p in raw["paths"]]
+            return cls(paths, [int(v) for v in raw["labels"]], [str(v) for v in raw["item_ids"]])
         except (KeyError, TypeError, ValueError) as exc:
             raise IndexFileError(f"{source} is not a valid item table ({exc}); rebuild the index") from exc
 
@@ -298,11 +305,12 @@ class GalleryIndex:
 
         def write(tmp: Path) -> None:
             atomic_write_with(tmp / INDEX_FILE, lambda p: write_index(self.index, p))
-            atomic_write_json(tmp / ITEMS_FILE, self.items.to_dict())
+            data_root = self.meta.get("data_root") or None
+            atomic_write_json(tmp / ITEMS_FILE, self.items.to_dict(data_root))
             names = [INDEX_FILE, ITEMS_FILE]
             if self.queries is not None:
                 _write_npy(tmp / QUERIES_FILE, self.queries.emb)
-                atomic_write_json(tmp / QUERY_ITEMS_FILE, self.queries.items.to_dict())
+                atomic_write_json(tmp / QUERY_ITEMS_FILE, self.queries.items.to_dict(data_root))
                 names += [QUERIES_FILE, QUERY_ITEMS_FILE]
             if self.gallery_vectors is not None:
                 _write_npy(tmp / GALLERY_FILE, np.asarray(self.gallery_vectors))
@@ -331,8 +339,11 @@ class GalleryIndex:
         return folder
 
     @classmethod
-    def load(cls, folder: str | os.PathLike[str], *, verify_checksums: bool = True, use_gpu: bool = True) -> "GalleryIndex":
-        """Open an index folder, refusing missing, truncated or altered files with an error naming the file."""
+    def load(cls, folder: str | os.PathLike[str], *, verify_checksums: bool = True, use_gpu: bool = True,
+             data_root: str | os.PathLike[str] | None = None) -> "GalleryIndex":
+        """Open an index folder, refusing missing, truncated or altered files with an error naming the file.
+
+        `data_root` says where the dataset is now when it moved since the build (default: meta["data_root"])."""
         folder = Path(folder)
         if not folder.is_dir():
             raise IndexFileError(_missing_folder_message(folder))
@@ -355,9 +366,12 @@ class GalleryIndex:
         for name, expected in files.items():
             _verify_file(folder / name, expected, verify_checksums)
 
+        if data_root is not None:
+            meta["data_root"] = os.path.abspath(data_root)
+        root = meta.get("data_root") or None
         index = read_index(folder / INDEX_FILE)
         items_path = folder / ITEMS_FILE
-        items = ItemTable.from_dict(_read_json_file(items_path, "item table"), items_path)
+        items = ItemTable.from_dict(_read_json_file(items_path, "item table"), items_path, root)
         params = IndexParams.from_dict(meta.get("index_params", {"index_type": meta.get("index_type", "flat")}))
         if index.ntotal != len(items) or index.ntotal != meta.get("n_items"):
             raise IndexFileError(
@@ -371,7 +385,7 @@ class GalleryIndex:
         if QUERIES_FILE in files:
             emb = _read_npy(folder / QUERIES_FILE)
             q_items_path = folder / QUERY_ITEMS_FILE
-            q_items = ItemTable.from_dict(_read_json_file(q_items_path, "query table"), q_items_path)
+            q_items = ItemTable.from_dict(_read_json_file(q_items_path, "query table"), q_items_path, root)
             if emb.ndim != 2 or emb.shape != (len(q_items), index.d):
                 raise IndexFileError(f"{folder / QUERIES_FILE} has shape {emb.shape}, expected ({len(q_items)}, {index.d})")
             queries = StoredQueries(emb.astype(np.float32, copy=False), q_items)

@@ -23,6 +23,7 @@ from PIL import Image
 from retrieval.embed import EmbeddingBackend
 from retrieval.index_folder import GalleryIndex
 
+DEFAULT_RECALL_KS = (1, 2, 4, 8)  # when an index records no protocol ks (e.g. a folder of images)
 NO_MATCH = np.iinfo(np.int64).min  # label given to missing neighbours (-1 ids): matches no query
 EVAL_CHUNK = 2048
 
@@ -62,10 +63,13 @@ class Searcher:
         *,
         model: str | os.PathLike[str] | None = None,
         verify_checksums: bool = True,
+        data_root: str | os.PathLike[str] | None = None,
     ) -> "Searcher":
         """Open `index_dir`. The embedder is `backend`, else `checkpoint` (torch) or `model` (ONNX), else the one
-        recorded in the index (opened on first search). FAISS uses a GPU unless `device` is "cpu"."""
-        index = GalleryIndex.load(index_dir, verify_checksums=verify_checksums, use_gpu=device != "cpu")
+        recorded in the index (opened on first search). FAISS uses a GPU unless `device` is "cpu".
+        `data_root`: where the dataset is now, when it moved (with the index) since the build."""
+        index = GalleryIndex.load(index_dir, verify_checksums=verify_checksums, use_gpu=device != "cpu",
+                                  data_root=data_root)
         if backend is None and (checkpoint is not None or model is not None):
             from retrieval.build_index import open_backend
 
@@ -79,8 +83,51 @@ class Searcher:
         return self.index.meta
 
     @property
+    def index_dir(self) -> Path | None:
+        """The index folder this searcher was opened from (None for an index never saved)."""
+        folder = self.meta.get("folder")
+        return Path(folder) if folder else None
+
+    @property
+    def recall_ks(self) -> tuple[int, ...]:
+        """The K of Recall@K the dataset's protocol reports (those `evaluate` computes by default)."""
+        return tuple(int(k) for k in (self.meta.get("recall_ks") or DEFAULT_RECALL_KS))
+
+    # Item columns below are the index's own lists, row i = gallery (or stored query) i: read, don't mutate.
+    @property
     def gallery_paths(self) -> list[str]:
+        """Absolute image path of each gallery row."""
         return self.index.items.paths
+
+    @property
+    def gallery_labels(self) -> list[int]:
+        """Integer class label of each gallery row (-1 = unlabelled, e.g. added with --add)."""
+        return self.index.items.labels
+
+    @property
+    def gallery_item_ids(self) -> list[str]:
+        """Display item id of each gallery row (product id, class folder name, ...)."""
+        return self.index.items.item_ids
+
+    @property
+    def has_stored_queries(self) -> bool:
+        """Whether the index stores a query set (query/gallery datasets); all-vs-all indexes store none."""
+        return self.index.queries is not None and len(self.index.queries.items) > 0
+
+    @property
+    def query_paths(self) -> list[str]:
+        """Image path of each stored query; empty when the index stores none."""
+        return self.index.queries.items.paths if self.index.queries is not None else []
+
+    @property
+    def query_labels(self) -> list[int]:
+        """Class label of each stored query; empty when the index stores none."""
+        return self.index.queries.items.labels if self.index.queries is not None else []
+
+    @property
+    def query_item_ids(self) -> list[str]:
+        """Item id of each stored query; empty when the index stores none."""
+        return self.index.queries.items.item_ids if self.index.queries is not None else []
 
     @property
     def backend(self) -> EmbeddingBackend:
@@ -139,7 +186,7 @@ class Searcher:
         (and `exact=True`) also "exact R@k", ... from exact search over the same vectors and
         "diff R@k", ... = index - exact. Unlabelled items (added with --add) are never relevant.
         """
-        ks = tuple(int(k) for k in (ks or self.meta.get("recall_ks") or (1, 2, 4, 8)))
+        ks = tuple(int(k) for k in ks) if ks else self.recall_ks
         gallery_labels = np.asarray(self.index.items.labels, dtype=np.int64)
         if self.meta.get("protocol") == "query-gallery":
             if self.index.queries is None:

@@ -93,7 +93,7 @@ def test_example_query_marks_correct_results_and_first_correct_rank(running: obj
     k = app.gallery_size  # every gallery image: the item's gallery photos must all appear
     gallery, status = _search(client, example.path, k=min(k, app.max_k))
     marked = [i for i, g in enumerate(gallery) if g["caption"].startswith(CORRECT)]
-    expected = sum(1 for lab in app.searcher.index.items.labels if int(lab) == example.label)
+    expected = sum(1 for lab in app.searcher.gallery_labels if int(lab) == example.label)
     assert len(marked) == expected > 0, "every gallery photo of the query's item must be marked"
     assert f"first correct match at rank **{marked[0] + 1}**" in status
     assert example.item_id in status

@@ -212,3 +212,81 @@ def test_cli_export_fails_clearly_without_a_checkpoint(tmp_path: Path) -> None:
     res = CliRunner().invoke(_cli(), ["export", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "m.onnx")])
     assert res.exit_code == 1
     assert "checkpoint not found" in res.output and not (tmp_path / "m.onnx").exists()
+
+
+# --- deployment without torch: the real search and serve paths --------------------------------
+# A torch-built index of a fake In-Shop dataset, searched with the ONNX export of the same checkpoint
+# in a fresh interpreter; afterwards neither torch nor torchvision may have been imported.
+REPO = Path(__file__).resolve().parents[1]
+TORCH_FREE_EPILOGUE = (
+    "\nheavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision'))\n"
+    "assert not heavy, f'imported {heavy[:5]}'\n"
+)
+
+
+@pytest.fixture(scope="module")
+def torch_built_index(workspace: dict) -> dict:
+    from retrieval.build_index import build_index, open_backend
+    from retrieval.config import IndexConfig
+    from retrieval.data import load_dataset
+    from tests.fakes import make_fake_inshop
+
+    data_root = make_fake_inshop(workspace["root"] / "inshop", train_items=1, test_items=4, per_item=2, size=48)
+    dataset = load_dataset("inshop", data_root)
+    backend, source = open_backend("torch", workspace["ckpt"], None, "cpu")
+    index_dir = workspace["root"] / "inshop-index"
+    build_index(dataset, backend, source, index_dir, IndexConfig(use_gpu=False), progress=False)
+    query = Path(dataset.query.paths[0])
+    g = backend.embed_paths(list(dataset.gallery.paths), progress=False)
+    q = backend.embed_paths([query], progress=False)
+    expected = np.argsort(-(q @ g.T)[0], kind="stable").tolist()  # torch ranking of the whole gallery
+    return {"index": index_dir, "query": query, "expected": expected, "gallery": [str(p) for p in dataset.gallery.paths]}
+
+
+def run_torch_free(code: str) -> str:
+    """Run `code` in a fresh interpreter, then assert torch / torchvision were never imported; returns stdout."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", "import sys\n" + code + TORCH_FREE_EPILOGUE],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_cli_search_with_onnx_never_imports_torch(workspace: dict, torch_built_index: dict) -> None:
+    import json
+
+    k = len(torch_built_index["gallery"])
+    argv = ["search", str(torch_built_index["query"]), "--index", str(torch_built_index["index"]), "-k", str(k),
+            "--backend", "onnx", "--model", str(workspace["result"].path), "--device", "cpu", "--json"]
+    out = run_torch_free(
+        "from retrieval.cli import app\n"
+        f"code = app({argv!r}, standalone_mode=False)\n"
+        "assert code in (None, 0), code\n"
+    )
+    payload = json.loads(out)
+    hits = payload["results"][0]["hits"]
+    assert payload["devices"]["embedding"].startswith("onnxruntime")
+    assert [h["gallery_index"] for h in hits] == torch_built_index["expected"]  # same ranking as torch
+    assert [h["path"] for h in hits] == [torch_built_index["gallery"][i] for i in torch_built_index["expected"]]
+
+
+def test_app_with_onnx_never_imports_torch(workspace: dict, torch_built_index: dict) -> None:
+    out = run_torch_free(
+        "from app.serve import open_searcher\n"
+        "from app.ui import build_app\n"
+        f"searcher = open_searcher({str(torch_built_index['index'])!r}, backend='onnx', "
+        f"model={str(workspace['result'].path)!r}, device='cpu')\n"
+        "demo, search_app = build_app(searcher)\n"
+        f"galleries, statuses = search_app.search_batch([{str(torch_built_index['query'])!r}], [3])\n"
+        "search_app.thumbnails.cleanup()\n"
+        "assert len(galleries[0]) == 3, statuses\n"
+        "print(search_app.backend.name)\n"
+        "print([h.gallery_index for h in searcher.search_paths("
+        f"[{str(torch_built_index['query'])!r}], k=3)[0]])\n"
+    )
+    name, ranking = out.strip().splitlines()[-2:]
+    assert name == "onnx" and ranking == str(torch_built_index["expected"][:3])

@@ -209,7 +209,8 @@ def test_load_backend_picks_and_validates(tiny: tuple[Path, np.ndarray]) -> None
 # --- deployment without torch ----------------------------------------------------------------
 # Each snippet runs in a fresh interpreter with MODEL (an exported-style ONNX file) and IMAGES (a
 # folder of PNGs) defined; afterwards neither torch nor torchvision may have been imported.
-# Extend the list with the search / serve paths as they become torch-free.
+# The real `retrieval search --backend onnx` and app paths (a torch-built index searched with an
+# exported model) are checked the same way in test_export.py.
 TORCH_FREE_SNIPPETS = [
     pytest.param(
         """

@@ -93,6 +93,35 @@ def test_searcher_reopens_the_recorded_untrained_embedder(built, inshop):
     assert searcher.gallery_paths == [str(p) for p in ds.gallery.paths]
 
 
+def test_searcher_exposes_the_items_the_app_shows(built, inshop):
+    searcher = Searcher.open(built, device="cpu")
+    ds = load_dataset("inshop", inshop)
+    assert searcher.index_dir == built
+    assert searcher.recall_ks == (1, 10, 20, 30, 40, 50) == tuple(ds.recall_ks)
+    assert searcher.gallery_labels == [int(v) for v in ds.gallery.labels]
+    assert searcher.gallery_item_ids == [ds.gallery.item_id(i) for i in range(len(ds.gallery))]
+    assert searcher.has_stored_queries
+    assert searcher.query_paths == [str(p) for p in ds.query.paths]
+    assert searcher.query_labels == [int(v) for v in ds.query.labels]
+    assert searcher.query_item_ids == [ds.query.item_id(i) for i in range(len(ds.query))]
+    assert searcher.devices["embedding"] == "not opened yet"  # reading the item tables opens no embedder
+
+
+def test_searcher_accessors_without_stored_queries(tmp_path, backend):
+    root = make_fake_sop(tmp_path / "sop", train_classes=2, test_classes=3, per_class=2)
+    emb_backend, source = backend
+    ds = load_dataset("sop", root)
+    build_index(ds, emb_backend, source, tmp_path / "idx", IndexConfig(use_gpu=False), progress=False)
+    searcher = Searcher.open(tmp_path / "idx", device="cpu")
+    assert not searcher.has_stored_queries
+    assert searcher.query_paths == searcher.query_labels == searcher.query_item_ids == []
+    assert searcher.gallery_labels == [int(v) for v in ds.test.labels]
+    assert searcher.recall_ks == tuple(ds.recall_ks)
+    index = searcher.index
+    unsaved = Searcher(GalleryIndex(index.index, index.params, index.items, {}, use_gpu=False))
+    assert unsaved.index_dir is None and unsaved.recall_ks == (1, 2, 4, 8)
+
+
 def test_evaluate_uses_stored_queries_and_matches_metrics(built, inshop, backend):
     emb_backend, _ = backend
     ds = load_dataset("inshop", inshop)
@@ -136,6 +165,30 @@ def test_add_images_then_find_them(built, inshop, backend, tmp_path):
     with pytest.raises(EmbedderMismatchError):
         add_images(idx, [new_folder], other, progress=False)
     assert len(GalleryIndex.load(idx)) == 14
+
+
+def test_index_and_dataset_moved_together_work_with_a_data_root_override(built, inshop, backend, tmp_path):
+    emb_backend, _ = backend
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(sorted((inshop / "Img").rglob("*.jpg"))[0], outside / "extra.jpg")
+    idx = fresh_copy(built, tmp_path)
+    add_images(idx, [outside], emb_backend, progress=False)
+    stored = json.loads((idx / "items.json").read_text())["paths"]
+    assert not any(Path(p).is_absolute() for p in stored[:-1]) and stored[-1] == str((outside / "extra.jpg").resolve())
+    assert not any(Path(p).is_absolute() for p in json.loads((idx / "queries.json").read_text())["paths"])
+    original = [str(p) for p in load_dataset("inshop", inshop).gallery.paths]
+    assert Searcher.open(idx, device="cpu").gallery_paths[:12] == original  # resolved to the same strings as before
+
+    moved = tmp_path / "moved"
+    shutil.copytree(inshop, moved / "data")
+    shutil.move(str(idx), str(moved / "index"))
+    searcher = Searcher.open(moved / "index", device="cpu", data_root=moved / "data")
+    ds = load_dataset("inshop", moved / "data")
+    assert searcher.gallery_paths[:12] == [str(p) for p in ds.gallery.paths]
+    assert searcher.gallery_paths[12] == stored[-1] and searcher.query_paths == [str(p) for p in ds.query.paths]
+    hit = searcher.search_paths([ds.gallery.paths[3]], k=1)[0][0]
+    assert hit.gallery_index == 3 and Path(hit.path).is_file() and hit.path.startswith(str(moved / "data"))
 
 
 def test_interrupted_build_keeps_the_previous_index(built, inshop, backend, tmp_path, monkeypatch):

@@ -23,13 +23,7 @@ app = typer.Typer(
 _COMMAND_MODULES = ("demo", "datasets", "prepare", "train", "index", "search", "evaluate", "export", "serve")
 
 for _name in _COMMAND_MODULES:
-    try:
-        _module = importlib.import_module(f"retrieval.cli.{_name}")
-    except ModuleNotFoundError as exc:  # command not built yet
-        if exc.name != f"retrieval.cli.{_name}":
-            raise
-        continue
-    _module.register(app)
+    importlib.import_module(f"retrieval.cli.{_name}").register(app)
 
 
 def main() -> None:
