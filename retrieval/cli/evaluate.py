@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         meta = searcher.meta
         if as_json:
             typer.echo(json.dumps({"index": str(index), "index_type": meta.get("index_type"),
-                                   "search_device": searcher.devices["index"], "metrics": result}, indent=2))
+                                   "search_device": searcher.devices['index'], "metrics": result}, indent=2))
             return
         names = [key for key in result if not key.startswith(("exact ", "diff "))]
         approximate = any(key.startswith("exact ") for key in result)
@@ -57,4 +57,4 @@ def register(app: typer.Typer) -> None:
                 row += [f"{100 * result['exact ' + key]:.2f}", f"{100 * result['diff ' + key]:+.2f}"]
             table.add_row(*row)
         console.print(table)
-        console.print(f"search on {escape(searcher.devices["index"])}")
+        console.print(f"search on {escape(searcher.devices['index'])}")
