@@ -8,10 +8,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -22,6 +30,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp's 0600 would make logs and indexes private
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
@@ -60,3 +69,39 @@ def read_json(path: str | os.PathLike[str], what: str = "file") -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{what} {path} is not valid JSON ({exc}); it may be truncated, rebuild it") from exc
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make renames inside `path` durable (best effort: some filesystems refuse directory fsync)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def swap_in_folder(new: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Replace folder `target` by the complete folder `new` with renames only.
+
+    The old folder is renamed aside first and removed last; if the second rename fails it is put back,
+    so `target` is never missing a complete copy for longer than one rename.
+    """
+    new, target = Path(new), Path(target)
+    old: Path | None = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        if old is not None:
+            os.rename(old, target)
+        raise
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

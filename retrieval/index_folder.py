@@ -22,7 +22,6 @@ import hashlib
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,7 +31,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from retrieval.atomic import atomic_write_json, atomic_write_with, read_json
+from retrieval.atomic import atomic_write_json, atomic_write_with, fsync_dir, read_json, swap_in_folder
 from retrieval.index import (
     IndexFileError,
     IndexParams,
@@ -139,19 +138,6 @@ def _read_npy(path: Path, mmap: bool = False) -> np.ndarray:
         raise IndexFileError(f"{path} is corrupt or truncated ({exc}); rebuild the index") from exc
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def publish_folder(target: Path, write: Callable[[Path], None]) -> None:
     """Run `write(tmp_dir)` on a fresh sibling folder, then swap it in for `target`.
 
@@ -167,24 +153,11 @@ def publish_folder(target: Path, write: Callable[[Path], None]) -> None:
         os.chmod(tmp, 0o755)
         for entry in tmp.iterdir():
             os.chmod(entry, 0o644)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
+        swap_in_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old: Path | None = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(target, old)
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        if old is not None:
-            os.rename(old, target)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _missing_folder_message(folder: Path) -> str:

@@ -90,11 +90,13 @@ def test_example_query_marks_correct_results_and_first_correct_rank(running: obj
     app = running.search_app  # type: ignore[attr-defined]
     assert app.examples, "the app should offer stored queries as examples"
     example = app.examples[0]
-    k = app.gallery_size  # every gallery image: the item's gallery photos must all appear
-    gallery, status = _search(client, example.path, k=min(k, app.max_k))
+    gallery, status = _search(client, example.path, k=app.max_k)
     marked = [i for i, g in enumerate(gallery) if g["caption"].startswith(CORRECT)]
-    expected = sum(1 for lab in app.searcher.gallery_labels if int(lab) == example.label)
-    assert len(marked) == expected > 0, "every gallery photo of the query's item must be marked"
+    in_gallery = sum(1 for lab in app.searcher.gallery_labels if int(lab) == example.label)
+    assert marked, "the query's item should appear among the top results"
+    assert len(marked) <= in_gallery
+    if app.max_k >= app.gallery_size:  # every gallery photo is shown, so every photo of the item is marked
+        assert len(marked) == in_gallery
     assert f"first correct match at rank **{marked[0] + 1}**" in status
     assert example.item_id in status
     for g in gallery:

@@ -151,3 +151,14 @@ def test_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(CheckpointError, match="not a metrix-retrieval checkpoint"):
         load_checkpoint(foreign)
+
+
+def test_atomic_writes_get_ordinary_file_permissions(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    target = tmp_path / "metrics.csv"
+    atomic_write_json(target, [])
+    old = os.umask(0o022)
+    os.umask(old)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~old

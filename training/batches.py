@@ -105,7 +105,7 @@ def build_train_batches(
         if has_cache(d.cache, original.name, original):
             loader = CacheTrainLoader(
                 d.cache, original.name, sampler, d.image_size, device, cfg.train.seed + 7919 * rank,
-                channels_last=cfg.train.channels_last and device.type == "cuda",
+                channels_last=cfg.train.channels_last and device.type == "cuda", scale=(d.crop_scale_min, 1.0),
             )  # fmt: skip
             # The cache stores the dataset's own labels; renumber them like the split.
             lut = torch.zeros(max(mapping) + 1, dtype=torch.long)
@@ -125,7 +125,7 @@ def build_train_batches(
     generator = torch.Generator()
     generator.manual_seed(_seed_for(cfg.train.seed, 0, rank))
     loader = DataLoader(
-        ImageDataset(train_split, train_transform(d.image_size)),
+        ImageDataset(train_split, train_transform(d.image_size, scale_min=d.crop_scale_min)),
         batch_sampler=sampler,
         num_workers=d.workers,
         collate_fn=_collate,

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.atomic import atomic_write_json, read_json
+from retrieval.atomic import atomic_write_json, fsync_dir, read_json, swap_in_folder
 from retrieval.data.base import Split
 from retrieval.images import ImageLoadError, open_image
 from retrieval.preprocess import resize_short_side
@@ -218,31 +218,6 @@ class _Progress:
         })
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _publish(partial: Path, final: Path) -> None:
-    """Replace `final` by `partial` with renames only; an old copy is moved aside first, then removed."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}-{time.time_ns()}")
-        os.replace(final, old)
-    os.replace(partial, final)
-    _fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def prepare_split(
     split: Split,
     cache_dir: str | os.PathLike[str],
@@ -357,8 +332,8 @@ def prepare_split(
     atomic_write_json(partial / META_FILE, meta)
     records_path.unlink()
     (partial / _PROGRESS_FILE).unlink()
-    _fsync_dir(partial)
-    _publish(partial, final)
+    fsync_dir(partial)
+    swap_in_folder(partial, final)
     return PrepareReport(split.name, final, meta["count"], state.skipped, state.image_bytes,
                          time.perf_counter() - started, resumed_from=resumed_from)
 

@@ -10,7 +10,6 @@ The demo dataset is written in this same layout and read by this loader.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from retrieval.data._files import check_images_exist, dense_labels, layout_error, read_lines, resolve_root
 from retrieval.data.base import RetrievalDataset, Split

@@ -19,11 +19,16 @@ def train_transform(
     image_size: int,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    scale_min: float = 0.08,
 ) -> T.Compose:
-    """PIL RGB image -> (3, image_size, image_size) float tensor, randomly cropped and flipped."""
+    """PIL RGB image -> (3, image_size, image_size) float tensor, randomly cropped and flipped.
+
+    `scale_min` is the smallest crop area kept; torchvision's 0.08 is the paper's, small-image data
+    (the demo) needs larger crops so that most crops still show the object.
+    """
     return T.Compose(
         [
-            T.RandomResizedCrop(image_size),
+            T.RandomResizedCrop(image_size, scale=(scale_min, 1.0)),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
             T.Normalize(mean=list(mean), std=list(std)),
