@@ -50,9 +50,11 @@ def deterministic_torch():  # noqa: ANN201
 def test_short_feature_metrix_run_lowers_loss_and_raises_recall(
     demo_root: Path, tmp_path: Path, loss: str, deterministic_torch: None
 ) -> None:
-    """150 steps from scratch at 32 px: enough for the unseen test products' R@1 to rise above the untrained model's."""
+    """150 steps from scratch at 48 px: the unseen test products' R@1 rises well above the untrained model's
+    (measured on 2 cores: about 8% -> 13-19% R@1 and 36% -> 52-66% R@10 for the three losses)."""
     cfg = tiny_config(demo_root, tmp_path / loss, loss, "feature")
     cfg.data.batch_size, cfg.model.embedding_size = 32, 64
+    cfg.data.image_size = cfg.data.resize_size = 48
     t = cfg.train
     t.epochs, t.max_steps_per_epoch, t.eval_every, t.lr, t.lr_step = 10, 0, 0, 1e-3, 100
     result = train(cfg, progress=False, evaluate_before=True)
@@ -65,8 +67,9 @@ def test_short_feature_metrix_run_lowers_loss_and_raises_recall(
     before, after = result.initial_metrics["R@1"], result.last_metrics["R@1"]
     print(f"{loss}: R@1 {before:.3f} -> {after:.3f}, R@10 {result.initial_metrics['R@10']:.3f} -> "
           f"{result.last_metrics['R@10']:.3f}, loss {first:.4f} -> {last:.4f}")
-    assert after > before, f"{loss}: query/gallery R@1 did not improve ({before:.3f} -> {after:.3f})"
-    assert result.last_metrics["R@10"] > result.initial_metrics["R@10"] + 0.05
+    assert after > before + 0.02, f"{loss}: query/gallery R@1 did not improve ({before:.3f} -> {after:.3f})"
+    assert result.last_metrics["R@10"] > result.initial_metrics["R@10"] + 0.08
+    assert result.last_metrics["MAP@R"] > result.initial_metrics["MAP@R"]
 
 
 # ----------------------------------------------------------------------------------------------
