@@ -33,8 +33,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp's 0600 would make logs and indexes private
     try:
         yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        fsync_file(tmp)
         os.replace(tmp, target)
     finally:
         if tmp.exists():
@@ -69,6 +68,12 @@ def read_json(path: str | os.PathLike[str], what: str = "file") -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{what} {path} is not valid JSON ({exc}); it may be truncated, rebuild it") from exc
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """Flush a file's data to disk before it is renamed into place."""
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from retrieval.atomic import fsync_file
 from retrieval.embed_onnx import CPU, INPUT_NAME, OUTPUT_NAME, OnnxBackend, build_metadata
 from retrieval.images import ImageLoadError, open_image
 from retrieval.model import Embedder
@@ -323,11 +324,6 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
-
-
 def export_embedder(
     model: Embedder,
     preprocessing: Preprocessing,
@@ -377,7 +373,7 @@ def export_embedder(
             notes.append(f"removed {stale} left by an earlier export")
         files = []
         for f in staged_files:
-            _fsync(f)
+            fsync_file(f)
             target = out.with_name(f.name)
             os.replace(f, target)
             files.append(target)

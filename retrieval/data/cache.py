@@ -40,6 +40,7 @@ import numpy as np
 
 from retrieval.atomic import atomic_write_json, fsync_dir, read_json, swap_in_folder
 from retrieval.data.base import Split
+from retrieval.data.samplers import SamplerDrivenLoader
 from retrieval.images import ImageLoadError, open_image
 from retrieval.preprocess import resize_short_side
 
@@ -579,7 +580,7 @@ def _resolve(device):  # noqa: ANN001, ANN202
     return device if isinstance(device, torch.device) else torch.device(device)
 
 
-class CacheTrainLoader(_StreamOwner):
+class CacheTrainLoader(_StreamOwner, SamplerDrivenLoader):
     """Training batches from a decoded-image cache, augmented on `device`.
 
     Iterating yields `(images, labels)`: images (B, 3, S, S) float32, ImageNet-normalised, after
@@ -615,14 +616,6 @@ class CacheTrainLoader(_StreamOwner):
         self.channels_last = channels_last
         self.augment = TrainAugment(image_size, scale=scale, ratio=ratio)
         self._init_streams(self.device, self.prefetch, fill_threads)
-
-    def __len__(self) -> int:
-        return len(self.batch_sampler)  # type: ignore[arg-type]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        if hasattr(self.batch_sampler, "set_epoch"):
-            self.batch_sampler.set_epoch(epoch)  # type: ignore[union-attr]
 
     def __iter__(self):  # noqa: ANN204
         import torch

@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from retrieval.data.base import Split
+from retrieval.data.samplers import SamplerDrivenLoader
 from retrieval.images import DEFAULT_MAX_PIXELS, ImageLoadError, open_image
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -125,7 +126,7 @@ def _read_and_probe(path: str | os.PathLike[str]) -> tuple[bytes, bool]:
     return data, jpeg_fast_path_ok(data)
 
 
-class DecodeTrainLoader:
+class DecodeTrainLoader(SamplerDrivenLoader):
     """Training batches straight from image files: bytes read by CPU threads, decoded and augmented on `device`.
 
     Same interface and output as retrieval.data.cache.CacheTrainLoader (`(images, labels)`,
@@ -160,14 +161,6 @@ class DecodeTrainLoader:
         self.augment = TrainAugment(image_size)
         self.labels = torch.as_tensor(np.asarray(split.labels, dtype=np.int64))
         self.batched_decode = self.device.type == "cuda" if batched_decode is None else bool(batched_decode)
-
-    def __len__(self) -> int:
-        return len(self.batch_sampler)  # type: ignore[arg-type]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        if hasattr(self.batch_sampler, "set_epoch"):
-            self.batch_sampler.set_epoch(epoch)  # type: ignore[union-attr]
 
     def _decode_batch(self, pool: ThreadPoolExecutor, indices: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
         paths = [self.split.paths[i] for i in indices]

@@ -180,3 +180,18 @@ class RandomBatchSampler(_EpochSampler):
         if total > self.n:
             perm = np.concatenate([perm, np.resize(perm, total - self.n)])
         return [perm[i : i + self.batch_size].tolist() for i in range(0, total, self.batch_size)]
+
+
+class SamplerDrivenLoader:
+    """Base of the loaders that draw their batches from a batch sampler: length and epoch follow it."""
+
+    batch_sampler: object
+    epoch: int = 0
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)  # type: ignore[arg-type]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.batch_sampler, "set_epoch"):
+            self.batch_sampler.set_epoch(epoch)  # type: ignore[union-attr]
