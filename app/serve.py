@@ -7,6 +7,11 @@
   client gets "queue full" at once instead of waiting minutes.
 - The only folder Gradio may serve from disk is the thumbnail folder (downscaled gallery images);
   uploads are capped by `max_file_size`. No analytics, no SSR node server, no run history.
+- The thumbnail folder is also registered as a Gradio static path. Without that, every result tile
+  of every response is checked against each allowed and blocked folder (several `realpath` calls
+  each) and hashed and copied into Gradio's cache: at K=10 that file handling cost more CPU per
+  query than a small embedder's forward pass, and under concurrent load it serialises on the
+  server's one event loop. Static files are referenced in place.
 """
 
 from __future__ import annotations
@@ -53,7 +58,23 @@ class RunningApp:
 
     def close(self) -> None:
         self.demo.close()
+        unregister_static_folder(self.search_app.thumbnails.folder)
         self.search_app.thumbnails.cleanup()
+
+
+def register_static_folder(folder: Path) -> None:
+    """Let Gradio reference files of `folder` in place (its static-path list is per process)."""
+    import gradio as gr
+
+    gr.set_static_paths([folder])
+
+
+def unregister_static_folder(folder: Path) -> None:
+    """Drop `folder` from Gradio's per-process static paths, so a closed app leaves nothing served."""
+    from gradio.data_classes import _StaticFiles
+
+    resolved = Path(folder).resolve()
+    _StaticFiles.all_paths[:] = [p for p in _StaticFiles.all_paths if Path(p) != resolved]
 
 
 def launch_settings(search_app: SearchApp, host: str, port: int | None, share: bool) -> dict[str, Any]:
@@ -92,7 +113,12 @@ def launch(
     configure_queue(demo, queue_max_size)
     port = port if port is not None else _default_port(host)
     weakref.finalize(search_app, search_app.thumbnails.cleanup)
-    _, local_url, _ = demo.launch(prevent_thread_lock=True, **launch_settings(search_app, host, port, share))
+    register_static_folder(search_app.thumbnails.folder)
+    try:
+        _, local_url, _ = demo.launch(prevent_thread_lock=True, **launch_settings(search_app, host, port, share))
+    except BaseException:
+        unregister_static_folder(search_app.thumbnails.folder)
+        raise
     running = RunningApp(demo, search_app, local_url.rstrip("/") + "/", host, port)
     if block:
         try:

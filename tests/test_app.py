@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -242,6 +243,29 @@ def test_only_gallery_thumbnails_can_be_fetched(running: object, index_dir: Path
         ok = http.get(base + "gradio_api/file=" + str(thumb))
         assert ok.status_code == 200 and ok.content[:2] == b"\xff\xd8"
     assert running.allowed_paths == [str(app.thumbnails.folder)]  # type: ignore[attr-defined]
+
+
+def test_result_tiles_are_served_from_the_thumbnail_folder_in_place(running: object, client: object) -> None:
+    """Tiles are referenced where they are, not hashed and copied into Gradio's cache per response."""
+    app = running.search_app  # type: ignore[attr-defined]
+    gallery, _ = _search(client, Path(app.searcher.gallery_paths[1]), k=3)
+    folder = str(app.thumbnails.folder)
+    for tile in gallery:
+        assert tile["image"]["path"].startswith(folder + os.sep), tile["image"]["path"]
+        assert folder in tile["image"]["url"]
+
+
+def test_closing_an_app_stops_serving_its_thumbnail_folder(index_dir: Path) -> None:
+    from gradio.data_classes import _StaticFiles
+
+    from app.serve import free_port, launch
+    from retrieval.search import Searcher
+
+    app = launch(Searcher.open(index_dir, device="cpu"), port=free_port(), index_dir=index_dir)
+    folder = app.search_app.thumbnails.folder
+    assert folder in _StaticFiles.all_paths
+    app.close()
+    assert folder not in _StaticFiles.all_paths and not folder.exists()
 
 
 def test_server_listens_on_loopback_only(running: object) -> None:
