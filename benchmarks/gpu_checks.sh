@@ -45,21 +45,22 @@ else
     TRAIN="--arch resnet50 --image-size 224 --epochs 2"
 fi
 
+nvidia-smi -L 2>/dev/null
 "$PY" - <<'EOF'
 import torch
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 EOF
 
-step app_load 150 "$PY" benchmarks/app_load.py $APP
-step cuda_tests 90 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_metrix.py tests/test_gpu_augment.py tests/test_gpu_decode.py
-step train_step_bf16 150 "$PY" benchmarks/train_step.py $STEP --loss all --rounds 2 --check-sync
-step train_step_fp32_contrastive 70 "$PY" benchmarks/train_step.py $STEP --loss contrastive --precision fp32 \
+step app_load 130 "$PY" benchmarks/app_load.py $APP
+step cuda_tests 75 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_metrix.py tests/test_gpu_augment.py tests/test_gpu_decode.py
+step train_step_bf16 140 "$PY" benchmarks/train_step.py $STEP --loss all --rounds 2 --check-sync
+step train_step_fp32_contrastive 60 "$PY" benchmarks/train_step.py $STEP --loss contrastive --precision fp32 \
     --batch 100 --rounds 1
-step input_pipeline 110 "$PY" benchmarks/input_pipeline.py $PIPE
-step train_e2e 100 bash -c "$(declare -f retrieval); PY=$PY
+step input_pipeline 100 "$PY" benchmarks/input_pipeline.py $PIPE --rounds 2
+step train_e2e 75 bash -c "$(declare -f retrieval); PY=$PY
     retrieval prepare --dataset demo --data-root $WORK/demo --workers 8 &&
     retrieval train --dataset demo --data-root $WORK/demo --cache $WORK/demo/.metrix-cache \
         --pretrained none $TRAIN --out $WORK/run --eval-every 1 --workers 4 &&
-    cp $WORK/run/*.jsonl $WORK/run/*.json $LOG_DIR/ 2>/dev/null; ls -la $WORK/run"
+    cp $WORK/run/metrics.jsonl $WORK/run/summary.json $LOG_DIR/ 2>/dev/null; ls -la $WORK/run"
 rm -rf "$WORK"
