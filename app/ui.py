@@ -24,6 +24,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 DEFAULT_K = 10
 MAX_K = 50
 MAX_BATCH_SIZE = 16  # queued queries embedded in one forward pass
+MAX_DECODE_THREADS = 8  # uploads of one batch decoded in parallel
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # also passed to launch(max_file_size=...)
 NUM_EXAMPLES = 12
 SEARCH_API = "search"
@@ -174,6 +176,21 @@ class SearchApp:
             raise QueryError(f"Cannot use {name}: it could not be decoded ({type(exc).__name__}).") from None
         return DecodedQuery(image, self._example_by_hash.get(_sha256(data)), name)
 
+    def _decode_or_error(self, payload: Any) -> DecodedQuery | QueryError:
+        try:
+            return self._decode(payload)
+        except QueryError as exc:
+            return exc
+
+    def _decode_all(self, payloads: Sequence[Any]) -> list[DecodedQuery | QueryError]:
+        """Decode a batch's uploads on parallel threads (Pillow decodes without the GIL): a full-size
+        phone photo takes tens of milliseconds to decode, and a queued batch would pay that serially."""
+        threads = min(len(payloads), os.cpu_count() or 1, MAX_DECODE_THREADS)
+        if threads <= 1:
+            return [self._decode_or_error(p) for p in payloads]
+        with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
+            return list(pool.map(self._decode_or_error, payloads))
+
     def _read_upload(self, path: Path, name: str) -> bytes:
         try:
             size = path.stat().st_size
@@ -201,11 +218,11 @@ class SearchApp:
         statuses = [""] * n
         ks_clamped = [_clamp_k(ks[i] if i < len(ks) else self.default_k, self.max_k) for i in range(n)]
         good: list[tuple[int, DecodedQuery]] = []
-        for i, payload in enumerate(images):
-            try:
-                good.append((i, self._decode(payload)))
-            except QueryError as exc:
-                statuses[i] = f"⚠️ {exc}"
+        for i, decoded in enumerate(self._decode_all(images)):
+            if isinstance(decoded, QueryError):
+                statuses[i] = f"⚠️ {decoded}"
+            else:
+                good.append((i, decoded))
         if not good:
             return galleries, statuses
         k_batch = max(ks_clamped[i] for i, _ in good)

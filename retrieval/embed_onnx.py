@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from retrieval.images import open_image
-from retrieval.preprocess import Preprocessing, preprocess_eval
+from retrieval.preprocess import Preprocessing, preprocess_batch, preprocess_eval
 
 ONNX_FORMAT = "metrix-retrieval/onnx/1"
 INPUT_NAME = "images"  # (B, 3, S, S) float32, normalised
@@ -255,7 +255,7 @@ class OnnxBackend:
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         if not images:
             return np.zeros((0, self.embedding_size), np.float32)
-        batch = np.stack([preprocess_eval(im.convert("RGB"), self.preprocessing) for im in images])
+        batch = preprocess_batch(images, self.preprocessing)
         return self.embed_array(batch)
 
     def _batches(self, paths: list[str | os.PathLike[str]], batch_size: int) -> Iterator[np.ndarray]:

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from retrieval.images import open_image
 from retrieval.model import Embedder, model_fingerprint
-from retrieval.preprocess import Preprocessing, preprocess_eval
+from retrieval.preprocess import Preprocessing, preprocess_batch, preprocess_eval
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -74,7 +74,7 @@ class TorchBackend:
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         if not images:
             return np.zeros((0, self.embedding_size), np.float32)
-        batch = torch.from_numpy(np.stack([preprocess_eval(im.convert("RGB"), self.preprocessing) for im in images]))
+        batch = torch.from_numpy(preprocess_batch(images, self.preprocessing))
         return self.embed_tensor(batch)
 
     def embed_paths(

@@ -30,6 +30,20 @@ def test_eval_transform_matches_torch_free_preprocessing(size):
     np.testing.assert_allclose(ours, reference, atol=1e-5)
 
 
+def test_pixel_normalisation_is_bit_identical_to_torchvision() -> None:
+    """Query embeddings must match gallery embeddings computed through torchvision's ToTensor + Normalize."""
+    import torchvision.transforms.functional as TF
+
+    from retrieval.preprocess import to_chw_float
+
+    prep = Preprocessing(image_size=40, resize_size=40)
+    img = _photo(40, 40, seed=3)
+    expected = TF.normalize(TF.to_tensor(img), list(prep.mean), list(prep.std)).numpy()
+    ours = to_chw_float(img, prep)
+    assert ours.dtype == np.float32 and ours.flags.c_contiguous
+    assert np.array_equal(ours, expected)
+
+
 def test_eval_transform_is_normalised_and_deterministic():
     img = Image.new("RGB", (50, 40), (124, 116, 104))  # ImageNet mean colour
     out = eval_transform(36, 32)(img)

@@ -29,6 +29,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from training import fused_pool
+
 PAIR_KINDS = ("random", "positive", "anchor", "both")
 LEVELS = ("none", "input", "feature", "embedding")
 DEFAULT_CHUNK_ELEMENTS = 1 << 26  # elements of mixed feature maps held at once (128 MiB in bf16)
@@ -241,7 +243,8 @@ def _mixed_argmax(flat: torch.Tensor, targets: MixedTargets, lam: torch.Tensor, 
     return out
 
 
-def mixed_pool(fmap: torch.Tensor, targets: MixedTargets, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+def mixed_pool(fmap: torch.Tensor, targets: MixedTargets, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+               fused: bool | None = None) -> torch.Tensor:
     """Feature level: the embedder's pooling (global avg + global max, summed) of every mixed map, without
     keeping the mixed maps.
 
@@ -253,10 +256,17 @@ def mixed_pool(fmap: torch.Tensor, targets: MixedTargets, chunk_elements: int = 
     amax splits the gradient among tied positions, this gives it to the first; on ReLU outputs ties are
     zeros, whose gradient the ReLU blocks either way).  Memory: O(M * C) instead of O(M * C * h * w)
     (about 4 GB in fp32 for the full grid of a batch of 100 on ResNet-50).
+
+    fused: None picks `training.fused_pool` (two Triton kernels, same result and gradient) on CUDA
+    unless deterministic algorithms are requested; True forces it, False forces this PyTorch path.
     """
     batch, channels, height, width = fmap.shape
     positions = height * width
     flat = fmap.reshape(batch, channels, positions)
+    if fused is None:
+        fused = fused_pool.available(fmap.device)
+    if fused:
+        return fused_pool.fused_mixed_pool(flat, targets.first, targets.second, targets.lam)
     lam = targets.lam.to(fmap.dtype)
     argmax = _mixed_argmax(flat.detach(), targets, lam, chunk_elements)  # (M, C)
     # linear index of (first_m, c, argmax) in flat, then of (second_m, c, argmax)

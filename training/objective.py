@@ -61,6 +61,7 @@ class Objective(nn.Module):
         self.pair_kind = mixup.pair_kind
         self.max_pairs = int(mixup.max_pairs)
         self.chunk_elements = int(chunk_elements)
+        self.fused_pool: bool | None = None  # feature level: None = Triton kernels on CUDA (see mixed_pool)
         resolve_max_pairs(self.level, self.max_pairs, 1)  # validate early
 
     def plan(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> MixedTargets:
@@ -85,7 +86,7 @@ class Objective(nn.Module):
             mixed_emb = mix_embeddings(emb, targets)
         elif self.level == "feature":
             fmap, emb = model(images, return_maps=True)
-            mixed_emb = _unwrap(model).project(mixed_pool(fmap, targets, self.chunk_elements))
+            mixed_emb = _unwrap(model).project(mixed_pool(fmap, targets, self.chunk_elements, self.fused_pool))
         else:  # input
             both = torch.cat([images, mix_images(images, targets)])
             if images.dim() == 4 and not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last):
