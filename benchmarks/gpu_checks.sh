@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one bounded run (a few minutes on an H100/H200):
-#   1. the search UI under load (benchmarks/app_load.py)          needs gradio + faiss
-#   2. the CUDA-only tests (host-sync freedom, GPU augmentation)   needs pytest, pytorch-metric-learning
-#   3. training-step throughput of every Metrix level, bf16, batch 120 (the anchors' setting)
-#   4. the same for the contrastive loss in fp32 at batch 100 (the official code's setting)
-#   5. the input pipeline against synthetic tensors
-#   6. an end-to-end GPU training run: prepare the cache, train ResNet-50 two epochs, evaluate
+#   app_load                   the search UI under load (benchmarks/app_load.py)    needs gradio + faiss
+#   cuda_tests                 CUDA-only tests: host-sync freedom, fused pooling, GPU augmentation
+#   train_step_pool            multi-similarity step: fused feature pooling vs the PyTorch path
+#   train_step_compile_loss    the same levels with the loss terms compiled (--compile-loss)
+#   train_step_all             every loss, bf16, batch 120 (the anchors' setting)
+#   train_step_fp32            contrastive in fp32 at batch 100 (the official code's setting)
+#   input_pipeline             the input pipeline against synthetic tensors
+#   train_e2e                  prepare the cache, train ResNet-50 two epochs on the demo, evaluate
 #
-#   bash benchmarks/gpu_checks.sh LOG_DIR
+#   bash benchmarks/gpu_checks.sh LOG_DIR                      # every step
+#   ONLY="app_load cuda_tests" bash benchmarks/gpu_checks.sh LOG_DIR
 #
 # Each step has its own time limit and writes LOG_DIR/<step>.log; a failed or timed-out step is
 # reported and the next one still runs. SCALE=small runs every step at toy sizes (a CPU dry run).
@@ -20,9 +23,14 @@ WORK=$(mktemp -d)
 export PYTHONUNBUFFERED=1 GRADIO_ANALYTICS_ENABLED=False
 cd "$(dirname "$0")/.."
 
+ONLY=${ONLY:-}
+
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2
     shift 2
+    if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then
+        return 0
+    fi
     echo "=== $name (limit ${limit}s): $*"
     local t0=$SECONDS
     timeout --kill-after=10 "$limit" "$@" >"$LOG_DIR/$name.log" 2>&1
@@ -52,11 +60,15 @@ print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 EOF
 
-step app_load 130 "$PY" benchmarks/app_load.py $APP
-step cuda_tests 75 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_metrix.py tests/test_gpu_augment.py tests/test_gpu_decode.py
-step train_step_bf16 140 "$PY" benchmarks/train_step.py $STEP --loss all --rounds 2 --check-sync
-step train_step_fp32_contrastive 60 "$PY" benchmarks/train_step.py $STEP --loss contrastive --precision fp32 \
-    --batch 100 --rounds 1
+step app_load 110 "$PY" benchmarks/app_load.py $APP
+step cuda_tests 60 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_fused_pool.py tests/test_gpu_augment.py \
+    tests/test_metrix.py -k "fused or sync or compiled or gpu or augment"
+step train_step_pool 60 "$PY" benchmarks/train_step.py $STEP --loss ms --rounds 2 --check-sync \
+    --levels none,embedding,feature,feature:torch
+step train_step_compile_loss 100 "$PY" benchmarks/train_step.py $STEP --loss ms --rounds 2 --check-sync \
+    --levels none,embedding,feature --compile-loss
+step train_step_all 60 "$PY" benchmarks/train_step.py $STEP --loss all --rounds 1 --levels none,embedding,feature,input
+step train_step_fp32 60 "$PY" benchmarks/train_step.py $STEP --loss contrastive --precision fp32 --batch 100 --rounds 1
 step input_pipeline 100 "$PY" benchmarks/input_pipeline.py $PIPE --rounds 2
 step train_e2e 75 bash -c "$(declare -f retrieval); PY=$PY
     retrieval prepare --dataset demo --data-root $WORK/demo --workers 8 &&

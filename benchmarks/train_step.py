@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile-loss", action="store_true",
+                        help="torch.compile the loss terms and embedding-level mixing (Objective.compile_losses)")
     parser.add_argument("--check-sync", action="store_true", help="CUDA: run one step per variant with sync debug mode 'error'")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     args = parser.parse_args(argv)
@@ -118,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name} | torch {torch.__version__} | {args.arch} batch {args.batch} at {args.size}px | "
-          f"precision {precision} | channels_last {channels_last} | compile {args.compile}")
+          f"precision {precision} | channels_last {channels_last} | compile {args.compile} | "
+          f"compile loss {args.compile_loss}")
     print(f"labels: {'balanced ' + str(args.per_class) + ' per class' if args.per_class else 'random'} from {args.classes} classes | "
           f"pair kind {args.pair_kind} | lam per {args.lam_per} | max_pairs {args.max_pairs}")
 
@@ -147,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                 objective.chunk_elements = args.chunk_elements
             if level == "feature:torch":
                 objective.fused_pool = False
+            if args.compile_loss:
+                objective.compile_losses()
             objectives[level] = objective
             optimisers[level] = torch.optim.Adam(list(model.parameters()) + list(objective.parameters()), lr=1e-5)
 

@@ -93,6 +93,7 @@ class TrainConfig:
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
     channels_last: bool = True
     compile: bool = False
+    compile_loss: bool = False  # torch.compile the loss terms and embedding-level mixing (fewer launches)
     eval_every: int = 1
     out_dir: str = "runs/default"
     device: str = "auto"

@@ -396,3 +396,24 @@ def test_step_never_synchronises_with_the_host(level: str) -> None:
         objective(model, images, labels, gen).loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("level", ["embedding", "feature"])
+def test_compiled_loss_terms_give_the_eager_loss_and_gradients(level: str) -> None:
+    """`--compile-loss` changes how the step runs, not what it computes."""
+    model, eager = _tiny_run(level, loss="ms", pair_kind="both")
+    compiled = _tiny_run(level, loss="ms", pair_kind="both")[1].compile_losses()
+    assert compiled.losses_compiled and not eager.losses_compiled
+    images = _images()
+    results = []
+    for objective in (eager, compiled):
+        model.zero_grad(set_to_none=True)
+        out = objective(model, images, BATCH_LABELS, _gen(1))
+        out.loss.backward()
+        results.append((out, model.embedding.weight.grad.clone(), model.layer4[0].conv1.weight.grad.clone()))
+    (a, a_embed, a_trunk), (b, b_embed, b_trunk) = results
+    torch.testing.assert_close(b.clean, a.clean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.mixed, a.mixed, rtol=1e-5, atol=1e-6)
+    assert a.mixed > 0
+    torch.testing.assert_close(b_embed, a_embed, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(b_trunk, a_trunk, rtol=1e-4, atol=1e-6)

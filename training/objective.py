@@ -63,6 +63,27 @@ class Objective(nn.Module):
         self.chunk_elements = int(chunk_elements)
         self.fused_pool: bool | None = None  # feature level: None = Triton kernels on CUDA (see mixed_pool)
         resolve_max_pairs(self.level, self.max_pairs, 1)  # validate early
+        self._clean_term = self.loss
+        self._mixed_term = self.loss.mixed
+        self._embedding_term = self._mix_embeddings_then_loss
+        self.losses_compiled = False
+
+    def compile_losses(self) -> "Objective":
+        """torch.compile the loss terms (and the embedding-level mixing) into fused kernels.
+
+        Eagerly, the Metrix term of a step is a few hundred small tensor operations; on a GPU their
+        launch cost alone can exceed the arithmetic and slow a step that is otherwise limited by the
+        trunk.  The random draws (`plan`) stay eager.  Shapes are static per batch size, so a run
+        compiles once (again for a smaller last batch).
+        """
+        self._clean_term = torch.compile(self.loss, dynamic=False)
+        self._mixed_term = torch.compile(self.loss.mixed, dynamic=False)
+        self._embedding_term = torch.compile(self._mix_embeddings_then_loss, dynamic=False)
+        self.losses_compiled = True
+        return self
+
+    def _mix_embeddings_then_loss(self, emb: torch.Tensor, labels: torch.Tensor, targets: MixedTargets) -> torch.Tensor:
+        return self.loss.mixed(emb, labels, mix_embeddings(emb, targets), targets)
 
     def plan(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> MixedTargets:
         """The mixes of a batch under this recipe."""
@@ -78,13 +99,15 @@ class Objective(nn.Module):
         (None: the device's default generator)."""
         if self.level == "none":
             emb = model(images)
-            clean = self.loss(emb, labels)
+            clean = self._clean_term(emb, labels)
             return ObjectiveOutput(clean, clean.detach(), torch.zeros((), device=clean.device, dtype=clean.dtype))
         targets = self.plan(labels, generator)
         if self.level == "embedding":
             emb = model(images)
-            mixed_emb = mix_embeddings(emb, targets)
-        elif self.level == "feature":
+            clean = self._clean_term(emb, labels)
+            mixed = self._embedding_term(emb, labels, targets)
+            return ObjectiveOutput(clean + self.weight * mixed, clean.detach(), mixed.detach())
+        if self.level == "feature":
             fmap, emb = model(images, return_maps=True)
             mixed_emb = _unwrap(model).project(mixed_pool(fmap, targets, self.chunk_elements, self.fused_pool))
         else:  # input
@@ -93,15 +116,17 @@ class Objective(nn.Module):
                 both = both.contiguous(memory_format=torch.channels_last)
             out = model(both)
             emb, mixed_emb = out[: images.shape[0]], out[images.shape[0]:]
-        clean = self.loss(emb, labels)
-        mixed = self.loss.mixed(emb, labels, mixed_emb, targets)
+        clean = self._clean_term(emb, labels)
+        mixed = self._mixed_term(emb, labels, mixed_emb, targets)
         loss = clean + self.weight * mixed
         return ObjectiveOutput(loss, clean.detach(), mixed.detach())
 
 
 def build_objective(cfg: "RunConfig", num_classes: int, embedding_size: int) -> Objective:
-    """The objective of a run: its loss (cfg.loss) and mixing recipe (cfg.mixup)."""
-    return Objective(build_loss(cfg.loss, num_classes, embedding_size), cfg.mixup)
+    """The objective of a run: its loss (cfg.loss) and mixing recipe (cfg.mixup); loss terms compiled
+    when cfg.train.compile_loss asks for it."""
+    objective = Objective(build_loss(cfg.loss, num_classes, embedding_size), cfg.mixup)
+    return objective.compile_losses() if cfg.train.compile_loss else objective
 
 
 __all__ = ["Objective", "ObjectiveOutput", "build_objective"]
