@@ -150,9 +150,11 @@ def open_and_launch(
     port: int | None = None,
     share: bool = False,
     block: bool = True,
+    data_root: str | os.PathLike[str] | None = None,
 ) -> RunningApp:
     """Open the index (and the embedder it names, or the one given) and serve it."""
-    searcher = open_searcher(index_dir, backend=backend, model=model, checkpoint=checkpoint, device=device)
+    searcher = open_searcher(index_dir, backend=backend, model=model, checkpoint=checkpoint, device=device,
+                             data_root=data_root)
     return launch(searcher, host=host, port=port, share=share, block=block, index_dir=Path(index_dir))
 
 
@@ -163,10 +165,12 @@ def open_searcher(
     model: str | os.PathLike[str] | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
     device: str = "auto",
+    data_root: str | os.PathLike[str] | None = None,
 ) -> Any:
     """A Searcher over `index_dir`: the embedder the index records, or the one asked for.
 
-    Only the torch backend imports torch; `--backend onnx --model m.onnx` never does.
+    Only the torch backend imports torch; `--backend onnx --model m.onnx` never does. `data_root`: where
+    the dataset is now, when it moved since the build (the gallery thumbnails are read from it).
     """
     from retrieval.search import Searcher
 
@@ -175,4 +179,4 @@ def open_searcher(
         from retrieval.embed import load_backend
 
         embedder = load_backend(backend or "auto", checkpoint, model, device)
-    return Searcher.open(index_dir, backend=embedder, device=device)
+    return Searcher.open(index_dir, backend=embedder, device=device, data_root=data_root)

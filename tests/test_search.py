@@ -190,6 +190,16 @@ def test_index_and_dataset_moved_together_work_with_a_data_root_override(built, 
     hit = searcher.search_paths([ds.gallery.paths[3]], k=1)[0][0]
     assert hit.gallery_index == 3 and Path(hit.path).is_file() and hit.path.startswith(str(moved / "data"))
 
+    # the same from the command line, and for the web UI's searcher (whose thumbnails read the gallery files)
+    res = CliRunner().invoke(app, ["search", str(ds.gallery.paths[3]), "--index", str(moved / "index"), "-k", "1",
+                                   "--json", "--device", "cpu", "--data-root", str(moved / "data")])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["results"][0]["hits"][0]["path"] == hit.path
+    from app.serve import open_searcher
+
+    served = open_searcher(moved / "index", device="cpu", data_root=moved / "data")
+    assert served.gallery_paths == searcher.gallery_paths
+
 
 def test_interrupted_build_keeps_the_previous_index(built, inshop, backend, tmp_path, monkeypatch):
     idx = fresh_copy(built, tmp_path)

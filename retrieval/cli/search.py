@@ -21,6 +21,9 @@ def register(app: typer.Typer) -> None:
         backend: str = typer.Option("auto", "--backend", help="torch | onnx | auto (onnx when --model is given)."),
         model: Optional[Path] = typer.Option(None, "--model", help="ONNX model from `retrieval export`."),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N] (embedding and FAISS)."),
+        data_root: Optional[Path] = typer.Option(
+            None, "--data-root", help="Where the dataset is now, if it moved since the index was built."
+        ),
     ) -> None:
         """Search an index by photo: rank, cosine score, label / item id and path of the k nearest items.
 
@@ -41,7 +44,7 @@ def register(app: typer.Typer) -> None:
                 from retrieval.build_index import open_backend
 
                 emb_backend, _ = open_backend(backend, checkpoint, model, device)
-            searcher = Searcher.open(index, backend=emb_backend, device=device)
+            searcher = Searcher.open(index, backend=emb_backend, device=device, data_root=data_root)
             results = searcher.search_paths(images, k=k)
         except (OSError, ValueError, RuntimeError) as exc:
             console.print(f"[red]error:[/red] {escape(str(exc))}")

@@ -23,6 +23,9 @@ def register(app: typer.Typer) -> None:
             None, "--checkpoint", help="Checkpoint for the torch backend (default: the one recorded in the index)."
         ),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+        data_root: Optional[Path] = typer.Option(
+            None, "--data-root", help="Where the dataset is now, if it moved since the index was built."
+        ),
     ) -> None:
         """Serve a Gradio app to search INDEX by photo and show its Recall@K / MAP@R."""
         from rich.console import Console
@@ -35,7 +38,8 @@ def register(app: typer.Typer) -> None:
         if backend == "onnx" and model is None:
             raise typer.BadParameter("--backend onnx needs --model model.onnx", param_hint="--model")
         try:
-            searcher = open_searcher(index, backend=backend, model=model, checkpoint=checkpoint, device=device)
+            searcher = open_searcher(index, backend=backend, model=model, checkpoint=checkpoint, device=device,
+                                     data_root=data_root)
         except (FileNotFoundError, ValueError) as exc:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(code=1) from None
