@@ -417,3 +417,12 @@ def test_compiled_loss_terms_give_the_eager_loss_and_gradients(level: str) -> No
     assert a.mixed > 0
     torch.testing.assert_close(b_embed, a_embed, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(b_trunk, a_trunk, rtol=1e-4, atol=1e-6)
+
+
+def test_compiling_the_loss_terms_keeps_the_checkpoint_layout() -> None:
+    """Checkpoints hold the objective's state dict: compiling must not add or rename entries."""
+    cfg = RunConfig(loss=LossConfig(name="pa"), mixup=MixupConfig(level="embedding"))
+    eager = build_objective(cfg, num_classes=6, embedding_size=16)
+    compiled = build_objective(cfg, num_classes=6, embedding_size=16).compile_losses()
+    assert list(eager.state_dict()) == list(compiled.state_dict()) == ["loss.proxies"]
+    assert [n for n, _ in compiled.named_parameters()] == ["loss.proxies"]

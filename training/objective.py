@@ -63,7 +63,9 @@ class Objective(nn.Module):
         self.chunk_elements = int(chunk_elements)
         self.fused_pool: bool | None = None  # feature level: None = Triton kernels on CUDA (see mixed_pool)
         resolve_max_pairs(self.level, self.max_pairs, 1)  # validate early
-        self._clean_term = self.loss
+        # bound methods, not modules: an attribute holding the loss module would register it twice and
+        # put its parameters (proxies) into the state dict under a second name
+        self._clean_term = self.loss.forward
         self._mixed_term = self.loss.mixed
         self._embedding_term = self._mix_embeddings_then_loss
         self.losses_compiled = False
@@ -76,7 +78,7 @@ class Objective(nn.Module):
         trunk.  The random draws (`plan`) stay eager.  Shapes are static per batch size, so a run
         compiles once (again for a smaller last batch).
         """
-        self._clean_term = torch.compile(self.loss, dynamic=False)
+        self._clean_term = torch.compile(self.loss.forward, dynamic=False)
         self._mixed_term = torch.compile(self.loss.mixed, dynamic=False)
         self._embedding_term = torch.compile(self._mix_embeddings_then_loss, dynamic=False)
         self.losses_compiled = True
