@@ -106,20 +106,19 @@ class Objective(nn.Module):
         targets = self.plan(labels, generator)
         if self.level == "embedding":
             emb = model(images)
-            clean = self._clean_term(emb, labels)
             mixed = self._embedding_term(emb, labels, targets)
-            return ObjectiveOutput(clean + self.weight * mixed, clean.detach(), mixed.detach())
-        if self.level == "feature":
-            fmap, emb = model(images, return_maps=True)
-            mixed_emb = _unwrap(model).project(mixed_pool(fmap, targets, self.chunk_elements, self.fused_pool))
-        else:  # input
-            both = torch.cat([images, mix_images(images, targets)])
-            if images.dim() == 4 and not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last):
-                both = both.contiguous(memory_format=torch.channels_last)
-            out = model(both)
-            emb, mixed_emb = out[: images.shape[0]], out[images.shape[0]:]
+        else:
+            if self.level == "feature":
+                fmap, emb = model(images, return_maps=True)
+                mixed_emb = _unwrap(model).project(mixed_pool(fmap, targets, self.chunk_elements, self.fused_pool))
+            else:  # input
+                both = torch.cat([images, mix_images(images, targets)])
+                if images.dim() == 4 and not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last):
+                    both = both.contiguous(memory_format=torch.channels_last)
+                out = model(both)
+                emb, mixed_emb = out[: images.shape[0]], out[images.shape[0]:]
+            mixed = self._mixed_term(emb, labels, mixed_emb, targets)
         clean = self._clean_term(emb, labels)
-        mixed = self._mixed_term(emb, labels, mixed_emb, targets)
         loss = clean + self.weight * mixed
         return ObjectiveOutput(loss, clean.detach(), mixed.detach())
 
