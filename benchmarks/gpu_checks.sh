@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one bounded run (a few minutes on an H100/H200):
 #   app_load                   the search UI under load (benchmarks/app_load.py)    needs gradio + faiss
-#   cuda_tests                 CUDA-only tests: host-sync freedom, fused pooling, GPU augmentation
+#   cuda_tests                 CUDA-only tests: host-sync freedom, fused pooling, GPU augmentation, graph replay
 #   train_step_pool            multi-similarity step: fused feature pooling vs the PyTorch path
-#   train_step_compile_loss    the same levels with the loss terms compiled (--compile-loss)
+#   train_step_modes           eager, compiled loss, whole-step CUDA graphs and both, side by side
 #   train_step_all             every loss, bf16, batch 120 (the anchors' setting)
 #   train_step_fp32            contrastive in fp32 at batch 100 (the official code's setting)
 #   input_pipeline             the input pipeline against synthetic tensors
 #   train_e2e                  prepare the cache, train ResNet-50 two epochs on the demo, evaluate
+#   recipe_time                the full CUB MS + feature-Metrix recipe's wall time (and the plain one), extrapolated
 #
 #   bash benchmarks/gpu_checks.sh LOG_DIR                      # every step
 #   ONLY="app_load cuda_tests" bash benchmarks/gpu_checks.sh LOG_DIR
@@ -46,11 +47,13 @@ if [ "$SCALE" = small ]; then
     STEP="--arch resnet18 --size 64 --batch 16 --steps 2 --warmup 1"
     PIPE="--arch resnet18 --image-size 64 --images 64 --batch-size 16 --steps 2 --warmup 1 --rounds 1"
     TRAIN="--arch resnet18 --image-size 64 --resize-size 73 --embedding-size 32 --epochs 1 --max-steps-per-epoch 3"
+    RECIPE="--scale 0.02 --image-size 64 --arch resnet18 --full-epochs 1 --train-arg=--warmup-epochs=1"
 else
     APP="--clients 16 --queries 5"
     STEP="--batch 120 --steps 15 --warmup 3"
     PIPE=""
     TRAIN="--arch resnet50 --image-size 224 --epochs 2"
+    RECIPE=""
 fi
 
 nvidia-smi -L 2>/dev/null
@@ -62,11 +65,11 @@ EOF
 
 step app_load 110 "$PY" benchmarks/app_load.py $APP
 step cuda_tests 60 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_fused_pool.py tests/test_gpu_augment.py \
-    tests/test_metrix.py -k "fused or sync or compiled or gpu or augment"
+    tests/test_metrix.py tests/test_step.py -k "fused or sync or compiled or gpu or augment or graph or capturable or eager"
 step train_step_pool 60 "$PY" benchmarks/train_step.py $STEP --loss ms --rounds 2 --check-sync \
     --levels none,embedding,feature,feature:torch
-step train_step_compile_loss 100 "$PY" benchmarks/train_step.py $STEP --loss ms --rounds 2 --check-sync \
-    --levels none,embedding,feature --compile-loss
+step train_step_modes 150 "$PY" benchmarks/train_step.py $STEP --loss ms --rounds 2 --check-sync \
+    --levels none,embedding,feature --modes eager,compiled,graphs,both
 step train_step_all 60 "$PY" benchmarks/train_step.py $STEP --loss all --rounds 1 --levels none,embedding,feature,input
 step train_step_fp32 60 "$PY" benchmarks/train_step.py $STEP --loss contrastive --precision fp32 --batch 100 --rounds 1
 step input_pipeline 100 "$PY" benchmarks/input_pipeline.py $PIPE --rounds 2
@@ -75,4 +78,5 @@ step train_e2e 75 bash -c "$(declare -f retrieval); PY=$PY
     retrieval train --dataset demo --data-root $WORK/demo --cache $WORK/demo/.metrix-cache \
         --pretrained none $TRAIN --out $WORK/run --eval-every 1 --workers 4 &&
     cp $WORK/run/metrics.jsonl $WORK/run/summary.json $LOG_DIR/ 2>/dev/null; ls -la $WORK/run"
+step recipe_time 300 "$PY" benchmarks/recipe_time.py $RECIPE
 rm -rf "$WORK"

@@ -9,6 +9,7 @@ mixes per step and peak memory (torch.cuda.max_memory_allocated on GPU, peak RSS
     python benchmarks/train_step.py                                   # ResNet-50, batch 100, 224 px
     python benchmarks/train_step.py --arch resnet18 --size 64 --batch 32 --steps 3    # a quick CPU run
     python benchmarks/train_step.py --loss all --rounds 3 --check-sync                # GPU report
+    python benchmarks/train_step.py --modes eager,compiled,graphs,both --check-sync     # step modes side by side
 
 Targets on GPU: feature >= 0.90x and embedding >= 0.95x of `none`, with the full pair set.
 Imports only torch, torchvision, numpy and this project.
@@ -31,10 +32,12 @@ from retrieval.config import LossConfig, MixupConfig, ModelConfig, RunConfig  # 
 from retrieval.model import Embedder  # noqa: E402
 from training.metrix import resolve_max_pairs  # noqa: E402
 from training.objective import build_objective  # noqa: E402
+from training.step import GRAPH_WARMUP_STEPS, StepParts, build_step, set_optimizer_for_graphs  # noqa: E402
 
 LEVELS = ("none", "embedding", "feature", "input")
 VARIANTS = (*LEVELS, "feature:torch")  # feature:torch = feature level with the PyTorch pooling path
 TARGETS = {"embedding": 0.95, "feature": 0.90, "feature:torch": 0.90}
+MODES = ("eager", "compiled", "graphs", "both")
 
 
 def _reset_peak_rss() -> None:
@@ -97,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--compile-loss", action="store_true",
-                        help="torch.compile the loss terms and embedding-level mixing (Objective.compile_losses)")
+                        help="same as replacing eager by compiled in --modes (kept for older scripts)")
+    parser.add_argument("--modes", default="eager",
+                        help="comma-separated step modes measured side by side: eager, compiled (loss terms "
+                             "torch.compile'd), graphs (whole-step CUDA graph), both (compiled loss inside the graph)")
     parser.add_argument("--check-sync", action="store_true", help="CUDA: run one step per variant with sync debug mode 'error'")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     args = parser.parse_args(argv)
@@ -121,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name} | torch {torch.__version__} | {args.arch} batch {args.batch} at {args.size}px | "
           f"precision {precision} | channels_last {channels_last} | compile {args.compile} | "
-          f"compile loss {args.compile_loss}")
+          f"modes {args.modes}{' (compiled loss)' if args.compile_loss else ''}")
     print(f"labels: {'balanced ' + str(args.per_class) + ' per class' if args.per_class else 'random'} from {args.classes} classes | "
           f"pair kind {args.pair_kind} | lam per {args.lam_per} | max_pairs {args.max_pairs}")
 
@@ -139,39 +145,53 @@ def main(argv: list[str] | None = None) -> int:
         images = images.contiguous(memory_format=torch.channels_last)
     label_batches = [_labels(args.batch, args.classes, args.per_class, host_gen, device) for _ in range(8)]
 
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for mode in modes:
+        if mode not in MODES:
+            parser.error(f"unknown mode {mode!r}; choose from {MODES}")
+    if args.compile_loss:  # the older flag: the compiled-loss mode
+        modes = ["compiled" if m == "eager" else m for m in modes]
+    if device.type != "cuda" and any(m in ("graphs", "both") for m in modes):
+        print("note: CUDA graphs need a CUDA device; the graphs and both modes are skipped on this machine")
+        modes = [m for m in modes if m not in ("graphs", "both")]
+    if not modes:
+        parser.error("no mode left to measure on this device")
+
     all_ok = True
     for loss_name in losses:
-        objectives, optimisers = {}, {}
-        for level in levels:
-            cfg = RunConfig(loss=LossConfig(name=loss_name), mixup=MixupConfig(
-                level=level.split(":")[0], pair_kind=args.pair_kind, lam_per=args.lam_per, max_pairs=args.max_pairs))
-            objective = build_objective(cfg, args.classes, args.embedding_size).to(device)
-            if args.chunk_elements > 0:
-                objective.chunk_elements = args.chunk_elements
-            if level == "feature:torch":
-                objective.fused_pool = False
-            if args.compile_loss:
-                objective.compile_losses()
-            objectives[level] = objective
-            optimisers[level] = torch.optim.Adam(list(model.parameters()) + list(objective.parameters()), lr=1e-5)
+        runners, optimisers = {}, {}
+        for mode in modes:
+            for level in levels:
+                cfg = RunConfig(loss=LossConfig(name=loss_name), mixup=MixupConfig(
+                    level=level.split(":")[0], pair_kind=args.pair_kind, lam_per=args.lam_per, max_pairs=args.max_pairs))
+                objective = build_objective(cfg, args.classes, args.embedding_size).to(device)
+                if args.chunk_elements > 0:
+                    objective.chunk_elements = args.chunk_elements
+                if level == "feature:torch":
+                    objective.fused_pool = False
+                if mode in ("compiled", "both"):
+                    objective.compile_losses()
+                opt = torch.optim.Adam(list(model.parameters()) + list(objective.parameters()), lr=1e-5)
+                graphs = mode in ("graphs", "both")
+                set_optimizer_for_graphs(opt, capturable=graphs)
+                parts = StepParts(runner, objective, opt, torch.amp.GradScaler(device.type, enabled=False),
+                                  device_gen, amp_dtype, grad_clip=10.0)
+                runners[mode, level] = build_step(parts, use_graphs=graphs)
+                optimisers[mode, level] = opt
 
-        def step(level: str, i: int) -> None:
-            opt = optimisers[level]
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = objectives[level](runner, images, label_batches[i % len(label_batches)], device_gen)
-            out.loss.backward()
-            opt.step()
+        def step(key: tuple[str, str], i: int) -> None:
+            runners[key](images, label_batches[i % len(label_batches)])
 
-        for level in levels:
-            for i in range(args.warmup):
-                step(level, i)
+        keys = [(mode, level) for mode in modes for level in levels]
+        for key in keys:  # graphs: warm-up steps, capture and a first replay happen here
+            for i in range(max(args.warmup, GRAPH_WARMUP_STEPS + 1 if key[0] in ("graphs", "both") else 0)):
+                step(key, i)
         _sync(device)
 
-        rates: dict[str, list[float]] = {lv: [] for lv in levels}
-        peaks: dict[str, int] = {lv: 0 for lv in levels}
+        rates: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
+        peaks: dict[tuple[str, str], int] = {k: 0 for k in keys}
         for _ in range(args.rounds):
-            for level in levels:
+            for key in keys:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 else:
@@ -179,42 +199,51 @@ def main(argv: list[str] | None = None) -> int:
                 _sync(device)
                 start = time.perf_counter()
                 for i in range(args.steps):
-                    step(level, i)
+                    step(key, i)
                 _sync(device)
                 elapsed = time.perf_counter() - start
-                rates[level].append(args.batch * args.steps / elapsed)
+                rates[key].append(args.batch * args.steps / elapsed)
                 peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss()
-                peaks[level] = max(peaks[level], peak)
+                peaks[key] = max(peaks[key], peak)
 
         sync_status = {}
         if args.check_sync and device.type == "cuda":
-            for level in levels:
+            for key in keys:
                 _sync(device)
                 torch.cuda.set_sync_debug_mode("error")
                 try:
-                    step(level, 0)
-                    sync_status[level] = "no sync"
+                    step(key, 0)
+                    sync_status[key] = "no sync"
                 except RuntimeError as exc:
-                    sync_status[level] = f"SYNC: {str(exc).splitlines()[0][:60]}"
+                    sync_status[key] = f"SYNC: {str(exc).splitlines()[0][:60]}"
                     all_ok = False
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
 
-        base = statistics.median(rates["none"]) if "none" in rates else None
         mem_label = "peak GPU MiB" if device.type == "cuda" else "peak RSS MiB"
+        eager_base = statistics.median(rates[modes[0], "none"]) if (modes[0], "none") in rates else None
         print(f"\nloss {loss_name}")
-        print(f"{'mixup':<13} {'images/s':>10} {'vs none':>8} {'target':>7} {'mixes/step':>11} {mem_label:>13}" + ("  sync" if sync_status else ""))
-        for level in levels:
-            rate = statistics.median(rates[level])
-            ratio = rate / base if base else float("nan")
-            target = TARGETS.get(level)
-            mixes = 0 if level == "none" else (
-                resolve_max_pairs(level.split(":")[0], args.max_pairs, args.batch) or args.batch * args.batch)
-            flag = ""
-            if target is not None and base:
-                flag = f"{target:.2f}" + ("" if ratio >= target else "!")
-            print(f"{level:<13} {rate:>10.1f} {ratio:>7.3f}x {flag:>7} {mixes:>11d} {peaks[level] / 2**20:>13.0f}"
-                  + (f"  {sync_status.get(level, '')}" if sync_status else ""))
+        print(f"{'mode':<9} {'mixup':<13} {'images/s':>10} {'vs none':>8} {'target':>7} {'vs ' + modes[0] + ' none':>14} "
+              f"{'mixes/step':>11} {mem_label:>13}" + ("  sync" if sync_status else ""))
+        for mode in modes:
+            base = statistics.median(rates[mode, "none"]) if (mode, "none") in rates else None
+            for level in levels:
+                rate = statistics.median(rates[mode, level])
+                ratio = rate / base if base else float("nan")
+                target = TARGETS.get(level)
+                mixes = 0 if level == "none" else (
+                    resolve_max_pairs(level.split(":")[0], args.max_pairs, args.batch) or args.batch * args.batch)
+                flag = ""
+                if target is not None and base:
+                    flag = f"{target:.2f}" + ("" if ratio >= target else "!")
+                vs_first = rate / eager_base if eager_base else float("nan")
+                print(f"{mode:<9} {level:<13} {rate:>10.1f} {ratio:>7.3f}x {flag:>7} {vs_first:>13.3f}x "
+                      f"{mixes:>11d} {peaks[mode, level] / 2**20:>13.0f}"
+                      + (f"  {sync_status.get((mode, level), '')}" if sync_status else ""))
+        if len(modes) > 1:
+            for level in levels:
+                best = max(modes, key=lambda m: statistics.median(rates[m, level]))
+                print(f"fastest for {level}: {best}")
     if device.type != "cuda":
         print("\nCPU run: the GPU targets (feature >= 0.90x, embedding >= 0.95x) apply to GPU measurements only.")
     return 0 if all_ok else 1

@@ -94,6 +94,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     compile_loss: bool = False  # torch.compile the loss terms and embedding-level mixing (fewer launches)
+    cuda_graphs: bool = True  # replay the whole step from a CUDA graph where it qualifies (training/step.py)
     eval_every: int = 1
     out_dir: str = "runs/default"
     device: str = "auto"

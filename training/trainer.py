@@ -5,8 +5,9 @@ which only the embedding layer and the loss parameters (proxies) train, BatchNor
 says so, proxies at `proxy_lr_mult` x the learning rate, gradient-value clipping, one seed.
 
 Speed: bf16 autocast and channels_last on GPU (fp16 + GradScaler on request, fp32 on CPU), optional
-torch.compile, and no host-device synchronisation inside a step: losses are summed on the device and read
-once every `SYNC_EVERY` steps for the progress bar.
+torch.compile, the whole step replayed from a CUDA graph where it qualifies (training/step.py), and no
+host-device synchronisation inside a step: losses are summed on the device and read once every
+`SYNC_EVERY` steps for the progress bar.
 
 Resume: a checkpoint holds the optimiser, scheduler, loss parameters and every RNG state (torch CPU/CUDA,
 numpy, python, the mixing generator; per rank), and batches are a function of (seed, epoch), so a run
@@ -24,7 +25,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -52,6 +53,7 @@ from training.distributed import (
 from training.evaluation import evaluate_model
 from training.logging import MetricsLog
 from training.objective import build_objective
+from training.step import StepParts, build_step, graph_blocker, learning_rate, set_optimizer_for_graphs
 
 DEFAULT_DEMO_ROOT = Path("data/demo")
 SYNC_EVERY = 20  # steps between reads of the running loss (the only host-device syncs of an epoch)
@@ -196,16 +198,11 @@ def restore_rng_state(state: dict[str, Any], generator: torch.Generator) -> None
 
 
 def train_one_epoch(
-    step_model: nn.Module,
-    objective: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
+    step_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     batches: TrainBatches,
     *,
     cfg: RunConfig,
     info: DistInfo,
-    generator: torch.Generator,
-    amp_dtype: torch.dtype | None,
     gather_labels: bool,
     max_steps: int,
     desc: str,
@@ -214,7 +211,6 @@ def train_one_epoch(
     """Train for one epoch; returns mean loss/clean/mixed over steps and ranks, images/s, time."""
     device = info.device
     channels_last = cfg.train.channels_last and device.type == "cuda"
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     sums = torch.zeros(3, device=device)  # running loss, clean, mixed: read only every SYNC_EVERY steps
     steps = min(len(batches), max_steps) if max_steps > 0 else len(batches)
     bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False, dynamic_ncols=True)
@@ -228,15 +224,7 @@ def train_one_epoch(
             images = images.contiguous(memory_format=torch.channels_last)
         if gather_labels:
             labels = all_gather_no_grad(labels)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = objective(step_model, images, labels, generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(out.loss).backward()
-        scaler.unscale_(optimizer)  # clip the true gradients (no-op without fp16 scaling)
-        torch.nn.utils.clip_grad_value_(params, cfg.train.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        sums += torch.stack([out.loss.detach(), out.clean.detach(), out.mixed.detach()]).float()
+        sums += step_fn(images, labels)  # (loss, clean, mixed) on the device
         step += 1
         images_seen += images.shape[0] * info.world_size
         if step % SYNC_EVERY == 0 or step == steps:
@@ -305,6 +293,8 @@ def _train(
     device = info.device
     say = (lambda msg: tqdm.write(msg)) if progress else (lambda msg: None)
     t = cfg.train
+    run_started = time.perf_counter()
+    timings = {"setup_time_s": 0.0, "checkpoint_time_s": 0.0}  # for summary.json: where a run's wall time goes
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # shapes are fixed per step
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -345,6 +335,9 @@ def _train(
             resume, cfg, info, model, objective, optimizer, scheduler, scaler, generator
         )
         say(f"resumed from {resume} after epoch {start_epoch}")
+    graph_reason = graph_blocker(device, distributed=info.enabled, amp_dtype=amp_dtype, compile_model=t.compile)
+    use_graphs = t.cuda_graphs and graph_reason is None
+    set_optimizer_for_graphs(optimizer, capturable=use_graphs)  # after resume: a checkpoint carries its run's form
     if start_epoch >= t.epochs:
         warnings.warn(f"the checkpoint already completed {start_epoch} of {t.epochs} epochs; nothing to train")
 
@@ -373,6 +366,8 @@ def _train(
         f"{'float32' if amp_dtype is None else str(amp_dtype).replace('torch.', '') + ' autocast'} | "
         f"batches from {batches.source} | {len(batches)} steps/epoch"
     )
+    say("step: whole-step CUDA graph" if use_graphs else
+        f"step: eager ({'--no-cuda-graphs' if graph_reason is None else graph_reason})")
 
     def run_eval() -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -392,22 +387,26 @@ def _train(
         say(f"untrained: {format_metrics(initial_metrics)}")
 
     last_metrics: dict[str, float] = {}
-    step_model: nn.Module = model
     phase = None
+    step_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    timings["setup_time_s"] = time.perf_counter() - run_started
     for epoch in range(start_epoch, t.epochs):
         warm = epoch < t.warmup_epochs
         if phase != ("warmup" if warm else "full"):
             phase = "warmup" if warm else "full"
             set_trunk_trainable(model, trainable=not warm, freeze_bn=t.freeze_bn)
             step_model = wrap_for_step(model, objective, info, gather=gather, compile_model=t.compile)
+            # a new runner per phase: the trainable parameters (and so the captured graph) change
+            step_fn = build_step(StepParts(step_model, objective, optimizer, scaler, generator, amp_dtype, t.grad_clip),
+                                 use_graphs)
         model.train()
         if t.freeze_bn:
             freeze_batchnorm(model)
         batches.set_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]
+        lr = learning_rate(optimizer)
+        assert step_fn is not None
         stats = train_one_epoch(
-            step_model, objective, optimizer, scaler, batches,
-            cfg=cfg, info=info, generator=generator, amp_dtype=amp_dtype, gather_labels=gather,
+            step_fn, batches, cfg=cfg, info=info, gather_labels=gather,
             max_steps=t.max_steps_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}", progress=progress,
         )  # fmt: skip
         scheduler.step()
@@ -428,6 +427,7 @@ def _train(
         # Checkpoints: every rank contributes its RNG state; rank 0 writes.
         rng_states = gather_objects(rng_state(generator), info)
         if log is not None:
+            checkpoint_started = time.perf_counter()
             log.append(row)
             history.append(row)
             extra = {
@@ -448,6 +448,7 @@ def _train(
                     out_dir / BEST_CHECKPOINT, model, cfg, epoch=epoch + 1, metrics=last_metrics,
                     extra={"objective": objective.state_dict(), "epoch": epoch + 1},
                 )  # fmt: skip
+            timings["checkpoint_time_s"] += time.perf_counter() - checkpoint_started
         barrier(info)
 
     if not last_metrics and resume is not None:  # nothing left to train: report what the checkpoint holds
@@ -473,6 +474,7 @@ def _train(
                 "best_epoch": result.best_epoch,
                 "best_metrics": result.best_metrics,
                 "initial_metrics": result.initial_metrics,
+                **timings,
                 "note": "last = the model at the end of training (report this); best = highest test R@1 (optimistic)",
             },
         )

@@ -191,6 +191,7 @@ def register(app: typer.Typer) -> None:
         amp: Optional[str] = typer.Option(None, "--amp", help="auto (bf16 on GPU), bf16, fp16 or none. CPU trains in float32."),
         compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile trunk and head."),
         compile_loss: Optional[bool] = typer.Option(None, "--compile-loss/--no-compile-loss", help="torch.compile the loss terms and embedding-level mixing (fewer kernel launches per step)."),
+        cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs", help="Replay the whole training step from a CUDA graph (default on where the step qualifies: CUDA, one process, bf16/fp32, no --compile, no deterministic algorithms; otherwise eager, with the reason printed)."),
         channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="channels_last memory format on GPU."),
         eval_every: Optional[int] = typer.Option(None, "--eval-every", min=0, help="Evaluate every N epochs (always after the last; 0 = only then)."),
         out: Optional[str] = typer.Option(None, "--out", help="Run folder for checkpoints and metrics."),
@@ -218,7 +219,7 @@ def register(app: typer.Typer) -> None:
             "train": dict(epochs=epochs, lr=lr, weight_decay=weight_decay, lr_step=lr_step, lr_gamma=lr_gamma,
                           warmup_epochs=warmup_epochs, freeze_bn=freeze_bn, proxy_lr_mult=proxy_lr_mult,
                           grad_clip=grad_clip, seed=seed, amp=amp, channels_last=channels_last,
-                          compile=compile_model, compile_loss=compile_loss, eval_every=eval_every, out_dir=out, device=device,
+                          compile=compile_model, compile_loss=compile_loss, cuda_graphs=cuda_graphs, eval_every=eval_every, out_dir=out, device=device,
                           max_steps_per_epoch=max_steps_per_epoch),
         }  # fmt: skip
         from retrieval.checkpoint import CheckpointError, load_checkpoint
