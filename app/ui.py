@@ -203,6 +203,10 @@ class SearchApp:
             raise QueryError(f"Cannot use {name}: the upload could not be read; please upload it again.") from None
 
     def _decode_data_url(self, url: str) -> bytes:
+        # The size check comes first, on the encoded length (4 characters per 3 bytes): decoding an
+        # oversized payload would cost its decoded size in memory before it could be refused.
+        if len(url) > base64_limit(self.max_upload_bytes):
+            raise QueryError("Cannot use the pasted image: it is over the upload size limit.")
         try:
             data = base64.b64decode(url.split(",", 1)[1], validate=False)
         except (IndexError, binascii.Error, ValueError):
@@ -434,6 +438,11 @@ class SearchApp:
 
 
 # --- helpers shared with the tests / CLI ------------------------------------------------------------
+
+
+def base64_limit(max_bytes: int, header: int = 256) -> int:
+    """Longest data URL (base64 text plus a `data:<type>;base64,` header) that can hold `max_bytes` bytes."""
+    return 4 * ((int(max_bytes) + 2) // 3) + header
 
 
 def _is_recall_key(name: str) -> bool:

@@ -29,14 +29,17 @@ def register(app: typer.Typer) -> None:
 
         from retrieval.search import Searcher
 
+        from retrieval.errors import UsageError
+
         console = Console()
         try:
             k_list = [int(v) for v in ks.split(",") if v.strip()] if ks else None
-            searcher = Searcher.open(index, device=device)
-            result = searcher.evaluate(k_list, exact=exact)
-        except (OSError, ValueError, RuntimeError) as exc:
-            console.print(f"[red]error:[/red] {escape(str(exc))}")
-            raise typer.Exit(code=1) from None
+        except ValueError:
+            raise UsageError(f"--ks {ks!r}: expected comma-separated positive integers, e.g. 1,10,20") from None
+        if k_list is not None and (not k_list or min(k_list) < 1):
+            raise UsageError(f"--ks {ks!r}: expected comma-separated positive integers, e.g. 1,10,20")
+        searcher = Searcher.open(index, device=device)
+        result = searcher.evaluate(k_list, exact=exact)
         meta = searcher.meta
         if as_json:
             typer.echo(json.dumps({"index": str(index), "index_type": meta.get("index_type"),

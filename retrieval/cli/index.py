@@ -41,6 +41,11 @@ def register(app: typer.Typer) -> None:
         gpu: bool = typer.Option(True, "--gpu/--no-gpu", help="Build IVF indexes on a GPU when FAISS sees one."),
         device: str = typer.Option("auto", "--device", help="Embedding device: auto | cpu | cuda[:N]."),
         batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per embedding batch."),
+        max_bad_fraction: float = typer.Option(
+            0.01, "--max-bad-fraction", min=0.0, max=1.0,
+            help="Skip images that cannot be used (listed in meta.json) unless more than this fraction of them are.",
+        ),
+        strict: bool = typer.Option(False, "--strict", help="Stop at the first image that cannot be used."),
     ) -> None:
         """Embed a gallery and write an index folder (index.faiss, items.json, meta.json, queries.npy).
 
@@ -52,18 +57,18 @@ def register(app: typer.Typer) -> None:
         from rich.markup import escape
 
         from retrieval.config import IndexConfig
+        from retrieval.errors import UsageError
 
         console = Console()
 
         def fail(message: str) -> None:
-            console.print(f"[red]error:[/red] {escape(message)}")
-            raise typer.Exit(code=1)
+            raise UsageError(message)
 
         if add:
             if out is None:
                 fail("--add needs --out DIR (the index to add to)")
             assert out is not None
-            _add(console, out, add, backend, checkpoint, model, device, batch_size, fail)
+            _add(console, out, add, backend, checkpoint, model, device, batch_size, strict, max_bad_fraction)
             return
         if dataset is None or data_root is None:
             fail("pass --dataset and --data-root (or --add IMAGES --out DIR to extend an index)")
@@ -77,45 +82,60 @@ def register(app: typer.Typer) -> None:
         cfg = IndexConfig(index_type=index_type, nlist=nlist, nprobe=nprobe, pq_m=pq_m, pq_nbits=pq_nbits,
                           hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search,
                           refine_factor=refine_factor, memory_budget_gb=memory_budget_gb, use_gpu=gpu)
-        try:
-            from retrieval.build_index import build_index, open_backend, untrained_backend
-            from retrieval.data import load_dataset
+        from retrieval.build_index import build_index, open_backend, untrained_backend
+        from retrieval.data import load_dataset
 
-            ds = load_dataset(dataset, data_root)
-            if untrained:
-                emb_backend, source = untrained_backend(arch, embedding_size, image_size, seed=seed, device=device)
-                console.print("[yellow]note:[/yellow] untrained (random) embedder: results are a baseline only")
-            else:
-                emb_backend, source = open_backend(backend, checkpoint, model, device)
-            gallery = ds.gallery_split()
-            console.print(f"Indexing {ds.name} {gallery.name} split ({len(gallery):,} images) with the "
-                          f"{emb_backend.name} embedder {emb_backend.fingerprint} on {escape(emb_backend.device)}")
-            built = build_index(ds, emb_backend, source, out, cfg, batch_size=batch_size, seed=seed)
-        except (OSError, ValueError, RuntimeError) as exc:
-            fail(str(exc))
-            return
+        ds = load_dataset(dataset, data_root)
+        if untrained:
+            emb_backend, source = untrained_backend(arch, embedding_size, image_size, seed=seed, device=device)
+            console.print("[yellow]note:[/yellow] untrained (random) embedder: results are a baseline only")
+        else:
+            emb_backend, source = open_backend(backend, checkpoint, model, device)
+        gallery = ds.gallery_split()
+        console.print(f"Indexing {ds.name} {gallery.name} split ({len(gallery):,} images) with the "
+                      f"{emb_backend.name} embedder {emb_backend.fingerprint} on {escape(emb_backend.device)} "
+                      f"({emb_backend.preprocessing.describe()})")
+        built = build_index(ds, emb_backend, source, out, cfg, batch_size=batch_size, seed=seed, strict=strict,
+                            max_bad_fraction=max_bad_fraction)
         _summary(console, built, out)
+        _report_bad(console, built.meta.get("bad_images") or [], out)
 
 
-def _add(console, out, add, backend, checkpoint, model, device, batch_size, fail) -> None:  # type: ignore[no-untyped-def]
+def _add(console, out, add, backend, checkpoint, model, device, batch_size, strict, max_bad_fraction) -> None:  # type: ignore[no-untyped-def]
     from rich.markup import escape
 
-    from retrieval.build_index import add_images, backend_from_source, open_backend
+    from retrieval.build_index import add_images, backend_from_source, list_images, open_backend
     from retrieval.index_folder import GalleryIndex
 
-    try:
-        if checkpoint is not None or model is not None:
-            emb_backend, _ = open_backend(backend, checkpoint, model, device)
-        else:
-            source = GalleryIndex.load(out, verify_checksums=False).meta.get("embedder_source", {})
-            emb_backend = backend_from_source(source, device)
-        console.print(f"Adding to {escape(str(out))} with the {emb_backend.name} embedder "
-                      f"{emb_backend.fingerprint} on {escape(emb_backend.device)}")
-        updated, n_added = add_images(out, add, emb_backend, batch_size=batch_size)
-    except (OSError, ValueError, RuntimeError) as exc:
-        fail(str(exc))
-        return
+    n_listed = len(list_images(add))  # refuse missing files before any work
+    if checkpoint is not None or model is not None:
+        emb_backend, _ = open_backend(backend, checkpoint, model, device)
+    else:
+        source = GalleryIndex.load(out, verify_checksums=False).meta.get("embedder_source", {})
+        emb_backend = backend_from_source(source, device)
+    console.print(f"Adding to {escape(str(out))} with the {emb_backend.name} embedder "
+                  f"{emb_backend.fingerprint} on {escape(emb_backend.device)}")
+    updated, n_added = add_images(out, add, emb_backend, batch_size=batch_size, strict=strict,
+                                  max_bad_fraction=max_bad_fraction)
     console.print(f"[green]added {n_added:,} images[/green]; the index now holds {len(updated):,} items")
+    skipped = n_listed - n_added  # the newest entries of the index's bad-image list
+    _report_bad(console, list(updated.meta.get("bad_images") or [])[-skipped:] if skipped else [], out)
+
+
+def _report_bad(console, bad: list, out: Path) -> None:  # type: ignore[no-untyped-def]
+    """Count and name the skipped images (all of them are listed in meta.json)."""
+    if not bad:
+        return
+    import sys
+
+    from retrieval.errors import one_line
+
+    sys.stderr.write(f"skipped {len(bad)} image(s) that cannot be used (listed under bad_images in "
+                     f"{out / 'meta.json'}):\n")
+    for item in bad[:20]:
+        sys.stderr.write(f"  {one_line(item['reason'])}\n")
+    if len(bad) > 20:
+        sys.stderr.write(f"  ... and {len(bad) - 20} more\n")
 
 def _summary(console, built, out: Path) -> None:  # type: ignore[no-untyped-def]
     from rich.markup import escape

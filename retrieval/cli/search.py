@@ -38,17 +38,13 @@ def register(app: typer.Typer) -> None:
         from retrieval.search import Searcher, hits_as_json
 
         console = Console()
-        try:
-            emb_backend = None
-            if checkpoint is not None or model is not None or backend == "onnx":
-                from retrieval.build_index import open_backend
+        emb_backend = None
+        if checkpoint is not None or model is not None or backend == "onnx":
+            from retrieval.build_index import open_backend
 
-                emb_backend, _ = open_backend(backend, checkpoint, model, device)
-            searcher = Searcher.open(index, backend=emb_backend, device=device, data_root=data_root)
-            results = searcher.search_paths(images, k=k)
-        except (OSError, ValueError, RuntimeError) as exc:
-            console.print(f"[red]error:[/red] {escape(str(exc))}")
-            raise typer.Exit(code=1) from None
+            emb_backend, _ = open_backend(backend, checkpoint, model, device)
+        searcher = Searcher.open(index, backend=emb_backend, device=device, data_root=data_root)
+        results = searcher.search_paths(images, k=k)
 
         devices = searcher.devices
         if as_json:
@@ -57,8 +53,8 @@ def register(app: typer.Typer) -> None:
             return
         meta = searcher.meta
         console.print(f"index {escape(str(index))}: {meta.get('dataset')} {meta.get('split')}, {len(searcher.gallery_paths):,} "
-                      f"items, {meta.get('index_type')}; embedding on {escape(devices['embedding'])}, "
-                      f"search on {escape(devices['index'])}")
+                      f"items, {meta.get('index_type')}; embedding on {escape(devices['embedding'])} "
+                      f"({searcher.backend.preprocessing.describe()}), search on {escape(devices['index'])}")
         for path, hits in zip(images, results):
             table = Table(title=f"{escape(str(path))}", title_justify="left")
             table.add_column("rank", justify="right")
