@@ -125,6 +125,13 @@ class SearchApp:
         self.backend = searcher.backend
         self.examples = self._pick_examples(num_examples)
         self._example_by_hash = {_sha256(q.path.read_bytes()): q for q in self.examples}
+        # Examples are shown (and served) as thumbnails, like results; a query that is one of those
+        # thumbnails is searched with its original file, so example results match the evaluation.
+        self.example_thumbnails = ThumbnailStore([q.path for q in self.examples], self.thumbnails.folder / "examples",
+                                                 max_side=self.thumbnails.max_side)
+        self._example_by_thumbnail_hash = {
+            _sha256(self.example_thumbnails.path_for(i).read_bytes()): q for i, q in enumerate(self.examples)
+        }
         self.recall_ks = tuple(searcher.recall_ks)
         identity = {k: v for k, v in self.meta.items() if k != "folder"}  # moving the folder keeps its cache
         key = index_cache_key(identity, self.backend.fingerprint, self.backend.name)
@@ -166,6 +173,11 @@ class SearchApp:
             data = self._read_upload(Path(payload), name)
         else:
             raise QueryError(f"unexpected input of type {type(payload).__name__}; upload an image file")
+        digest = _sha256(data)
+        known = self._example_by_hash.get(digest)
+        if known is None and digest in self._example_by_thumbnail_hash:
+            known = self._example_by_thumbnail_hash[digest]
+            data = self._read_upload(known.path, name)
         try:
             image = open_image(data, max_pixels=self.max_pixels)
         except ImageLoadError as exc:
@@ -174,7 +186,7 @@ class SearchApp:
         except Exception as exc:  # a decoder bug must not take the server down
             log.exception("unexpected error decoding %s", name)
             raise QueryError(f"Cannot use {name}: it could not be decoded ({type(exc).__name__}).") from None
-        return DecodedQuery(image, self._example_by_hash.get(_sha256(data)), name)
+        return DecodedQuery(image, known, name)
 
     def _decode_or_error(self, payload: Any) -> DecodedQuery | QueryError:
         try:
@@ -330,7 +342,7 @@ class SearchApp:
             ("Updated", _first(m, "updated_at")),
             ("Built with", _first(m, "backend")),
             ("Serving", self.devices_text()),
-            ("Index folder", str(self.index_dir)),
+            ("Index", self.index_dir.name),  # never the server's absolute paths
         ]
         return [(k, v) for k, v in rows if v]
 
@@ -341,7 +353,7 @@ class SearchApp:
 
     def _evaluation_status(self, result: EvaluationResult) -> str:
         how = "read from the cache" if result.from_cache else "computed now"
-        where = f"`{result.cache_path}`" if result.cache_path else "memory only"
+        where = f"`{result.cache_path.name}` beside the index" if result.cache_path else "memory only"
         text = f"Computed {result.computed_at} in {result.seconds:.1f} s ({how}; cached in {where})."
         if result.note:
             text += f" ⚠️ {result.note}"
@@ -387,7 +399,7 @@ class SearchApp:
                         button = gr.Button("Search", variant="primary", elem_id="search-button")
                         if self.examples:
                             gr.Examples(
-                                examples=[[str(q.path)] for q in self.examples],
+                                examples=[[str(self.example_thumbnails.path_for(i))] for i in range(len(self.examples))],
                                 inputs=[query],
                                 label="Example queries from the stored query set (label known: correct results get a ✓)",
                                 examples_per_page=len(self.examples),

@@ -108,6 +108,7 @@ class TrainConfig:
     out_dir: str = "runs/default"
     device: str = "auto"
     max_steps_per_epoch: int = 0  # 0 = full epoch; > 0 caps steps (smoke runs, demos)
+    deterministic: bool = False  # bit-identical reruns and resumes (training/determinism.py); slower on GPU
 
 
 @dataclass

@@ -122,6 +122,7 @@ def build_train_batches(
 
     from retrieval.data.loading import ImageDataset
     from retrieval.data.transforms import train_transform
+    from training.determinism import seed_worker
 
     generator = torch.Generator()
     generator.manual_seed(_seed_for(cfg.train.seed, 0, rank))
@@ -133,6 +134,7 @@ def build_train_batches(
         pin_memory=device.type == "cuda",
         generator=generator,
         persistent_workers=False,  # fresh workers per epoch: their seeds follow (seed, epoch, rank)
+        worker_init_fn=seed_worker if cfg.train.deterministic and d.workers > 0 else None,
         prefetch_factor=4 if d.workers > 0 else None,
     )
     return TrainBatches(sampler, source, device, loader, cfg.train.seed, rank)

@@ -38,6 +38,7 @@ from retrieval.data.base import RetrievalDataset
 from retrieval.errors import ConfigError, UsageError
 from retrieval.model import Embedder, freeze_batchnorm
 from training.batches import TrainBatches, build_train_batches
+from training.determinism import deterministic_mode
 from training.distributed import (
     DistInfo,
     all_gather_no_grad,
@@ -289,12 +290,13 @@ def train(
     Runs single-process, or as one rank of a `torchrun` launch.
     """
     had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
-    info = init_distributed(cfg.train.device)
-    try:
-        return _train(cfg, info, progress and info.is_main, resume, evaluate_before)
-    finally:
-        if not had_group:  # leave a process group the caller set up to the caller
-            cleanup_distributed(info)
+    with deterministic_mode(cfg.train.deterministic):  # before CUDA starts: cuBLAS reads its workspace setting
+        info = init_distributed(cfg.train.device)
+        try:
+            return _train(cfg, info, progress and info.is_main, resume, evaluate_before)
+        finally:
+            if not had_group:  # leave a process group the caller set up to the caller
+                cleanup_distributed(info)
 
 
 def _train(
@@ -308,7 +310,7 @@ def _train(
     say = (lambda msg: tqdm.write(msg)) if progress else (lambda msg: None)
     t = cfg.train
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # shapes are fixed per step
+        torch.backends.cudnn.benchmark = not t.deterministic  # shapes are fixed per step
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     amp_dtype = resolve_amp(t.amp, device)

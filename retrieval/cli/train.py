@@ -221,6 +221,11 @@ def register(app: typer.Typer) -> None:
         evaluate_before: bool = typer.Option(False, "--eval-before", help="Also evaluate the untrained model (logged as epoch 0)."),
         print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as JSON and exit."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+        deterministic: Optional[bool] = typer.Option(
+            None, "--deterministic/--no-deterministic",
+            help="Bit-identical reruns and resumes: deterministic algorithms only, fixed cuBLAS workspace, no cuDNN "
+                 "autotuning, seeded loader workers (slower on GPU). See README, 'Exact resume'.",
+        ),
     ) -> None:
         """Train an embedder with Metrix; writes last.pt, best.pt, metrics.jsonl/csv to the run folder."""
         from rich.console import Console
@@ -236,7 +241,7 @@ def register(app: typer.Typer) -> None:
                           warmup_epochs=warmup_epochs, freeze_bn=freeze_bn, proxy_lr_mult=proxy_lr_mult,
                           grad_clip=grad_clip, seed=seed, amp=amp, channels_last=channels_last,
                           compile=compile_model, compile_loss=compile_loss, eval_every=eval_every, out_dir=out, device=device,
-                          max_steps_per_epoch=max_steps_per_epoch),
+                          max_steps_per_epoch=max_steps_per_epoch, deterministic=deterministic),
         }  # fmt: skip
         from retrieval.checkpoint import load_checkpoint
 
