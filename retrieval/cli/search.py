@@ -24,6 +24,11 @@ def register(app: typer.Typer) -> None:
         data_root: Optional[Path] = typer.Option(
             None, "--data-root", help="Where the dataset is now, if it moved since the index was built."
         ),
+        where: Optional[list[str]] = typer.Option(
+            None, "--where", help="Only items with this attribute, e.g. category=Dresses (repeatable: keys AND, "
+                                  "repeated key OR).",
+        ),
+        rerank: str = typer.Option("none", "--rerank", help="Re-ranking: none | qe | dba | kreciprocal."),
     ) -> None:
         """Search an index by photo: rank, cosine score, label / item id and path of the k nearest items.
 
@@ -45,7 +50,7 @@ def register(app: typer.Typer) -> None:
 
                 emb_backend, _ = open_backend(backend, checkpoint, model, device)
             searcher = Searcher.open(index, backend=emb_backend, device=device, data_root=data_root)
-            results = searcher.search_paths(images, k=k)
+            results = searcher.search_paths(images, k=k, where=where, rerank=rerank)
         except (OSError, ValueError, RuntimeError) as exc:
             console.print(f"[red]error:[/red] {escape(str(exc))}")
             raise typer.Exit(code=1) from None
