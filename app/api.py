@@ -320,6 +320,12 @@ def build_api(search_api: SearchApi) -> FastAPI:
         path = await loop.run_in_executor(search_api.worker.pool, search_api.thumbnails.path_for, int(match.group(1)))
         return FileResponse(path, media_type="image/jpeg")
 
+    @api.api_route(f"{API_PREFIX}/{{rest:path}}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"],
+                   include_in_schema=False)
+    async def unknown(rest: str) -> Any:
+        """Unknown API paths answer in the API's own error format (the UI mounted at / would answer otherwise)."""
+        raise ApiError(404, "not_found", f"no API route {API_PREFIX}/{rest}; see /docs")
+
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Any:
         if request.url.path.startswith(API_PREFIX):
