@@ -499,7 +499,7 @@ class SearchApp:
                             columns=4,
                             height="auto",
                             object_fit="contain",
-                            allow_preview=True,
+                            allow_preview=False,  # a click searches by the result ("more like this")
                             elem_id="results-gallery",
                         )
                 shown = gr.State([])
