@@ -308,11 +308,8 @@ class SearchApp:
                 good.append((i, decoded))
         if not good:
             return galleries, statuses, shown
-        try:
-            prep = self.worker.preprocessing
-            from retrieval.preprocess import preprocess_eval
-
-            futures = [self.worker.submit(preprocess_eval(q.image, prep), ks_clamped[i], where, method)
+        try:  # preprocessing runs here, on the event's worker thread, never on the server's event loop
+            futures = [self.worker.submit(self.worker.prepare(q.image).pixels, ks_clamped[i], where, method)
                        for i, q in good]
         except Exception as exc:  # queue full, shutting down
             for i, _ in good:

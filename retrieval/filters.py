@@ -100,7 +100,7 @@ def parse_where(terms: Iterable[str] | Mapping[str, Any] | None) -> Where:
     pairs: list[tuple[str, str]] = []
     if isinstance(terms, Mapping):
         for key, value in terms.items():
-            values = value if isinstance(value, (list, tuple)) else [value]
+            values = value if isinstance(value, (list, tuple, set, frozenset)) else [value]
             pairs += [(str(key), str(v)) for v in values]
     else:
         for term in terms:

@@ -163,8 +163,7 @@ class Searcher:
 
     def subset(self, where: Where | Sequence[str] | dict[str, Any] | None) -> np.ndarray | None:
         """Rows matching a filter (None = no filter); FilterError for an attribute the items lack."""
-        where = where if isinstance(where, dict) and all(isinstance(v, frozenset) for v in where.values()) \
-            else parse_where(where)  # type: ignore[arg-type]
+        where = parse_where(where)
         if not where:
             return None
         key = tuple(sorted((k, tuple(sorted(v))) for k, v in where.items()))
