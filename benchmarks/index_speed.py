@@ -1,15 +1,26 @@
-"""Index speed, memory and recall on synthetic clustered embeddings: flat vs IVF-flat vs IVF-PQ vs HNSW.
+"""Index speed and recall on generated 512-d embeddings: build-time calibration per data distribution, or a
+sweep of every index type x search setting.
 
-Vectors are 512-d, L2-normalised and clustered the way trained embeddings are (coarse groups of
-classes, classes of ~10 items as in SOP/In-Shop, each with its own spread), generated in seeded float32 chunks. Queries
-are held-out points from the same classes, never gallery members. For each index type and each
-search setting it prints build time, index size, RSS growth, queries/s at batch 1 and batch 256,
-and Recall@10 against exact (flat) search, all measured in this run with the product's own
-build/search code (retrieval.index). Flat is re-timed after each approximate type and its best
-speed is the denominator of every ratio (conservative on a shared machine). The summary names the fastest approximate setting with
-Recall@10 >= the target and its speed-up over flat at batch 256 and at batch 1.
+Distributions (unit vectors, generated in seeded float32 chunks; queries are held-out points of the same
+distribution, never gallery members):
+    clustered        classes of ~10 in coarse groups (the original generator; easy to partition)
+    catalogue-r0.8   categories -> items (625 per category) -> images, spread set for exact item Recall@1 ~0.8
+    catalogue-r0.3   the same with a wider spread: exact item Recall@1 ~0.3
+    isotropic        uniform on the sphere: nothing for an index to exploit
 
-    python benchmarks/index_speed.py --sizes 100000 1000000 --threads 2
+`--report calibrated` (default): for each size and distribution, each candidate index is built and
+calibrated by the product's own code (retrieval.calibrate.build_calibrated, target Recall@10 0.95 on
+gallery vectors); the table shows, on the held-out queries, Recall@10 against exact search and q/s at
+batch 256 as a multiple of flat, for the fixed setting used before calibration (nprobe 16, efSearch 128)
+and for the calibrated one, and what `--index-type auto` would keep. Flat is re-timed after each
+candidate and its best speed is the denominator (conservative on a shared machine).
+
+`--report sweep`: build time, size, RSS, q/s at batch 1 and 256 and Recall@10 of every type x setting on
+the first distribution given.
+
+    python benchmarks/index_speed.py --sizes 100000 --candidates ivf-flat hnsw-m32 ivf-pq-refine
+    python benchmarks/index_speed.py --sizes 1000000 --large-candidates ivf-flat
+    python benchmarks/index_speed.py --report sweep --distributions clustered --sizes 100000 1000000
 """
 
 from __future__ import annotations

@@ -167,7 +167,7 @@ def build_index(
 
     from retrieval.calibrate import build_calibrated
 
-    result = build_calibrated(gallery_emb, cfg, calib, seed=seed)
+    result = build_calibrated(gallery_emb, cfg, calib, seed=seed, progress=progress)
     built = result.built
     lossy = built.params.index_type == "ivf-pq" and built.params.refine_factor == 0
     meta: dict[str, Any] = {

@@ -101,13 +101,17 @@ class Calibration:
 
     def summary(self) -> str:
         """One line: the chosen setting, its recall against exact search and its speed against exact."""
-        setting = ", ".join(f"{_knob_name(k)} {v}" for k, v in self.chosen.items())
+        setting = _setting_words(self.chosen)
         how = "calibrated" if self.swept else "measured"
         verdict = (f">= target {self.target_recall:g}" if self.reached
                    else f"below target {self.target_recall:g}: the best this index reached")
         queries = "held-out gallery vectors" if self.held_out else "gallery vectors as queries"
         return (f"{setting} ({how} on {self.n_queries:,} {queries}: Recall@{self.k} vs exact "
                 f"{self.recall:.3f}, {verdict}; {self.speedup:.1f}x exact search speed on {self.device})")
+
+
+def _setting_words(setting: dict[str, int]) -> str:
+    return ", ".join(f"{_knob_name(k)} {v}" for k, v in setting.items())
 
 
 def _knob_name(key: str) -> str:
@@ -214,15 +218,20 @@ class _Sweep:
     """Measures settings of one index against the exact neighbours, remembering every point."""
 
     def __init__(self, index: faiss.Index, params: IndexParams, queries: np.ndarray, rows: np.ndarray,
-                 exact: np.ndarray, k: int) -> None:
+                 exact: np.ndarray, k: int, progress: bool = False) -> None:
+        from tqdm.auto import tqdm
+
         self.index, self.params, self.queries, self.rows, self.exact, self.k = index, params, queries, rows, exact, k
         self.points: list[CurvePoint] = []
+        self.bar = tqdm(desc="calibrating", unit="setting", disable=not progress)
 
     def measure(self, **setting: int) -> CurvePoint:
         configure_search(self.index, dataclasses.replace(self.params, **setting))
         ids, qps = _search_without_self(self.index, self.queries, self.rows, self.k)
         point = CurvePoint(dict(setting), round(recall_against(ids, self.exact), 5), round(qps, 1))
         self.points.append(point)
+        self.bar.set_postfix_str(f"{_setting_words(point.setting)}: Recall@{self.k} {point.recall:.3f}")
+        self.bar.update()
         return point
 
 
@@ -242,8 +251,8 @@ def _sweep_ladder(sweep: _Sweep, key: str, ladder: list[int], target: float, min
 
 
 def calibrate(index: faiss.Index, params: IndexParams, vectors: np.ndarray, cfg: CalibrationConfig, *,
-              use_gpu: bool = True, min_speedup: float = 0.0, holdout: np.ndarray | None = None
-              ) -> tuple[IndexParams, Calibration]:
+              use_gpu: bool = True, min_speedup: float = 0.0, holdout: np.ndarray | None = None,
+              progress: bool = False) -> tuple[IndexParams, Calibration]:
     """Choose the search setting of the built CPU `index` (over `vectors` (N, D), L2-normalised) and apply it.
 
     Queries are a seeded sample of `vectors` (own row excluded), or `holdout` (Q, D): vectors the index
@@ -269,7 +278,7 @@ def calibrate(index: faiss.Index, params: IndexParams, vectors: np.ndarray, cfg:
         rows = np.full(len(queries), -1, np.int64)
         exact, flat_qps, exact_device = exact_neighbours(vectors, queries, None, k, use_gpu)
     min_qps = min_speedup * flat_qps
-    sweep = _Sweep(index, params, queries, rows, exact, k)
+    sweep = _Sweep(index, params, queries, rows, exact, k, progress)
     target = cfg.target_recall
     refined = params.refine_factor > 0
 
@@ -304,6 +313,7 @@ def calibrate(index: faiss.Index, params: IndexParams, vectors: np.ndarray, cfg:
     reached = found is not None and found.recall >= target
     if found is None:  # the best recall measured; the cheaper setting on ties
         found = max(sweep.points, key=lambda p: (p.recall, p.qps))
+    sweep.bar.close()
     chosen = dataclasses.replace(params, **found.setting)
     configure_search(index, chosen)
     result = Calibration(
@@ -352,7 +362,7 @@ class CalibratedBuild:
 
 
 def build_calibrated(vectors: np.ndarray, cfg: IndexConfig, calib: CalibrationConfig | None = None, *,
-                     seed: int = 0) -> CalibratedBuild:
+                     seed: int = 0, progress: bool = False) -> CalibratedBuild:
     """Resolve, build and (for approximate types) calibrate an index over `vectors` (N, D) L2-normalised.
 
     `--index-type auto` replaces an approximate index by flat when flat fits the memory budget and the
@@ -373,7 +383,7 @@ def build_calibrated(vectors: np.ndarray, cfg: IndexConfig, calib: CalibrationCo
     may_fall_back = cfg.index_type == "auto" and estimate_memory_bytes("flat", n, d, cfg) <= budget
     chosen, result = calibrate(built.index, params, vectors[: n - held] if held else vectors, calib,
                                use_gpu=cfg.use_gpu, min_speedup=AUTO_MIN_SPEEDUP if may_fall_back else 0.0,
-                               holdout=vectors[n - held :] if held else None)
+                               holdout=vectors[n - held :] if held else None, progress=progress)
     if held:
         t0 = time.perf_counter()
         add_to_index(built.index, vectors[n - held :])

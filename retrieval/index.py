@@ -13,7 +13,8 @@ Index types, all with METRIC_INNER_PRODUCT:
     hnsw      IndexHNSWFlat graph; `ef_search` trades speed for recall. Stays on the CPU (FAISS has no
               GPU HNSW).
 Any approximate type takes `refine_factor` > 0 to re-rank k * factor candidates exactly (IndexRefineFlat,
-which keeps the float32 vectors as well).
+which keeps the float32 vectors as well). Which nprobe / efSearch / refine factor an index searches with is
+measured at build time by `retrieval.calibrate`.
 """
 
 from __future__ import annotations

@@ -146,6 +146,7 @@ def build_from_vectors(
     ids: list[str] | None = None,
     source: dict[str, Any] | None = None,
     seed: int = 0,
+    progress: bool = False,
 ) -> tuple[GalleryIndex, Any]:
     """Index checked vectors (N, D) float32 unit-norm and publish `out_dir`; returns (index, CalibratedBuild).
 
@@ -162,7 +163,7 @@ def build_from_vectors(
     labels = labels if labels is not None else [-1] * n
     if len(ids) != n or len(labels) != n:
         raise ValueError(f"{n:,} vectors but {len(ids):,} ids and {len(labels):,} labels")
-    result = build_calibrated(vectors, cfg, calib, seed=seed)
+    result = build_calibrated(vectors, cfg, calib, seed=seed, progress=progress)
     built = result.built
     lossy = built.params.index_type == "ivf-pq" and built.params.refine_factor == 0
     source = source or {"kind": "vectors"}
@@ -203,6 +204,7 @@ def build_from_vector_file(
     ids_path: str | os.PathLike[str] | None = None,
     normalize: bool = False,
     seed: int = 0,
+    progress: bool = False,
 ) -> tuple[GalleryIndex, Any]:
     """`retrieval index --from-embeddings FILE.npy`: check the files, then `build_from_vectors`."""
     path = Path(path)
@@ -213,4 +215,5 @@ def build_from_vector_file(
     vectors = checked_vectors(raw, normalize=normalize, source=str(path))
     del raw
     source = {"kind": "vectors", "path": str(path.resolve()), "sha256": file_sha256(path), "normalized": normalize}
-    return build_from_vectors(vectors, out_dir, cfg, calib, labels=labels, ids=ids, source=source, seed=seed)
+    return build_from_vectors(vectors, out_dir, cfg, calib, labels=labels, ids=ids, source=source, seed=seed,
+                              progress=progress)

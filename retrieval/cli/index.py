@@ -154,7 +154,7 @@ def _from_embeddings(console, path, out, labels, ids, normalize, cfg, calib, see
     try:
         console.print(f"Indexing vectors from {escape(str(path))}")
         built, _ = build_from_vector_file(path, out, cfg, calib, labels_path=labels, ids_path=ids,
-                                          normalize=normalize, seed=seed)
+                                          normalize=normalize, seed=seed, progress=True)
     except (OSError, ValueError, RuntimeError) as exc:
         fail(str(exc))
         return
