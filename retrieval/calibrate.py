@@ -48,8 +48,8 @@ REFINE_LADDER = (1, 2, 4, 8, 16, 32, 64)
 EF_LADDER = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 PLATEAU_GAIN = 0.001  # two doublings in a row gaining less than this: recall has stopped improving
 MIN_TIMING_SECONDS, MAX_TIMING_PASSES = 0.25, 20
-AUTO_MIN_SPEEDUP = 1.5
-HNSW_MAX_HELD_OUT_FRACTION = 5  # HNSW holds out at most 1/5 of the gallery while it is calibrated  # auto keeps an approximate index only when it is at least this much faster than exact
+AUTO_MIN_SPEEDUP = 1.5  # auto keeps an approximate index only when it is at least this much faster than exact
+HNSW_MAX_HELD_OUT_FRACTION = 5  # HNSW holds out at most 1/5 of the gallery while it is calibrated
 
 
 @dataclass
