@@ -54,6 +54,8 @@ def register(app: typer.Typer) -> None:
             from retrieval.calibrate import override_search_params
 
             searcher.index.set_search_params(override_search_params(searcher.index.params, nprobe, ef_search))
+            if embeddings is not None and images:
+                raise ValueError("pass query images or --embeddings QUERIES.npy, not both")
             if embeddings is not None:
                 from retrieval.vectors import checked_vectors, load_vector_file
 
