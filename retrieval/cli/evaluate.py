@@ -19,6 +19,10 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N] for FAISS."),
         rerank: str = typer.Option("none", "--rerank",
                                    help="Also evaluate with this re-ranking (qe | dba | kreciprocal): before/after table."),
+        nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1,
+                                             help="IVF lists scanned per query (default: the calibrated setting)."),
+        ef_search: Optional[int] = typer.Option(None, "--ef-search", min=1,
+                                                help="HNSW search beam width (default: the calibrated setting)."),
     ) -> None:
         """Evaluate an index: In-Shop/demo stored queries against the gallery; CUB/Cars/SOP/folder the gallery
         against itself, each item's own entry excluded. Approximate indexes also report exact search
@@ -35,8 +39,10 @@ def register(app: typer.Typer) -> None:
         try:
             k_list = [int(v) for v in ks.split(",") if v.strip()] if ks else None
             searcher = Searcher.open(index, device=device)
+            from retrieval.calibrate import override_search_params, search_setting_text
             from retrieval.rerank import check_method
 
+            searcher.index.set_search_params(override_search_params(searcher.index.params, nprobe, ef_search))
             method = check_method(rerank)
             result = searcher.evaluate(k_list, exact=exact and method == "none")
             reranked = searcher.evaluate(k_list, rerank=method) if method != "none" else None
@@ -53,7 +59,9 @@ def register(app: typer.Typer) -> None:
             return
         if as_json:
             typer.echo(json.dumps({"index": str(index), "index_type": meta.get("index_type"),
-                                   "search_device": searcher.devices['index'], "metrics": result}, indent=2))
+                                   "search_device": searcher.devices['index'], "metrics": result,
+                                   "search_params": searcher.index.params.to_dict(),
+                                   "calibration": meta.get("calibration")}, indent=2))
             return
         names = [key for key in result if not key.startswith(("exact ", "diff "))]
         approximate = any(key.startswith("exact ") for key in result)
@@ -71,6 +79,7 @@ def register(app: typer.Typer) -> None:
             table.add_row(*row)
         console.print(table)
         console.print(f"search on {escape(searcher.devices['index'])}")
+        console.print(f"search setting: {escape(search_setting_text(meta, searcher.index.params))}")
 
 
 def _print_rerank_table(console, index, meta, method, before, after) -> None:  # type: ignore[no-untyped-def]
