@@ -5,14 +5,15 @@ bounded time at several numbers of concurrent users. Not part of the test suite.
     python benchmarks/soak.py --users 1,8 --seconds 20     # brief
     python benchmarks/soak.py --index indexes/inshop       # an existing index (its embedder is reopened)
 
-Each user is a thread with its own HTTP connection speaking Gradio's documented HTTP API (upload,
-POST /gradio_api/call/search, read the event stream), looping over a fixed mix of uploads:
+Each user is a thread with its own HTTP connection; each request goes, at random, through the web UI's
+event API (upload, POST /gradio_api/call/search, read the event stream) or the JSON API (POST
+/api/v1/search, multipart), looping over a fixed mix of uploads:
 good photos (query images of the index) and, by default one in two, hostile ones: truncated JPEG,
 text named .jpg, PNG headers claiming 9000x9000 pixels, 60000x1 and 1x60000 PNGs (1 KB each), a file
 over the upload limit, and a base64 paste over the limit sent as a data URL.
 
 A request is correct when a good photo returns k results, a hostile one returns a refusal message
-(or, for the oversized file, an HTTP 413 from the upload route), within `--timeout`. Anything else is an
+(UI; for the oversized file an HTTP 413 from the upload route) or a 4xx error (JSON API), within `--timeout`. Anything else is an
 error: a server error event, an exception, a timeout, a hostile upload that returns results. Printed
 per level: requests, errors (by kind), p50/p95/max latency of good and of hostile requests,
 throughput, and the server's resident memory (VmRSS of the serving process, sampled every second):
@@ -146,12 +147,36 @@ class RssSampler(threading.Thread):
 # --- one user --------------------------------------------------------------------------------------------
 
 
-def one_request(http: Any, item: tuple[str, Any], k: int, timeout: float, max_upload_bytes: int) -> tuple[str, str]:
-    """Send one upload; returns (outcome, detail) where outcome is "ok" or an error kind."""
+API_SEARCH = "api/v1/search"
+REFUSALS = (400, 413, 415, 422)  # what the JSON API answers a hostile upload with
+
+
+def api_request(http: Any, item: tuple[str, Any], k: int, max_upload_bytes: int) -> tuple[str, str]:
+    """One search through the JSON API (multipart upload, or base64 JSON for the paste)."""
+    kind, source = item
+    if kind == "paste":
+        r = http.post(API_SEARCH, json={"image": "data:image/png;base64," + "A" * (4 * max_upload_bytes // 3 + 4096),
+                                        "k": k})
+    else:
+        with open(source, "rb") as f:
+            r = http.post(API_SEARCH, files={"image": (Path(source).name, f)}, data={"k": str(k)})
+    if kind == "good":
+        ok = r.status_code == 200 and len(r.json().get("results", [])) == k
+        return ("ok", "") if ok else ("good photo not answered", f"{r.status_code} {r.text[:100]}")
+    if r.status_code in REFUSALS and "error" in r.text:
+        return "ok", ""
+    return ("server error", r.text[:100]) if r.status_code >= 500 else ("hostile upload answered", f"{kind} {r.status_code}")
+
+
+def one_request(http: Any, item: tuple[str, Any], k: int, timeout: float, max_upload_bytes: int,
+                route: str = "ui") -> tuple[str, str]:
+    """Send one upload through the UI's event API or the JSON API; returns (outcome, detail), outcome "ok" or an error kind."""
+    if route == "api":
+        return api_request(http, item, k, max_upload_bytes)
     kind, source = item
     if kind == "paste":
         url = "data:image/png;base64," + "A" * (4 * max_upload_bytes // 3 + 4096)
-        data = [{"url": url, "path": None, "meta": {"_type": "gradio.FileData"}}, k]
+        data = [{"url": url, "path": None, "meta": {"_type": "gradio.FileData"}}, k, None, "none"]
     else:
         with open(source, "rb") as f:
             r = http.post("gradio_api/upload", files={"files": (Path(source).name, f)})
@@ -159,7 +184,7 @@ def one_request(http: Any, item: tuple[str, Any], k: int, timeout: float, max_up
             return ("ok", "") if r.status_code == 413 else ("oversized upload accepted", str(r.status_code))
         if r.status_code != 200:
             return "upload failed", f"{r.status_code} {r.text[:100]}"
-        data = [{"path": r.json()[0], "meta": {"_type": "gradio.FileData"}}, k]
+        data = [{"path": r.json()[0], "meta": {"_type": "gradio.FileData"}}, k, None, "none"]
     r = http.post("gradio_api/call/search", json={"data": data})
     if r.status_code != 200:
         return "call refused", f"{r.status_code} {r.text[:100]}"
@@ -171,7 +196,7 @@ def one_request(http: Any, item: tuple[str, Any], k: int, timeout: float, max_up
             elif line.startswith("data:") and event in ("complete", "error"):
                 if event == "error":
                     return "server error", line[5:120]
-                gallery, status = json.loads(line[len("data:"):].strip())
+                gallery, status = json.loads(line[len("data:"):].strip())[:2]
                 if kind == "good":
                     return ("ok", "") if len(gallery) == k else ("good photo not answered", str(status)[:120])
                 return ("ok", "") if not gallery and "⚠️" in str(status) else ("hostile upload answered", kind)
@@ -186,12 +211,13 @@ def user_loop(url: str, mix: list[tuple[str, Any]], k: int, timeout: float, max_
     with httpx.Client(base_url=url, timeout=timeout) as http:
         while time.monotonic() < until:
             item = rng.choice(mix)
+            route = rng.choice(("ui", "api"))
             start = time.perf_counter()
             try:
-                outcome, detail = one_request(http, item, k, timeout, max_upload_bytes)
+                outcome, detail = one_request(http, item, k, timeout, max_upload_bytes, route)
             except Exception as exc:  # noqa: BLE001 - every failure is counted
                 outcome, detail = "exception", f"{type(exc).__name__}: {exc}"[:120]
-            out.append((item[0], outcome, detail, time.perf_counter() - start, time.monotonic()))
+            out.append((item[0], outcome, detail, time.perf_counter() - start, time.monotonic(), route))
 
 
 def run_level(url: str, users: int, seconds: float, mix: list, k: int, timeout: float, max_upload_bytes: int,
