@@ -41,6 +41,13 @@ def register(app: typer.Typer) -> None:
         gpu: bool = typer.Option(True, "--gpu/--no-gpu", help="Build IVF indexes on a GPU when FAISS sees one."),
         device: str = typer.Option("auto", "--device", help="Embedding device: auto | cpu | cuda[:N]."),
         batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per embedding batch."),
+        from_embeddings: Optional[Path] = typer.Option(
+            None, "--from-embeddings", help="Build from an embeddings folder written by `retrieval embed` (no re-embedding)."),
+        engine: str = typer.Option("local", "--engine", help="With --from-embeddings --shards: local | ray."),
+        shards: int = typer.Option(0, "--shards", min=0, help="With --from-embeddings: N shard indexes (0 = one index)."),
+        merge: bool = typer.Option(False, "--merge", help="With --shards: merge the shards into one index."),
+        address: Optional[str] = typer.Option(None, "--address", help="Ray: auto | HOST:PORT (default: Ray starts here)."),
+        workers: int = typer.Option(2, "--workers", min=1, help="Ray: shard builds running at once."),
     ) -> None:
         """Embed a gallery and write an index folder (index.faiss, items.json, meta.json, queries.npy).
 
@@ -59,6 +66,14 @@ def register(app: typer.Typer) -> None:
             console.print(f"[red]error:[/red] {escape(message)}")
             raise typer.Exit(code=1)
 
+        if from_embeddings is not None:
+            from retrieval.cli.index_parts import index_from_parts
+
+            cfg = IndexConfig(index_type=index_type, nlist=nlist, nprobe=nprobe, pq_m=pq_m, pq_nbits=pq_nbits,
+                              hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search,
+                              refine_factor=refine_factor, memory_budget_gb=memory_budget_gb, use_gpu=gpu)
+            index_from_parts(from_embeddings, out, cfg, engine, shards, merge, address, workers, seed)
+            return
         if add:
             if out is None:
                 fail("--add needs --out DIR (the index to add to)")

@@ -378,3 +378,41 @@ def embed_to_parts(out: str | os.PathLike[str], source: EmbedSource, backend: Em
     report.seconds = time.perf_counter() - t0
     report.manifest = finalize(folder)
     return report
+
+
+def write_arrays(out: str | os.PathLike[str], roles: dict[str, tuple[np.ndarray, list[int], list[str]]], *,
+                 fingerprint: str, part_size: int = 4096, dtype: str = "float32",
+                 preprocessing: dict[str, Any] | None = None, dataset: str = "arrays") -> EmbeddingsFolder:
+    """An embeddings folder from embeddings already in memory: role -> (emb (N, D) L2-normalised, labels, item ids).
+
+    For synthetic benchmarks and for embeddings computed elsewhere; the items get placeholder paths
+    ("<role>/<row>"). The result is a complete folder any index build accepts.
+    """
+    from retrieval.preprocess import Preprocessing
+
+    out = Path(out)
+    if (out / MANIFEST_FILE).exists():
+        raise PartsError(f"{out} already holds an embeddings folder; choose another folder")
+    d = int(next(iter(roles.values()))[0].shape[1])
+    splits = {role: {"split": role, "items": len(emb), "parts": (len(emb) + part_size - 1) // part_size,
+                     "plan_sha256": ""} for role, (emb, _, _) in roles.items()}
+    manifest: dict[str, Any] = {
+        "format": PARTS_FORMAT, "fingerprint": fingerprint, "embedding_size": d, "normalisation": "l2",
+        "preprocessing": preprocessing or Preprocessing().to_dict(), "backend": "none",
+        "embedder_source": {"kind": "arrays"}, "dtype": dtype, "part_size": part_size,
+        "source": {"kind": "arrays", "dataset": dataset, "protocol": "query-gallery" if "query" in roles
+                   else "all-vs-all", "recall_ks": [1, 10], "splits": {r: r for r in roles}},
+        "data_root": None, "splits": splits, "versions": {}, "complete": False, "created_at": _now(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / MANIFEST_FILE, manifest)
+    for role, (emb, labels, ids) in roles.items():
+        for number, start in enumerate(range(0, len(emb), part_size)):
+            stop = min(len(emb), start + part_size)
+            rows = list(range(start, stop))
+            items = PartItems(rows, [f"{role}/{r}" for r in rows], [int(v) for v in labels[start:stop]],
+                              [str(v) for v in ids[start:stop]], [])
+            write_part(out, part_name(role, number), emb[start:stop], items, fingerprint=fingerprint, dtype=dtype)
+    folder = EmbeddingsFolder(out, manifest)
+    finalize(folder)
+    return folder

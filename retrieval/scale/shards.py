@@ -3,8 +3,8 @@
 A sharded index folder lists its shards in meta.json ("shards": file, items, first id) and, like any
 index file, each shard's size and SHA-256 ("files"), so `GalleryIndex.load` verifies them the same
 way. `ShardSet` searches every shard in parallel threads (FAISS releases the GIL) and merges the
-per-shard top-k into the global top-k with FAISS's own order: score descending, and among equal
-scores the larger id first. So for flat shards the merged results equal one flat index's exactly,
+per-shard top-k into the global top-k with FAISS's own rule for equal scores (the smaller id is
+kept, ties are listed larger id first). So for flat shards the merged results equal one flat index's exactly,
 and for IVF shards that share one trained quantizer (same lists probed) they equal the merged index's.
 """
 
@@ -32,12 +32,15 @@ def shard_file_name(number: int) -> str:
 def merge_results(scores: Sequence[np.ndarray], ids: Sequence[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-shard (Q, k_i) results with global ids (-1 = none) -> the global (Q, k) top-k.
 
-    Order: score descending, then id descending (FAISS's tie rule); missing results last.
+    FAISS's own rule: among equal scores the item met first (the smaller id) is kept, and kept ties are
+    listed larger id first; missing results last.
     """
     s = np.concatenate([np.asarray(x, np.float32) for x in scores], axis=1)
     i = np.concatenate([np.asarray(x, np.int64) for x in ids], axis=1)
     key = np.where(i >= 0, -s.astype(np.float64), np.inf)
-    order = np.lexsort((-i, key), axis=1)[:, :k]
+    chosen = np.lexsort((np.where(i >= 0, i, np.iinfo(np.int64).max), key), axis=1)[:, :k]  # ties: smaller id kept
+    s, i, key = (np.take_along_axis(a, chosen, axis=1) for a in (s, i, key))
+    order = np.lexsort((-i, key), axis=1)  # and listed larger id first, as FAISS lists them
     out_s = np.take_along_axis(s, order, axis=1)
     out_i = np.take_along_axis(i, order, axis=1)
     out_s[out_i < 0] = -np.finfo(np.float32).max
