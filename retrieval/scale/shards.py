@@ -191,8 +191,10 @@ class ShardedGalleryIndex(GalleryIndex):
         for j in range(len(self.index)):
             name = shard_file_name(j)
             source = self.index.files[j]
-            if self.index._shards[j] is None and source is not None:
-                shutil.copyfile(source, tmp / name) if _is_published(source) else os.replace(source, tmp / name)
+            if self.index._shards[j] is None and source is not None and _is_published(source):
+                shutil.copyfile(source, tmp / name)  # re-saving an opened folder: its files stay where they are
+            elif self.index._shards[j] is None and source is not None:
+                os.replace(source, tmp / name)  # a build's staged shard: moved in, never loaded here
             else:
                 write_index(self.index.shard(j), tmp / name)
             names.append(name)
