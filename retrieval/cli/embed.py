@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from retrieval.scale import ENGINES
+
 
 def register(app: typer.Typer) -> None:
     @app.command("embed")
@@ -27,7 +29,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
         part_size: int = typer.Option(4096, "--part-size", min=1, help="Images per part (the unit of resumption)."),
         dtype: str = typer.Option("float32", "--dtype", help="Stored embeddings: float32 | float16."),
-        engine: str = typer.Option("local", "--engine", help="local (this process) | ray (an actor pool)."),
+        engine: str = typer.Option("local", "--engine", help=f"{' | '.join(ENGINES)}: this process, or a Ray actor pool."),
         address: Optional[str] = typer.Option(None, "--address",
                                               help="Ray: auto (running cluster) | HOST:PORT; default starts Ray here."),
         workers: int = typer.Option(2, "--workers", min=1, help="Ray: actors, each loading the embedder once."),

@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per embedding batch."),
         from_embeddings: Optional[Path] = typer.Option(
             None, "--from-embeddings", help="Build from an embeddings folder written by `retrieval embed` (no re-embedding)."),
-        engine: str = typer.Option("local", "--engine", help="With --from-embeddings --shards: local | ray."),
+        engine: str = typer.Option("local", "--engine", help="With --from-embeddings --shards: local | ray (shard builds as Ray tasks)."),
         shards: int = typer.Option(0, "--shards", min=0, help="With --from-embeddings: N shard indexes (0 = one index)."),
         merge: bool = typer.Option(False, "--merge", help="With --shards: merge the shards into one index."),
         address: Optional[str] = typer.Option(None, "--address", help="Ray: auto | HOST:PORT (default: Ray starts here)."),
