@@ -321,6 +321,7 @@ class SearchApp:
             ("Embedding size", _first(m, "embedding_size")),
             ("Index type", _first(m, "index_type") or _first(params, "index_type")),
             ("FAISS factory", _first(m, "index_factory")),
+            ("Search setting", _search_setting(m)),
             ("Embedder fingerprint", _first(m, "fingerprint", "model_fingerprint")),
             ("Built", _first(m, "created_at")),
             ("Updated", _first(m, "updated_at")),
@@ -458,6 +459,16 @@ def _first(mapping: Mapping[str, Any], *keys: str) -> str:
         if value not in (None, ""):
             return str(value)
     return ""
+
+
+def _search_setting(meta: Mapping[str, Any]) -> str:
+    """The calibrated search setting and its measured recall/speed (or why auto built flat)."""
+    from retrieval.calibrate import search_setting_text
+
+    try:
+        return search_setting_text(dict(meta))
+    except (TypeError, ValueError, KeyError):  # metadata written by an older version
+        return ""
 
 
 def stored_queries(searcher: Any) -> list[StoredQuery]:

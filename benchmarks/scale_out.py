@@ -172,7 +172,7 @@ def child_make_parts(a: argparse.Namespace) -> dict:
 
 
 def child_build(a: argparse.Namespace) -> dict:
-    from retrieval.config import IndexConfig
+    from retrieval.config import CalibrationConfig, IndexConfig
     from retrieval.scale.ray_engine import RayOptions, connect
     from retrieval.scale.sharded_build import ShardOptions, build_from_parts
 
@@ -184,7 +184,8 @@ def child_build(a: argparse.Namespace) -> dict:
     cfg = IndexConfig(index_type=a.index_type, nlist=a.nlist, nprobe=a.nprobe, use_gpu=False)
     t0 = time.perf_counter()
     index, report = build_from_parts(a.parts, a.out, cfg, ShardOptions(shards=a.shards, engine=a.engine),
-                                     ray_options=RayOptions(workers=a.workers), progress=False)
+                                     ray_options=RayOptions(workers=a.workers), progress=False,
+                                     calib=CalibrationConfig(target_recall=0))  # the same fixed nprobe for both
     wall = time.perf_counter() - t0
     files = [p for p in Path(a.out).iterdir() if p.suffix == ".faiss"]
     return {"engine": a.engine, "shards": a.shards, "wall_s": wall, "ray_init_s": ray_init,

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from retrieval.config import IndexConfig
+from retrieval.config import CalibrationConfig, IndexConfig
 from retrieval.embed import EmbeddingBackend
-from retrieval.index import build_faiss_index, library_versions, resolve_params
+from retrieval.index import library_versions, resolve_params
 from retrieval.index_folder import GalleryIndex, ItemTable, StoredQueries, items_from_paths, now_iso
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -87,6 +87,11 @@ def backend_from_source(source: dict[str, Any], device: str = "auto") -> Embeddi
         if kind == "checkpoint":
             return open_backend("torch", checkpoint=path, device=device)[0]
         return open_backend("onnx", model=path, device=device)[0]
+    if kind == "vectors":
+        raise ValueError(
+            f"the index was built from vectors ({source.get('path')}) and records no embedder to embed images with; "
+            "search it with --embeddings QUERIES.npy (vectors from the same model)"
+        )
     raise ValueError(f"the index records no usable embedder ({source!r}); pass --checkpoint or --model")
 
 
@@ -136,6 +141,7 @@ def build_index(
     batch_size: int = 64,
     progress: bool = True,
     seed: int = 0,
+    calib: CalibrationConfig | None = None,
 ) -> GalleryIndex:
     """Embed `dataset.gallery_split()` (and the query split of query/gallery datasets), index it, publish `out_dir`.
 
@@ -159,8 +165,11 @@ def build_index(
         queries = StoredQueries(q_emb, ItemTable.from_split(q_split))
     embed_seconds = time.perf_counter() - t0
 
-    built = build_faiss_index(gallery_emb, params, use_gpu=cfg.use_gpu, seed=seed)
-    lossy = params.index_type == "ivf-pq" and params.refine_factor == 0
+    from retrieval.calibrate import build_calibrated
+
+    result = build_calibrated(gallery_emb, cfg, calib, seed=seed, progress=progress)
+    built = result.built
+    lossy = built.params.index_type == "ivf-pq" and built.params.refine_factor == 0
     meta: dict[str, Any] = {
         "dataset": dataset.name,
         "data_root": str(Path(dataset.root).resolve()),
@@ -184,6 +193,7 @@ def build_index(
         "created_at": now_iso(),
         "versions": _versions(backend),
         "history": [{"action": "build", "items": len(gallery), "at": now_iso()}],
+        **result.meta(),
     }
     index = GalleryIndex(built.index, built.params, ItemTable.from_split(gallery), meta, queries,
                          gallery_emb if lossy else None, use_gpu=cfg.use_gpu)

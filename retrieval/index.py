@@ -13,7 +13,8 @@ Index types, all with METRIC_INNER_PRODUCT:
     hnsw      IndexHNSWFlat graph; `ef_search` trades speed for recall. Stays on the CPU (FAISS has no
               GPU HNSW).
 Any approximate type takes `refine_factor` > 0 to re-rank k * factor candidates exactly (IndexRefineFlat,
-which keeps the float32 vectors as well).
+which keeps the float32 vectors as well). Which nprobe / efSearch / refine factor an index searches with is
+measured at build time by `retrieval.calibrate`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import numpy as np
 from retrieval.config import IndexConfig
 
 INDEX_TYPES = ("flat", "ivf-flat", "ivf-pq", "hnsw")
-FLAT_MAX_ITEMS = 300_000  # "auto" keeps exact search up to here when it fits the memory budget
 MIN_POINTS_PER_CENTROID = 39  # below this FAISS k-means gives poor centroids (its own warning threshold)
 TRAIN_POINTS_PER_LIST = 64  # default IVF training sample per list (FAISS itself subsamples above 256)
 MAX_AUTO_NLIST = 65_536
@@ -110,7 +110,7 @@ def choose_index_type(n: int, d: int, cfg: IndexConfig) -> str:
     benchmarks/index_speed.py); IVF-PQ when even float32 vectors exceed the memory budget.
     """
     budget = cfg.memory_budget_gb * 1024**3
-    if n <= FLAT_MAX_ITEMS and estimate_memory_bytes("flat", n, d, cfg) <= budget:
+    if n <= cfg.flat_max_items and estimate_memory_bytes("flat", n, d, cfg) <= budget:
         return "flat"
     if n < MIN_POINTS_PER_CENTROID * 4:
         return "flat"

@@ -244,6 +244,12 @@ class GalleryIndex:
                 self.index, self.params, self.use_gpu)
         return self._searchable
 
+    def set_search_params(self, params: IndexParams) -> None:
+        """Search with `params` (e.g. an --nprobe / --ef-search override) from now on; the files are unchanged."""
+        self.params = params
+        self._searchable = None
+        self._configure_search()
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """queries (Q, D) L2-normalised -> (scores (Q, k'), ids (Q, k')), k' = min(k, len(self)); ids -1 = none."""
         return search(self._target(), queries, k)

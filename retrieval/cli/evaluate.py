@@ -17,6 +17,10 @@ def register(app: typer.Typer) -> None:
                                    help="For approximate indexes also compute exact-search numbers and the difference."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N] for FAISS."),
+        nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1,
+                                             help="IVF lists scanned per query (default: the calibrated setting)."),
+        ef_search: Optional[int] = typer.Option(None, "--ef-search", min=1,
+                                                help="HNSW search beam width (default: the calibrated setting)."),
     ) -> None:
         """Evaluate an index: In-Shop/demo stored queries against the gallery; CUB/Cars/SOP/folder the gallery
         against itself, each item's own entry excluded. Approximate indexes also report exact search
@@ -33,6 +37,9 @@ def register(app: typer.Typer) -> None:
         try:
             k_list = [int(v) for v in ks.split(",") if v.strip()] if ks else None
             searcher = Searcher.open(index, device=device)
+            from retrieval.calibrate import override_search_params, search_setting_text
+
+            searcher.index.set_search_params(override_search_params(searcher.index.params, nprobe, ef_search))
             result = searcher.evaluate(k_list, exact=exact)
         except (OSError, ValueError, RuntimeError) as exc:
             console.print(f"[red]error:[/red] {escape(str(exc))}")
@@ -40,7 +47,9 @@ def register(app: typer.Typer) -> None:
         meta = searcher.meta
         if as_json:
             typer.echo(json.dumps({"index": str(index), "index_type": meta.get("index_type"),
-                                   "search_device": searcher.devices['index'], "metrics": result}, indent=2))
+                                   "search_device": searcher.devices['index'], "metrics": result,
+                                   "search_params": searcher.index.params.to_dict(),
+                                   "calibration": meta.get("calibration")}, indent=2))
             return
         names = [key for key in result if not key.startswith(("exact ", "diff "))]
         approximate = any(key.startswith("exact ") for key in result)
@@ -58,3 +67,4 @@ def register(app: typer.Typer) -> None:
             table.add_row(*row)
         console.print(table)
         console.print(f"search on {escape(searcher.devices['index'])}")
+        console.print(f"search setting: {escape(search_setting_text(meta, searcher.index.params))}")

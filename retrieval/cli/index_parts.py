@@ -8,7 +8,7 @@ from typing import Any
 import typer
 
 
-def index_from_parts(parts_dir: Path, out: Path | None, cfg: Any, engine: str, shards: int, merge: bool,
+def index_from_parts(parts_dir: Path, out: Path | None, cfg: Any, calib: Any, engine: str, shards: int, merge: bool,
                      address: str | None, workers: int, seed: int) -> None:
     """Build from the parts in `parts_dir` (a folder; see retrieval.scale.sharded_build) and print a summary."""
     from rich.console import Console
@@ -32,7 +32,8 @@ def index_from_parts(parts_dir: Path, out: Path | None, cfg: Any, engine: str, s
                       f"{manifest['embedding_size']}-d {manifest['dtype']}) into {escape(str(out))}: {layout}, "
                       f"engine {engine}")
         built, report = build_from_parts(parts_dir, out, cfg, opts, ray_options=RayOptions(address=address,
-                                                                                              workers=workers), seed=seed)
+                                                                                              workers=workers),
+                                         seed=seed, calib=calib)
     except (OSError, ValueError, RuntimeError) as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(code=1) from None
@@ -42,3 +43,7 @@ def index_from_parts(parts_dir: Path, out: Path | None, cfg: Any, engine: str, s
         f"{layout}, {meta['embedding_size']}-d, {meta['n_queries']:,} stored queries; train {report.train_seconds:.1f}s, "
         f"add {report.shard_seconds:.1f}s, total {report.total_seconds:.1f}s"
     )
+    if not built.params.exact:
+        from retrieval.calibrate import search_setting_text
+
+        console.print(f"search setting: {escape(search_setting_text(meta, built.params))}")

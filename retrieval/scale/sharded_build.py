@@ -1,7 +1,7 @@
 """`retrieval index --from-embeddings DIR`: an index folder from embedding parts, without re-embedding.
 
-    one index (default)   all gallery parts read, the index built exactly as `retrieval index` builds it
-                          (same training sample for the same seed), so it searches and evaluates the same
+    one index (default)   all gallery parts read, the index built and calibrated exactly as `retrieval index`
+                          does (same training sample for the same seed), so it searches and evaluates the same
     --shards N            the driver trains the coarse quantizer (and PQ) once on a seeded sample read from
                           the parts and hands the trained empty index to N shard builds; each reads only
                           its own parts, one at a time, adds them and writes its shard file. Engine "local"
@@ -29,13 +29,12 @@ from typing import Any
 import faiss
 import numpy as np
 
-from retrieval.config import IndexConfig
+from retrieval.config import CalibrationConfig, IndexConfig
 from retrieval.index import (
     IndexBuildError,
     IndexParams,
     _new_cpu_index,
     add_to_index,
-    build_faiss_index,
     configure_search,
     library_versions,
     resolve_params,
@@ -214,9 +213,13 @@ def _run_shards_ray(parts_dir: str, groups: list[list[str]], trained: bytes, par
 
 def build_from_parts(parts_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                      cfg: IndexConfig | None = None, shard_options: ShardOptions | None = None, *,
-                     ray_options: Any = None, seed: int = 0, verify: bool = True,
-                     progress: bool = True) -> tuple[GalleryIndex, BuildReport]:
-    """Publish an index folder at `out_dir` from the embeddings folder `parts_dir` (see module docstring)."""
+                     ray_options: Any = None, seed: int = 0, verify: bool = True, progress: bool = True,
+                     calib: CalibrationConfig | None = None) -> tuple[GalleryIndex, BuildReport]:
+    """Publish an index folder at `out_dir` from the embeddings folder `parts_dir` (see module docstring).
+
+    One index is built and calibrated exactly as `retrieval index` does (`calib`); shards search with
+    the given nprobe / efSearch (calibration measures one index, not a shard set).
+    """
     cfg = cfg or IndexConfig()
     opts = shard_options or ShardOptions()
     report = BuildReport()
@@ -253,12 +256,18 @@ def build_from_parts(parts_dir: str | os.PathLike[str], out_dir: str | os.PathLi
     if not sharded:
         if opts.engine == "ray":
             note = "one index: built in this process (pass --shards N to build shards on Ray)"
+        from retrieval.calibrate import build_calibrated
+
         gallery_emb, _ = folder.load_role("gallery", verify=verify)
-        built = build_faiss_index(gallery_emb, params, use_gpu=cfg.use_gpu, seed=seed)
+        result = build_calibrated(gallery_emb, cfg, calib, seed=seed, progress=progress)  # as `retrieval index` does
+        built = result.built
+        params = built.params
+        lossy = params.index_type == "ivf-pq" and params.refine_factor == 0
         report.train_seconds, report.shard_seconds = built.train_seconds, built.add_seconds
         device, note = built.device, built.note or note
         index: GalleryIndex = GalleryIndex(built.index, params, _item_table(g_items, data_root), {}, queries,
                                            gallery_emb if lossy else None, use_gpu=cfg.use_gpu)
+        calibration_meta = result.meta()
     else:
         from retrieval.scale.shards import ShardedGalleryIndex, ShardSet, shard_file_name
 
@@ -301,6 +310,7 @@ def build_from_parts(parts_dir: str | os.PathLike[str], out_dir: str | os.PathLi
         return index, report
 
     index.meta = _meta(manifest, folder, params, cfg, opts, report, device, note, g_items, t_start)
+    index.meta.update(calibration_meta)
     index.save(out_dir)
     report.total_seconds = time.perf_counter() - t_start
     return index, report
