@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from retrieval.build_index import build_index, untrained_backend
 from retrieval.cli import app
-from retrieval.config import IndexConfig
+from retrieval.config import CalibrationConfig, IndexConfig
 from retrieval.data import load_dataset
 from retrieval.index_folder import GalleryIndex
 from retrieval.scale.embed_job import EmbedOptions, embed_to_parts, source_from_dataset, source_from_images, write_arrays
@@ -302,7 +302,8 @@ def test_shards_kept_equal_shards_merged_and_search_like_one_index(synthetic_par
 def test_ivf_shards_share_the_driver_quantizer_with_the_single_index(synthetic_parts, tmp_path):
     parts_dir, _, queries = synthetic_parts
     cfg = IndexConfig(index_type="ivf-flat", nlist=16, nprobe=4, use_gpu=False)
-    single, _ = build_from_parts(parts_dir, tmp_path / "single", cfg, progress=False)
+    single, _ = build_from_parts(parts_dir, tmp_path / "single", cfg, progress=False,
+                                 calib=CalibrationConfig(target_recall=0))  # the given nprobe, as the shards use
     sharded, _ = build_from_parts(parts_dir, tmp_path / "sharded", cfg, ShardOptions(shards=2), progress=False)
     # the same seeded training sample, so the same centroids, so the same lists probed and the same results
     s1, i1 = single.search(queries, 20)
