@@ -81,6 +81,8 @@ def test_parts_hold_what_retrieval_index_embeds_and_the_index_evaluates_the_same
     direct, from_parts = Searcher.open(tmp_path / "direct", device="cpu"), Searcher.open(tmp_path / "from_parts",
                                                                                            device="cpu")
     assert from_parts.gallery_paths == direct.gallery_paths and from_parts.query_labels == direct.query_labels
+    assert from_parts.index.items.attributes == direct.index.items.attributes  # the dataset's filter attributes
+    assert any(from_parts.index.items.attributes)
     assert from_parts.meta["built_from"]["embeddings"] == str(parts.resolve())
     assert from_parts.evaluate() == pytest.approx(direct.evaluate(), abs=1e-12)
 
@@ -290,6 +292,11 @@ def test_shards_kept_equal_shards_merged_and_search_like_one_index(synthetic_par
         s2, i2 = merged_searcher.index.search(queries, k)
         assert_same_ranking(s2, i2, s1, i1, exact_scores)
     assert reopened.evaluate() == merged_searcher.evaluate()
+    subset = np.flatnonzero(np.arange(n) % 3 == 1)  # a metadata filter's rows, across all shards
+    s1, i1 = reopened.index.search_subset(queries, 10, subset)
+    s2, i2 = merged_searcher.index.search_subset(queries, 10, subset)
+    assert np.isin(i1, subset).all()
+    assert_same_ranking(s2, i2, s1, i1, exact_scores)
     assert reopened.devices["index"] == "cpu (3 shards in parallel)"
     if index_type == "flat":  # and flat shards equal brute force over all vectors
         _, i = reopened.index.search(queries, 10)
@@ -322,6 +329,8 @@ def test_sharded_folder_refuses_changes_and_corrupt_shards(synthetic_parts, tmp_
     index = GalleryIndex.load(tmp_path / "sharded", use_gpu=False)
     with pytest.raises(ValueError, match="cannot be extended in place"):
         index.add(gallery[:2], index.items)
+    with pytest.raises(ValueError, match="cannot remove items in place"):
+        index.remove([0])
     shard = tmp_path / "sharded" / "shard-001.faiss"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF

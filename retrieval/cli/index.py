@@ -17,6 +17,17 @@ def register(app: typer.Typer) -> None:
         add: Optional[list[Path]] = typer.Option(
             None, "--add", help="Add these images or folders to the existing index at --out (repeatable)."
         ),
+        remove: Optional[list[str]] = typer.Option(
+            None, "--remove", help="Remove every gallery image of this item id from the index at --out (repeatable)."
+        ),
+        remove_path: Optional[list[str]] = typer.Option(
+            None, "--remove-path", help="Remove this gallery image (path, or relative to the dataset folder) (repeatable)."
+        ),
+        rerank_neighbours: int = typer.Option(
+            0, "--rerank-neighbours", min=0,
+            help="Also store each gallery item's N nearest neighbours (needed by --rerank dba); with only --out, "
+                 "add them to an existing index.",
+        ),
         checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint written by `retrieval train`."),
         backend: str = typer.Option("auto", "--backend", help="torch | onnx | auto (onnx when --model is given)."),
         model: Optional[Path] = typer.Option(None, "--model", help="ONNX model from `retrieval export` (--backend onnx)."),
@@ -80,6 +91,12 @@ def register(app: typer.Typer) -> None:
             console.print(f"[red]error:[/red] {escape(message)}")
             raise typer.Exit(code=1)
 
+        if remove or remove_path or (rerank_neighbours and dataset is None and not add and from_embeddings is None):
+            if out is None:
+                fail("--remove/--remove-path/--rerank-neighbours on an existing index need --out DIR")
+            assert out is not None
+            _edit(console, out, remove or [], remove_path or [], rerank_neighbours, fail)
+            return
         if add:
             if out is None:
                 fail("--add needs --out DIR (the index to add to)")
@@ -125,7 +142,8 @@ def register(app: typer.Typer) -> None:
             gallery = ds.gallery_split()
             console.print(f"Indexing {ds.name} {gallery.name} split ({len(gallery):,} images) with the "
                           f"{emb_backend.name} embedder {emb_backend.fingerprint} on {escape(emb_backend.device)}")
-            built = build_index(ds, emb_backend, source, out, cfg, batch_size=batch_size, seed=seed, calib=calib)
+            built = build_index(ds, emb_backend, source, out, cfg, batch_size=batch_size, seed=seed, calib=calib,
+                                rerank_neighbours=rerank_neighbours)
         except (OSError, ValueError, RuntimeError) as exc:
             fail(str(exc))
             return
@@ -151,6 +169,24 @@ def _add(console, out, add, backend, checkpoint, model, device, batch_size, fail
         fail(str(exc))
         return
     console.print(f"[green]added {n_added:,} images[/green]; the index now holds {len(updated):,} items")
+
+def _edit(console, out, remove, remove_path, neighbours, fail) -> None:  # type: ignore[no-untyped-def]
+    from rich.markup import escape
+
+    from retrieval.build_index import add_neighbour_lists, remove_items
+
+    try:
+        if remove or remove_path:
+            updated, n_removed = remove_items(out, remove, remove_path)
+            console.print(f"[green]removed {n_removed:,} images[/green] from {escape(str(out))}; "
+                          f"the index now holds {len(updated):,} items")
+        if neighbours:
+            updated = add_neighbour_lists(out, neighbours)
+            console.print(f"[green]stored {neighbours}-neighbour lists[/green] of {len(updated):,} items in "
+                          f"{escape(str(out))} (for --rerank dba)")
+    except (OSError, ValueError, RuntimeError) as exc:
+        fail(str(exc))
+
 
 def _from_embeddings(console, path, out, labels, ids, normalize, cfg, calib, seed, fail) -> None:  # type: ignore[no-untyped-def]
     """`--from-embeddings FILE.npy`: a single vector file (a folder of parts is a different input)."""

@@ -24,6 +24,11 @@ def register(app: typer.Typer) -> None:
         data_root: Optional[Path] = typer.Option(
             None, "--data-root", help="Where the dataset is now, if it moved since the index was built."
         ),
+        where: Optional[list[str]] = typer.Option(
+            None, "--where", help="Only items with this attribute, e.g. category=Dresses (repeatable: keys AND, "
+                                  "repeated key OR).",
+        ),
+        rerank: str = typer.Option("none", "--rerank", help="Re-ranking: none | qe | dba | kreciprocal."),
         embeddings: Optional[Path] = typer.Option(
             None, "--embeddings", help="Query vectors instead of images: an (Q, D) unit-norm .npy from the same model."),
         nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1,
@@ -60,10 +65,10 @@ def register(app: typer.Typer) -> None:
                 from retrieval.vectors import checked_vectors, load_vector_file
 
                 q = checked_vectors(load_vector_file(embeddings), source=str(embeddings))
-                results = searcher.search_embeddings(q, k=k)
+                results = searcher.search_embeddings(q, k=k, where=where, rerank=rerank)
                 images = [Path(f"{embeddings}#{i}") for i in range(len(q))]
             elif images:
-                results = searcher.search_paths(images, k=k)
+                results = searcher.search_paths(images, k=k, where=where, rerank=rerank)
             else:
                 raise ValueError("pass query images, or --embeddings QUERIES.npy")
         except (OSError, ValueError, RuntimeError) as exc:

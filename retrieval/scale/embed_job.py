@@ -67,6 +67,7 @@ class RoleItems:
     paths: list[str]
     labels: list[int]
     item_ids: list[str]
+    attributes: list[dict[str, str]] | None = None  # the dataset's attributes per image (filters), if any
 
 
 @dataclass(frozen=True)
@@ -89,9 +90,12 @@ def source_from_dataset(ds: Any) -> EmbedSource:
     """What `retrieval index` embeds: the gallery (test split for all-vs-all) and, for query/gallery datasets,
     the stored queries, so an index built from the parts evaluates like one built directly."""
 
+    from retrieval.filters import split_attributes
+
     def role(name: str, split: Any) -> RoleItems:
+        attributes = split_attributes(ds.name, ds.root, split)
         return RoleItems(name, split.name, [os.path.abspath(p) for p in split.paths], [int(v) for v in split.labels],
-                         [split.item_id(i) for i in range(len(split.paths))])
+                         [split.item_id(i) for i in range(len(split.paths))], attributes if any(attributes) else None)
 
     gallery = ds.gallery_split()
     roles = [role("gallery", gallery)]
@@ -121,6 +125,7 @@ class PartTask:
     stored_paths: list[str]  # as recorded in the part (relative to the data root)
     labels: list[int]
     item_ids: list[str]
+    attributes: list[dict[str, str]] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -155,12 +160,13 @@ def plan_tasks(source: EmbedSource, part_size: int) -> list[PartTask]:
             paths = r.paths[start:stop]
             tasks.append(PartTask(part_name(r.role, number), list(range(start, stop)), paths,
                                   [_relative(p, source.data_root) for p in paths], r.labels[start:stop],
-                                  r.item_ids[start:stop]))
+                                  r.item_ids[start:stop], r.attributes[start:stop] if r.attributes else None))
     return tasks
 
 
 def _plan_hash(r: RoleItems, data_root: str | None) -> str:
-    text = json.dumps([[_relative(p, data_root) for p in r.paths], r.labels, r.item_ids])
+    text = json.dumps([[_relative(p, data_root) for p in r.paths], r.labels, r.item_ids]
+                      + ([r.attributes] if r.attributes else []), sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -258,7 +264,8 @@ def embed_part(backend: EmbeddingBackend, task: PartTask, batch_size: int, decod
                 on_images(len(idx))
     emb = np.concatenate(embs) if embs else np.zeros((0, int(backend.embedding_size)), np.float32)
     items = PartItems([task.rows[i] for i in keep], [task.stored_paths[i] for i in keep],
-                      [task.labels[i] for i in keep], [task.item_ids[i] for i in keep], bad)
+                      [task.labels[i] for i in keep], [task.item_ids[i] for i in keep], bad,
+                      [task.attributes[i] for i in keep] if task.attributes else None)
     return emb, items
 
 

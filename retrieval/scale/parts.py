@@ -51,15 +51,24 @@ class PartItems:
     labels: list[int]
     item_ids: list[str]
     bad: list[dict[str, Any]]  # [{"row": r, "path": p, "error": message}]
+    attributes: list[dict[str, str]] | None = None  # per item (e.g. {"category": "Dresses"}), None = none recorded
 
     def to_dict(self, name: str) -> dict[str, Any]:
-        return {"part": name, "rows": self.rows, "paths": self.paths, "labels": self.labels,
-                "item_ids": self.item_ids, "bad": self.bad}
+        out = {"part": name, "rows": self.rows, "paths": self.paths, "labels": self.labels,
+               "item_ids": self.item_ids, "bad": self.bad}
+        if self.attributes and any(self.attributes):
+            out["attributes"] = self.attributes
+        return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "PartItems":
+        attributes = [{str(k): str(v) for k, v in row.items()} for row in raw["attributes"]] \
+            if raw.get("attributes") else None
         return cls([int(r) for r in raw["rows"]], [str(p) for p in raw["paths"]], [int(v) for v in raw["labels"]],
-                   [str(v) for v in raw["item_ids"]], list(raw.get("bad", [])))
+                   [str(v) for v in raw["item_ids"]], list(raw.get("bad", [])), attributes)
+
+    def attribute_rows(self) -> list[dict[str, str]]:
+        return list(self.attributes) if self.attributes else [{} for _ in self.rows]
 
 
 def part_name(role: str, number: int) -> str:
@@ -239,7 +248,7 @@ class EmbeddingsFolder:
 
     def load_role(self, role: str, verify: bool = True) -> tuple[np.ndarray, PartItems]:
         """All embeddings (N, D) float32 and items of `role`, in split order."""
-        embs, rows, paths, labels, ids, bad = [], [], [], [], [], []
+        embs, rows, paths, labels, ids, bad, attributes = [], [], [], [], [], [], []
         for _, emb, items in self.iter_parts(role, verify=verify):
             embs.append(emb)
             rows += items.rows
@@ -247,8 +256,9 @@ class EmbeddingsFolder:
             labels += items.labels
             ids += items.item_ids
             bad += items.bad
+            attributes += items.attribute_rows()
         emb = np.concatenate(embs) if embs else np.zeros((0, self.embedding_size), np.float32)
-        return emb, PartItems(rows, paths, labels, ids, bad)
+        return emb, PartItems(rows, paths, labels, ids, bad, attributes if any(attributes) else None)
 
 
 def as_unit_float32(emb: np.ndarray) -> np.ndarray:

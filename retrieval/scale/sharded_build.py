@@ -88,7 +88,7 @@ class BuildReport:
 
 def _items_of(folder: EmbeddingsFolder, role: str) -> PartItems:
     """The item columns of every part of `role` (JSON only; no embeddings read)."""
-    rows, paths, labels, ids, bad = [], [], [], [], []
+    rows, paths, labels, ids, bad, attributes = [], [], [], [], [], []
     for name in folder.part_names(role):
         folder.marker(name)
         raw = read_json(part_paths(folder.folder, name)[1], "part items")
@@ -98,11 +98,13 @@ def _items_of(folder: EmbeddingsFolder, role: str) -> PartItems:
         labels += items.labels
         ids += items.item_ids
         bad += items.bad
-    return PartItems(rows, paths, labels, ids, bad)
+        attributes += items.attribute_rows()
+    return PartItems(rows, paths, labels, ids, bad, attributes if any(attributes) else None)
 
 
 def _item_table(items: PartItems, data_root: str | None) -> ItemTable:
-    return ItemTable(absolute_paths(items.paths, data_root), list(items.labels), list(items.item_ids))
+    return ItemTable(absolute_paths(items.paths, data_root), list(items.labels), list(items.item_ids),
+                     items.attribute_rows())
 
 
 def split_parts(names: Sequence[str], counts: Sequence[int], shards: int) -> list[list[str]]:

@@ -186,6 +186,42 @@ class ShardedGalleryIndex(GalleryIndex):
     def add(self, vectors: np.ndarray, items: Any) -> None:
         self.index.add(vectors)
 
+    def remove(self, rows: Any) -> None:
+        raise IndexBuildError(
+            "a sharded index folder cannot remove items in place: rebuild it with `retrieval index --from-embeddings "
+            "DIR --shards N` from parts that no longer hold them, or merge the shards (--merge), which supports --remove"
+        )
+
+    def build_neighbours(self, n: int = 0) -> None:
+        from retrieval.rerank import RerankError
+
+        raise RerankError("gallery neighbour lists (--rerank-neighbours) are not available for sharded index "
+                          "folders; build the index with --merge to re-rank with them")
+
+    def search_subset(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Like `search`, restricted to the rows `ids`: each shard searches its own rows (an ID selector inside
+        FAISS), the results are merged like an unrestricted search's."""
+        from retrieval.filters import filtered_search
+        from retrieval.index import check_embeddings
+
+        queries = check_embeddings(queries, self.embedding_size, "query embeddings")
+        ids = np.asarray(ids, dtype=np.int64)
+        shards = self.index
+        shards.configure(self.params)
+        scores, found = [], []
+        for j in range(len(shards)):
+            lo, hi = int(shards.offsets[j]), int(shards.offsets[j]) + shards.ntotals[j]
+            local = ids[(ids >= lo) & (ids < hi)] - lo
+            if len(local) == 0:
+                continue
+            s, i = filtered_search(shards.shard(j), queries, k, local)
+            scores.append(s)
+            found.append(np.where(i >= 0, i + lo, -1))
+        k_out = int(min(k, len(ids)))
+        if not scores:
+            return np.zeros((len(queries), k_out), np.float32), np.full((len(queries), k_out), -1, np.int64)
+        return merge_results(scores, found, k_out)
+
     def _write_index_files(self, tmp: Path) -> list[str]:
         names, record = [], []
         for j in range(len(self.index)):
