@@ -223,6 +223,9 @@ class GalleryIndex:
         self.search_note = ""
         self.neighbours: NeighbourLists | None = None  # gallery neighbour lists for re-ranking, when built
         self.neighbours_problem = ""  # why there are none: never built, or stale (set by load)
+        self._configure_search()
+
+    def _configure_search(self) -> None:
         configure_search(self.index, self.params)
 
     # -- facts ---------------------------------------------------------------------------------
@@ -279,7 +282,7 @@ class GalleryIndex:
         """Search with `params` (e.g. an --nprobe / --ef-search override) from now on; the files are unchanged."""
         self.params = params
         self._searchable = None
-        configure_search(self.index, params)
+        self._configure_search()
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """queries (Q, D) L2-normalised -> (scores (Q, k'), ids (Q, k')), k' = min(k, len(self)); ids -1 = none."""
@@ -359,10 +362,10 @@ class GalleryIndex:
         published: dict[str, Any] = {}
 
         def write(tmp: Path) -> None:
-            atomic_write_with(tmp / INDEX_FILE, lambda p: write_index(self.index, p))
+            names = self._write_index_files(tmp)
             data_root = self.meta.get("data_root") or None
             atomic_write_json(tmp / ITEMS_FILE, self.items.to_dict(data_root))
-            names = [INDEX_FILE, ITEMS_FILE]
+            names += [ITEMS_FILE]
             if self.queries is not None:
                 _write_npy(tmp / QUERIES_FILE, self.queries.emb)
                 atomic_write_json(tmp / QUERY_ITEMS_FILE, self.queries.items.to_dict(data_root))
@@ -400,6 +403,11 @@ class GalleryIndex:
         self.meta["folder"] = str(folder)
         return folder
 
+    def _write_index_files(self, tmp: Path) -> list[str]:
+        """Write the index itself into the folder being published; returns the file names written."""
+        atomic_write_with(tmp / INDEX_FILE, lambda p: write_index(self.index, p))
+        return [INDEX_FILE]
+
     @classmethod
     def load(cls, folder: str | os.PathLike[str], *, verify_checksums: bool = True, use_gpu: bool = True,
              data_root: str | os.PathLike[str] | None = None) -> "GalleryIndex":
@@ -422,7 +430,8 @@ class GalleryIndex:
         if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
             raise IndexFileError(f"{meta_path} is not metrix-retrieval index metadata (format {INDEX_FORMAT} expected)")
         files = meta.get("files", {})
-        for name in (INDEX_FILE, ITEMS_FILE):
+        sharded = bool(meta.get("shards"))  # shard files listed in meta.json instead of one index.faiss
+        for name in (ITEMS_FILE,) if sharded else (INDEX_FILE, ITEMS_FILE):
             if name not in files:
                 raise IndexFileError(f"{meta_path} records no {name}; rebuild the index")
         for name, expected in files.items():
@@ -431,7 +440,12 @@ class GalleryIndex:
         if data_root is not None:
             meta["data_root"] = os.path.abspath(data_root)
         root = meta.get("data_root") or None
-        index = read_index(folder / INDEX_FILE)
+        if sharded:
+            from retrieval.scale.shards import ShardedGalleryIndex, read_shard_set
+
+            index, cls = read_shard_set(folder, meta), ShardedGalleryIndex  # type: ignore[assignment]
+        else:
+            index = read_index(folder / INDEX_FILE)
         items_path = folder / ITEMS_FILE
         items = ItemTable.from_dict(_read_json_file(items_path, "item table"), items_path, root)
         params = IndexParams.from_dict(meta.get("index_params", {"index_type": meta.get("index_type", "flat")}))

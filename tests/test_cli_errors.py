@@ -68,6 +68,8 @@ CASES = [
      EXIT_ERROR, "missing"),
     ("index: add a missing image", "index --add {base}/missing.jpg --out {index} --device cpu", EXIT_ERROR,
      "missing.jpg"),
+    ("embed: no embedder", "embed --dataset inshop --data-root {inshop} --out {base}/parts", EXIT_USAGE,
+     "--checkpoint"),
     ("search: missing index", "search {truncated} --index {base}/missing", EXIT_ERROR, "missing"),
     ("search: no image given", "search --index {index}", EXIT_USAGE, "images"),
     ("search: truncated image", "search {truncated} --index {index} --device cpu", EXIT_ERROR, "truncated.jpg"),

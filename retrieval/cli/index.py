@@ -61,7 +61,8 @@ def register(app: typer.Typer) -> None:
         calibration_queries: int = typer.Option(1000, "--calibration-queries", min=1,
                                                 help="Gallery vectors searched to measure recall at build time."),
         from_embeddings: Optional[Path] = typer.Option(
-            None, "--from-embeddings", help="Index vectors embedded elsewhere: an (N, D) float32 FILE.npy."),
+            None, "--from-embeddings", help="Index vectors embedded elsewhere: an embeddings folder written by "
+                                            "`retrieval embed` (no re-embedding), or an (N, D) float32 FILE.npy."),
         labels: Optional[Path] = typer.Option(None, "--labels", help="With --from-embeddings: (N,) integer labels .npy."),
         ids: Optional[Path] = typer.Option(
             None, "--ids", help="With --from-embeddings: item ids, a (N,) .npy or a text file with one id per line."),
@@ -72,6 +73,11 @@ def register(app: typer.Typer) -> None:
             help="Skip images that cannot be used (listed in meta.json) unless more than this fraction of them are.",
         ),
         strict: bool = typer.Option(False, "--strict", help="Stop at the first image that cannot be used."),
+        engine: str = typer.Option("local", "--engine", help="With --from-embeddings DIR --shards: local | ray (shard builds as Ray tasks)."),
+        shards: int = typer.Option(0, "--shards", min=0, help="With --from-embeddings DIR: N shard indexes (0 = one index)."),
+        merge: bool = typer.Option(False, "--merge", help="With --shards: merge the shards into one index."),
+        address: Optional[str] = typer.Option(None, "--address", help="Ray: auto | HOST:PORT (default: Ray starts here)."),
+        workers: int = typer.Option(2, "--workers", min=1, help="Ray: shard builds running at once."),
     ) -> None:
         """Embed a gallery and write an index folder (index.faiss, items.json, meta.json, queries.npy).
 
@@ -112,6 +118,11 @@ def register(app: typer.Typer) -> None:
         if from_embeddings is not None:
             if dataset is not None or checkpoint is not None or model is not None or untrained:
                 fail("--from-embeddings builds from vectors alone; drop --dataset/--checkpoint/--model/--untrained")
+            if from_embeddings.is_dir():  # a folder of parts written by `retrieval embed`
+                from retrieval.cli.index_parts import index_from_parts
+
+                index_from_parts(from_embeddings, out, cfg, calib, engine, shards, merge, address, workers, seed)
+                return
             _from_embeddings(console, from_embeddings, out, labels, ids, normalize, cfg, calib, seed, fail)
             return
         if dataset is None or data_root is None:
