@@ -31,6 +31,7 @@ import faiss
 import numpy as np
 
 from retrieval.config import IndexConfig
+from retrieval.errors import UserError
 
 INDEX_TYPES = ("flat", "ivf-flat", "ivf-pq", "hnsw")
 MIN_POINTS_PER_CENTROID = 39  # below this FAISS k-means gives poor centroids (its own warning threshold)
@@ -39,11 +40,11 @@ MAX_AUTO_NLIST = 65_536
 NORM_TOLERANCE = 1e-3
 
 
-class IndexBuildError(ValueError):
+class IndexBuildError(UserError, ValueError):
     """The requested index cannot be built from these vectors; the message says what to change."""
 
 
-class IndexFileError(ValueError):
+class IndexFileError(UserError, ValueError):
     """An index file is missing, truncated, corrupt or unreadable; the message names the file."""
 
 
@@ -362,6 +363,45 @@ def add_to_index(index: faiss.Index, vectors: np.ndarray) -> None:
         raise IndexBuildError("the index is not trained; rebuild it")
     for start in range(0, len(vectors), 65_536):
         index.add(vectors[start : start + 65_536])
+
+
+REMOVABLE_TYPES = ("flat", "ivf-flat", "ivf-pq")
+
+
+def remove_from_index(index: faiss.Index, params: IndexParams, rows: np.ndarray) -> None:
+    """Remove rows `rows` (sorted, unique) in place; the remaining rows are renumbered 0..N'-1 in order.
+
+    Flat storage compacts itself; IVF lists keep explicit ids, which are shifted down here. HNSW graphs
+    (FAISS cannot delete from them) and refined indexes are refused with how to rebuild instead.
+    """
+    if params.index_type not in REMOVABLE_TYPES or params.refine_factor > 0:
+        kind = f"{params.index_type} with refinement" if params.refine_factor > 0 else params.index_type
+        raise IndexBuildError(
+            f"a {kind} index cannot remove items (FAISS supports removal for {', '.join(REMOVABLE_TYPES)}); "
+            "rebuild the index without them: `retrieval index --dataset ... --out DIR` over a dataset that no "
+            "longer lists them, or with --index-type flat/ivf-flat, which support --remove"
+        )
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) == 0:
+        return
+    n_before = index.ntotal
+    selector = faiss.IDSelectorBatch(rows)
+    if params.index_type == "flat":
+        index.remove_ids(selector)
+    else:
+        ivf = faiss.extract_index_ivf(index)
+        ivf.remove_ids(selector)
+        lists = ivf.invlists
+        for list_no in range(ivf.nlist):
+            size = lists.list_size(list_no)
+            if size == 0:
+                continue
+            ids = faiss.rev_swig_ptr(lists.get_ids(list_no), size).copy()
+            new_ids = np.ascontiguousarray(ids - np.searchsorted(rows, ids), dtype=np.int64)  # shift past removed rows
+            codes = faiss.rev_swig_ptr(lists.get_codes(list_no), size * lists.code_size).copy()
+            lists.update_entries(list_no, 0, size, faiss.swig_ptr(new_ids), faiss.swig_ptr(codes))
+    if index.ntotal != n_before - len(rows):
+        raise IndexBuildError(f"removal left {index.ntotal} vectors, expected {n_before - len(rows)}; rebuild the index")
 
 
 def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -24,6 +24,8 @@ from training.metrix import (
     resolve_max_pairs,
 )
 
+from retrieval.errors import UsageError
+
 if TYPE_CHECKING:  # pragma: no cover
     from retrieval.config import MixupConfig, RunConfig
 
@@ -50,9 +52,9 @@ class Objective(nn.Module):
     def __init__(self, loss: PairLoss, mixup: "MixupConfig", chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> None:
         super().__init__()
         if mixup.level not in LEVELS:
-            raise ValueError(f"unknown mixup level {mixup.level!r}; choose one of {LEVELS}")
+            raise UsageError(f"unknown mixup level {mixup.level!r}; choose one of {LEVELS}")
         if mixup.alpha <= 0:
-            raise ValueError(f"mixup alpha must be > 0, got {mixup.alpha}")
+            raise UsageError(f"mixup alpha must be > 0, got {mixup.alpha}")
         self.loss = loss
         self.level = mixup.level
         self.weight = float(mixup.weight)

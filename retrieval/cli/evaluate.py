@@ -17,6 +17,8 @@ def register(app: typer.Typer) -> None:
                                    help="For approximate indexes also compute exact-search numbers and the difference."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N] for FAISS."),
+        rerank: str = typer.Option("none", "--rerank",
+                                   help="Also evaluate with this re-ranking (qe | dba | kreciprocal): before/after table."),
         nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1,
                                              help="IVF lists scanned per query (default: the calibrated setting)."),
         ef_search: Optional[int] = typer.Option(None, "--ef-search", min=1,
@@ -31,20 +33,32 @@ def register(app: typer.Typer) -> None:
         from rich.markup import escape
         from rich.table import Table
 
+        from retrieval.errors import UsageError
         from retrieval.search import Searcher
 
         console = Console()
         try:
             k_list = [int(v) for v in ks.split(",") if v.strip()] if ks else None
-            searcher = Searcher.open(index, device=device)
-            from retrieval.calibrate import override_search_params, search_setting_text
+        except ValueError:
+            raise UsageError(f"--ks {ks!r}: expected comma-separated positive integers, e.g. 1,10,20") from None
+        if k_list is not None and (not k_list or min(k_list) < 1):
+            raise UsageError(f"--ks {ks!r}: expected comma-separated positive integers, e.g. 1,10,20")
+        searcher = Searcher.open(index, device=device)
+        from retrieval.calibrate import override_search_params, search_setting_text
+        from retrieval.rerank import check_method
 
-            searcher.index.set_search_params(override_search_params(searcher.index.params, nprobe, ef_search))
-            result = searcher.evaluate(k_list, exact=exact)
-        except (OSError, ValueError, RuntimeError) as exc:
-            console.print(f"[red]error:[/red] {escape(str(exc))}")
-            raise typer.Exit(code=1) from None
+        searcher.index.set_search_params(override_search_params(searcher.index.params, nprobe, ef_search))
+        method = check_method(rerank)
+        result = searcher.evaluate(k_list, exact=exact and method == "none")
+        reranked = searcher.evaluate(k_list, rerank=method) if method != "none" else None
         meta = searcher.meta
+        if reranked is not None:
+            if as_json:
+                typer.echo(json.dumps({"index": str(index), "rerank": method, "metrics": result,
+                                       "reranked": reranked}, indent=2))
+                return
+            _print_rerank_table(console, index, meta, method, result, reranked)
+            return
         if as_json:
             typer.echo(json.dumps({"index": str(index), "index_type": meta.get("index_type"),
                                    "search_device": searcher.devices['index'], "metrics": result,
@@ -68,3 +82,20 @@ def register(app: typer.Typer) -> None:
         console.print(table)
         console.print(f"search on {escape(searcher.devices['index'])}")
         console.print(f"search setting: {escape(search_setting_text(meta, searcher.index.params))}")
+
+
+def _print_rerank_table(console, index, meta, method, before, after) -> None:  # type: ignore[no-untyped-def]
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"{escape(str(index))}: {meta.get('dataset')} ({meta.get('protocol')}), "
+                        f"{meta.get('n_items'):,} items, re-ranking {method}", title_justify="left")
+    table.add_column("metric")
+    table.add_column("none %", justify="right")
+    table.add_column(f"{method} %", justify="right")
+    table.add_column("diff (points)", justify="right")
+    for key in before:
+        if key in after:
+            table.add_row(key, f"{100 * before[key]:.2f}", f"{100 * after[key]:.2f}",
+                          f"{100 * (after[key] - before[key]):+.2f}")
+    console.print(table)
