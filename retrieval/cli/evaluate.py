@@ -17,6 +17,16 @@ def register(app: typer.Typer) -> None:
                                    help="For approximate indexes also compute exact-search numbers and the difference."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N] for FAISS."),
+        analysis: bool = typer.Option(False, "--analysis",
+                                      help="Also the paper's analyses: alignment and uniformity of the test embeddings; "
+                                           "with --checkpoint, the utilization by the training set, clean and mixed."),
+        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint",
+                                                  help="--analysis: the checkpoint that built the index, to embed the "
+                                                       "training images (clean and mixed) for utilization."),
+        data_root: Optional[Path] = typer.Option(None, "--data-root",
+                                                 help="--analysis: the dataset folder, if it moved since the build."),
+        mix_level: Optional[str] = typer.Option(None, "--mix-level",
+                                                help="--analysis: input | feature | embedding (default: the checkpoint's)."),
     ) -> None:
         """Evaluate an index: In-Shop/demo stored queries against the gallery; CUB/Cars/SOP/folder the gallery
         against itself, each item's own entry excluded. Approximate indexes also report exact search
@@ -34,13 +44,23 @@ def register(app: typer.Typer) -> None:
             k_list = [int(v) for v in ks.split(",") if v.strip()] if ks else None
             searcher = Searcher.open(index, device=device)
             result = searcher.evaluate(k_list, exact=exact)
+            report = None
+            if analysis:
+                from training.analysis import analyse_index
+
+                report = analyse_index(searcher, str(checkpoint) if checkpoint else None,
+                                       str(data_root) if data_root else None, mix_level=mix_level,
+                                       device=device, progress=not as_json)
         except (OSError, ValueError, RuntimeError) as exc:
             console.print(f"[red]error:[/red] {escape(str(exc))}")
             raise typer.Exit(code=1) from None
         meta = searcher.meta
         if as_json:
-            typer.echo(json.dumps({"index": str(index), "index_type": meta.get("index_type"),
-                                   "search_device": searcher.devices['index'], "metrics": result}, indent=2))
+            payload = {"index": str(index), "index_type": meta.get("index_type"),
+                       "search_device": searcher.devices['index'], "metrics": result}
+            if report is not None:
+                payload["analysis"] = report
+            typer.echo(json.dumps(payload, indent=2))
             return
         names = [key for key in result if not key.startswith(("exact ", "diff "))]
         approximate = any(key.startswith("exact ") for key in result)
@@ -58,3 +78,7 @@ def register(app: typer.Typer) -> None:
             table.add_row(*row)
         console.print(table)
         console.print(f"search on {escape(searcher.devices['index'])}")
+        if report is not None:
+            from retrieval.cli.analysis_table import analysis_table
+
+            console.print(analysis_table(report))
