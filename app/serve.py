@@ -1,10 +1,14 @@
-"""Launch the search UI with safe serving defaults.
+"""Launch the search UI and the JSON API (app.api) in one server process, with safe serving defaults.
+
+- One FastAPI application (uvicorn) on one port: the API under /api/v1 and the Gradio UI mounted at /,
+  sharing one loaded embedder and index through one batching worker (app.batching), which embeds the
+  queries of both in shared forward passes. `--share` (a gradio.live link) serves the UI alone.
 
 - Bound to 127.0.0.1 unless a host is given; no public share link unless asked for.
-- One search worker (`concurrency_limit=1`) whose queued queries are embedded in batches of up to
-  16, which suits one CPU or one GPU: the device is never oversubscribed and concurrent users share
-  forward passes instead of waiting for each other's. The queue is bounded (`max_size`): beyond it a
-  client gets "queue full" at once instead of waiting minutes.
+- The UI's search events run concurrently (up to the worker's batch size) and wait on the worker,
+  which owns the device: it is never oversubscribed and concurrent users share forward passes. The
+  queues are bounded (Gradio's `max_size`, the worker's `queue_size`): beyond them a client gets
+  "queue full" at once instead of waiting minutes.
 - The only folder Gradio may serve from disk is the thumbnail folder (downscaled gallery images);
   uploads are capped by `max_file_size`. No analytics, no SSR node server, no run history.
 - The thumbnail folder is also registered as a Gradio static path. Without that, every result tile
@@ -18,11 +22,14 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.batching import DEFAULT_QUEUE_SIZE, BatchingWorker
 from app.ui import MAX_UPLOAD_BYTES, SearchApp, build_app
 
 DEFAULT_HOST = "127.0.0.1"
@@ -51,13 +58,42 @@ class RunningApp:
     url: str
     host: str
     port: int
+    worker: BatchingWorker | None = None
+    api: Any = None  # the FastAPI application (None with --share: UI only)
+    _server: Any = field(default=None, repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
 
     @property
     def allowed_paths(self) -> list[str]:
         return list(self.demo.allowed_paths)
 
+    @property
+    def api_url(self) -> str:
+        return self.url + "api/v1/"
+
+    def block_thread(self) -> None:
+        """Serve until Ctrl+C."""
+        if self._thread is None:
+            self.demo.block_thread()
+            return
+        try:
+            while self._thread.is_alive():
+                self._thread.join(timeout=0.5)
+        except KeyboardInterrupt:
+            pass
+
     def close(self) -> None:
-        self.demo.close()
+        try:
+            self.demo.close()  # stops Gradio's queue, which ends its open event streams
+        except Exception:  # a mounted app has no server of its own to close
+            pass
+        if self._server is not None:
+            self._server.should_exit = True
+            self._server.force_exit = True  # open event streams of connected clients would hold the exit
+            if self._thread is not None:
+                self._thread.join(timeout=15)
+        if self.worker is not None:
+            self.worker.close()
         unregister_static_folder(self.search_app.thumbnails.folder)
         self.search_app.thumbnails.cleanup()
 
@@ -104,28 +140,78 @@ def launch(
     share: bool = False,
     block: bool = False,
     queue_max_size: int = QUEUE_MAX_SIZE,
+    api_token: str | None = None,
+    max_batch_size: int | None = None,
+    max_wait_ms: float | None = None,
+    worker_queue_size: int = DEFAULT_QUEUE_SIZE,
+    engine: Any = None,
     **app_kwargs: Any,
 ) -> RunningApp:
-    """Build and start the app for an open Searcher. `block=False` returns at once (tests, benchmarks)."""
+    """Build and start the API + UI for an open Searcher. `block=False` returns at once (tests, benchmarks).
+
+    `max_batch_size`/`max_wait_ms`: the batching worker's limits (defaults suit the device);
+    `api_token`: Bearer token the API requires; `engine`: replaces embed+search (benchmarks' floor)."""
+    from app.api import ApiSettings, SearchApi, build_api, token_from_env
+
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     app_kwargs.setdefault("max_upload_bytes", MAX_UPLOAD_BYTES)
-    demo, search_app = build_app(searcher, **app_kwargs)
+    worker = BatchingWorker(searcher, max_batch=max_batch_size, max_wait_ms=max_wait_ms,
+                            queue_size=worker_queue_size, engine=engine)
+    try:
+        demo, search_app = build_app(searcher, worker=worker, **app_kwargs)
+    except BaseException:
+        worker.close()
+        raise
     configure_queue(demo, queue_max_size)
     port = port if port is not None else _default_port(host)
     weakref.finalize(search_app, search_app.thumbnails.cleanup)
     register_static_folder(search_app.thumbnails.folder)
     try:
-        _, local_url, _ = demo.launch(prevent_thread_lock=True, **launch_settings(search_app, host, port, share))
+        if share:
+            _, local_url, _ = demo.launch(prevent_thread_lock=True, **launch_settings(search_app, host, port, share))
+            running = RunningApp(demo, search_app, local_url.rstrip("/") + "/", host, port, worker)
+        else:
+            settings = ApiSettings(max_upload_bytes=search_app.max_upload_bytes, max_pixels=search_app.max_pixels,
+                                   token=token_from_env(api_token))
+            api = build_api(SearchApi(searcher, worker, search_app.thumbnails, settings))
+            running = _serve_mounted(api, demo, search_app, worker, host, port)
     except BaseException:
         unregister_static_folder(search_app.thumbnails.folder)
+        worker.close()
         raise
-    running = RunningApp(demo, search_app, local_url.rstrip("/") + "/", host, port)
     if block:
         try:
-            demo.block_thread()
+            running.block_thread()
         finally:
             running.close()
     return running
+
+
+def _serve_mounted(api: Any, demo: Any, search_app: SearchApp, worker: BatchingWorker, host: str,
+                   port: int) -> RunningApp:
+    """Mount the UI on the API application and run it with uvicorn on a background thread."""
+    import gradio as gr
+    import uvicorn
+
+    settings = launch_settings(search_app, host, port, False)
+    mount = {key: settings[key] for key in ("allowed_paths", "max_file_size", "show_error", "ssr_mode",
+                                            "enable_monitoring", "mcp_server", "run_history", "footer_links")}
+    app = gr.mount_gradio_app(api, demo, path="", server_name=host, server_port=port, **mount)
+    # uvicorn.error would print every event stream still open at shutdown as a traceback; start-up
+    # failures are detected below and our own routes log through their loggers
+    config = uvicorn.Config(app, host=host, port=port, log_level="critical", access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="http-server", daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        if not thread.is_alive() or time.time() > deadline:
+            server.should_exit = True
+            raise OSError(f"the server could not start on {host}:{port} (port in use, or not allowed to bind)")
+        time.sleep(0.02)
+    url = f"http://{host if ':' not in host else '[' + host + ']'}:{port}/"
+    return RunningApp(demo, search_app, url, host, port, worker, app, server, thread)
 
 
 def _default_port(host: str) -> int:
@@ -151,11 +237,13 @@ def open_and_launch(
     share: bool = False,
     block: bool = True,
     data_root: str | os.PathLike[str] | None = None,
+    **launch_kwargs: Any,
 ) -> RunningApp:
     """Open the index (and the embedder it names, or the one given) and serve it."""
     searcher = open_searcher(index_dir, backend=backend, model=model, checkpoint=checkpoint, device=device,
                              data_root=data_root)
-    return launch(searcher, host=host, port=port, share=share, block=block, index_dir=Path(index_dir))
+    return launch(searcher, host=host, port=port, share=share, block=block, index_dir=Path(index_dir),
+                  **launch_kwargs)
 
 
 def open_searcher(

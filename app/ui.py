@@ -11,8 +11,12 @@ Robustness: the image input hands over the uploaded file untouched (`preprocess=
 never decodes it; `retrieval.images.open_image` does, and every failure becomes a message in the
 status line of that query, never an exception (an exception would fail every query of a batch).
 
-Throughput: the search event is batched (`batch=True`): queries that queue up while the embedder is
-busy are embedded together in one forward pass, which keeps latency flat under concurrent use.
+Throughput: search events hand their decoded query to the server's batching worker (app.batching),
+which embeds queries that wait together, UI and API alike, in one forward pass.
+
+"More like this": clicking a result puts that gallery image in the query box and searches by it (its
+label is known, so correct matches are marked); a dropdown filters by the items' category (or the
+index's first attribute) and a choice of re-ranking applies retrieval.rerank.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import binascii
 import hashlib
 import logging
 import os
+import re
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -68,9 +74,13 @@ class StoredQuery:
 @dataclass(frozen=True)
 class DecodedQuery:
     image: Image.Image  # RGB, upright
-    known: StoredQuery | None  # set when the uploaded bytes are one of the example queries
+    known: StoredQuery | None  # set when the uploaded bytes are one of the example queries (or a gallery image)
     name: str  # what the user called the file, for messages
+    origin: str = "Example query"  # how the status line names a known query
 
+
+ALL_VALUES = "All"
+FILTER_KEYS = ("category", "super_category", "class", "folder")  # the dropdown's attribute, first present
 
 def _clamp_k(k: Any, max_k: int) -> int:
     try:
@@ -107,8 +117,11 @@ class SearchApp:
         max_batch_size: int = MAX_BATCH_SIZE,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_upload_bytes: int = MAX_UPLOAD_BYTES,
+        worker: Any = None,
     ) -> None:
         self.searcher = searcher
+        self._worker = worker
+        self._worker_lock = threading.Lock()
         self.meta: dict[str, Any] = dict(searcher.meta)
         index_dir = index_dir if index_dir is not None else searcher.index_dir
         if index_dir is None:
@@ -129,6 +142,20 @@ class SearchApp:
         identity = {k: v for k, v in self.meta.items() if k != "folder"}  # moving the folder keeps its cache
         key = index_cache_key(identity, self.backend.fingerprint, self.backend.name)
         self.evaluation_cache = EvaluationCache(self.index_dir, key, searcher.evaluate)
+        values = searcher.attribute_values
+        self.filter_key = next((k for k in FILTER_KEYS if k in values), next(iter(values), None))
+        self.filter_choices = [ALL_VALUES] + (values[self.filter_key] if self.filter_key else [])
+        self.rerank_choices = ["none", "qe"] + (["dba"] if searcher.index.neighbours is not None else []) + ["kreciprocal"]
+
+    @property
+    def worker(self) -> Any:
+        """The batching worker searches go through (the server's; one of its own when used without a server)."""
+        with self._worker_lock:
+            if self._worker is None:
+                from app.batching import BatchingWorker
+
+                self._worker = BatchingWorker(self.searcher, max_batch=self.max_batch_size)
+            return self._worker
 
     # --- example queries ------------------------------------------------------------------------
 
@@ -166,6 +193,9 @@ class SearchApp:
             data = self._read_upload(Path(payload), name)
         else:
             raise QueryError(f"unexpected input of type {type(payload).__name__}; upload an image file")
+        gallery_query = self._gallery_query(payload)
+        if gallery_query is not None:
+            return gallery_query
         try:
             image = open_image(data, max_pixels=self.max_pixels)
         except ImageLoadError as exc:
@@ -175,6 +205,26 @@ class SearchApp:
             log.exception("unexpected error decoding %s", name)
             raise QueryError(f"Cannot use {name}: it could not be decoded ({type(exc).__name__}).") from None
         return DecodedQuery(image, self._example_by_hash.get(_sha256(data)), name)
+
+    def _gallery_query(self, payload: Any) -> DecodedQuery | None:
+        """A result tile put back in the query box ("more like this"): the gallery image behind it, label known."""
+        raw = payload.get("path") if isinstance(payload, Mapping) else payload
+        if not raw:
+            return None
+        path = Path(str(raw))
+        match = re.fullmatch(r"(\d+)\.jpg", path.name)
+        if not match or path.parent.resolve() != self.thumbnails.folder:
+            return None
+        i = int(match.group(1))
+        if not 0 <= i < self.gallery_size:
+            return None
+        label, item = int(self.searcher.gallery_labels[i]), str(self.searcher.gallery_item_ids[i])
+        try:
+            image = open_image(self.searcher.gallery_paths[i], max_pixels=self.max_pixels)
+        except ImageLoadError:
+            image = open_image(path, max_pixels=self.max_pixels)  # the original moved: its thumbnail
+        known = StoredQuery(Path(self.searcher.gallery_paths[i]), label, item, i) if label >= 0 else None
+        return DecodedQuery(image, known, f"gallery image #{i}", "Gallery image")
 
     def _decode_or_error(self, payload: Any) -> DecodedQuery | QueryError:
         try:
@@ -211,12 +261,45 @@ class SearchApp:
             raise QueryError("Cannot use the pasted image: it is over the upload size limit.")
         return data
 
-    def search_batch(self, images: Sequence[Any], ks: Sequence[Any]) -> tuple[list[list[tuple[str, str]]], list[str]]:
-        """Batched handler: one (gallery, status) per queued query; never raises."""
+    def search_batch(self, images: Sequence[Any], ks: Sequence[Any], filter_value: Any = None,
+                     rerank: Any = None) -> tuple[list[list[tuple[str, str]]], list[str]]:
+        """One (gallery, status) per query, searched through the batching worker; never raises."""
+        galleries, statuses, _ = self._search(images, ks, filter_value, rerank)
+        return galleries, statuses
+
+    def search_one(self, image: Any, k: Any, filter_value: Any = None,
+                   rerank: Any = None) -> tuple[list[tuple[str, str]], str, list[int]]:
+        """The UI's search event: (result tiles, status, gallery rows shown, for "more like this")."""
+        galleries, statuses, shown = self._search([image], [k], filter_value, rerank)
+        return galleries[0], statuses[0], shown[0]
+
+    def more_like_this(self, shown: Sequence[int] | None, evt: Any = None) -> Any:
+        """A click on result tile `evt.index`: that gallery image's thumbnail becomes the query."""
+        import gradio as gr
+
+        index = getattr(evt, "index", None)
+        if isinstance(index, (list, tuple)):
+            index = index[0] if index else None
+        if index is None or not shown or not 0 <= int(index) < len(shown):
+            return gr.update()
+        return str(self.thumbnails.path_for(int(shown[int(index)])))
+
+    def _where(self, filter_value: Any) -> dict[str, list[str]] | None:
+        if not filter_value or filter_value == ALL_VALUES or not self.filter_key:
+            return None
+        return {self.filter_key: [str(filter_value)]}
+
+    def _search(self, images: Sequence[Any], ks: Sequence[Any], filter_value: Any,
+                rerank: Any) -> tuple[list[list[tuple[str, str]]], list[str], list[list[int]]]:
         n = len(images)
         galleries: list[list[tuple[str, str]]] = [[] for _ in range(n)]
         statuses = [""] * n
+        shown: list[list[int]] = [[] for _ in range(n)]
         ks_clamped = [_clamp_k(ks[i] if i < len(ks) else self.default_k, self.max_k) for i in range(n)]
+        method = str(rerank or "none")
+        if method not in self.rerank_choices:
+            method = "none"
+        where = self._where(filter_value)
         good: list[tuple[int, DecodedQuery]] = []
         for i, decoded in enumerate(self._decode_all(images)):
             if isinstance(decoded, QueryError):
@@ -224,27 +307,34 @@ class SearchApp:
             else:
                 good.append((i, decoded))
         if not good:
-            return galleries, statuses
-        k_batch = max(ks_clamped[i] for i, _ in good)
-        start = time.perf_counter()
-        try:
-            results = self.searcher.search_images([q.image for _, q in good], k_batch)
-        except Exception as exc:
-            log.exception("search failed for a batch of %d queries", len(good))
+            return galleries, statuses, shown
+        try:  # preprocessing runs here, on the event's worker thread, never on the server's event loop
+            futures = [self.worker.submit(self.worker.prepare(q.image).pixels, ks_clamped[i], where, method)
+                       for i, q in good]
+        except Exception as exc:  # queue full, shutting down
             for i, _ in good:
-                statuses[i] = f"⚠️ Search failed ({type(exc).__name__}: {exc}). The server keeps running; try again."
-            return galleries, statuses
-        seconds = time.perf_counter() - start
-        for (i, query), hits in zip(good, results):
+                statuses[i] = f"⚠️ The server is busy ({exc}). Try again in a moment."
+            return galleries, statuses, shown
+        for (i, query), future in zip(good, futures):
             try:
-                galleries[i], statuses[i] = self._render(query, list(hits)[: ks_clamped[i]], seconds, len(good))
+                result = future.result()
+            except Exception as exc:
+                log.exception("search failed")
+                statuses[i] = f"⚠️ Search failed ({type(exc).__name__}: {exc}). The server keeps running; try again."
+                continue
+            try:
+                hits = list(result.hits)[: ks_clamped[i]]
+                seconds = result.embed_seconds + result.search_seconds
+                galleries[i], statuses[i] = self._render(query, hits, seconds, result.batch_size, where, method)
+                shown[i] = [int(h.gallery_index) for h in hits]
             except Exception as exc:
                 log.exception("rendering results failed")
                 statuses[i] = f"⚠️ Could not show the results ({type(exc).__name__}: {exc})."
-        return galleries, statuses
+        return galleries, statuses, shown
 
     def _render(
-        self, query: DecodedQuery, hits: Sequence[Any], seconds: float, batch: int
+        self, query: DecodedQuery, hits: Sequence[Any], seconds: float, batch: int,
+        where: Mapping[str, Any] | None = None, rerank: str = "none",
     ) -> tuple[list[tuple[str, str]], str]:
         gallery: list[tuple[str, str]] = []
         correct_ranks: list[int] = []
@@ -265,16 +355,21 @@ class SearchApp:
         timing = f"embed + search **{_fmt_ms(seconds)}**"
         if batch > 1:
             timing += f" (one batch of {batch} queued queries)"
-        lines = [f"**Top {len(hits)}** of {self.gallery_size:,} gallery images · {timing} · {self.devices_text()}"]
+        scope = f"{self.gallery_size:,} gallery images"
+        if where:
+            scope += " where " + " and ".join(f"{k} = {', '.join(v)}" for k, v in where.items())
+        if rerank != "none":
+            timing += f" · re-ranked ({rerank})"
+        lines = [f"**Top {len(hits)}** of {scope} · {timing} · {self.devices_text()}"]
         if query.known is not None:
             item = query.known.item_id
             if correct_ranks:
                 lines.append(
-                    f"{CORRECT_MARK} Example query of item `{item}`: first correct match at rank **{correct_ranks[0]}** "
+                    f"{CORRECT_MARK} {query.origin} of item `{item}`: first correct match at rank **{correct_ranks[0]}** "
                     f"({len(correct_ranks)} of {len(hits)} results are this item, marked {CORRECT_MARK})."
                 )
             else:
-                lines.append(f"✗ Example query of item `{item}`: no correct match in the top {len(hits)}.")
+                lines.append(f"✗ {query.origin} of item `{item}`: no correct match in the top {len(hits)}.")
         else:
             lines.append("Query label unknown (not a stored example), so results are not marked correct.")
         return gallery, "\n\n".join(lines)
@@ -321,6 +416,7 @@ class SearchApp:
             ("Embedding size", _first(m, "embedding_size")),
             ("Index type", _first(m, "index_type") or _first(params, "index_type")),
             ("FAISS factory", _first(m, "index_factory")),
+            ("Search setting", _search_setting(m)),
             ("Embedder fingerprint", _first(m, "fingerprint", "model_fingerprint")),
             ("Built", _first(m, "created_at")),
             ("Updated", _first(m, "updated_at")),
@@ -380,6 +476,11 @@ class SearchApp:
                         )
                         k = gr.Slider(1, self.max_k, value=self.default_k, step=1, label="K (results shown)",
                                       elem_id="k-slider")
+                        category = gr.Dropdown(self.filter_choices, value=ALL_VALUES,
+                                               label=f"Only {self.filter_key}" if self.filter_key else "Filter",
+                                               visible=self.filter_key is not None, elem_id="filter-dropdown")
+                        rerank = gr.Radio(self.rerank_choices, value="none", label="Re-ranking",
+                                          elem_id="rerank-choice")
                         button = gr.Button("Search", variant="primary", elem_id="search-button")
                         if self.examples:
                             gr.Examples(
@@ -396,22 +497,28 @@ class SearchApp:
                             columns=4,
                             height="auto",
                             object_fit="contain",
-                            allow_preview=True,
+                            allow_preview=False,  # a click searches by the result ("more like this")
                             elem_id="results-gallery",
                         )
+                shown = gr.State([])
                 gr.on(
-                    triggers=[query.change, k.release, button.click],
-                    fn=self.search_batch,
-                    inputs=[query, k],
-                    outputs=[results, status],
+                    triggers=[query.change, k.release, button.click, category.change, rerank.change],
+                    fn=self.search_one,
+                    inputs=[query, k, category, rerank],
+                    outputs=[results, status, shown],
                     api_name=SEARCH_API,
-                    batch=True,
-                    max_batch_size=self.max_batch_size,
                     preprocess=False,
-                    concurrency_limit=1,
+                    concurrency_limit=max(1, self.worker.max_batch),  # events wait on the worker, which batches
                     concurrency_id="search",
                     show_progress="minimal",
                 )
+
+                def clicked(shown_rows: list[int], evt: gr.SelectData) -> Any:
+                    return self.more_like_this(shown_rows, evt)
+
+                clicked.__annotations__["evt"] = gr.SelectData  # Gradio reads the class, not its name
+
+                results.select(clicked, inputs=[shown], outputs=[query], api_name=False, queue=False)
             with gr.Tab("Evaluation", id="evaluation"):
                 eval_status = gr.Markdown("Evaluating the stored query set against the gallery…",
                                           elem_id="eval-status")
@@ -458,6 +565,16 @@ def _first(mapping: Mapping[str, Any], *keys: str) -> str:
         if value not in (None, ""):
             return str(value)
     return ""
+
+
+def _search_setting(meta: Mapping[str, Any]) -> str:
+    """The calibrated search setting and its measured recall/speed (or why auto built flat)."""
+    from retrieval.calibrate import search_setting_text
+
+    try:
+        return search_setting_text(dict(meta))
+    except (TypeError, ValueError, KeyError):  # metadata written by an older version
+        return ""
 
 
 def stored_queries(searcher: Any) -> list[StoredQuery]:

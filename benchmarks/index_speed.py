@@ -1,15 +1,26 @@
-"""Index speed, memory and recall on synthetic clustered embeddings: flat vs IVF-flat vs IVF-PQ vs HNSW.
+"""Index speed and recall on generated 512-d embeddings: build-time calibration per data distribution, or a
+sweep of every index type x search setting.
 
-Vectors are 512-d, L2-normalised and clustered the way trained embeddings are (coarse groups of
-classes, classes of ~10 items as in SOP/In-Shop, each with its own spread), generated in seeded float32 chunks. Queries
-are held-out points from the same classes, never gallery members. For each index type and each
-search setting it prints build time, index size, RSS growth, queries/s at batch 1 and batch 256,
-and Recall@10 against exact (flat) search, all measured in this run with the product's own
-build/search code (retrieval.index). Flat is re-timed after each approximate type and its best
-speed is the denominator of every ratio (conservative on a shared machine). The summary names the fastest approximate setting with
-Recall@10 >= the target and its speed-up over flat at batch 256 and at batch 1.
+Distributions (unit vectors, generated in seeded float32 chunks; queries are held-out points of the same
+distribution, never gallery members):
+    clustered        classes of ~10 in coarse groups (the original generator; easy to partition)
+    catalogue-r0.8   categories -> items (625 per category) -> images, spread set for exact item Recall@1 ~0.8
+    catalogue-r0.3   the same with a wider spread: exact item Recall@1 ~0.3
+    isotropic        uniform on the sphere: nothing for an index to exploit
 
-    python benchmarks/index_speed.py --sizes 100000 1000000 --threads 2
+`--report calibrated` (default): for each size and distribution, each candidate index is built and
+calibrated by the product's own code (retrieval.calibrate.build_calibrated, target Recall@10 0.95 on
+gallery vectors); the table shows, on the held-out queries, Recall@10 against exact search and q/s at
+batch 256 as a multiple of flat, for the fixed setting used before calibration (nprobe 16, efSearch 128)
+and for the calibrated one, and what `--index-type auto` would keep. Flat is re-timed after each
+candidate and its best speed is the denominator (conservative on a shared machine).
+
+`--report sweep`: build time, size, RSS, q/s at batch 1 and 256 and Recall@10 of every type x setting on
+the first distribution given.
+
+    python benchmarks/index_speed.py --sizes 100000 --candidates ivf-flat hnsw-m32 ivf-pq-refine
+    python benchmarks/index_speed.py --sizes 1000000 --large-candidates ivf-flat
+    python benchmarks/index_speed.py --report sweep --distributions clustered --sizes 100000 1000000
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval.config import IndexConfig  # noqa: E402
-from retrieval.index import build_faiss_index, configure_search, resolve_params, search  # noqa: E402
+from retrieval.index import build_faiss_index, configure_search, default_nlist, resolve_params, search  # noqa: E402
 
 ROWS_PER_CHUNK = 65_536
 
@@ -84,6 +95,63 @@ def clustered_vectors(n: int, n_queries: int, d: int, seed: int, items_per_class
     gallery, gallery_labels = draw(n)
     queries, query_labels = draw(n_queries)  # held out: same distribution, not gallery members
     return ClusteredVectors(gallery, queries, gallery_labels, query_labels, n_classes)
+
+
+def _draw(rng: np.random.Generator, centres: np.ndarray, labels: np.ndarray, spread: np.ndarray | float) -> np.ndarray:
+    """Unit vectors centres[labels] + spread * N(0, I/d), generated in float32 chunks."""
+    d = centres.shape[1]
+    out = np.empty((len(labels), d), np.float32)
+    per_row = np.ndim(spread) > 0
+    for start in range(0, len(labels), ROWS_PER_CHUNK):
+        lab = labels[start : start + ROWS_PER_CHUNK]
+        noise = rng.standard_normal((len(lab), d), dtype=np.float32) / np.float32(np.sqrt(d))
+        s = spread[lab, None] if per_row else np.float32(spread)
+        out[start : start + len(lab)] = centres[lab] + s * noise
+        _normalise(out[start : start + len(lab)])
+    return out
+
+
+ITEMS_PER_CATEGORY = 625  # a catalogue of 64 categories x 40k items has 625 items per category
+
+
+def catalogue_vectors(n: int, n_queries: int, d: int, seed: int, spread: float, images_per_item: int = 10
+                      ) -> ClusteredVectors:
+    """A product catalogue: categories -> items -> images. Items of one category are about as far from each
+    other as from the category centre; images scatter around their item with radius `spread`. Categories
+    grow with the gallery (625 items each), so an item's confusers (its category) stay as many at every
+    size and exact item Recall@1 barely depends on N. Queries are further images of random items."""
+    rng = np.random.default_rng(seed)
+    n_items = max(2, n // images_per_item)
+    n_categories = max(1, n_items // ITEMS_PER_CATEGORY)
+    categories = _normalise(rng.standard_normal((n_categories, d), dtype=np.float32))
+    items = _normalise(categories[rng.integers(0, n_categories, n_items)]
+                       + _normalise(rng.standard_normal((n_items, d), dtype=np.float32)))
+    gallery_labels = np.resize(np.repeat(np.arange(n_items), images_per_item), n)
+    query_labels = rng.integers(0, n_items, n_queries)
+    return ClusteredVectors(_draw(rng, items, gallery_labels, spread), _draw(rng, items, query_labels, spread),
+                            gallery_labels, query_labels, n_items)
+
+
+def isotropic_vectors(n: int, n_queries: int, d: int, seed: int) -> ClusteredVectors:
+    """Uniform on the sphere: no structure for an index to exploit (the hardest case). Labels are unique."""
+    rng = np.random.default_rng(seed)
+    zero = np.zeros((1, d), np.float32)
+    gallery = _draw(rng, zero, np.zeros(n, np.int64), np.float32(np.sqrt(d)))
+    queries = _draw(rng, zero, np.zeros(n_queries, np.int64), np.float32(np.sqrt(d)))
+    return ClusteredVectors(gallery, queries, np.arange(n), -np.ones(n_queries, np.int64), n)
+
+
+# name -> (description, generator(n, n_queries, d, seed, items_per_class))
+DISTRIBUTIONS = {
+    "clustered": ("classes of ~10 in coarse groups, SOP-like spread (the original generator)",
+                  lambda n, q, d, seed, per: clustered_vectors(n, q, d, seed, per)),
+    "catalogue-r0.8": ("categories -> items -> images, spread for exact item Recall@1 ~0.8",
+                       lambda n, q, d, seed, per: catalogue_vectors(n, q, d, seed, 1.85, per)),
+    "catalogue-r0.3": ("categories -> items -> images, spread for exact item Recall@1 ~0.3",
+                       lambda n, q, d, seed, per: catalogue_vectors(n, q, d, seed, 2.3, per)),
+    "isotropic": ("uniform on the sphere, no structure",
+                  lambda n, q, d, seed, per: isotropic_vectors(n, q, d, seed)),
+}
 
 
 @dataclass
@@ -148,8 +216,8 @@ def measure(index, params, queries: np.ndarray, exact_ids: np.ndarray, args) -> 
 def run_size(n: int, args) -> list[Row]:
     d = args.dim
     t0 = time.perf_counter()
-    data = clustered_vectors(n, args.queries, d, args.seed, args.items_per_class)
-    print(f"\n== {n:,} x {d} clustered vectors ({data.n_classes:,} classes), {args.queries} held-out queries; "
+    data = DISTRIBUTIONS[args.distributions[0]][1](n, args.queries, d, args.seed, args.items_per_class)
+    print(f"\n== {n:,} x {d} {args.distributions[0]} vectors ({data.n_classes:,} classes), {args.queries} held-out queries; "
           f"generated in {time.perf_counter() - t0:.1f}s ==", flush=True)
     rows: list[Row] = []
     exact_ids = None
@@ -268,6 +336,115 @@ def print_table(rows: list[Row], target: float) -> None:
               f"{best1.qps1:.0f} q/s = {best1.qps1 / f.qps1:.1f}x flat ({f.qps1:.1f} q/s)")
 
 
+# -- calibrated report: per distribution, the search setting before and after build-time calibration ----
+
+# name -> (IndexConfig builder for n items, the fixed "before" setting the product used without calibration)
+CANDIDATES = {
+    "ivf-flat": (lambda n: IndexConfig(index_type="ivf-flat", use_gpu=False), {"nprobe": 16}),
+    "ivf-flat-4x-lists": (lambda n: IndexConfig(index_type="ivf-flat", nlist=min(4 * default_nlist(n), n // 39),
+                                                use_gpu=False), {"nprobe": 16}),
+    "hnsw-m32": (lambda n: IndexConfig(index_type="hnsw", hnsw_m=32, ef_construction=80, use_gpu=False),
+                 {"ef_search": 128}),
+    "hnsw-m48": (lambda n: IndexConfig(index_type="hnsw", hnsw_m=48, ef_construction=120, use_gpu=False),
+                 {"ef_search": 128}),
+    "ivf-pq-refine": (lambda n: IndexConfig(index_type="ivf-pq", pq_m=64, refine_factor=4, use_gpu=False),
+                      {"nprobe": 16, "refine_factor": 4}),
+}
+
+
+@dataclass
+class CalRow:
+    size: int
+    distribution: str
+    item_r1: float
+    index: str
+    factory: str
+    build_s: float
+    calib_s: float
+    before: str
+    before_recall: float
+    before_qps: float
+    after: str
+    after_recall: float  # held-out queries (not gallery members)
+    calib_recall: float  # what calibration measured on its gallery queries
+    after_qps: float
+    flat_qps: float
+    reached: bool
+    auto: str = ""
+
+
+def _setting_text(setting: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in setting.items())
+
+
+def run_calibrated(n: int, dist: str, args) -> list[CalRow]:
+    from retrieval.calibrate import AUTO_MIN_SPEEDUP, build_calibrated
+    from retrieval.config import CalibrationConfig
+
+    d = args.dim
+    t0 = time.perf_counter()
+    data = DISTRIBUTIONS[dist][1](n, args.queries, d, args.seed, args.items_per_class)
+    print(f"\n== {n:,} x {d} {dist} ({DISTRIBUTIONS[dist][0]}), {args.queries} held-out queries; generated in "
+          f"{time.perf_counter() - t0:.1f}s ==", flush=True)
+    flat = build_faiss_index(data.gallery, resolve_params(IndexConfig(index_type="flat"), n, d), use_gpu=False).index
+    flat_qps, exact_ids = qps_batched(flat, data.queries, 10, 256, args.min_seconds)
+    item_r1 = float(np.mean(data.gallery_labels[exact_ids[:, 0]] == data.query_labels))
+    print(f"  flat: {flat_qps:.0f} q/s at batch 256; exact item Recall@1 {item_r1:.3f}", flush=True)
+    rows = []
+    names = args.candidates if n <= args.large_from else args.large_candidates
+    for name in names:
+        make_cfg, before = CANDIDATES[name]
+        cfg = make_cfg(n)
+        gc.collect()
+        t0 = time.perf_counter()
+        result = build_calibrated(data.gallery, cfg, CalibrationConfig(target_recall=args.target, k=10,
+                                                                        queries=args.calibration_queries,
+                                                                        seed=args.seed + 1), seed=args.seed)
+        build_s = time.perf_counter() - t0
+        built, cal = result.built, result.calibration
+        configure_search(built.index, IndexParams_replace(built.params, **before))
+        b_qps, b_ids = qps_batched(built.index, data.queries, 10, 256, args.min_seconds)
+        configure_search(built.index, built.params)
+        a_qps, a_ids = qps_batched(built.index, data.queries, 10, 256, args.min_seconds)
+        re_flat, _ = qps_batched(flat, data.queries[: args.flat_retime_queries], 10, 256, 0.0)
+        flat_qps = max(flat_qps, re_flat)  # best flat speed: the conservative denominator on a shared machine
+        auto = ""
+        if name == "ivf-flat":
+            if n <= IndexConfig().flat_max_items:
+                auto = "flat (size rule)"
+            elif cal.reached and cal.speedup >= AUTO_MIN_SPEEDUP:
+                auto = "keeps ivf-flat"
+            else:
+                auto = "flat (fallback)"
+        row = CalRow(n, dist, item_r1, name, built.params.factory_string(), build_s, cal.seconds,
+                     _setting_text(before), recall_at(b_ids, exact_ids), b_qps, _setting_text(cal.chosen),
+                     recall_at(a_ids, exact_ids), cal.recall, a_qps, flat_qps, cal.reached, auto)
+        rows.append(row)
+        print(f"  {name} ({row.factory}): built + calibrated in {build_s:.1f}s (calibration {cal.seconds:.1f}s); "
+              f"before {row.before}: R@10 {row.before_recall:.3f} {b_qps / flat_qps:.1f}x flat; after "
+              f"{row.after}: R@10 {row.after_recall:.3f} (calibration measured {cal.recall:.3f}) "
+              f"{a_qps / flat_qps:.1f}x flat{'' if cal.reached else ' (target not reached)'}", flush=True)
+        print("    curve: " + ", ".join(f"{_setting_text(p.setting)}: {p.recall:.3f} @ {p.qps / cal.flat_qps:.1f}x"
+                                        for p in cal.curve), flush=True)
+        del result, built
+        gc.collect()
+    return rows
+
+
+def print_calibrated_table(rows: list[CalRow], target: float, speedup_target: float) -> None:
+    print(f"\nRecall@10 vs exact on held-out queries; speeds at batch 256 as x best flat q/s in the same run; "
+          f"target Recall@10 >= {target} at >= {speedup_target:g}x flat.")
+    print("\n| items | data | exact item R@1 | index | build+calib s | before | R@10 | x flat | calibrated | R@10 "
+          "(calib.) | x flat | meets target | auto |")
+    print("| ---: | --- | ---: | --- | ---: | --- | ---: | ---: | --- | --- | ---: | --- | --- |")
+    for r in rows:
+        meets = "yes" if r.after_recall >= target and r.after_qps / r.flat_qps >= speedup_target else "no"
+        r1 = f"{r.item_r1:.2f}" if r.distribution != "isotropic" else "n/a"
+        print(f"| {r.size:,} | {r.distribution} | {r1} | {r.index} | {r.build_s:.0f} | {r.before} | "
+              f"{r.before_recall:.3f} | {r.before_qps / r.flat_qps:.1f} | {r.after} | {r.after_recall:.3f} "
+              f"({r.calib_recall:.3f}) | {r.after_qps / r.flat_qps:.1f} | {meets} | {r.auto} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -291,10 +468,34 @@ def main() -> None:
     ap.add_argument("--hnsw-max-items", type=int, default=10**9, help="skip HNSW above this size (bounds build time)")
     ap.add_argument("--target", type=float, default=0.95)
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument("--report", choices=["calibrated", "sweep"], default="calibrated",
+                    help="calibrated: per distribution, each index's setting before and after build-time calibration; "
+                         "sweep: every type x setting on one distribution")
+    ap.add_argument("--distributions", nargs="+", choices=list(DISTRIBUTIONS), default=list(DISTRIBUTIONS)[1:],
+                    help="generated data (sweep uses the first)")
+    ap.add_argument("--candidates", nargs="+", choices=list(CANDIDATES), default=list(CANDIDATES),
+                    help="index configurations calibrated at sizes up to --large-from")
+    ap.add_argument("--large-candidates", nargs="+", choices=list(CANDIDATES), default=["ivf-flat", "ivf-pq-refine"],
+                    help="index configurations calibrated above --large-from (HNSW and 4x lists build slowly there)")
+    ap.add_argument("--large-from", type=int, default=200_000)
+    ap.add_argument("--calibration-queries", type=int, default=1000, help="gallery vectors calibration searches")
+    ap.add_argument("--speedup-target", type=float, default=10.0, help="the 1M target: x flat q/s at batch 256")
     args = ap.parse_args()
 
     faiss.omp_set_num_threads(args.threads)
     print(f"faiss {faiss.__version__}, numpy {np.__version__}, {args.threads} threads, seed {args.seed}")
+    t_start = time.perf_counter()
+    if args.report == "calibrated":
+        cal_rows: list[CalRow] = []
+        for n in args.sizes:
+            for dist in args.distributions:
+                cal_rows += run_calibrated(n, dist, args)
+                gc.collect()
+        print_calibrated_table(cal_rows, args.target, args.speedup_target)
+        if args.json:
+            args.json.write_text(json.dumps([r.__dict__ for r in cal_rows], indent=2))
+        print(f"\ntotal run time {time.perf_counter() - t_start:.0f}s")
+        return
     rows: list[Row] = []
     for n in args.sizes:
         rows += run_size(n, args)
@@ -302,6 +503,7 @@ def main() -> None:
     print_table(rows, args.target)
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=2))
+    print(f"\ntotal run time {time.perf_counter() - t_start:.0f}s")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from retrieval.config import IndexConfig
+from retrieval.config import CalibrationConfig, IndexConfig
 from retrieval.embed import EmbeddingBackend
-from retrieval.index import build_faiss_index, library_versions, resolve_params
+from retrieval.index import library_versions, resolve_params
 from retrieval.index_folder import GalleryIndex, ItemTable, StoredQueries, items_from_paths, now_iso
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -87,6 +87,11 @@ def backend_from_source(source: dict[str, Any], device: str = "auto") -> Embeddi
         if kind == "checkpoint":
             return open_backend("torch", checkpoint=path, device=device)[0]
         return open_backend("onnx", model=path, device=device)[0]
+    if kind == "vectors":
+        raise ValueError(
+            f"the index was built from vectors ({source.get('path')}) and records no embedder to embed images with; "
+            "search it with --embeddings QUERIES.npy (vectors from the same model)"
+        )
     raise ValueError(f"the index records no usable embedder ({source!r}); pass --checkpoint or --model")
 
 
@@ -136,11 +141,14 @@ def build_index(
     batch_size: int = 64,
     progress: bool = True,
     seed: int = 0,
+    calib: CalibrationConfig | None = None,
+    rerank_neighbours: int = 0,
 ) -> GalleryIndex:
     """Embed `dataset.gallery_split()` (and the query split of query/gallery datasets), index it, publish `out_dir`.
 
     `dataset` is a retrieval.data RetrievalDataset. The previous folder at `out_dir` stays in place
-    until the new one is complete.
+    until the new one is complete. Items carry the dataset's attributes (retrieval.filters);
+    `rerank_neighbours` > 0 also stores gallery neighbour lists of that width (for DBA re-ranking).
     """
     cfg = cfg or IndexConfig()
     t_start = time.perf_counter()
@@ -156,11 +164,14 @@ def build_index(
     if dataset.protocol == "query-gallery":
         q_split, _ = dataset.eval_splits()
         q_emb = backend.embed_paths(list(q_split.paths), batch_size=batch_size, progress=progress)
-        queries = StoredQueries(q_emb, ItemTable.from_split(q_split))
+        queries = StoredQueries(q_emb, _items_with_attributes(dataset, q_split))
     embed_seconds = time.perf_counter() - t0
 
-    built = build_faiss_index(gallery_emb, params, use_gpu=cfg.use_gpu, seed=seed)
-    lossy = params.index_type == "ivf-pq" and params.refine_factor == 0
+    from retrieval.calibrate import build_calibrated
+
+    result = build_calibrated(gallery_emb, cfg, calib, seed=seed, progress=progress)
+    built = result.built
+    lossy = built.params.index_type == "ivf-pq" and built.params.refine_factor == 0
     meta: dict[str, Any] = {
         "dataset": dataset.name,
         "data_root": str(Path(dataset.root).resolve()),
@@ -184,9 +195,12 @@ def build_index(
         "created_at": now_iso(),
         "versions": _versions(backend),
         "history": [{"action": "build", "items": len(gallery), "at": now_iso()}],
+        **result.meta(),
     }
-    index = GalleryIndex(built.index, built.params, ItemTable.from_split(gallery), meta, queries,
+    index = GalleryIndex(built.index, built.params, _items_with_attributes(dataset, gallery), meta, queries,
                          gallery_emb if lossy else None, use_gpu=cfg.use_gpu)
+    if rerank_neighbours > 0:
+        index.build_neighbours(rerank_neighbours)
     index.save(out_dir)
     return index
 
@@ -213,3 +227,60 @@ def add_images(
     index.save(index_dir)
     return index, len(paths)
 
+
+
+def _items_with_attributes(dataset: Any, split: Any) -> ItemTable:
+    from retrieval.filters import split_attributes
+
+    items = ItemTable.from_split(split)
+    items.attributes = split_attributes(dataset.name, dataset.root, split)
+    return items
+
+
+def rows_to_remove(index: GalleryIndex, item_ids: Sequence[str] = (), paths: Sequence[str | os.PathLike[str]] = ()) -> list[int]:
+    """Gallery rows of the given item ids (every image of the item) and image paths; ValueError naming any not found."""
+    by_id: dict[str, list[int]] = {}
+    for row, item in enumerate(index.items.item_ids):
+        by_id.setdefault(item, []).append(row)
+    by_path = {os.path.realpath(p): row for row, p in enumerate(index.items.paths)}
+    root = index.meta.get("data_root") or ""
+    rows: set[int] = set()
+    missing: list[str] = []
+    for item in item_ids:
+        if str(item) in by_id:
+            rows.update(by_id[str(item)])
+        else:
+            missing.append(f"item id {item}")
+    for path in paths:
+        candidates = [os.path.realpath(path)] + ([os.path.realpath(os.path.join(root, path))] if root else [])
+        row = next((by_path[c] for c in candidates if c in by_path), None)
+        if row is None:
+            missing.append(f"path {path}")
+        else:
+            rows.add(row)
+    if missing:
+        raise ValueError(f"not in the index {index.meta.get('folder', '')}: {', '.join(missing[:5])}"
+                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else "") + "; nothing was removed")
+    return sorted(rows)
+
+
+def remove_items(index_dir: str | os.PathLike[str], item_ids: Sequence[str] = (),
+                 paths: Sequence[str | os.PathLike[str]] = ()) -> tuple[GalleryIndex, int]:
+    """Remove the gallery rows of `item_ids` and `paths` from the index at `index_dir`, republished atomically."""
+    index = GalleryIndex.load(index_dir, use_gpu=False)
+    rows = rows_to_remove(index, item_ids, paths)
+    index.remove(rows)
+    if len(index) == 0:
+        raise ValueError("removing these items would leave the index empty; delete the folder instead")
+    index.meta["updated_at"] = now_iso()
+    index.save(index_dir)
+    return index, len(rows)
+
+
+def add_neighbour_lists(index_dir: str | os.PathLike[str], width: int) -> GalleryIndex:
+    """Compute and store the gallery neighbour lists of an existing index (republished atomically)."""
+    index = GalleryIndex.load(index_dir, use_gpu=False)
+    index.build_neighbours(width)
+    index.meta["updated_at"] = now_iso()
+    index.save(index_dir)
+    return index

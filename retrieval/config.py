@@ -124,6 +124,22 @@ class IndexConfig:
     train_size: int = 0  # 0 = chosen from nlist; vectors sampled (seeded) to train IVF/PQ
     memory_budget_gb: float = 4.0
     use_gpu: bool = True
+    flat_max_items: int = 300_000  # "auto" keeps exact search up to here when it fits the memory budget
+
+
+@dataclass
+class CalibrationConfig:
+    """How an approximate index chooses its search setting at build time (retrieval.calibrate).
+
+    A seeded sample of gallery vectors is searched as queries (each excluding itself); the cheapest
+    setting whose Recall@k against exact search reaches `target_recall` is kept.
+    """
+
+    target_recall: float = 0.95  # 0 = keep the given nprobe / efSearch / refine factor, measure nothing
+    k: int = 10
+    queries: int = 1000  # gallery vectors held out as calibration queries (fewer when the gallery is smaller)
+    seed: int = 0
+    sweep: bool = True  # False: measure the given setting only (it was fixed on the command line)
 
 
 @dataclass

@@ -13,7 +13,8 @@ Index types, all with METRIC_INNER_PRODUCT:
     hnsw      IndexHNSWFlat graph; `ef_search` trades speed for recall. Stays on the CPU (FAISS has no
               GPU HNSW).
 Any approximate type takes `refine_factor` > 0 to re-rank k * factor candidates exactly (IndexRefineFlat,
-which keeps the float32 vectors as well).
+which keeps the float32 vectors as well). Which nprobe / efSearch / refine factor an index searches with is
+measured at build time by `retrieval.calibrate`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import numpy as np
 from retrieval.config import IndexConfig
 
 INDEX_TYPES = ("flat", "ivf-flat", "ivf-pq", "hnsw")
-FLAT_MAX_ITEMS = 300_000  # "auto" keeps exact search up to here when it fits the memory budget
 MIN_POINTS_PER_CENTROID = 39  # below this FAISS k-means gives poor centroids (its own warning threshold)
 TRAIN_POINTS_PER_LIST = 64  # default IVF training sample per list (FAISS itself subsamples above 256)
 MAX_AUTO_NLIST = 65_536
@@ -110,7 +110,7 @@ def choose_index_type(n: int, d: int, cfg: IndexConfig) -> str:
     benchmarks/index_speed.py); IVF-PQ when even float32 vectors exceed the memory budget.
     """
     budget = cfg.memory_budget_gb * 1024**3
-    if n <= FLAT_MAX_ITEMS and estimate_memory_bytes("flat", n, d, cfg) <= budget:
+    if n <= cfg.flat_max_items and estimate_memory_bytes("flat", n, d, cfg) <= budget:
         return "flat"
     if n < MIN_POINTS_PER_CENTROID * 4:
         return "flat"
@@ -362,6 +362,45 @@ def add_to_index(index: faiss.Index, vectors: np.ndarray) -> None:
         raise IndexBuildError("the index is not trained; rebuild it")
     for start in range(0, len(vectors), 65_536):
         index.add(vectors[start : start + 65_536])
+
+
+REMOVABLE_TYPES = ("flat", "ivf-flat", "ivf-pq")
+
+
+def remove_from_index(index: faiss.Index, params: IndexParams, rows: np.ndarray) -> None:
+    """Remove rows `rows` (sorted, unique) in place; the remaining rows are renumbered 0..N'-1 in order.
+
+    Flat storage compacts itself; IVF lists keep explicit ids, which are shifted down here. HNSW graphs
+    (FAISS cannot delete from them) and refined indexes are refused with how to rebuild instead.
+    """
+    if params.index_type not in REMOVABLE_TYPES or params.refine_factor > 0:
+        kind = f"{params.index_type} with refinement" if params.refine_factor > 0 else params.index_type
+        raise IndexBuildError(
+            f"a {kind} index cannot remove items (FAISS supports removal for {', '.join(REMOVABLE_TYPES)}); "
+            "rebuild the index without them: `retrieval index --dataset ... --out DIR` over a dataset that no "
+            "longer lists them, or with --index-type flat/ivf-flat, which support --remove"
+        )
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) == 0:
+        return
+    n_before = index.ntotal
+    selector = faiss.IDSelectorBatch(rows)
+    if params.index_type == "flat":
+        index.remove_ids(selector)
+    else:
+        ivf = faiss.extract_index_ivf(index)
+        ivf.remove_ids(selector)
+        lists = ivf.invlists
+        for list_no in range(ivf.nlist):
+            size = lists.list_size(list_no)
+            if size == 0:
+                continue
+            ids = faiss.rev_swig_ptr(lists.get_ids(list_no), size).copy()
+            new_ids = np.ascontiguousarray(ids - np.searchsorted(rows, ids), dtype=np.int64)  # shift past removed rows
+            codes = faiss.rev_swig_ptr(lists.get_codes(list_no), size * lists.code_size).copy()
+            lists.update_entries(list_no, 0, size, faiss.swig_ptr(new_ids), faiss.swig_ptr(codes))
+    if index.ntotal != n_before - len(rows):
+        raise IndexBuildError(f"removal left {index.ntotal} vectors, expected {n_before - len(rows)}; rebuild the index")
 
 
 def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,8 @@
     <dir>/queries.json   the queries' paths, labels and item ids
     <dir>/gallery.npy    (N, D) float32 gallery embeddings, only for lossy (IVF-PQ) indexes, so exact
                          evaluation stays possible
+    <dir>/neighbours.npy, neighbour_scores.npy   (N, n) gallery neighbour lists for re-ranking (DBA), when
+                         built with --rerank-neighbours; meta["rerank"] records the index file they belong to
     <dir>/meta.json      written last: embedder fingerprint, index parameters, dataset, build facts, and the
                          size and SHA-256 of every file above
 
@@ -36,6 +38,7 @@ from retrieval.index import (
     IndexFileError,
     IndexParams,
     add_to_index,
+    remove_from_index,
     check_embeddings,
     configure_search,
     exact_vectors,
@@ -44,12 +47,14 @@ from retrieval.index import (
     to_search_device,
     write_index,
 )
+from retrieval.rerank import DEFAULT_NEIGHBOURS, NeighbourLists, RerankError, gallery_neighbours
 
 INDEX_FORMAT = "metrix-retrieval/index/1"
 NORMALISATION = "l2"
 METRIC = "inner_product"
 INDEX_FILE, ITEMS_FILE, META_FILE = "index.faiss", "items.json", "meta.json"
 QUERIES_FILE, QUERY_ITEMS_FILE, GALLERY_FILE = "queries.npy", "queries.json", "gallery.npy"
+NEIGHBOURS_FILE, NEIGHBOUR_SCORES_FILE = "neighbours.npy", "neighbour_scores.npy"
 
 
 class EmbedderMismatchError(ValueError):
@@ -62,13 +67,19 @@ def now_iso() -> str:
 
 @dataclass
 class ItemTable:
-    """What each index row is: image path, integer label (-1 = unlabelled) and display item id."""
+    """What each index row is: image path, integer label (-1 = unlabelled), display item id and attributes
+    (e.g. {"category": "Dresses"}; {} for none; tables written before attributes existed read as all {})."""
 
     paths: list[str] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     item_ids: list[str] = field(default_factory=list)
+    attributes: list[dict[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if not self.attributes:
+            self.attributes = [{} for _ in self.paths]
+        if len(self.attributes) != len(self.paths):
+            raise ValueError(f"item table has {len(self.paths)} paths but {len(self.attributes)} attribute rows")
         if not len(self.paths) == len(self.labels) == len(self.item_ids):
             raise ValueError(
                 f"item table columns differ in length: {len(self.paths)} paths, {len(self.labels)} labels, "
@@ -89,12 +100,21 @@ class ItemTable:
         self.paths += other.paths
         self.labels += other.labels
         self.item_ids += other.item_ids
+        self.attributes += other.attributes
+
+    def select(self, rows: Sequence[int]) -> "ItemTable":
+        """The rows `rows`, in that order (a copy)."""
+        return ItemTable([self.paths[i] for i in rows], [self.labels[i] for i in rows],
+                         [self.item_ids[i] for i in rows], [dict(self.attributes[i]) for i in rows])
 
     def to_dict(self, data_root: str | None = None) -> dict[str, list]:
         """Paths under `data_root` (an absolute folder) become relative to it; others stay absolute."""
         prefix = os.path.join(data_root, "") if data_root else None
         paths = [Path(p[len(prefix):]).as_posix() if prefix and p.startswith(prefix) else p for p in self.paths]
-        return {"paths": paths, "labels": self.labels, "item_ids": self.item_ids}
+        table: dict[str, list] = {"paths": paths, "labels": self.labels, "item_ids": self.item_ids}
+        if any(self.attributes):
+            table["attributes"] = self.attributes
+        return table
 
     @classmethod
     def from_dict(cls, raw: Any, source: Path, data_root: str | None = None) -> "ItemTable":
@@ -102,8 +122,9 @@ class ItemTable:
         try:
             paths = [str(p) if os.path.isabs(str(p)) or not data_root else os.path.join(data_root, *str(p).split("/"))
                      for p in raw["paths"]]
-            return cls(paths, [int(v) for v in raw["labels"]], [str(v) for v in raw["item_ids"]])
-        except (KeyError, TypeError, ValueError) as exc:
+            attributes = [{str(k): str(v) for k, v in row.items()} for row in raw.get("attributes") or []]
+            return cls(paths, [int(v) for v in raw["labels"]], [str(v) for v in raw["item_ids"]], attributes)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise IndexFileError(f"{source} is not a valid item table ({exc}); rebuild the index") from exc
 
 
@@ -189,6 +210,11 @@ class GalleryIndex:
         self._searchable: Any = None
         self.search_device = "not yet used"
         self.search_note = ""
+        self.neighbours: NeighbourLists | None = None  # gallery neighbour lists for re-ranking, when built
+        self.neighbours_problem = ""  # why there are none: never built, or stale (set by load)
+        self._configure_search()
+
+    def _configure_search(self) -> None:
         configure_search(self.index, self.params)
 
     # -- facts ---------------------------------------------------------------------------------
@@ -241,9 +267,36 @@ class GalleryIndex:
                 self.index, self.params, self.use_gpu)
         return self._searchable
 
+    def set_search_params(self, params: IndexParams) -> None:
+        """Search with `params` (e.g. an --nprobe / --ef-search override) from now on; the files are unchanged."""
+        self.params = params
+        self._searchable = None
+        self._configure_search()
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """queries (Q, D) L2-normalised -> (scores (Q, k'), ids (Q, k')), k' = min(k, len(self)); ids -1 = none."""
         return search(self._target(), queries, k)
+
+    def search_subset(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Like `search`, restricted to the rows `ids` inside FAISS (an ID selector on the CPU index)."""
+        from retrieval.filters import filtered_search
+
+        queries = check_embeddings(queries, self.embedding_size, "query embeddings")
+        return filtered_search(self.index, queries, k, ids)
+
+    def neighbour_lists(self) -> NeighbourLists:
+        """The stored gallery neighbour lists, or RerankError saying how to build them."""
+        if self.neighbours is None:
+            folder = self.meta.get("folder", "DIR")
+            why = self.neighbours_problem or "this index has no gallery neighbour lists"
+            raise RerankError(f"{why}; build them with `retrieval index --out {folder} --rerank-neighbours "
+                              f"{DEFAULT_NEIGHBOURS}` (or rebuild the index with that flag)")
+        return self.neighbours
+
+    def build_neighbours(self, n: int = DEFAULT_NEIGHBOURS) -> None:
+        """Compute the gallery neighbour lists (exact search over the exact vectors); `save` stores them."""
+        self.neighbours = gallery_neighbours(self.exact_gallery_vectors(), n, use_gpu=self.use_gpu)
+        self.neighbours_problem = ""
 
     def exact_gallery_vectors(self) -> np.ndarray:
         """(N, D) float32 gallery embeddings exactly as indexed (for exact evaluation and self-exclusion)."""
@@ -268,6 +321,27 @@ class GalleryIndex:
         self.items.extend(items)
         self._searchable = None
         self.meta.setdefault("history", []).append({"action": "add", "items": len(items), "from": n_before, "at": now_iso()})
+        if self.neighbours is not None:
+            self.build_neighbours(self.neighbours.width)
+
+    def remove(self, rows: Sequence[int]) -> None:
+        """Drop gallery rows `rows` (in memory; `save` publishes); the rows after them move up.
+
+        Flat and IVF indexes support removal; HNSW graphs and refined indexes do not (IndexBuildError
+        saying how to rebuild without the items).
+        """
+        drop = np.unique(np.asarray(list(rows), dtype=np.int64))
+        if len(drop) and (drop[0] < 0 or drop[-1] >= len(self)):
+            raise ValueError(f"row {int(drop[-1])} is not in the index (it holds {len(self)} items)")
+        remove_from_index(self.index, self.params, drop)
+        keep = np.setdiff1d(np.arange(len(self.items)), drop)
+        self.items = self.items.select(keep.tolist())
+        if self.gallery_vectors is not None:
+            self.gallery_vectors = np.asarray(self.gallery_vectors)[keep]
+        self._searchable = None
+        self.meta.setdefault("history", []).append({"action": "remove", "items": int(len(drop)), "at": now_iso()})
+        if self.neighbours is not None:
+            self.build_neighbours(self.neighbours.width)
 
     # -- files ---------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike[str]) -> Path:
@@ -277,10 +351,10 @@ class GalleryIndex:
         published: dict[str, Any] = {}
 
         def write(tmp: Path) -> None:
-            atomic_write_with(tmp / INDEX_FILE, lambda p: write_index(self.index, p))
+            names = self._write_index_files(tmp)
             data_root = self.meta.get("data_root") or None
             atomic_write_json(tmp / ITEMS_FILE, self.items.to_dict(data_root))
-            names = [INDEX_FILE, ITEMS_FILE]
+            names += [ITEMS_FILE]
             if self.queries is not None:
                 _write_npy(tmp / QUERIES_FILE, self.queries.emb)
                 atomic_write_json(tmp / QUERY_ITEMS_FILE, self.queries.items.to_dict(data_root))
@@ -290,6 +364,13 @@ class GalleryIndex:
                 names.append(GALLERY_FILE)
             meta = dict(self.meta)
             meta.pop("folder", None)
+            meta.pop("rerank", None)
+            if self.neighbours is not None:
+                _write_array(tmp / NEIGHBOURS_FILE, self.neighbours.ids.astype(np.int64))
+                _write_array(tmp / NEIGHBOUR_SCORES_FILE, self.neighbours.scores.astype(np.float32))
+                names += [NEIGHBOURS_FILE, NEIGHBOUR_SCORES_FILE]
+                meta["rerank"] = {"neighbours": self.neighbours.width,
+                                  "index_sha256": file_digest(tmp / INDEX_FILE)["sha256"]}
             meta.update({
                 "format": INDEX_FORMAT,
                 "n_items": len(self),
@@ -310,6 +391,11 @@ class GalleryIndex:
         self.meta = published
         self.meta["folder"] = str(folder)
         return folder
+
+    def _write_index_files(self, tmp: Path) -> list[str]:
+        """Write the index itself into the folder being published; returns the file names written."""
+        atomic_write_with(tmp / INDEX_FILE, lambda p: write_index(self.index, p))
+        return [INDEX_FILE]
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str], *, verify_checksums: bool = True, use_gpu: bool = True,
@@ -333,7 +419,8 @@ class GalleryIndex:
         if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
             raise IndexFileError(f"{meta_path} is not metrix-retrieval index metadata (format {INDEX_FORMAT} expected)")
         files = meta.get("files", {})
-        for name in (INDEX_FILE, ITEMS_FILE):
+        sharded = bool(meta.get("shards"))  # shard files listed in meta.json instead of one index.faiss
+        for name in (ITEMS_FILE,) if sharded else (INDEX_FILE, ITEMS_FILE):
             if name not in files:
                 raise IndexFileError(f"{meta_path} records no {name}; rebuild the index")
         for name, expected in files.items():
@@ -342,7 +429,12 @@ class GalleryIndex:
         if data_root is not None:
             meta["data_root"] = os.path.abspath(data_root)
         root = meta.get("data_root") or None
-        index = read_index(folder / INDEX_FILE)
+        if sharded:
+            from retrieval.scale.shards import ShardedGalleryIndex, read_shard_set
+
+            index, cls = read_shard_set(folder, meta), ShardedGalleryIndex  # type: ignore[assignment]
+        else:
+            index = read_index(folder / INDEX_FILE)
         items_path = folder / ITEMS_FILE
         items = ItemTable.from_dict(_read_json_file(items_path, "item table"), items_path, root)
         params = IndexParams.from_dict(meta.get("index_params", {"index_type": meta.get("index_type", "flat")}))
@@ -369,7 +461,34 @@ class GalleryIndex:
                 raise IndexFileError(f"{folder / GALLERY_FILE} has shape {gallery_vectors.shape}, expected "
                                      f"({index.ntotal}, {index.d})")
         meta["folder"] = str(folder)
-        return cls(index, params, items, meta, queries, gallery_vectors, use_gpu=use_gpu)
+        loaded = cls(index, params, items, meta, queries, gallery_vectors, use_gpu=use_gpu)
+        loaded.neighbours, loaded.neighbours_problem = _load_neighbours(folder, meta, files, index.ntotal)
+        return loaded
+
+
+def _write_array(target: Path, arr: np.ndarray) -> None:
+    def writer(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(arr), allow_pickle=False)
+
+    atomic_write_with(target, writer)
+
+
+def _load_neighbours(folder: Path, meta: dict[str, Any], files: dict[str, Any],
+                     n_items: int) -> tuple[NeighbourLists | None, str]:
+    """The stored neighbour lists when they belong to this index file; else (None, why not)."""
+    record = meta.get("rerank")
+    if not isinstance(record, dict):
+        return None, ""
+    stale = f"the gallery neighbour lists in {folder} are stale (the index changed since they were built)"
+    if NEIGHBOURS_FILE not in files or NEIGHBOUR_SCORES_FILE not in files:
+        return None, stale
+    if record.get("index_sha256") != files.get(INDEX_FILE, {}).get("sha256"):
+        return None, stale
+    ids, scores = _read_npy(folder / NEIGHBOURS_FILE), _read_npy(folder / NEIGHBOUR_SCORES_FILE)
+    if ids.ndim != 2 or ids.shape[0] != n_items or scores.shape != ids.shape:
+        return None, stale
+    return NeighbourLists(ids.astype(np.int64, copy=False), scores.astype(np.float32, copy=False)), ""
 
 
 def _read_json_file(path: Path, what: str) -> Any:

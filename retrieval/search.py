@@ -21,7 +21,9 @@ import numpy as np
 from PIL import Image
 
 from retrieval.embed import EmbeddingBackend
+from retrieval.filters import Where, attribute_values, matching_ids, parse_where
 from retrieval.index_folder import GalleryIndex
+from retrieval.rerank import Reranker, RerankConfig, check_method
 
 DEFAULT_RECALL_KS = (1, 2, 4, 8)  # when an index records no protocol ks (e.g. a folder of images)
 NO_MATCH = np.iinfo(np.int64).min  # label given to missing neighbours (-1 ids): matches no query
@@ -50,6 +52,8 @@ class Searcher:
         self.index = index
         self.device = device
         self._backend: EmbeddingBackend | None = None
+        self._subsets: dict[tuple, np.ndarray] = {}  # filter -> matching rows (the item table is fixed once open)
+        self.reranker = Reranker(index.exact_gallery_vectors, index.neighbour_lists, RerankConfig())
         if backend is not None:
             self._attach(backend)
 
@@ -150,10 +154,48 @@ class Searcher:
         return {"embedding": self._backend.device if self._backend else "not opened yet",
                 "index": self.index.search_device}
 
+    @property
+    def attribute_values(self) -> dict[str, list[str]]:
+        """Filterable attributes of the gallery items -> their distinct values (empty for indexes without any)."""
+        if "_attribute_values" not in self.__dict__:
+            self.__dict__["_attribute_values"] = attribute_values(self.index.items.attributes)
+        return self.__dict__["_attribute_values"]
+
+    def subset(self, where: Where | Sequence[str] | dict[str, Any] | None) -> np.ndarray | None:
+        """Rows matching a filter (None = no filter); FilterError for an attribute the items lack."""
+        where = parse_where(where)
+        if not where:
+            return None
+        key = tuple(sorted((k, tuple(sorted(v))) for k, v in where.items()))
+        if key not in self._subsets:
+            if len(self._subsets) >= 64:
+                self._subsets.pop(next(iter(self._subsets)))
+            self._subsets[key] = matching_ids(self.index.items.attributes, where)
+        return self._subsets[key]
+
+    def search_raw(self, emb: np.ndarray, k: int, where: Any = None,
+                   rerank: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) (Q, k'), -1 = none: the index's search, restricted to a filter, re-ranked."""
+        method = check_method(rerank)
+        rows = self.subset(where)
+        width = k if method == "none" else self.reranker.shortlist_size(k)
+        if rows is None:
+            scores, ids = self.index.search(emb, width)
+        else:
+            scores, ids = self.index.search_subset(emb, width, rows)
+        if method != "none":
+            scores, ids = self.reranker.rerank(method, np.asarray(emb, dtype=np.float32), scores, ids)
+            scores, ids = scores[:, :k], ids[:, :k]
+        return scores, ids
+
     # -- search ---------------------------------------------------------------------------------
-    def search_embeddings(self, emb: np.ndarray, k: int = 10) -> list[list[Hit]]:
-        """emb (Q, D) L2-normalised -> per query, up to k hits, best first."""
-        scores, ids = self.index.search(emb, k)
+    def search_embeddings(self, emb: np.ndarray, k: int = 10, *, where: Any = None,
+                          rerank: str | None = None) -> list[list[Hit]]:
+        """emb (Q, D) L2-normalised -> per query, up to k hits, best first.
+
+        `where`: a filter ("category=Dresses" terms or {"category": "Dresses"}), exact inside FAISS;
+        `rerank`: none | qe | dba | kreciprocal (see retrieval.rerank)."""
+        scores, ids = self.search_raw(emb, k, where, rerank)
         items = self.index.items
         out: list[list[Hit]] = []
         for row_scores, row_ids in zip(scores, ids):
@@ -166,26 +208,39 @@ class Searcher:
             out.append(hits)
         return out
 
-    def search_images(self, images: Sequence[Image.Image], k: int = 10) -> list[list[Hit]]:
+    def search_images(self, images: Sequence[Image.Image], k: int = 10, *, where: Any = None,
+                      rerank: str | None = None) -> list[list[Hit]]:
         """RGB PIL images -> per image, its k nearest gallery items."""
         if len(images) == 0:
             return []
-        return self.search_embeddings(self.backend.embed_images(list(images)), k)
+        return self.search_embeddings(self.backend.embed_images(list(images)), k, where=where, rerank=rerank)
 
-    def search_paths(self, paths: Sequence[str | os.PathLike[str]], k: int = 10, batch_size: int = 64) -> list[list[Hit]]:
+    def search_paths(self, paths: Sequence[str | os.PathLike[str]], k: int = 10, batch_size: int = 64, *,
+                     where: Any = None, rerank: str | None = None) -> list[list[Hit]]:
         """Image files -> per file, its k nearest gallery items (unreadable files raise ImageLoadError naming them)."""
         if len(paths) == 0:
             return []
-        return self.search_embeddings(self.backend.embed_paths(list(paths), batch_size=batch_size, progress=False), k)
+        emb = self.backend.embed_paths(list(paths), batch_size=batch_size, progress=False)
+        return self.search_embeddings(emb, k, where=where, rerank=rerank)
+
+    def relative_path(self, gallery_index: int) -> str:
+        """Gallery item's path relative to the dataset folder (absolute when outside it)."""
+        path = self.index.items.paths[int(gallery_index)]
+        root = self.meta.get("data_root")
+        if root and path.startswith(os.path.join(root, "")):
+            return Path(path[len(os.path.join(root, "")):]).as_posix()
+        return path
 
     # -- evaluation -----------------------------------------------------------------------------
-    def evaluate(self, ks: Sequence[int] | None = None, exact: bool = True) -> dict[str, float]:
+    def evaluate(self, ks: Sequence[int] | None = None, exact: bool = True, rerank: str | None = None) -> dict[str, float]:
         """Recall@K, MAP@R and R-precision of the stored evaluation protocol, as fractions.
 
         The keys are "R@k", "MAP@R", "RP" from the index's own search. For approximate indexes
         (and `exact=True`) also "exact R@k", ... from exact search over the same vectors and
         "diff R@k", ... = index - exact. Unlabelled items (added with --add) are never relevant.
+        `rerank`: the same ranking with a re-ranking method applied (then no exact comparison).
         """
+        method = check_method(rerank)
         ks = tuple(int(k) for k in ks) if ks else self.recall_ks
         gallery_labels = np.asarray(self.index.items.labels, dtype=np.int64)
         if self.meta.get("protocol") == "query-gallery":
@@ -198,6 +253,9 @@ class Searcher:
             g_emb = self.index.exact_gallery_vectors()
             self_ids = np.flatnonzero(gallery_labels >= 0)
             q_emb, q_labels = g_emb[self_ids], gallery_labels[self_ids]
+        if method != "none":
+            return neighbour_metrics(lambda q, k: self.search_raw(q, k, rerank=method), q_emb, q_labels,
+                                     gallery_labels, ks, self_ids)
         result = neighbour_metrics(self.index.search, q_emb, q_labels, gallery_labels, ks, self_ids)
         if self.index.exact or not exact:
             return result

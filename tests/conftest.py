@@ -17,3 +17,14 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from retrieval.data.demo import generate_demo
 
     return generate_demo(tmp_path_factory.mktemp("demo") / "demo", **SMALL_DEMO)
+
+
+@pytest.fixture(scope="session")
+def ray_runtime():
+    """One small local Ray runtime (2 CPUs, no dashboard) shared by every test marked `ray`."""
+    ray = pytest.importorskip("ray", reason="the Ray tests need the `ray` extra: pip install -e .[ray]")
+    repo = str(Path(__file__).resolve().parents[1])
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2, logging_level="warning",
+             runtime_env={"env_vars": {"PYTHONPATH": repo, "OMP_NUM_THREADS": "1"}})
+    yield ray
+    ray.shutdown()

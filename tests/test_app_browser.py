@@ -92,6 +92,29 @@ def test_upload_search_examples_and_recall_table_render_in_chromium(
             expect(page.locator("#results-gallery .caption-label", has_text="✓").first).to_be_visible()
             page.screenshot(path=str(ARTIFACTS / "app_search_example.png"), full_page=True)
 
+            # "more like this": a click on a result puts that gallery image in the query box and searches by it
+            second = thumbs.nth(1).locator("img")
+            clicked = _gallery_index_of(second.get_attribute("src") or "")
+            thumbs.nth(1).click()
+            item = search_app.searcher.gallery_item_ids[clicked]  # type: ignore[attr-defined]
+            expect(page.locator("#query-image img").first).to_have_attribute("src", re.compile(rf"/{clicked}\.jpg$"))
+            expect(status).to_contain_text(f"Gallery image of item {item}")
+            expect(page.locator("#results-gallery .caption-label").first).to_contain_text("(the query itself)")
+            first_src = thumbs.first.locator("img").get_attribute("src") or ""
+            assert _gallery_index_of(first_src) == clicked
+            page.screenshot(path=str(ARTIFACTS / "app_more_like_this.png"), full_page=True)
+
+            # the category filter: every result now has the chosen category
+            attributes = search_app.searcher.index.items.attributes  # type: ignore[attr-defined]
+            category = next(c for c in search_app.filter_choices[1:] if c != attributes[clicked]["category"])  # type: ignore[attr-defined]
+            page.locator("#filter-dropdown input").click()
+            page.get_by_role("option", name=category, exact=True).click()
+            expect(status).to_contain_text(f"where category = {category}")
+            expect(thumbs).to_have_count(k)
+            sources = [thumbs.nth(i).locator("img").get_attribute("src") or "" for i in range(k)]
+            assert all(attributes[_gallery_index_of(src)]["category"] == category for src in sources), sources
+            page.screenshot(path=str(ARTIFACTS / "app_filtered.png"), full_page=True)
+
             # evaluation tab: Recall@K table for In-Shop's K list, MAP@R, and the plot
             page.get_by_role("tab", name="Evaluation").click()
             table = page.locator("#recall-table")
@@ -103,6 +126,13 @@ def test_upload_search_examples_and_recall_table_render_in_chromium(
             page.screenshot(path=str(ARTIFACTS / "app_evaluation.png"), full_page=True)
         finally:
             browser.close()
+
+
+def _gallery_index_of(src: str) -> int:
+    """Gallery row of a result tile, from its thumbnail URL (<thumbnail folder>/<row>.jpg)."""
+    match = re.search(r"/(\d+)\.jpg$", src)
+    assert match, src
+    return int(match.group(1))
 
 
 def _example_with_a_hit_in_top(search_app: object, k: int) -> int:

@@ -17,6 +17,12 @@ def register(app: typer.Typer) -> None:
                                    help="For approximate indexes also compute exact-search numbers and the difference."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N] for FAISS."),
+        rerank: str = typer.Option("none", "--rerank",
+                                   help="Also evaluate with this re-ranking (qe | dba | kreciprocal): before/after table."),
+        nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1,
+                                             help="IVF lists scanned per query (default: the calibrated setting)."),
+        ef_search: Optional[int] = typer.Option(None, "--ef-search", min=1,
+                                                help="HNSW search beam width (default: the calibrated setting)."),
         analysis: bool = typer.Option(False, "--analysis",
                                       help="Also the paper's analyses: alignment and uniformity of the test embeddings; "
                                            "with --checkpoint, the utilization by the training set, clean and mixed."),
@@ -43,7 +49,13 @@ def register(app: typer.Typer) -> None:
         try:
             k_list = [int(v) for v in ks.split(",") if v.strip()] if ks else None
             searcher = Searcher.open(index, device=device)
-            result = searcher.evaluate(k_list, exact=exact)
+            from retrieval.calibrate import override_search_params, search_setting_text
+            from retrieval.rerank import check_method
+
+            searcher.index.set_search_params(override_search_params(searcher.index.params, nprobe, ef_search))
+            method = check_method(rerank)
+            result = searcher.evaluate(k_list, exact=exact and method == "none")
+            reranked = searcher.evaluate(k_list, rerank=method) if method != "none" else None
             report = None
             if analysis:
                 from training.analysis import analyse_index
@@ -55,9 +67,23 @@ def register(app: typer.Typer) -> None:
             console.print(f"[red]error:[/red] {escape(str(exc))}")
             raise typer.Exit(code=1) from None
         meta = searcher.meta
+        if reranked is not None:
+            if as_json:
+                typer.echo(json.dumps({"index": str(index), "rerank": method, "metrics": result,
+                                       "reranked": reranked, **({"analysis": report} if report is not None else {})},
+                                      indent=2))
+                return
+            _print_rerank_table(console, index, meta, method, result, reranked)
+            if report is not None:
+                from retrieval.cli.analysis_table import analysis_table
+
+                console.print(analysis_table(report))
+            return
         if as_json:
             payload = {"index": str(index), "index_type": meta.get("index_type"),
-                       "search_device": searcher.devices['index'], "metrics": result}
+                       "search_device": searcher.devices['index'], "metrics": result,
+                       "search_params": searcher.index.params.to_dict(),
+                       "calibration": meta.get("calibration")}
             if report is not None:
                 payload["analysis"] = report
             typer.echo(json.dumps(payload, indent=2))
@@ -78,7 +104,25 @@ def register(app: typer.Typer) -> None:
             table.add_row(*row)
         console.print(table)
         console.print(f"search on {escape(searcher.devices['index'])}")
+        console.print(f"search setting: {escape(search_setting_text(meta, searcher.index.params))}")
         if report is not None:
             from retrieval.cli.analysis_table import analysis_table
 
             console.print(analysis_table(report))
+
+
+def _print_rerank_table(console, index, meta, method, before, after) -> None:  # type: ignore[no-untyped-def]
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"{escape(str(index))}: {meta.get('dataset')} ({meta.get('protocol')}), "
+                        f"{meta.get('n_items'):,} items, re-ranking {method}", title_justify="left")
+    table.add_column("metric")
+    table.add_column("none %", justify="right")
+    table.add_column(f"{method} %", justify="right")
+    table.add_column("diff (points)", justify="right")
+    for key in before:
+        if key in after:
+            table.add_row(key, f"{100 * before[key]:.2f}", f"{100 * after[key]:.2f}",
+                          f"{100 * (after[key] - before[key]):+.2f}")
+    console.print(table)

@@ -11,7 +11,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("search")
     def search(
-        images: list[Path] = typer.Argument(..., help="Query image files."),
+        images: Optional[list[Path]] = typer.Argument(None, help="Query image files."),
         index: Path = typer.Option(..., "--index", help="Index folder written by `retrieval index`."),
         k: int = typer.Option(10, "-k", "--k", min=1, help="Results per query."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
@@ -24,6 +24,17 @@ def register(app: typer.Typer) -> None:
         data_root: Optional[Path] = typer.Option(
             None, "--data-root", help="Where the dataset is now, if it moved since the index was built."
         ),
+        where: Optional[list[str]] = typer.Option(
+            None, "--where", help="Only items with this attribute, e.g. category=Dresses (repeatable: keys AND, "
+                                  "repeated key OR).",
+        ),
+        rerank: str = typer.Option("none", "--rerank", help="Re-ranking: none | qe | dba | kreciprocal."),
+        embeddings: Optional[Path] = typer.Option(
+            None, "--embeddings", help="Query vectors instead of images: an (Q, D) unit-norm .npy from the same model."),
+        nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1,
+                                             help="IVF lists scanned per query (default: the calibrated setting)."),
+        ef_search: Optional[int] = typer.Option(None, "--ef-search", min=1,
+                                                help="HNSW search beam width (default: the calibrated setting)."),
     ) -> None:
         """Search an index by photo: rank, cosine score, label / item id and path of the k nearest items.
 
@@ -45,7 +56,21 @@ def register(app: typer.Typer) -> None:
 
                 emb_backend, _ = open_backend(backend, checkpoint, model, device)
             searcher = Searcher.open(index, backend=emb_backend, device=device, data_root=data_root)
-            results = searcher.search_paths(images, k=k)
+            from retrieval.calibrate import override_search_params
+
+            searcher.index.set_search_params(override_search_params(searcher.index.params, nprobe, ef_search))
+            if embeddings is not None and images:
+                raise ValueError("pass query images or --embeddings QUERIES.npy, not both")
+            if embeddings is not None:
+                from retrieval.vectors import checked_vectors, load_vector_file
+
+                q = checked_vectors(load_vector_file(embeddings), source=str(embeddings))
+                results = searcher.search_embeddings(q, k=k, where=where, rerank=rerank)
+                images = [Path(f"{embeddings}#{i}") for i in range(len(q))]
+            elif images:
+                results = searcher.search_paths(images, k=k, where=where, rerank=rerank)
+            else:
+                raise ValueError("pass query images, or --embeddings QUERIES.npy")
         except (OSError, ValueError, RuntimeError) as exc:
             console.print(f"[red]error:[/red] {escape(str(exc))}")
             raise typer.Exit(code=1) from None

@@ -26,8 +26,19 @@ def register(app: typer.Typer) -> None:
         data_root: Optional[Path] = typer.Option(
             None, "--data-root", help="Where the dataset is now, if it moved since the index was built."
         ),
+        api_token: Optional[str] = typer.Option(
+            None, "--api-token", envvar="RETRIEVAL_API_TOKEN", show_envvar=True,
+            help="Require `Authorization: Bearer TOKEN` on the JSON API (/api/v1; /health stays open).",
+        ),
+        max_batch_size: Optional[int] = typer.Option(
+            None, "--max-batch-size", min=1, help="Queries embedded in one forward pass (default 16 on CPU, 64 on GPU)."
+        ),
+        max_wait_ms: Optional[float] = typer.Option(
+            None, "--max-wait-ms", min=0.0, help="Wait this long for more queries to batch (default 2 on CPU, 5 on GPU)."
+        ),
+        queue_size: int = typer.Option(256, "--queue-size", min=1, help="Waiting queries beyond which the API answers 503."),
     ) -> None:
-        """Serve a Gradio app to search INDEX by photo and show its Recall@K / MAP@R."""
+        """Serve the search UI and the JSON API (/api/v1/search, /health, /info, /docs) on one port."""
         from rich.console import Console
 
         from app.serve import launch, open_searcher
@@ -44,15 +55,22 @@ def register(app: typer.Typer) -> None:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(code=1) from None
         embedder = searcher.backend
-        running = launch(searcher, host=host, port=port, share=share, block=False, index_dir=index)
+        running = launch(searcher, host=host, port=port, share=share, block=False, index_dir=index,
+                         api_token=api_token, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                         worker_queue_size=queue_size)
         console.print(
             f"Serving [bold]{index}[/bold] ({len(searcher.gallery_paths):,} gallery images) with "
             f"{embedder.name} on {embedder.device} at [link={running.url}]{running.url}[/link]"
         )
         if host not in ("127.0.0.1", "localhost", "::1"):
             console.print(f"[yellow]note:[/yellow] bound to {host}: anyone who can reach this machine can use the app")
+        if running.api is not None:
+            worker = running.worker
+            console.print(f"JSON API at {running.api_url}search (schema: {running.url}docs); batching up to "
+                          f"{worker.max_batch} queries, waiting at most {worker.max_wait * 1000:g} ms"
+                          + ("; Bearer token required" if api_token else ""))
         console.print("Press Ctrl+C to stop.")
         try:
-            running.demo.block_thread()
+            running.block_thread()
         finally:
             running.close()

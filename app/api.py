@@ -1,0 +1,387 @@
+"""The JSON search API, served by the same FastAPI application (one port, one model, one index) as the UI.
+
+    POST /api/v1/search      multipart (form field `image`, plus `k`, `filter`, `rerank`) or JSON
+                             {"image": "<base64 or data: URL>", "k": 10, "filter": {"category": "Dresses"},
+                             "rerank": "qe"} -> ranked results, timings and the embedder fingerprint
+    GET  /api/v1/health      cheap liveness (never needs a token: load balancers call it)
+    GET  /api/v1/info        index type and size, embedding size, backend and device, fingerprint, build date,
+                             filterable attributes, re-ranking methods available
+    GET  /api/v1/thumbnails/{i}.jpg   the downscaled gallery image of result i (originals are never served)
+    GET  /docs, /openapi.json         FastAPI's schema
+
+Errors are JSON {"error": code, "message": text} with a stable code and status: 400 bad_request,
+401 unauthorized, 413 too_large, 415 not_an_image, 422 undecodable_image, 503 queue_full, 500 internal
+(never a traceback). The server never fetches a URL on a client's behalf. Upload sizes are checked on
+the encoded bytes (request length, then the file) before anything is decoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import io
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from PIL import Image, UnidentifiedImageError
+
+from app.batching import BatchingWorker, QueueFull
+from retrieval.filters import FilterError, format_where, parse_where
+from retrieval.images import DEFAULT_MAX_PIXELS, ImageLoadError, open_image
+from retrieval.rerank import RERANK_METHODS, RerankError
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+TOKEN_ENV = "RETRIEVAL_API_TOKEN"
+DEFAULT_K, MAX_K = 10, 100
+MULTIPART_OVERHEAD = 64 * 1024  # form boundaries and fields on top of the image itself
+
+
+class ApiError(Exception):
+    """An expected failure with its HTTP status and stable error code."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    max_upload_bytes: int = 25 * 1024 * 1024
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_k: int = MAX_K
+    token: str | None = None  # when set, every route but /health needs "Authorization: Bearer <token>"
+
+
+# --- input checks (shared with the UI) ---------------------------------------------------------------
+
+
+def decode_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Encoded bytes -> upright RGB image, or ApiError 415 (not an image), 413 (too many pixels), 422 (broken)."""
+    try:
+        with Image.open(io.BytesIO(data)) as probe:  # reads the header only
+            width, height = probe.size
+    except UnidentifiedImageError:
+        raise ApiError(415, "not_an_image", "the upload is not an image format the server can read "
+                                            "(JPEG, PNG, WebP, GIF, BMP, TIFF)") from None
+    except Exception as exc:
+        raise ApiError(422, "undecodable_image", f"the image header is corrupt ({type(exc).__name__})") from None
+    if width * height > max_pixels:
+        raise ApiError(413, "too_large", f"the image is {width}x{height} pixels, over the limit of {max_pixels:,}; "
+                                         "downscale it first")
+    try:
+        return open_image(data, max_pixels=max_pixels)
+    except ImageLoadError as exc:
+        raise ApiError(422, "undecodable_image", str(exc).removeprefix("<bytes>: ")) from None
+    except Exception as exc:  # a decoder bug must not take the server down
+        log.exception("unexpected error decoding an upload")
+        raise ApiError(422, "undecodable_image", f"the image could not be decoded ({type(exc).__name__})") from None
+
+
+_DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
+
+
+def decode_base64_image(text: Any, max_bytes: int) -> bytes:
+    """A base64 string (or data: URL) -> bytes, size-checked before decoding; URLs are refused, never fetched."""
+    if not isinstance(text, str) or not text:
+        raise ApiError(400, "bad_request", "`image` must be base64-encoded image bytes (or a data: URL)")
+    if re.match(r"^\s*(https?|ftp|file)://", text, re.IGNORECASE):
+        raise ApiError(400, "bad_request", "the server never fetches URLs; send the image bytes "
+                                           "(multipart field `image`, or base64 in JSON)")
+    body = _DATA_URL.sub("", text, count=1).strip()
+    if len(body) * 3 // 4 > max_bytes + 2:
+        raise ApiError(413, "too_large", f"the image is over the {max_bytes / 2**20:.0f} MB upload limit")
+    try:
+        return base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "bad_request", "`image` is not valid base64") from None
+
+
+def parse_k(value: Any, max_k: int) -> int:
+    if value is None or value == "":
+        return DEFAULT_K
+    try:
+        k = int(value)
+        if isinstance(value, float) and value != k:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ApiError(400, "bad_request", f"`k` must be an integer, got {value!r}") from None
+    if not 1 <= k <= max_k:
+        raise ApiError(400, "bad_request", f"`k` must be between 1 and {max_k}, got {k}")
+    return k
+
+
+def parse_rerank(value: Any, available: list[str]) -> str:
+    method = str(value or "none").lower()
+    if method not in RERANK_METHODS:
+        raise ApiError(400, "bad_request", f"unknown `rerank` {value!r}; choose one of {', '.join(RERANK_METHODS)}")
+    if method not in available:
+        raise ApiError(400, "bad_request", f"`rerank` {method} is not available on this index "
+                                           f"(available: {', '.join(available)}); build its neighbour lists with "
+                                           "`retrieval index --out DIR --rerank-neighbours 10`")
+    return method
+
+
+def parse_filter(value: Any, searcher: Any) -> Any:
+    """`filter`: {"key": value or [values]}, a list of "key=value", or "key=value[;key=value]" (form fields)."""
+    if value is None or value == "" or value == [] or value == {}:
+        return None
+    if isinstance(value, str):
+        value = [t for t in re.split(r"[;&]", value) if t.strip()]
+    try:
+        where = parse_where(value)
+        searcher.subset(where)  # unknown attributes fail here, with what exists
+    except FilterError as exc:
+        raise ApiError(400, "bad_request", str(exc)) from None
+    return where or None
+
+
+def check_token(header: str | None, token: str | None) -> None:
+    """Constant-time comparison of a Bearer token (hmac.compare_digest); ApiError 401 when wrong or missing."""
+    if not token:
+        return
+    scheme, _, given = (header or "").partition(" ")
+    ok = hmac.compare_digest(given.strip().encode("utf-8"), token.encode("utf-8"))
+    if scheme.lower() != "bearer" or not ok:
+        raise ApiError(401, "unauthorized", "this API needs `Authorization: Bearer <token>` (the server's --api-token)")
+
+
+# --- the application ----------------------------------------------------------------------------------
+
+
+class SearchApi:
+    """Routes of the API over one Searcher, its BatchingWorker and the thumbnail store."""
+
+    def __init__(self, searcher: Any, worker: BatchingWorker, thumbnails: Any, settings: ApiSettings) -> None:
+        self.searcher, self.worker, self.thumbnails, self.settings = searcher, worker, thumbnails, settings
+        self.max_k = max(1, min(settings.max_k, len(searcher.gallery_paths)))
+
+    def rerank_methods(self) -> list[str]:
+        methods = ["none", "qe", "kreciprocal"]
+        if self.searcher.index.neighbours is not None:
+            methods.insert(2, "dba")
+        return methods
+
+    def info(self) -> dict[str, Any]:
+        meta, backend = self.searcher.meta, self.searcher.backend
+        return {
+            "dataset": meta.get("dataset"),
+            "index_type": meta.get("index_type"),
+            "index_factory": meta.get("index_factory"),
+            "n_items": len(self.searcher.gallery_paths),
+            "embedding_size": meta.get("embedding_size"),
+            "backend": backend.name,
+            "device": backend.device,
+            "search_device": self.searcher.devices.get("index"),
+            "fingerprint": backend.fingerprint,
+            "built_at": meta.get("created_at"),
+            "updated_at": meta.get("updated_at"),
+            "filters": self.searcher.attribute_values,
+            "rerank": self.rerank_methods(),
+            "max_k": self.max_k,
+            "max_upload_bytes": self.settings.max_upload_bytes,
+            "batching": {"max_batch": self.worker.max_batch, "max_wait_ms": self.worker.max_wait * 1000,
+                         "queue_size": self.worker.queue_size},
+        }
+
+    async def search(self, data: bytes, k: Any, filter_: Any, rerank: Any) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        if len(data) > self.settings.max_upload_bytes:
+            raise ApiError(413, "too_large", f"the upload is {len(data) / 2**20:.1f} MB, over the "
+                                             f"{self.settings.max_upload_bytes / 2**20:.0f} MB limit")
+        if not data:
+            raise ApiError(400, "bad_request", "no image: send the form field `image` (or `image` in JSON)")
+        k = parse_k(k, self.max_k)
+        method = parse_rerank(rerank, self.rerank_methods())
+        where = parse_filter(filter_, self.searcher)
+        loop = asyncio.get_running_loop()
+        prepared = await loop.run_in_executor(self.worker.pool, self._prepare, data)
+        try:
+            future = self.worker.submit(prepared.pixels, k, where, method)
+        except QueueFull as exc:
+            raise ApiError(503, "queue_full", str(exc)) from None
+        try:
+            result = await asyncio.wrap_future(future)
+        except (FilterError, RerankError) as exc:
+            raise ApiError(400, "bad_request", str(exc)) from None
+        except QueueFull as exc:
+            raise ApiError(503, "queue_full", str(exc)) from None
+        return {
+            "results": [self._hit(h) for h in result.hits],
+            "k": k,
+            "filter": {key: sorted(v) for key, v in where.items()} if where else None,
+            "filter_text": format_where(where) if where else "",
+            "rerank": method,
+            "batch_size": result.batch_size,
+            "timings_ms": {"decode": round(prepared.decode_seconds * 1e3, 3),
+                           "embed": round(result.embed_seconds * 1e3, 3),
+                           "search": round(result.search_seconds * 1e3, 3),
+                           "total": round((time.perf_counter() - t0) * 1e3, 3)},
+            "fingerprint": self.searcher.backend.fingerprint,
+        }
+
+    def _prepare(self, data: bytes) -> Any:
+        t0 = time.perf_counter()
+        image = decode_image_bytes(data, self.settings.max_pixels)
+        return self.worker.prepare(image, time.perf_counter() - t0)
+
+    def _hit(self, hit: Any) -> dict[str, Any]:
+        i = int(hit.gallery_index)
+        return {"rank": hit.rank, "gallery_index": i, "item_id": hit.item_id, "label": hit.label,
+                "path": self.searcher.relative_path(i), "score": round(float(hit.score), 6),
+                "attributes": self.searcher.index.items.attributes[i],
+                "thumbnail_url": f"{API_PREFIX}/thumbnails/{i}.jpg"}
+
+
+def build_api(search_api: SearchApi) -> FastAPI:
+    """The FastAPI application with the API routes (the UI is mounted on it by app.serve)."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    settings = search_api.settings
+    api = FastAPI(title="metrix-retrieval search API", version="1",
+                  description="Search a gallery index by photo. Errors: {\"error\": code, \"message\": text}.")
+
+    def error(status: int, code: str, message: str) -> JSONResponse:
+        return JSONResponse({"error": code, "message": message}, status_code=status)
+
+    @api.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error(exc.status, exc.code, exc.message)
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        return error(400, "bad_request", f"{'.'.join(str(p) for p in first.get('loc', []))}: {first.get('msg', 'invalid')}")
+
+    api.add_middleware(ApiGuard, settings=settings)
+
+    @api.get(f"{API_PREFIX}/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok"}
+
+    @api.get(f"{API_PREFIX}/info")
+    async def info() -> dict[str, Any]:
+        return search_api.info()
+
+    @api.post(f"{API_PREFIX}/search", openapi_extra={"requestBody": {"content": {
+        "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+            "image": {"type": "string", "format": "binary"}, "k": {"type": "integer", "default": DEFAULT_K},
+            "filter": {"type": "string", "description": "key=value; several joined by ';'"},
+            "rerank": {"type": "string", "enum": list(RERANK_METHODS)}}}},
+        "application/json": {"schema": {"type": "object", "required": ["image"], "properties": {
+            "image": {"type": "string", "description": "base64 image bytes or a data: URL"},
+            "k": {"type": "integer"}, "filter": {"type": "object"},
+            "rerank": {"type": "string", "enum": list(RERANK_METHODS)}}}}}}})
+    async def search(request: Request) -> dict[str, Any]:
+        """Search by photo: results (rank, item id, label, relative path, score, thumbnail URL) and timings."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "application/json":
+            try:
+                body = await request.json()
+            except ValueError:
+                raise ApiError(400, "bad_request", "the request body is not valid JSON") from None
+            if not isinstance(body, dict):
+                raise ApiError(400, "bad_request", "the JSON body must be an object with `image`")
+            data = decode_base64_image(body.get("image"), settings.max_upload_bytes)
+            return await search_api.search(data, body.get("k"), body.get("filter"), body.get("rerank"))
+        if kind != "multipart/form-data":
+            raise ApiError(400, "bad_request", "send multipart/form-data with the field `image`, or JSON")
+        form = await request.form(max_files=1, max_fields=16)
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            if isinstance(upload, str) and re.match(r"^\s*(https?|ftp|file)://", upload, re.IGNORECASE):
+                raise ApiError(400, "bad_request", "the server never fetches URLs; upload the image bytes")
+            raise ApiError(400, "bad_request", "no image: send the file in the form field `image`")
+        size = getattr(upload, "size", None)
+        if size is not None and size > settings.max_upload_bytes:
+            raise ApiError(413, "too_large", f"the upload is {size / 2**20:.1f} MB, over the "
+                                             f"{settings.max_upload_bytes / 2**20:.0f} MB limit")
+        data = await upload.read(settings.max_upload_bytes + 1)
+        filters = form.getlist("filter")
+        return await search_api.search(data, form.get("k"), ";".join(str(f) for f in filters) or None,
+                                       form.get("rerank"))
+
+    @api.get(f"{API_PREFIX}/thumbnails/{{name}}")
+    async def thumbnail(name: str) -> Any:
+        match = re.fullmatch(r"(\d{1,12})\.jpg", name)
+        if not match or int(match.group(1)) >= len(search_api.searcher.gallery_paths):
+            raise ApiError(404, "not_found", f"no thumbnail {name!r}; use a result's thumbnail_url")
+        loop = asyncio.get_running_loop()
+        path = await loop.run_in_executor(search_api.worker.pool, search_api.thumbnails.path_for, int(match.group(1)))
+        return FileResponse(path, media_type="image/jpeg")
+
+    @api.api_route(f"{API_PREFIX}/{{rest:path}}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"],
+                   include_in_schema=False)
+    async def unknown(rest: str) -> Any:
+        """Unknown API paths answer in the API's own error format (the UI mounted at / would answer otherwise)."""
+        raise ApiError(404, "not_found", f"no API route {API_PREFIX}/{rest}; see /docs")
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Any:
+        if request.url.path.startswith(API_PREFIX):
+            code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+            return error(exc.status_code, code, str(exc.detail))
+        from fastapi.exception_handlers import http_exception_handler
+
+        return await http_exception_handler(request, exc)
+
+    return api
+
+
+class ApiGuard:
+    """ASGI middleware for /api/v1 only: token and request size checked before a body is read, and any
+    unexpected failure answered as a bare JSON 500 (never a traceback). Other paths (the UI, its event
+    streams) pass straight through."""
+
+    def __init__(self, app: Any, settings: ApiSettings) -> None:
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope.get("type") != "http" or not path.startswith(API_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        from fastapi.responses import JSONResponse
+
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        try:
+            if path != f"{API_PREFIX}/health":
+                check_token(headers.get("authorization"), self.settings.token)
+            length = headers.get("content-length", "")
+            limit = self.settings.max_upload_bytes * 4 // 3 + MULTIPART_OVERHEAD  # base64 JSON is 4/3 larger
+            if length.isdigit() and int(length) > limit:
+                raise ApiError(413, "too_large", f"the request is {int(length) / 2**20:.1f} MB, over the "
+                                                 f"{self.settings.max_upload_bytes / 2**20:.0f} MB upload limit")
+        except ApiError as exc:
+            await JSONResponse({"error": exc.code, "message": exc.message}, status_code=exc.status)(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            if message.get("type") == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            log.exception("API request failed")
+            if not started:
+                body = {"error": "internal", "message": "the server failed to answer this request; it keeps running"}
+                await JSONResponse(body, status_code=500)(scope, receive, send)
+
+
+def token_from_env(token: str | None) -> str | None:
+    """The --api-token value, else the RETRIEVAL_API_TOKEN environment variable, else None (no token)."""
+    return token or os.environ.get(TOKEN_ENV) or None

@@ -1,0 +1,467 @@
+"""Build-time calibration of approximate indexes: measure recall on the gallery itself, keep the cheapest
+search setting that reaches the target.
+
+A fixed nprobe / efSearch gives very different recall on different data (well-separated classes vs
+a real catalogue where neighbourhoods overlap), so the setting is measured, not assumed:
+
+1. a seeded sample of gallery vectors serves as queries; their exact top-k (each query's own row
+   excluded) comes from chunked exact search (`retrieval.knn.FlatSearcher`, on a GPU when present).
+   A graph (HNSW) finds points it already holds far more easily than new queries (measured: efSearch
+   16 gave Recall@10 0.95 for gallery points and 0.55 for new ones), so HNSW is calibrated with the
+   gallery's last rows held out of the graph, and adds them afterwards;
+2. the built index is searched with each setting of its knob ladder (IVF `nprobe`, HNSW `efSearch`,
+   IVF-PQ with refinement: `nprobe` then the refine factor), recording Recall@k against exact and
+   queries/s in batches of 256 on the CPU;
+3. the smallest setting whose Recall@k reaches the target is applied to the index (so it is written
+   into the index file) and recorded with the whole curve in the folder's metadata.
+
+For `--index-type auto`, `build_calibrated` also decides honestly: an approximate index that does not
+reach the target clearly faster than exact search is replaced by flat when flat fits the memory
+budget, and the reason is recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import faiss
+import numpy as np
+
+from retrieval.config import CalibrationConfig, IndexConfig
+from retrieval.index import (
+    BuiltIndex,
+    IndexBuildError,
+    IndexParams,
+    add_to_index,
+    build_faiss_index,
+    configure_search,
+    estimate_memory_bytes,
+    resolve_params,
+)
+
+TIMING_BATCH = 256  # queries per search call when timing (the batch size speed targets are stated at)
+REFINE_LADDER = (1, 2, 4, 8, 16, 32, 64)
+EF_LADDER = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+PLATEAU_GAIN = 0.001  # two doublings in a row gaining less than this: recall has stopped improving
+MIN_TIMING_SECONDS, MAX_TIMING_PASSES = 0.25, 20
+AUTO_MIN_SPEEDUP = 1.5  # auto keeps an approximate index only when it is at least this much faster than exact
+HNSW_MAX_HELD_OUT_FRACTION = 5  # HNSW holds out at most 1/5 of the gallery while it is calibrated
+
+
+@dataclass
+class CurvePoint:
+    """One measured search setting: its knob values, Recall@k against exact search and CPU queries/s."""
+
+    setting: dict[str, int]
+    recall: float
+    qps: float
+
+
+@dataclass
+class Calibration:
+    """What calibration measured for one built index, and what it chose."""
+
+    index_type: str
+    target_recall: float
+    k: int
+    n_queries: int
+    seed: int
+    chosen: dict[str, int]
+    recall: float  # Recall@k of the chosen setting
+    qps: float  # its queries/s (CPU, batches of TIMING_BATCH)
+    flat_qps: float  # exact search, same queries, same conditions
+    reached: bool  # whether the chosen setting reaches target_recall
+    curve: list[CurvePoint] = field(default_factory=list)
+    swept: bool = True  # False: only the given setting was measured
+    device: str = ""  # where the speeds were measured
+    exact_device: str = ""  # where the exact top-k ran
+    seconds: float = 0.0
+    applied: bool = True  # False when auto replaced this index by flat
+    held_out: bool = False  # queries were rows kept out of the index while measuring (HNSW)
+
+    @property
+    def speedup(self) -> float:
+        return self.qps / self.flat_qps if self.flat_qps > 0 else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["speedup"] = round(self.speedup, 3)
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Calibration":
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in raw.items() if k in names}
+        values["curve"] = [CurvePoint(**p) for p in raw.get("curve", [])]
+        return cls(**values)
+
+    def summary(self) -> str:
+        """One line: the chosen setting, its recall against exact search and its speed against exact."""
+        setting = _setting_words(self.chosen)
+        how = "calibrated" if self.swept else "measured"
+        verdict = (f">= target {self.target_recall:g}" if self.reached
+                   else f"below target {self.target_recall:g}: the best this index reached")
+        queries = "held-out gallery vectors" if self.held_out else "gallery vectors as queries"
+        return (f"{setting} ({how} on {self.n_queries:,} {queries}: Recall@{self.k} vs exact "
+                f"{self.recall:.3f}, {verdict}; {self.speedup:.1f}x exact search speed on {self.device})")
+
+
+def _setting_words(setting: dict[str, int]) -> str:
+    return ", ".join(f"{_knob_name(k)} {v}" for k, v in setting.items())
+
+
+def _knob_name(key: str) -> str:
+    return {"nprobe": "nprobe", "ef_search": "efSearch", "refine_factor": "refine factor"}.get(key, key)
+
+
+# -- measuring -------------------------------------------------------------------------------------
+
+
+def sample_queries(n: int, count: int, seed: int) -> np.ndarray:
+    """Sorted, seeded sample of min(count, n) gallery row numbers to use as calibration queries."""
+    count = int(min(count, n))
+    return np.sort(np.random.default_rng(seed).choice(n, size=count, replace=False))
+
+
+def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, rows: np.ndarray | None, k: int, use_gpu: bool
+                     ) -> tuple[np.ndarray, float, str]:
+    """(ids (Q, k) of the exact top-k of `queries` among `vectors`, each query's own row `rows[i]` excluded
+    when given; CPU queries/s of exact search; device the exact search ran on). The CPU speed is timed
+    separately when a GPU did the work."""
+    from retrieval.knn import FlatSearcher
+
+    searcher = FlatSearcher(vectors, metric="ip", use_gpu=use_gpu, max_k=k + 1)
+
+    def exact() -> np.ndarray:
+        return np.concatenate([
+            searcher.search(queries[s : s + TIMING_BATCH], k,
+                            self_ids=None if rows is None else rows[s : s + TIMING_BATCH])[1]
+            for s in range(0, len(queries), TIMING_BATCH)])
+
+    device = searcher.device
+    if device.startswith("cpu"):  # the exact search is itself the CPU timing of flat
+        ids, seconds = _timed_passes(exact)
+        return ids, len(queries) / seconds, device
+    ids = exact()
+    del searcher
+    cpu = FlatSearcher(vectors, metric="ip", use_gpu=False, max_k=k + 1)
+    timed = queries[: 2 * TIMING_BATCH]
+    _, seconds = _timed_passes(lambda: [cpu.index.search(timed[s : s + TIMING_BATCH], k + 1)
+                                        for s in range(0, len(timed), TIMING_BATCH)])
+    return ids, len(timed) / seconds, device
+
+
+def _timed_passes(run: Callable[[], Any]) -> tuple[Any, float]:
+    """(result of the first pass, seconds of the fastest pass): passes repeat until MIN_TIMING_SECONDS
+    have gone by (at most MAX_TIMING_PASSES), so small galleries are not timed by noise."""
+    first, best, spent, passes = None, float("inf"), 0.0, 0
+    while passes < MAX_TIMING_PASSES and (passes == 0 or spent < MIN_TIMING_SECONDS):
+        t0 = time.perf_counter()
+        out = run()
+        seconds = time.perf_counter() - t0
+        first = out if first is None else first
+        best, spent, passes = min(best, seconds), spent + seconds, passes + 1
+    return first, max(best, 1e-9)
+
+
+def _search_without_self(index: faiss.Index, queries: np.ndarray, rows: np.ndarray, k: int
+                         ) -> tuple[np.ndarray, float]:
+    """Top-k ids of each query with its own row removed (k+1 searched), and queries/s in batches."""
+    def run() -> np.ndarray:
+        return np.concatenate([index.search(queries[s : s + TIMING_BATCH], k + 1)[1]
+                               for s in range(0, len(queries), TIMING_BATCH)])
+
+    ids, seconds = _timed_passes(run)
+    own = ids == rows[:, None]
+    own[~own.any(axis=1), -1] = True  # rows that did not find themselves drop their last result
+    return ids[~own].reshape(len(ids), k), len(queries) / seconds
+
+
+def recall_against(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Mean over queries of |approx top-k ∩ exact top-k| / k (ids -1 never count)."""
+    k = exact.shape[1]
+    hits = (approx[:, :, None] == exact[:, None, :]) & (approx[:, :, None] >= 0)
+    return float(hits.any(axis=2).sum(axis=1).mean() / k)
+
+
+def _nprobe_ladder(nlist: int) -> list[int]:
+    ladder = [p for p in (2**i for i in range(0, 20)) if p < nlist]
+    return ladder + [nlist]
+
+
+def _ef_ladder(k: int, n: int) -> list[int]:
+    """efSearch values from k upwards, ending at the first one that covers the whole gallery."""
+    ladder: list[int] = []
+    for ef in EF_LADDER:
+        if ef >= k:
+            ladder.append(ef)
+            if ef >= n:
+                break
+    return ladder or [k]
+
+
+def _plateaued(points: list[CurvePoint]) -> bool:
+    if len(points) < 3:
+        return False
+    a, b, c = (p.recall for p in points[-3:])
+    return b - a < PLATEAU_GAIN and c - b < PLATEAU_GAIN
+
+
+# -- choosing --------------------------------------------------------------------------------------
+
+
+class _Sweep:
+    """Measures settings of one index against the exact neighbours, remembering every point."""
+
+    def __init__(self, index: faiss.Index, params: IndexParams, queries: np.ndarray, rows: np.ndarray,
+                 exact: np.ndarray, k: int, progress: bool = False) -> None:
+        from tqdm.auto import tqdm
+
+        self.index, self.params, self.queries, self.rows, self.exact, self.k = index, params, queries, rows, exact, k
+        self.points: list[CurvePoint] = []
+        self.bar = tqdm(desc="calibrating", unit="setting", disable=not progress)
+
+    def measure(self, **setting: int) -> CurvePoint:
+        configure_search(self.index, dataclasses.replace(self.params, **setting))
+        ids, qps = _search_without_self(self.index, self.queries, self.rows, self.k)
+        point = CurvePoint(dict(setting), round(recall_against(ids, self.exact), 5), round(qps, 1))
+        self.points.append(point)
+        self.bar.set_postfix_str(f"{_setting_words(point.setting)}: Recall@{self.k} {point.recall:.3f}")
+        self.bar.update()
+        return point
+
+
+def _sweep_ladder(sweep: _Sweep, key: str, ladder: list[int], target: float, min_qps: float,
+                  **fixed: int) -> CurvePoint | None:
+    """Walk `ladder` upwards; the first point reaching `target`, else None (stops at a plateau, or once
+    slower than `min_qps`)."""
+    walked: list[CurvePoint] = []
+    for value in ladder:
+        point = sweep.measure(**fixed, **{key: value})
+        walked.append(point)
+        if point.recall >= target:
+            return point
+        if _plateaued(walked) or point.qps < min_qps:
+            return None
+    return None
+
+
+def calibrate(index: faiss.Index, params: IndexParams, vectors: np.ndarray, cfg: CalibrationConfig, *,
+              use_gpu: bool = True, min_speedup: float = 0.0, holdout: np.ndarray | None = None,
+              progress: bool = False) -> tuple[IndexParams, Calibration]:
+    """Choose the search setting of the built CPU `index` (over `vectors` (N, D), L2-normalised) and apply it.
+
+    Queries are a seeded sample of `vectors` (own row excluded), or `holdout` (Q, D): vectors the index
+    does not hold, for graphs (HNSW), where a point already in the graph is found far more easily
+    than a new query. Returns the parameters with the chosen setting and the measurements.
+    `min_speedup` > 0 stops a sweep once a setting is slower than that multiple of exact search (the
+    caller would not keep it).
+    """
+    if params.exact:
+        raise ValueError("flat indexes are exact; there is nothing to calibrate")
+    check_calibration_config(cfg)
+    t_start = time.perf_counter()
+    n = index.ntotal
+    k = int(min(cfg.k, n - 1))
+    if k < 1:
+        raise ValueError("calibration needs at least 2 gallery vectors")
+    if holdout is None:
+        rows = sample_queries(n, cfg.queries, cfg.seed)
+        queries = np.ascontiguousarray(vectors[rows])
+        exact, flat_qps, exact_device = exact_neighbours(vectors, queries, rows, k, use_gpu)
+    else:  # new points: no row of the index is their own (-1 never matches an id)
+        queries = np.ascontiguousarray(holdout, dtype=np.float32)
+        rows = np.full(len(queries), -1, np.int64)
+        exact, flat_qps, exact_device = exact_neighbours(vectors, queries, None, k, use_gpu)
+    min_qps = min_speedup * flat_qps
+    sweep = _Sweep(index, params, queries, rows, exact, k, progress)
+    target = cfg.target_recall
+    refined = params.refine_factor > 0
+
+    found: CurvePoint | None = None
+    if not cfg.sweep:
+        setting = _current_setting(params)
+        found = sweep.measure(**setting)
+    elif params.index_type == "hnsw":
+        found = _sweep_ladder(sweep, "ef_search", _ef_ladder(k, n), target, min_qps,
+                              **({"refine_factor": params.refine_factor} if refined else {}))
+    elif refined:
+        # nprobe sets the cost (lists scanned); re-ranking k x factor candidates costs k x factor dot
+        # products, small beside that: so the smallest nprobe that reaches the target with any factor,
+        # then the smallest factor there. A factor that misses at the largest value misses at all.
+        walked: list[CurvePoint] = []
+        for nprobe in _nprobe_ladder(params.nlist):
+            top = sweep.measure(nprobe=nprobe, refine_factor=REFINE_LADDER[-1])
+            walked.append(top)
+            if top.recall >= target:
+                found = top
+                for rf in REFINE_LADDER[:-1]:
+                    point = sweep.measure(nprobe=nprobe, refine_factor=rf)
+                    if point.recall >= target:
+                        found = point
+                        break
+                break
+            if _plateaued(walked) or top.qps < min_qps:
+                break
+    else:
+        found = _sweep_ladder(sweep, "nprobe", _nprobe_ladder(params.nlist), target, min_qps)
+
+    reached = found is not None and found.recall >= target
+    if found is None:  # the best recall measured; the cheaper setting on ties
+        found = max(sweep.points, key=lambda p: (p.recall, p.qps))
+    sweep.bar.close()
+    chosen = dataclasses.replace(params, **found.setting)
+    configure_search(index, chosen)
+    result = Calibration(
+        index_type=params.index_type, target_recall=target, k=k, n_queries=len(queries), seed=cfg.seed,
+        chosen=dict(found.setting), recall=found.recall, qps=found.qps, flat_qps=round(flat_qps, 1),
+        reached=bool(reached), curve=sweep.points, swept=cfg.sweep,
+        device=f"cpu, {faiss.omp_get_max_threads()} threads", exact_device=exact_device,
+        seconds=round(time.perf_counter() - t_start, 3), held_out=holdout is not None,
+    )
+    return chosen, result
+
+
+def _current_setting(params: IndexParams) -> dict[str, int]:
+    setting: dict[str, int] = {}
+    if params.index_type == "hnsw":
+        setting["ef_search"] = params.ef_search
+    else:
+        setting["nprobe"] = params.nprobe
+    if params.refine_factor > 0:
+        setting["refine_factor"] = params.refine_factor
+    return setting
+
+
+# -- building with calibration ---------------------------------------------------------------------
+
+
+@dataclass
+class CalibratedBuild:
+    """A built index, its calibration (None for flat or when switched off) and why auto chose its type."""
+
+    built: BuiltIndex
+    calibration: Calibration | None
+    decision: str = ""  # auto's reason for its choice, when it is not the plain size rule
+    rejected: Calibration | None = None  # the approximate index auto measured and replaced by flat
+
+    def meta(self) -> dict[str, Any]:
+        """The metadata keys this build adds to an index folder's meta.json."""
+        out: dict[str, Any] = {}
+        if self.calibration is not None:
+            out["calibration"] = self.calibration.to_dict()
+        if self.rejected is not None:
+            out["calibration_rejected"] = self.rejected.to_dict()
+        if self.decision:
+            out["index_decision"] = self.decision
+        return out
+
+
+def build_calibrated(vectors: np.ndarray, cfg: IndexConfig, calib: CalibrationConfig | None = None, *,
+                     seed: int = 0, progress: bool = False) -> CalibratedBuild:
+    """Resolve, build and (for approximate types) calibrate an index over `vectors` (N, D) L2-normalised.
+
+    `--index-type auto` replaces an approximate index by flat when flat fits the memory budget and the
+    approximate one does not reach the target at least AUTO_MIN_SPEEDUP x faster than exact search.
+    """
+    calib = calib or CalibrationConfig()
+    check_calibration_config(calib)
+    n, d = vectors.shape
+    params = resolve_params(cfg, n, d)
+    calibrating = not params.exact and calib.target_recall > 0
+    # a graph finds points it already holds far more easily than new queries: HNSW is calibrated with
+    # its last rows held out of the graph (added afterwards), IVF with a sample of its own rows
+    held = min(calib.queries, n // HNSW_MAX_HELD_OUT_FRACTION) if calibrating and params.index_type == "hnsw" else 0
+    built = build_faiss_index(vectors[: n - held] if held else vectors, params, use_gpu=cfg.use_gpu, seed=seed)
+    if not calibrating:
+        return CalibratedBuild(built, None)
+    budget = cfg.memory_budget_gb * 1024**3
+    may_fall_back = cfg.index_type == "auto" and estimate_memory_bytes("flat", n, d, cfg) <= budget
+    chosen, result = calibrate(built.index, params, vectors[: n - held] if held else vectors, calib,
+                               use_gpu=cfg.use_gpu, min_speedup=AUTO_MIN_SPEEDUP if may_fall_back else 0.0,
+                               holdout=vectors[n - held :] if held else None, progress=progress)
+    if held:
+        t0 = time.perf_counter()
+        add_to_index(built.index, vectors[n - held :])
+        built.add_seconds += time.perf_counter() - t0
+    built.params = chosen
+    if may_fall_back and (not result.reached or result.speedup < AUTO_MIN_SPEEDUP):
+        best = max(result.curve, key=lambda p: (p.recall, p.qps))
+        decision = (f"auto built flat (exact search): {params.index_type} does not reach Recall@{result.k} "
+                    f"{result.target_recall:g} at >= {AUTO_MIN_SPEEDUP:g}x the speed of exact search (best measured: "
+                    f"{best.recall:.3f} at {best.qps / result.flat_qps:.1f}x), and flat fits the memory budget")
+        flat = build_faiss_index(vectors, IndexParams("flat"), use_gpu=cfg.use_gpu, seed=seed)
+        result.applied = False
+        return CalibratedBuild(flat, None, decision, rejected=result)
+    decision = ""
+    if not result.reached:
+        why = (f"auto chose {params.index_type} because flat exceeds the memory budget of {cfg.memory_budget_gb:g} GB; "
+               if cfg.index_type == "auto" else "")
+        decision = (f"{why}{params.index_type} reaches at most Recall@{result.k} {result.recall:.3f}, below the target "
+                    f"{result.target_recall:g} (more lists, a larger HNSW M or IVF-PQ refinement may reach it)")
+    return CalibratedBuild(built, result, decision)
+
+
+# -- search-time overrides -------------------------------------------------------------------------
+
+
+def override_search_params(params: IndexParams, nprobe: int | None = None, ef_search: int | None = None
+                           ) -> IndexParams:
+    """`params` with `--nprobe` / `--ef-search` applied, refusing a knob the index type does not have."""
+    changes: dict[str, int] = {}
+    if nprobe is not None:
+        if params.index_type not in ("ivf-flat", "ivf-pq"):
+            raise ValueError(f"--nprobe applies to IVF indexes; this index is {params.index_type}")
+        if not 1 <= nprobe <= params.nlist:
+            raise ValueError(f"--nprobe must be in 1..{params.nlist} (the index has {params.nlist} lists)")
+        changes["nprobe"] = int(nprobe)
+    if ef_search is not None:
+        if params.index_type != "hnsw":
+            raise ValueError(f"--ef-search applies to HNSW indexes; this index is {params.index_type}")
+        if ef_search < 1:
+            raise ValueError("--ef-search must be >= 1")
+        changes["ef_search"] = int(ef_search)
+    return dataclasses.replace(params, **changes) if changes else params
+
+
+def search_setting_text(meta: dict[str, Any], params: IndexParams | None = None) -> str:
+    """What the index searches with and why, for people: the evaluate output and the UI's facts table."""
+    raw = meta.get("calibration")
+    decision = meta.get("index_decision", "")
+    if params is None:
+        params = IndexParams.from_dict(meta.get("index_params", {"index_type": meta.get("index_type", "flat")}))
+    if params.exact:
+        text = "exact search (flat)"
+        return f"{text}; {decision}" if decision else text
+    current = _current_setting(params)
+    if not isinstance(raw, dict):
+        text = ", ".join(f"{_knob_name(k)} {v}" for k, v in current.items()) + " (not calibrated)"
+    else:
+        cal = Calibration.from_dict(raw)
+        text = cal.summary()
+        if any(cal.chosen.get(k) != v for k, v in current.items() if k in cal.chosen):
+            given = ", ".join(f"{_knob_name(k)} {v}" for k, v in current.items())
+            text = f"{given} (given for this search; build-time calibration chose {text})"
+    return f"{text}; {decision}" if decision else text
+
+
+def build_summary(result: CalibratedBuild) -> list[str]:
+    """Lines the `retrieval index` command prints about calibration and auto's choice."""
+    lines = []
+    if result.calibration is not None:
+        lines.append("search setting: " + result.calibration.summary())
+    if result.decision:
+        lines.append(result.decision)
+    return lines
+
+
+def check_calibration_config(calib: CalibrationConfig) -> None:
+    """Refuse settings calibration cannot use, naming the flag."""
+    if not 0 <= calib.target_recall <= 1:
+        raise IndexBuildError(f"--target-recall must be in 0..1 (0 = no calibration), got {calib.target_recall}")
+    if calib.k < 1 or calib.queries < 1:
+        raise IndexBuildError("calibration needs k >= 1 and --calibration-queries >= 1")

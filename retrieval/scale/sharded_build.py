@@ -1,0 +1,355 @@
+"""`retrieval index --from-embeddings DIR`: an index folder from embedding parts, without re-embedding.
+
+    one index (default)   all gallery parts read, the index built and calibrated exactly as `retrieval index`
+                          does (same training sample for the same seed), so it searches and evaluates the same
+    --shards N            the driver trains the coarse quantizer (and PQ) once on a seeded sample read from
+                          the parts and hands the trained empty index to N shard builds; each reads only
+                          its own parts, one at a time, adds them and writes its shard file. Engine "local"
+                          runs the shard builds one after another here, "ray" runs them as parallel Ray tasks
+                          (one fresh process each, so memory is returned after every shard)
+    --shards N --merge    the shards' inverted lists (or flat rows) merged into one index.faiss
+
+Every part is verified against its completion marker (size, SHA-256, embedder fingerprint) by the
+process that reads it; the folder is published atomically like any index folder.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from retrieval.config import CalibrationConfig, IndexConfig
+from retrieval.index import (
+    IndexBuildError,
+    IndexParams,
+    _new_cpu_index,
+    add_to_index,
+    configure_search,
+    library_versions,
+    resolve_params,
+    write_index,
+)
+from retrieval.index_folder import GalleryIndex, ItemTable, StoredQueries, now_iso
+from retrieval.scale.parts import EmbeddingsFolder, PartItems, absolute_paths, part_paths
+from retrieval.atomic import atomic_write_with, read_json
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    """How an index is split across shards and where the shard builds run."""
+
+    shards: int = 0  # 0 or 1: one index; N > 1: N shards
+    merge: bool = False  # with shards: merge them into one index.faiss instead of keeping N files
+    engine: str = "local"  # local | ray
+
+    def __post_init__(self) -> None:
+        from retrieval.scale import ENGINES
+
+        if self.shards < 0:
+            raise ValueError(f"--shards must be >= 0, got {self.shards}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if self.merge and self.shards <= 1:
+            raise ValueError("--merge needs --shards N with N > 1")
+
+
+@dataclass
+class ShardResult:
+    """One shard build: its file, item count, time and the peak resident memory of the process that built it."""
+
+    file: str
+    n_items: int
+    seconds: float
+    max_rss_bytes: int
+    worker: str
+
+
+@dataclass
+class BuildReport:
+    """Timings of a build from parts (train on the driver, shard builds, merge, publish)."""
+
+    train_seconds: float = 0.0
+    shard_seconds: float = 0.0
+    merge_seconds: float = 0.0
+    total_seconds: float = 0.0
+    shards: list[ShardResult] = field(default_factory=list)
+
+
+def _items_of(folder: EmbeddingsFolder, role: str) -> PartItems:
+    """The item columns of every part of `role` (JSON only; no embeddings read)."""
+    rows, paths, labels, ids, bad, attributes = [], [], [], [], [], []
+    for name in folder.part_names(role):
+        folder.marker(name)
+        raw = read_json(part_paths(folder.folder, name)[1], "part items")
+        items = PartItems.from_dict(raw)
+        rows += items.rows
+        paths += items.paths
+        labels += items.labels
+        ids += items.item_ids
+        bad += items.bad
+        attributes += items.attribute_rows()
+    return PartItems(rows, paths, labels, ids, bad, attributes if any(attributes) else None)
+
+
+def _item_table(items: PartItems, data_root: str | None) -> ItemTable:
+    return ItemTable(absolute_paths(items.paths, data_root), list(items.labels), list(items.item_ids),
+                     items.attribute_rows())
+
+
+def split_parts(names: Sequence[str], counts: Sequence[int], shards: int) -> list[list[str]]:
+    """Consecutive runs of parts, one per shard, with item counts as even as part boundaries allow."""
+    total = sum(counts)
+    groups: list[list[str]] = [[] for _ in range(shards)]
+    done = 0
+    for name, count in zip(names, counts):
+        j = min(shards - 1, int(done * shards // max(total, 1)))
+        groups[j].append(name)
+        done += count
+    return groups
+
+
+def train_on_sample(folder: EmbeddingsFolder, params: IndexParams, n: int, seed: int, verify: bool = True) -> bytes:
+    """The trained, empty index (serialised), trained on the same seeded sample `build_faiss_index` would draw."""
+    index = _new_cpu_index(params, folder.embedding_size)
+    if not index.is_trained:
+        if params.train_size < n:
+            rows = np.sort(np.random.default_rng(seed).choice(n, size=params.train_size, replace=False))
+        else:
+            rows = np.arange(n)
+        sample = np.empty((len(rows), folder.embedding_size), np.float32)
+        start = filled = 0
+        for _, emb, _items in folder.iter_parts("gallery", verify=verify):
+            stop = start + len(emb)
+            lo, hi = np.searchsorted(rows, [start, stop])
+            sample[filled : filled + hi - lo] = emb[rows[lo:hi] - start]
+            filled += hi - lo
+            start = stop
+        try:
+            index.train(sample)
+        except RuntimeError as exc:
+            raise IndexBuildError(f"FAISS could not train {params.factory_string()} on {len(sample):,} vectors: "
+                                  f"{exc}") from exc
+    return bytes(faiss.serialize_index(index))
+
+
+def build_shard(parts_dir: str, names: Sequence[str], trained: bytes, params: dict[str, Any], out_file: str,
+                verify: bool = True, threads: int = 0) -> ShardResult:
+    """Add the vectors of parts `names` (one part in memory at a time) to a copy of the trained index and write
+    it to `out_file`. Runs in the driver (engine local) or as a Ray task."""
+    t0 = time.perf_counter()
+    if threads > 0:
+        faiss.omp_set_num_threads(threads)
+    folder = EmbeddingsFolder.open(parts_dir)
+    p = IndexParams.from_dict(params)
+    index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
+    for _, emb, _items in folder.iter_parts("gallery", names, verify=verify):
+        if len(emb):
+            add_to_index(index, emb)
+        del emb
+    configure_search(index, p)
+    atomic_write_with(out_file, lambda path: write_index(index, path))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return ShardResult(os.path.basename(out_file), int(index.ntotal), time.perf_counter() - t0, int(rss),
+                       f"{socket.gethostname()}:{os.getpid()}")
+
+
+def _run_shards_local(parts_dir: str, groups: list[list[str]], trained: bytes, params: dict[str, Any],
+                      files: list[str], verify: bool, progress: bool) -> list[ShardResult]:
+    from tqdm.auto import tqdm
+
+    return [build_shard(parts_dir, names, trained, params, f, verify)
+            for names, f in tqdm(list(zip(groups, files)), desc="shards", unit="shard", disable=not progress)]
+
+
+def _run_shards_ray(parts_dir: str, groups: list[list[str]], trained: bytes, params: dict[str, Any],
+                    files: list[str], verify: bool, progress: bool, ray_options: Any) -> list[ShardResult]:
+    """Shard builds as Ray tasks, at most `workers` at once; the trained index is put in the object store once."""
+    from tqdm.auto import tqdm
+
+    from retrieval.scale.ray_engine import RayOptions, connect
+
+    ray_options = ray_options or RayOptions()
+    ray = connect(ray_options)
+    threads = max(1, int(ray_options.cpus_per_worker))
+    task = ray.remote(num_cpus=ray_options.cpus_per_worker, max_calls=1,
+                      max_retries=ray_options.retries)(build_shard)
+    trained_ref = ray.put(trained)
+    pending = list(zip(groups, files))
+    running: dict[Any, int] = {}
+    results: dict[int, ShardResult] = {}
+    bar = tqdm(total=len(pending), desc="shards", unit="shard", disable=not progress)
+    try:
+        next_j = 0
+        while next_j < len(pending) or running:
+            while next_j < len(pending) and len(running) < ray_options.workers:
+                names, f = pending[next_j]
+                running[task.remote(parts_dir, names, trained_ref, params, f, verify, threads)] = next_j
+                next_j += 1
+            ready, _ = ray.wait(list(running), num_returns=1)
+            for ref in ready:
+                j = running.pop(ref)
+                try:
+                    results[j] = ray.get(ref)
+                except Exception as exc:
+                    cause = getattr(exc, "cause", None) or exc
+                    if isinstance(cause, (ValueError, OSError)):
+                        raise cause from exc  # a corrupt part, a mismatch: the worker's own message names the file
+                    raise RuntimeError(f"shard build {j} failed on Ray ({type(exc).__name__}: "
+                                       f"{(str(exc).strip().splitlines() or [''])[0]})") from exc
+                bar.update(1)
+    finally:
+        bar.close()
+    return [results[j] for j in range(len(pending))]
+
+
+def build_from_parts(parts_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+                     cfg: IndexConfig | None = None, shard_options: ShardOptions | None = None, *,
+                     ray_options: Any = None, seed: int = 0, verify: bool = True, progress: bool = True,
+                     calib: CalibrationConfig | None = None) -> tuple[GalleryIndex, BuildReport]:
+    """Publish an index folder at `out_dir` from the embeddings folder `parts_dir` (see module docstring).
+
+    One index is built and calibrated exactly as `retrieval index` does (`calib`); shards search with
+    the given nprobe / efSearch (calibration measures one index, not a shard set).
+    """
+    cfg = cfg or IndexConfig()
+    opts = shard_options or ShardOptions()
+    report = BuildReport()
+    t_start = time.perf_counter()
+    folder = EmbeddingsFolder.open(parts_dir)
+    folder.require_complete()
+    manifest = folder.manifest
+    if "gallery" not in folder.roles():
+        raise IndexBuildError(f"{folder.folder} holds no gallery parts; nothing to index")
+    n, d = folder.count("gallery"), folder.embedding_size
+    if n == 0:
+        raise IndexBuildError(f"{folder.folder}: no gallery image could be embedded ({manifest.get('n_bad', 0)} "
+                              "unreadable); nothing to index")
+    params = resolve_params(cfg, n, d)
+    sharded = opts.shards > 1
+    if sharded:
+        if params.refine_factor > 0:
+            raise IndexBuildError("--refine-factor is not supported with --shards; build one index instead")
+        if opts.merge and params.index_type == "hnsw":
+            raise IndexBuildError("HNSW shards cannot be merged into one graph; drop --merge to keep them as shards")
+        if opts.shards > len(folder.part_names("gallery")):
+            raise IndexBuildError(f"--shards {opts.shards} exceeds the {len(folder.part_names('gallery'))} gallery "
+                                  "parts; use fewer shards or re-embed with a smaller --part-size")
+    data_root = folder.data_root
+    g_items = _items_of(folder, "gallery")
+    queries = None
+    if "query" in folder.roles():
+        q_emb, q_items = folder.load_role("query", verify=verify)
+        queries = StoredQueries(q_emb, _item_table(q_items, data_root))
+    lossy = params.index_type == "ivf-pq" and params.refine_factor == 0
+    device, note = "cpu", ""
+    gallery_vectors = None
+
+    if not sharded:
+        if opts.engine == "ray":
+            note = "one index: built in this process (pass --shards N to build shards on Ray)"
+        from retrieval.calibrate import build_calibrated
+
+        gallery_emb, _ = folder.load_role("gallery", verify=verify)
+        result = build_calibrated(gallery_emb, cfg, calib, seed=seed, progress=progress)  # as `retrieval index` does
+        built = result.built
+        params = built.params
+        lossy = params.index_type == "ivf-pq" and params.refine_factor == 0
+        report.train_seconds, report.shard_seconds = built.train_seconds, built.add_seconds
+        device, note = built.device, built.note or note
+        index: GalleryIndex = GalleryIndex(built.index, params, _item_table(g_items, data_root), {}, queries,
+                                           gallery_emb if lossy else None, use_gpu=cfg.use_gpu)
+        calibration_meta = result.meta()
+    else:
+        from retrieval.scale.shards import ShardedGalleryIndex, ShardSet, shard_file_name
+
+        t0 = time.perf_counter()
+        # the sample is read unverified: every part is verified by the shard build that adds it, and a bad part
+        # fails that build before anything is published
+        trained = train_on_sample(folder, params, n, seed, verify=False)
+        report.train_seconds = time.perf_counter() - t0
+        names = folder.part_names("gallery")
+        groups = split_parts(names, [int(folder.marker(p)["n"]) for p in names], opts.shards)
+        out_dir = Path(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.shards-", dir=out_dir.parent))
+        try:
+            files = [str(staging / shard_file_name(j)) for j in range(opts.shards)]
+            t0 = time.perf_counter()
+            run = _run_shards_ray if opts.engine == "ray" else _run_shards_local
+            extra = (ray_options,) if opts.engine == "ray" else ()
+            report.shards = run(str(folder.folder.resolve()), groups, trained, params.to_dict(), files, verify,
+                                progress, *extra)
+            report.shard_seconds = time.perf_counter() - t0
+            shard_set = ShardSet.from_files([Path(f) for f in files], [r.n_items for r in report.shards], d)
+            if lossy:
+                gallery_vectors, _ = folder.load_role("gallery", verify=False)
+            items = _item_table(g_items, data_root)
+            if opts.merge:
+                t0 = time.perf_counter()
+                merged = shard_set.merged(params)
+                report.merge_seconds = time.perf_counter() - t0
+                index = GalleryIndex(merged, params, items, {}, queries, gallery_vectors, use_gpu=cfg.use_gpu)
+            else:
+                index = ShardedGalleryIndex(shard_set, params, items, {}, queries, gallery_vectors,
+                                            use_gpu=cfg.use_gpu)
+            index.meta = _meta(manifest, folder, params, cfg, opts, report, device, note, g_items, t_start)
+            index.save(out_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        report.total_seconds = time.perf_counter() - t_start
+        index.meta["build_seconds"] = round(report.total_seconds, 3)
+        return index, report
+
+    index.meta = _meta(manifest, folder, params, cfg, opts, report, device, note, g_items, t_start)
+    index.meta.update(calibration_meta)
+    index.save(out_dir)
+    report.total_seconds = time.perf_counter() - t_start
+    return index, report
+
+
+def _meta(manifest: dict[str, Any], folder: EmbeddingsFolder, params: IndexParams, cfg: IndexConfig,
+          opts: ShardOptions, report: BuildReport, device: str, note: str, g_items: PartItems,
+          t_start: float) -> dict[str, Any]:
+    """The same metadata `retrieval index` records, plus where the embeddings came from and how it was built."""
+    src = manifest.get("source", {})
+    versions = dict(manifest.get("versions") or {})
+    versions.update(library_versions())
+    return {
+        "dataset": src.get("dataset", "images"),
+        "data_root": manifest.get("data_root"),
+        "split": manifest["splits"]["gallery"]["split"],
+        "protocol": src.get("protocol", "all-vs-all"),
+        "recall_ks": [int(k) for k in src.get("recall_ks") or []],
+        "fingerprint": manifest["fingerprint"],
+        "embedding_size": int(manifest["embedding_size"]),
+        "normalisation": manifest.get("normalisation", "l2"),
+        "preprocessing": manifest["preprocessing"],
+        "backend": manifest.get("backend"),
+        "embed_device": "parts",
+        "embedder_source": manifest.get("embedder_source", {}),
+        "index_device": device,
+        "index_note": note,
+        "index_config": {"memory_budget_gb": cfg.memory_budget_gb, "requested_type": cfg.index_type},
+        "embed_seconds": 0.0,
+        "train_seconds": round(report.train_seconds, 3),
+        "add_seconds": round(report.shard_seconds, 3),
+        "build_seconds": round(time.perf_counter() - t_start, 3),
+        "built_from": {"embeddings": str(folder.folder.resolve()), "dtype": manifest.get("dtype"),
+                       "engine": opts.engine, "shards": max(1, opts.shards), "merged": opts.merge,
+                       "unreadable_images": len(g_items.bad),
+                       "shard_builds": [r.__dict__ for r in report.shards]},
+        "created_at": now_iso(),
+        "versions": versions,
+        "history": [{"action": "build", "items": len(g_items.rows), "at": now_iso(), "from": "embeddings"}],
+    }

@@ -1,0 +1,207 @@
+"""Build-time recall calibration: the chosen search setting is the smallest that reaches the target (checked
+against a NumPy brute-force sweep), survives save/load, yields to --nprobe / --ef-search, and auto builds
+flat when no approximate setting is worth it. Small synthetic vectors only."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import faiss
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from retrieval.calibrate import (
+    REFINE_LADDER,
+    build_calibrated,
+    calibrate,
+    override_search_params,
+    sample_queries,
+    search_setting_text,
+)
+from retrieval.cli import app
+from retrieval.config import CalibrationConfig, IndexConfig
+from retrieval.index import build_faiss_index, configure_search, read_index, resolve_params
+from retrieval.index_folder import GalleryIndex, ItemTable
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def clustered(n: int, d: int, n_classes: int, seed: int, spread: float) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = _unit(rng.standard_normal((n_classes, d)))
+    labels = rng.integers(0, n_classes, n)
+    return _unit(centres[labels] + spread * rng.standard_normal((n, d)) / np.sqrt(d)), labels
+
+
+def isotropic(n: int, d: int, seed: int) -> np.ndarray:
+    return _unit(np.random.default_rng(seed).standard_normal((n, d)))
+
+
+def exact_top_k(g: np.ndarray, q: np.ndarray, k: int, own: np.ndarray | None) -> np.ndarray:
+    """NumPy float64 brute force: top-k gallery rows of each query, its own row (if any) excluded."""
+    scores = q.astype(np.float64) @ g.astype(np.float64).T
+    if own is not None:
+        scores[np.arange(len(q)), own] = -np.inf
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def recall_without_self(index: faiss.Index, q: np.ndarray, own: np.ndarray | None, exact: np.ndarray) -> float:
+    k = exact.shape[1]
+    _, ids = index.search(q, k + 1)
+    rows = []
+    for i, row in enumerate(ids):
+        row = [int(v) for v in row if own is None or v != own[i]][:k]
+        rows.append(len(set(row) & set(exact[i].tolist())) / k)
+    return float(np.mean(rows))
+
+
+def test_ivf_calibration_picks_the_smallest_nprobe_reaching_the_target_as_a_brute_force_sweep():
+    g, _ = clustered(6_000, 32, 60, seed=3, spread=1.0)
+    params = resolve_params(IndexConfig(index_type="ivf-flat"), len(g), 32)
+    built = build_faiss_index(g, params, use_gpu=False)
+    cfg = CalibrationConfig(target_recall=0.9, k=10, queries=300, seed=7)
+    chosen, cal = calibrate(built.index, params, g, cfg, use_gpu=False)
+    applied = faiss.extract_index_ivf(built.index).nprobe  # the choice is applied to the index itself
+
+    rows = sample_queries(len(g), 300, 7)
+    exact = exact_top_k(g, g[rows], 10, rows)
+    sweep = {}
+    for nprobe in [1, 2, 4, 8, 16, 32, 64, 128, params.nlist]:
+        configure_search(built.index, dataclasses.replace(params, nprobe=min(nprobe, params.nlist)))
+        sweep[min(nprobe, params.nlist)] = recall_without_self(built.index, g[rows], rows, exact)
+    smallest = min(p for p, r in sweep.items() if r >= 0.9)
+    assert chosen.nprobe == smallest == cal.chosen["nprobe"]
+    assert cal.reached and cal.recall == pytest.approx(sweep[smallest], abs=1e-4)
+    for point in cal.curve:  # every measured point agrees with the brute-force sweep
+        assert point.recall == pytest.approx(sweep[point.setting["nprobe"]], abs=1e-4)
+    assert all(p.recall < 0.9 for p in cal.curve[:-1]) and cal.curve[-1].setting == {"nprobe": smallest}
+    assert applied == smallest
+    assert smallest > 1  # the data is hard enough that the choice matters
+
+
+def test_hnsw_calibration_uses_held_out_vectors_and_matches_a_brute_force_sweep():
+    g, _ = clustered(3_000, 32, 30, seed=1, spread=1.2)
+    held = g[2_700:]
+    params = resolve_params(IndexConfig(index_type="hnsw", hnsw_m=4, ef_construction=8), 2_700, 32)
+    built = build_faiss_index(g[:2_700], params, use_gpu=False)
+    chosen, cal = calibrate(built.index, params, g[:2_700], CalibrationConfig(target_recall=0.9, queries=300),
+                            use_gpu=False, holdout=held)
+    exact = exact_top_k(g[:2_700], held, 10, None)
+    sweep = {}
+    for point in cal.curve:
+        ef = point.setting["ef_search"]
+        configure_search(built.index, dataclasses.replace(params, ef_search=ef))
+        sweep[ef] = recall_without_self(built.index, held, None, exact)
+        assert point.recall == pytest.approx(sweep[ef], abs=1e-4)
+    smallest = min(ef for ef, r in sweep.items() if r >= 0.9)
+    assert cal.reached and chosen.ef_search == smallest and cal.held_out
+    assert smallest > 16  # a weak graph (M=4) needs a wider beam than the first rung
+
+
+def test_ivf_pq_refine_calibration_takes_the_smallest_nprobe_then_the_smallest_factor():
+    g, _ = clustered(3_000, 16, 40, seed=2, spread=1.0)
+    params = resolve_params(IndexConfig(index_type="ivf-pq", pq_m=4, pq_nbits=6, refine_factor=4), len(g), 16)
+    built = build_faiss_index(g, params, use_gpu=False)
+    chosen, cal = calibrate(built.index, params, g, CalibrationConfig(target_recall=0.9, queries=200, seed=3),
+                            use_gpu=False)
+    rows = sample_queries(len(g), 200, 3)
+    exact = exact_top_k(g, g[rows], 10, rows)
+
+    def rec(nprobe: int, rf: int) -> float:
+        configure_search(built.index, dataclasses.replace(params, nprobe=nprobe, refine_factor=rf))
+        return recall_without_self(built.index, g[rows], rows, exact)
+
+    assert cal.reached and rec(chosen.nprobe, chosen.refine_factor) >= 0.9
+    smaller = [p for p in (1, 2, 4, 8, 16, 32, 64) if p < chosen.nprobe]
+    assert all(rec(p, REFINE_LADDER[-1]) < 0.9 for p in smaller)
+    assert all(rec(chosen.nprobe, rf) < 0.9 for rf in REFINE_LADDER if rf < chosen.refine_factor)
+
+
+def _gallery_index(result, g: np.ndarray, labels: np.ndarray) -> GalleryIndex:
+    items = ItemTable([f"/img/{i}.jpg" for i in range(len(g))], [int(v) for v in labels], [str(v) for v in labels])
+    meta = {"fingerprint": "fp", "protocol": "all-vs-all", "dataset": "synthetic", **result.meta()}
+    return GalleryIndex(result.built.index, result.built.params, items, meta, None, None, use_gpu=False)
+
+
+def test_chosen_setting_survives_save_load_and_explicit_flags_override_it(tmp_path):
+    g, labels = clustered(5_000, 32, 50, seed=4, spread=1.0)
+    result = build_calibrated(g, IndexConfig(index_type="ivf-flat", use_gpu=False),
+                              CalibrationConfig(target_recall=0.95, queries=300))
+    chosen = result.calibration.chosen["nprobe"]
+    assert chosen != IndexConfig().nprobe or chosen == result.built.params.nprobe
+    gi = _gallery_index(result, g, labels)
+    before = gi.search(g[:50], 10)
+    gi.save(tmp_path / "idx")
+
+    assert faiss.extract_index_ivf(read_index(tmp_path / "idx" / "index.faiss")).nprobe == chosen
+    meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
+    assert meta["index_params"]["nprobe"] == chosen and meta["calibration"]["chosen"] == {"nprobe": chosen}
+    assert meta["calibration"]["recall"] >= 0.95 and len(meta["calibration"]["curve"]) >= 1
+    loaded = GalleryIndex.load(tmp_path / "idx", use_gpu=False)
+    assert loaded.params.nprobe == chosen
+    np.testing.assert_array_equal(loaded.search(g[:50], 10)[1], before[1])
+    assert f"nprobe {chosen} (calibrated on 300" in search_setting_text(loaded.meta, loaded.params)
+    from app.ui import _search_setting  # the UI's facts table row
+
+    assert _search_setting(loaded.meta).startswith(f"nprobe {chosen} (calibrated on 300 gallery vectors")
+
+    # --nprobe 1 at search time: the same results as the index configured by hand with nprobe 1
+    loaded.set_search_params(override_search_params(loaded.params, nprobe=1))
+    reference = GalleryIndex.load(tmp_path / "idx", use_gpu=False)
+    configure_search(reference.index, dataclasses.replace(reference.params, nprobe=1))
+    np.testing.assert_array_equal(loaded.search(g[:50], 10)[1], reference.index.search(g[:50], 10)[1])
+    assert "nprobe 1 (given for this search" in search_setting_text(loaded.meta, loaded.params)
+    with pytest.raises(ValueError, match="--ef-search applies to HNSW"):
+        override_search_params(loaded.params, ef_search=64)
+    with pytest.raises(ValueError, match="--nprobe must be in 1"):
+        override_search_params(loaded.params, nprobe=10**6)
+
+    # the command line: evaluate uses the calibrated setting unless --nprobe is given
+    runner = CliRunner()
+    res = runner.invoke(app, ["evaluate", "--index", str(tmp_path / "idx"), "--json", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    default = json.loads(res.output)
+    assert default["search_params"]["nprobe"] == chosen and default["calibration"]["chosen"] == {"nprobe": chosen}
+    res = runner.invoke(app, ["evaluate", "--index", str(tmp_path / "idx"), "--json", "--device", "cpu", "--nprobe", "1"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["search_params"]["nprobe"] == 1
+    res = runner.invoke(app, ["evaluate", "--index", str(tmp_path / "idx"), "--device", "cpu", "--ef-search", "8"])
+    assert res.exit_code == 1 and "--ef-search applies to HNSW" in " ".join(res.output.split())
+
+
+def test_auto_builds_flat_when_no_approximate_setting_is_faster_at_the_target():
+    g = isotropic(6_000, 32, seed=5)  # no structure: IVF needs most lists for 0.95, never worth it
+    cfg = IndexConfig(index_type="auto", flat_max_items=1_000, use_gpu=False)
+    result = build_calibrated(g, cfg, CalibrationConfig(queries=300))
+    assert result.built.params.exact and result.calibration is None
+    assert result.decision.startswith("auto built flat (exact search): ivf-flat does not reach Recall@10 0.95")
+    assert result.rejected is not None and not result.rejected.applied
+    assert result.meta()["index_decision"] == result.decision
+    assert result.built.index.ntotal == len(g)
+    meta = {"index_params": {"index_type": "flat"}, **result.meta()}
+    assert "auto built flat" in search_setting_text(meta)
+
+
+def test_memory_forced_approximate_index_keeps_its_best_setting_and_says_what_it_reached():
+    g = isotropic(3_000, 32, seed=6)
+    cfg = IndexConfig(index_type="auto", memory_budget_gb=1e-4, pq_m=4, pq_nbits=6, use_gpu=False)
+    result = build_calibrated(g, cfg, CalibrationConfig(queries=300))
+    cal = result.calibration
+    assert result.built.params.index_type == "ivf-pq" and cal is not None and not cal.reached
+    assert cal.recall == max(p.recall for p in cal.curve) < 0.95
+    assert f"reaches at most Recall@10 {cal.recall:.3f}" in result.decision and "memory budget" in result.decision
+    assert result.built.params.nprobe == cal.chosen["nprobe"]
+
+
+def test_fixed_setting_is_measured_not_swept_and_zero_target_skips_calibration():
+    g, _ = clustered(3_000, 16, 30, seed=8, spread=1.0)
+    cfg = IndexConfig(index_type="ivf-flat", nprobe=3, use_gpu=False)
+    fixed = build_calibrated(g, cfg, CalibrationConfig(queries=200, sweep=False))
+    assert fixed.built.params.nprobe == 3 and not fixed.calibration.swept
+    assert [p.setting for p in fixed.calibration.curve] == [{"nprobe": 3}]
+    off = build_calibrated(g, cfg, CalibrationConfig(target_recall=0.0))
+    assert off.calibration is None and off.built.params.nprobe == 3
