@@ -92,7 +92,9 @@ class EvaluationCache:
             try:
                 atomic_write_json(self.path, record)
             except OSError as exc:
-                path, note = None, f"could not write {self.path} ({exc}); the result is kept in memory only"
-                log.warning(note)
+                path = None
+                note = f"could not write {CACHE_FILE} beside the index ({exc.strerror or exc.__class__.__name__}); " \
+                       "the result is kept in memory only"  # the page never shows the server's paths
+                log.warning("could not write %s (%s); the evaluation is kept in memory only", self.path, exc)
             self._memory = EvaluationResult(metrics, computed_at, seconds, False, path, note)
             return self._memory

@@ -138,6 +138,13 @@ class SearchApp:
         self.backend = searcher.backend
         self.examples = self._pick_examples(num_examples)
         self._example_by_hash = {_sha256(q.path.read_bytes()): q for q in self.examples}
+        # Examples are shown (and served) as thumbnails, like results; a query that is one of those
+        # thumbnails is searched with its original file, so example results match the evaluation.
+        self.example_thumbnails = ThumbnailStore([q.path for q in self.examples], self.thumbnails.folder / "examples",
+                                                 max_side=self.thumbnails.max_side)
+        self._example_by_thumbnail_hash = {
+            _sha256(self.example_thumbnails.path_for(i).read_bytes()): q for i, q in enumerate(self.examples)
+        }
         self.recall_ks = tuple(searcher.recall_ks)
         identity = {k: v for k, v in self.meta.items() if k != "folder"}  # moving the folder keeps its cache
         key = index_cache_key(identity, self.backend.fingerprint, self.backend.name)
@@ -196,6 +203,11 @@ class SearchApp:
         gallery_query = self._gallery_query(payload)
         if gallery_query is not None:
             return gallery_query
+        digest = _sha256(data)
+        known = self._example_by_hash.get(digest)
+        if known is None and digest in self._example_by_thumbnail_hash:
+            known = self._example_by_thumbnail_hash[digest]
+            data = self._read_upload(known.path, name)
         try:
             image = open_image(data, max_pixels=self.max_pixels)
         except ImageLoadError as exc:
@@ -204,7 +216,7 @@ class SearchApp:
         except Exception as exc:  # a decoder bug must not take the server down
             log.exception("unexpected error decoding %s", name)
             raise QueryError(f"Cannot use {name}: it could not be decoded ({type(exc).__name__}).") from None
-        return DecodedQuery(image, self._example_by_hash.get(_sha256(data)), name)
+        return DecodedQuery(image, known, name)
 
     def _gallery_query(self, payload: Any) -> DecodedQuery | None:
         """A result tile put back in the query box ("more like this"): the gallery image behind it, label known."""
@@ -253,6 +265,10 @@ class SearchApp:
             raise QueryError(f"Cannot use {name}: the upload could not be read; please upload it again.") from None
 
     def _decode_data_url(self, url: str) -> bytes:
+        # The size check comes first, on the encoded length (4 characters per 3 bytes): decoding an
+        # oversized payload would cost its decoded size in memory before it could be refused.
+        if len(url) > base64_limit(self.max_upload_bytes):
+            raise QueryError("Cannot use the pasted image: it is over the upload size limit.")
         try:
             data = base64.b64decode(url.split(",", 1)[1], validate=False)
         except (IndexError, binascii.Error, ValueError):
@@ -422,7 +438,7 @@ class SearchApp:
             ("Updated", _first(m, "updated_at")),
             ("Built with", _first(m, "backend")),
             ("Serving", self.devices_text()),
-            ("Index folder", str(self.index_dir)),
+            ("Index", self.index_dir.name),  # never the server's absolute paths
         ]
         return [(k, v) for k, v in rows if v]
 
@@ -433,7 +449,7 @@ class SearchApp:
 
     def _evaluation_status(self, result: EvaluationResult) -> str:
         how = "read from the cache" if result.from_cache else "computed now"
-        where = f"`{result.cache_path}`" if result.cache_path else "memory only"
+        where = f"`{result.cache_path.name}` beside the index" if result.cache_path else "memory only"
         text = f"Computed {result.computed_at} in {result.seconds:.1f} s ({how}; cached in {where})."
         if result.note:
             text += f" ⚠️ {result.note}"
@@ -484,7 +500,7 @@ class SearchApp:
                         button = gr.Button("Search", variant="primary", elem_id="search-button")
                         if self.examples:
                             gr.Examples(
-                                examples=[[str(q.path)] for q in self.examples],
+                                examples=[[str(self.example_thumbnails.path_for(i))] for i in range(len(self.examples))],
                                 inputs=[query],
                                 label="Example queries from the stored query set (label known: correct results get a ✓)",
                                 examples_per_page=len(self.examples),
@@ -541,6 +557,11 @@ class SearchApp:
 
 
 # --- helpers shared with the tests / CLI ------------------------------------------------------------
+
+
+def base64_limit(max_bytes: int, header: int = 256) -> int:
+    """Longest data URL (base64 text plus a `data:<type>;base64,` header) that can hold `max_bytes` bytes."""
+    return 4 * ((int(max_bytes) + 2) // 3) + header
 
 
 def _is_recall_key(name: str) -> bool:

@@ -12,8 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from retrieval.bad_images import DEFAULT_MAX_BAD_FRACTION, embed_skipping_bad
 from retrieval.config import CalibrationConfig, IndexConfig
 from retrieval.embed import EmbeddingBackend
+from retrieval.errors import InputError
 from retrieval.index import library_versions, resolve_params
 from retrieval.index_folder import GalleryIndex, ItemTable, StoredQueries, items_from_paths, now_iso
 
@@ -37,12 +39,12 @@ def untrained_backend(
     """
     import torch
 
-    from retrieval.config import ModelConfig
+    from retrieval.config import ModelConfig, default_resize_size
     from retrieval.embed_torch import TorchBackend
     from retrieval.model import Embedder
     from retrieval.preprocess import Preprocessing
 
-    resize_size = resize_size or int(round(image_size * 8 / 7))
+    resize_size = resize_size or default_resize_size(image_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Embedder(ModelConfig(arch=arch, embedding_size=embedding_size, pretrained="none"))
@@ -88,11 +90,11 @@ def backend_from_source(source: dict[str, Any], device: str = "auto") -> Embeddi
             return open_backend("torch", checkpoint=path, device=device)[0]
         return open_backend("onnx", model=path, device=device)[0]
     if kind == "vectors":
-        raise ValueError(
+        raise InputError(
             f"the index was built from vectors ({source.get('path')}) and records no embedder to embed images with; "
             "search it with --embeddings QUERIES.npy (vectors from the same model)"
         )
-    raise ValueError(f"the index records no usable embedder ({source!r}); pass --checkpoint or --model")
+    raise InputError(f"the index records no usable embedder ({source!r}); pass --checkpoint or --model")
 
 
 # -- images ----------------------------------------------------------------------------------------
@@ -143,28 +145,37 @@ def build_index(
     seed: int = 0,
     calib: CalibrationConfig | None = None,
     rerank_neighbours: int = 0,
+    strict: bool = False,
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
 ) -> GalleryIndex:
     """Embed `dataset.gallery_split()` (and the query split of query/gallery datasets), index it, publish `out_dir`.
 
     `dataset` is a retrieval.data RetrievalDataset. The previous folder at `out_dir` stays in place
     until the new one is complete. Items carry the dataset's attributes (retrieval.filters);
     `rerank_neighbours` > 0 also stores gallery neighbour lists of that width (for DBA re-ranking).
+    Images that cannot be used are skipped and listed in the metadata (`bad_images`), unless there are
+    more than `max_bad_fraction` of them; `strict` stops at the first.
     """
     cfg = cfg or IndexConfig()
     t_start = time.perf_counter()
     gallery = dataset.gallery_split()
     if len(gallery) == 0:
-        raise ValueError(f"{dataset.name}: the {gallery.name} split is empty; nothing to index")
+        raise InputError(f"{dataset.name}: the {gallery.name} split is empty; nothing to index")
     d = int(backend.embedding_size)
     params = resolve_params(cfg, len(gallery), d)  # fail on impossible parameters before embedding
 
     t0 = time.perf_counter()
-    gallery_emb = backend.embed_paths(list(gallery.paths), batch_size=batch_size, progress=progress)
+    skip = dict(batch_size=batch_size, progress=progress, strict=strict, max_bad_fraction=max_bad_fraction)
+    embedded = embed_skipping_bad(backend, list(gallery.paths), what=f"{gallery.name} images", **skip)
+    gallery_emb, gallery, bad_images = embedded.emb, _subset(gallery, embedded.kept), embedded.bad
+    if len(gallery) == 0:
+        raise InputError(f"{dataset.name}: none of the {gallery.name} images can be used; nothing to index")
     queries = None
     if dataset.protocol == "query-gallery":
         q_split, _ = dataset.eval_splits()
-        q_emb = backend.embed_paths(list(q_split.paths), batch_size=batch_size, progress=progress)
-        queries = StoredQueries(q_emb, _items_with_attributes(dataset, q_split))
+        q_embedded = embed_skipping_bad(backend, list(q_split.paths), what=f"{q_split.name} images", **skip)
+        queries = StoredQueries(q_embedded.emb, _items_with_attributes(dataset, _subset(q_split, q_embedded.kept)))
+        bad_images += q_embedded.bad
     embed_seconds = time.perf_counter() - t0
 
     from retrieval.calibrate import build_calibrated
@@ -196,6 +207,8 @@ def build_index(
         "versions": _versions(backend),
         "history": [{"action": "build", "items": len(gallery), "at": now_iso()}],
         **result.meta(),
+        "n_bad_images": len(bad_images),
+        "bad_images": bad_images,
     }
     index = GalleryIndex(built.index, built.params, _items_with_attributes(dataset, gallery), meta, queries,
                          gallery_emb if lossy else None, use_gpu=cfg.use_gpu)
@@ -205,6 +218,17 @@ def build_index(
     return index
 
 
+def _subset(split: Any, kept: Any) -> Any:
+    """The split restricted to the images at positions `kept` (all of them: the split itself)."""
+    if len(kept) == len(split):
+        return split
+    from retrieval.data.base import Split
+
+    idx = [int(i) for i in kept]
+    item_ids = None if split.item_ids is None else tuple(split.item_ids[i] for i in idx)
+    return Split(split.name, tuple(split.paths[i] for i in idx), tuple(split.labels[i] for i in idx), item_ids)
+
+
 def add_images(
     index_dir: str | os.PathLike[str],
     sources: Sequence[str | os.PathLike[str]],
@@ -212,6 +236,8 @@ def add_images(
     *,
     batch_size: int = 64,
     progress: bool = True,
+    strict: bool = False,
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
 ) -> tuple[GalleryIndex, int]:
     """Embed images (files or folders) and add them to the index at `index_dir`; returns (index, added).
 
@@ -221,11 +247,18 @@ def add_images(
     index = GalleryIndex.load(index_dir)
     index.check_embedder(backend.fingerprint, backend.embedding_size, getattr(backend, "normalisation", "l2"))
     paths = list_images(sources)
-    emb = backend.embed_paths(paths, batch_size=batch_size, progress=progress)
-    index.add(emb, items_from_paths(paths))
+    embedded = embed_skipping_bad(backend, paths, batch_size=batch_size, progress=progress, strict=strict,
+                                  max_bad_fraction=max_bad_fraction, what="added images")
+    kept = [paths[int(i)] for i in embedded.kept]
+    if not kept:
+        raise InputError(f"none of the {len(paths)} images to add can be used: {embedded.bad[0]['reason']}")
+    index.add(embedded.emb, items_from_paths(kept))
     index.meta["updated_at"] = now_iso()
+    if embedded.bad:
+        index.meta["bad_images"] = list(index.meta.get("bad_images", [])) + embedded.bad
+        index.meta["n_bad_images"] = len(index.meta["bad_images"])
     index.save(index_dir)
-    return index, len(paths)
+    return index, len(kept)
 
 
 
@@ -259,7 +292,7 @@ def rows_to_remove(index: GalleryIndex, item_ids: Sequence[str] = (), paths: Seq
         else:
             rows.add(row)
     if missing:
-        raise ValueError(f"not in the index {index.meta.get('folder', '')}: {', '.join(missing[:5])}"
+        raise InputError(f"not in the index {index.meta.get('folder', '')}: {', '.join(missing[:5])}"
                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else "") + "; nothing was removed")
     return sorted(rows)
 

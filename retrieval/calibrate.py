@@ -32,6 +32,7 @@ import faiss
 import numpy as np
 
 from retrieval.config import CalibrationConfig, IndexConfig
+from retrieval.errors import UsageError
 from retrieval.index import (
     BuiltIndex,
     IndexBuildError,
@@ -415,15 +416,15 @@ def override_search_params(params: IndexParams, nprobe: int | None = None, ef_se
     changes: dict[str, int] = {}
     if nprobe is not None:
         if params.index_type not in ("ivf-flat", "ivf-pq"):
-            raise ValueError(f"--nprobe applies to IVF indexes; this index is {params.index_type}")
+            raise UsageError(f"--nprobe applies to IVF indexes; this index is {params.index_type}")
         if not 1 <= nprobe <= params.nlist:
-            raise ValueError(f"--nprobe must be in 1..{params.nlist} (the index has {params.nlist} lists)")
+            raise UsageError(f"--nprobe must be in 1..{params.nlist} (the index has {params.nlist} lists)")
         changes["nprobe"] = int(nprobe)
     if ef_search is not None:
         if params.index_type != "hnsw":
-            raise ValueError(f"--ef-search applies to HNSW indexes; this index is {params.index_type}")
+            raise UsageError(f"--ef-search applies to HNSW indexes; this index is {params.index_type}")
         if ef_search < 1:
-            raise ValueError("--ef-search must be >= 1")
+            raise UsageError("--ef-search must be >= 1")
         changes["ef_search"] = int(ef_search)
     return dataclasses.replace(params, **changes) if changes else params
 

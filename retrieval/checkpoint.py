@@ -20,13 +20,14 @@ import torch
 
 from retrieval.atomic import atomic_write_with
 from retrieval.config import ModelConfig, RunConfig
+from retrieval.errors import UserError
 from retrieval.model import Embedder, fingerprint_state, model_fingerprint
 from retrieval.preprocess import Preprocessing
 
 CHECKPOINT_FORMAT = "metrix-retrieval/checkpoint/1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint is missing, corrupt or of another format; the message names the file."""
 
 

@@ -10,12 +10,22 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from retrieval.errors import ConfigError, UsageError
+
 DatasetName = Literal["cub", "cars", "sop", "inshop", "folder", "demo"]
 LossName = Literal["contrastive", "ms", "pa"]
 MixupLevel = Literal["none", "input", "feature", "embedding"]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+RESIZE_RATIO = 256 / 224  # the paper's test-time short-side resize relative to the centre crop
+
+
+def default_resize_size(image_size: int) -> int:
+    """Test-time short-side resize for a centre crop of `image_size` (256 for 224, 73 for 64)."""
+    return int(round(image_size * RESIZE_RATIO))
 
 
 @dataclass
@@ -25,7 +35,7 @@ class DataConfig:
     dataset: str = "demo"
     root: str | None = None
     image_size: int = 224  # side of the square crop fed to the network
-    resize_size: int = 256  # test-time short-side resize before the centre crop
+    resize_size: int = 256  # test-time short-side resize before the centre crop (default_resize_size)
     batch_size: int = 100
     crop_scale_min: float = 0.08  # RandomResizedCrop area range (min, 1); 0.08 is torchvision's and the paper's
     sampler: Literal["random", "balanced"] = "random"
@@ -106,6 +116,7 @@ class TrainConfig:
     out_dir: str = "runs/default"
     device: str = "auto"
     max_steps_per_epoch: int = 0  # 0 = full epoch; > 0 caps steps (smoke runs, demos)
+    deterministic: bool = False  # bit-identical reruns and resumes (training/determinism.py); slower on GPU
 
 
 @dataclass
@@ -174,7 +185,7 @@ def from_dict(cls: type[T], raw: dict[str, Any]) -> T:
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(names)}")
+        raise ConfigError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(names)}")
     return cls(**raw)
 
 
@@ -217,7 +228,7 @@ def paper_train_preset(dataset: str, loss: str, mixup_level: str = "none") -> Tr
         if dataset in _LARGE:
             return TrainConfig(epochs=60, lr=6e-4, lr_step=20, lr_gamma=0.25, warmup_epochs=1, freeze_bn=False)
     else:
-        raise ValueError(f"unknown loss {loss!r}; choose contrastive, ms or pa")
+        raise UsageError(f"unknown loss {loss!r}; choose contrastive, ms or pa")
     # folder / demo: a short schedule that suits small custom data and trains the BN statistics.
     return TrainConfig(epochs=20, lr=1e-4, lr_step=10, lr_gamma=0.5, warmup_epochs=1, freeze_bn=False)
 

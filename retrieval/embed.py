@@ -14,6 +14,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from retrieval.errors import UsageError
 from retrieval.preprocess import Preprocessing
 
 
@@ -54,19 +55,19 @@ def load_backend(
     """
     kind = (kind or "auto").lower()
     if kind not in BACKEND_KINDS:
-        raise ValueError(f"unknown backend {kind!r}; choose one of {', '.join(BACKEND_KINDS)}")
+        raise UsageError(f"unknown backend {kind!r}; choose one of {', '.join(BACKEND_KINDS)}")
     if kind == "auto":
         kind = "onnx" if model is not None else "torch"
     if kind == "onnx":
         if model is None:
-            raise ValueError(
+            raise UsageError(
                 "the onnx backend needs --model PATH.onnx (create one with `retrieval export --checkpoint CKPT --out model.onnx`)"
             )
         from retrieval.embed_onnx import OnnxBackend, providers_for_device
 
         return OnnxBackend(model, providers=providers or providers_for_device(device))
     if checkpoint is None:
-        raise ValueError("the torch backend needs --checkpoint PATH (or use --backend onnx --model PATH.onnx)")
+        raise UsageError("the torch backend needs --checkpoint PATH (or use --backend onnx --model PATH.onnx)")
     from retrieval.embed_torch import TorchBackend
 
     return TorchBackend.from_checkpoint(checkpoint, device=device)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from retrieval.errors import UsageError, UserError
 from retrieval.images import open_image
 from retrieval.preprocess import Preprocessing, preprocess_batch, preprocess_eval
 
@@ -31,7 +32,7 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
 
-class OnnxModelError(ValueError):
+class OnnxModelError(UserError, ValueError):
     """An ONNX model is missing, unreadable, or not an exported embedder; the message names the file."""
 
 
@@ -142,7 +143,7 @@ def providers_for_device(device: str) -> list[Any] | None:
     if device.startswith("cuda"):
         _, _, index = device.partition(":")
         return [(CUDA, {"device_id": int(index or 0)}), CPU]
-    raise ValueError(f"unknown device {device!r} for the onnx backend; use auto, cpu, cuda or cuda:N")
+    raise UsageError(f"unknown device {device!r} for the onnx backend; use auto, cpu, cuda or cuda:N")
 
 
 def _provider_name(p: Any) -> str:
@@ -188,7 +189,7 @@ class OnnxBackend:
         names = [_provider_name(p) for p in requested]
         unknown = [n for n in names if n not in ort.get_all_providers()]
         if unknown:
-            raise ValueError(f"unknown onnxruntime provider(s) {unknown}; known: {ort.get_all_providers()}")
+            raise UsageError(f"unknown onnxruntime provider(s) {unknown}; known: {ort.get_all_providers()}")
         if CUDA in names and nvidia_gpu_visible():
             try:  # CUDA/cuDNN from the nvidia-* wheels, when torch has not loaded them already
                 ort.preload_dlls(directory="")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from retrieval.atomic import fsync_file
 from retrieval.embed_onnx import CPU, INPUT_NAME, OUTPUT_NAME, OnnxBackend, build_metadata
+from retrieval.errors import UsageError, UserError
 from retrieval.images import ImageLoadError, open_image
 from retrieval.model import Embedder
 from retrieval.preprocess import Preprocessing, preprocess_eval
@@ -38,7 +39,7 @@ FP16_MIN_COSINE = 0.999  # fp16 export: per-image cosine similarity to the fp32 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The export could not be produced or verified; the message says what failed."""
 
 
@@ -160,7 +161,7 @@ def write_onnx(
 
     path = Path(path)
     if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        raise UsageError(f"batch size must be >= 1, got {batch_size}")
     size = preprocessing.image_size
     graph = _ExportGraph(model, fp16).eval()
     example = torch.randn(batch_size or 2, 3, size, size)

@@ -24,10 +24,12 @@ from typing import Any
 import faiss
 import numpy as np
 
+from retrieval.errors import UsageError
+
 Where = dict[str, frozenset[str]]  # attribute -> accepted values (a key's values are OR-ed, keys AND-ed)
 
 
-class FilterError(ValueError):
+class FilterError(UsageError):
     """A filter that cannot be applied (bad syntax, unknown attribute); the message says what exists."""
 
 

@@ -31,6 +31,7 @@ import faiss
 import numpy as np
 
 from retrieval.config import IndexConfig
+from retrieval.errors import UserError
 
 INDEX_TYPES = ("flat", "ivf-flat", "ivf-pq", "hnsw")
 MIN_POINTS_PER_CENTROID = 39  # below this FAISS k-means gives poor centroids (its own warning threshold)
@@ -39,11 +40,11 @@ MAX_AUTO_NLIST = 65_536
 NORM_TOLERANCE = 1e-3
 
 
-class IndexBuildError(ValueError):
+class IndexBuildError(UserError, ValueError):
     """The requested index cannot be built from these vectors; the message says what to change."""
 
 
-class IndexFileError(ValueError):
+class IndexFileError(UserError, ValueError):
     """An index file is missing, truncated, corrupt or unreadable; the message names the file."""
 
 

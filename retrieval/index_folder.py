@@ -33,7 +33,16 @@ from typing import Any
 import faiss
 import numpy as np
 
-from retrieval.atomic import atomic_write_json, atomic_write_with, fsync_dir, read_json, swap_in_folder
+from retrieval.atomic import (
+    atomic_write_json,
+    atomic_write_with,
+    clean_stale_leftovers,
+    fsync_dir,
+    locked_dir,
+    read_json,
+    swap_in_folder,
+)
+from retrieval.errors import UserError
 from retrieval.index import (
     IndexFileError,
     IndexParams,
@@ -57,7 +66,7 @@ QUERIES_FILE, QUERY_ITEMS_FILE, GALLERY_FILE = "queries.npy", "queries.json", "g
 NEIGHBOURS_FILE, NEIGHBOUR_SCORES_FILE = "neighbours.npy", "neighbour_scores.npy"
 
 
-class EmbedderMismatchError(ValueError):
+class EmbedderMismatchError(UserError, ValueError):
     """An index was opened with an embedder other than the one that built it."""
 
 
@@ -167,15 +176,17 @@ def publish_folder(target: Path, write: Callable[[Path], None]) -> None:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_leftovers(target.parent, [target.name])  # what a killed build left beside the folder
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
     try:
-        write(tmp)
-        # mkdtemp/mkstemp create owner-only entries; an index is meant to be shared like any output folder
-        os.chmod(tmp, 0o755)
-        for entry in tmp.iterdir():
-            os.chmod(entry, 0o644)
-        fsync_dir(tmp)
-        swap_in_folder(tmp, target)
+        with locked_dir(tmp):  # tells a concurrent cleaner that this folder is being built, not left over
+            write(tmp)
+            # mkdtemp/mkstemp create owner-only entries; an index is meant to be shared like any output folder
+            os.chmod(tmp, 0o755)
+            for entry in tmp.iterdir():
+                os.chmod(entry, 0o644)
+            fsync_dir(tmp)
+            swap_in_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import torchvision
 
 from retrieval.config import ModelConfig
+from retrieval.errors import UsageError, UserError
 
 TRUNK_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 _WEIGHTS_ENUM = {
@@ -25,7 +26,7 @@ _WEIGHTS_ENUM = {
 }
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(UserError, RuntimeError):
     """ImageNet weights could not be obtained; the message says how to supply a local file."""
 
 
@@ -72,7 +73,7 @@ class Embedder(nn.Module):
         super().__init__()
         cfg = cfg or ModelConfig()
         if cfg.arch not in TRUNK_CHANNELS:
-            raise ValueError(f"unknown arch {cfg.arch!r}; choose one of {sorted(TRUNK_CHANNELS)}")
+            raise UsageError(f"unknown arch {cfg.arch!r}; choose one of {sorted(TRUNK_CHANNELS)}")
         self.cfg = cfg
         net = getattr(torchvision.models, cfg.arch)(weights=None)
         _load_trunk_weights(net, cfg.arch, cfg.pretrained)

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from retrieval.config import IMAGENET_MEAN, IMAGENET_STD
+from retrieval.images import check_resize
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,10 @@ class Preprocessing:
     resize_size: int = 256
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+
+    def describe(self) -> str:
+        """The effective test-time input, as commands print it."""
+        return f"resize short side to {self.resize_size} px, centre crop {self.image_size} px"
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
@@ -42,12 +47,10 @@ class Preprocessing:
 
 
 def resize_short_side(img: Image.Image, size: int) -> Image.Image:
-    """torchvision.transforms.Resize(size) semantics for an int size."""
+    """torchvision.transforms.Resize(size) semantics for an int size; refuses (ImageLoadError) an aspect
+    ratio whose resize would be unbounded (retrieval.images.check_resize)."""
     w, h = img.size
-    if w <= h:
-        new_w, new_h = size, int(size * h / w)
-    else:
-        new_w, new_h = int(size * w / h), size
+    new_w, new_h = check_resize(w, h, size)
     if (new_w, new_h) == (w, h):
         return img
     return img.resize((new_w, new_h), Image.BILINEAR)

@@ -23,11 +23,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from retrieval.errors import UsageError
+
 RERANK_METHODS = ("none", "qe", "dba", "kreciprocal")
 DEFAULT_NEIGHBOURS = 10  # width of stored gallery neighbour lists (self included)
 
 
-class RerankError(ValueError):
+class RerankError(UsageError):
     """A re-ranking that cannot run on this index (unknown method, neighbour lists missing or stale)."""
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from retrieval.embed import EmbeddingBackend
+from retrieval.errors import InputError
 from retrieval.filters import Where, attribute_values, matching_ids, parse_where
 from retrieval.index_folder import GalleryIndex
 from retrieval.rerank import Reranker, RerankConfig, check_method
@@ -245,7 +246,7 @@ class Searcher:
         gallery_labels = np.asarray(self.index.items.labels, dtype=np.int64)
         if self.meta.get("protocol") == "query-gallery":
             if self.index.queries is None:
-                raise ValueError(f"index {self.meta.get('folder')} stores no query embeddings; rebuild it to evaluate")
+                raise InputError(f"index {self.meta.get('folder')} stores no query embeddings; rebuild it to evaluate")
             q_emb = self.index.queries.emb
             q_labels = np.asarray(self.index.queries.items.labels, dtype=np.int64)
             self_ids = None
@@ -298,7 +299,7 @@ def neighbour_metrics(
     num_relevant = np.where(found, counts[pos] if len(classes) else 0, 0) - (0 if self_ids is None else 1)
     rows = np.flatnonzero(num_relevant > 0)
     if len(rows) == 0:
-        raise ValueError("no query has a same-label item in the gallery; nothing to evaluate")
+        raise InputError("no query has a same-label item in the gallery; nothing to evaluate")
     width = max(max(ks), int(num_relevant[rows].max()))
     extra = 0 if self_ids is None else 1
     k_search = min(width + extra, len(gallery_labels))

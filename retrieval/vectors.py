@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.config import CalibrationConfig, IndexConfig
+from retrieval.errors import InputError
 from retrieval.index import NORM_TOLERANCE, library_versions
 from retrieval.index_folder import GalleryIndex, ItemTable, now_iso
 
@@ -29,7 +30,7 @@ CHECK_CHUNK = 65_536  # rows checked / copied at a time
 LISTED_ROWS = 10  # row numbers quoted in an error before "and N more"
 
 
-class VectorFileError(ValueError):
+class VectorFileError(InputError):
     """A vector, label or id file cannot be used; the message names the file and the rows."""
 
 

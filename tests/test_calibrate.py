@@ -170,7 +170,7 @@ def test_chosen_setting_survives_save_load_and_explicit_flags_override_it(tmp_pa
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["search_params"]["nprobe"] == 1
     res = runner.invoke(app, ["evaluate", "--index", str(tmp_path / "idx"), "--device", "cpu", "--ef-search", "8"])
-    assert res.exit_code == 1 and "--ef-search applies to HNSW" in " ".join(res.output.split())
+    assert res.exit_code == 2 and "--ef-search applies to HNSW" in " ".join(res.output.split())
 
 
 def test_auto_builds_flat_when_no_approximate_setting_is_faster_at_the_target():

@@ -6,6 +6,7 @@ import typer
 from typer.testing import CliRunner
 
 from retrieval.cli import datasets as datasets_cli
+from retrieval.cli import handle_errors
 from tests.fakes import make_fake_inshop
 
 runner = CliRunner()
@@ -19,7 +20,7 @@ def _app() -> typer.Typer:
     def _noop() -> None:  # a second command keeps typer from collapsing the app into one command
         pass
 
-    return app
+    return handle_errors(app)
 
 
 def test_lists_all_datasets_with_layouts():

@@ -191,11 +191,12 @@ def test_parity_detects_a_different_model(workspace: dict) -> None:
 
 def _cli() -> typer.Typer:
     from retrieval.cli import export as export_cli
+    from retrieval.cli import handle_errors
 
     app = typer.Typer()
     export_cli.register(app)
     app.command("noop", hidden=True)(lambda: None)  # keep `export` a named sub-command
-    return app
+    return handle_errors(app)
 
 
 def test_cli_export_prints_parity_numbers(workspace: dict) -> None:

@@ -421,7 +421,7 @@ def test_cli_search_where_and_evaluate_rerank_table(cli_index) -> None:
     assert result.exit_code == 0, result.output
     assert len(json.loads(result.output)["results"][0]["hits"]) == 3
     bad = runner.invoke(app, ["search", searcher.query_paths[0], "--index", str(out), "--where", "colour=red"])
-    assert bad.exit_code == 1 and "unknown filter attribute 'colour'" in " ".join(bad.output.split())
+    assert bad.exit_code == 2 and "unknown filter attribute 'colour'" in " ".join(bad.output.split())
     table = runner.invoke(app, ["evaluate", "--index", str(out), "--rerank", "kreciprocal"])
     assert table.exit_code == 0, table.output
     assert "none %" in table.output and "kreciprocal %" in table.output and "MAP@R" in table.output

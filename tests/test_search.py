@@ -269,7 +269,7 @@ def test_cli_index_search_evaluate(inshop, tmp_path):
 def test_cli_refuses_missing_embedder_and_corrupt_index(inshop, built, tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["index", "--dataset", "inshop", "--data-root", str(inshop), "--out", str(tmp_path / "x")])
-    assert res.exit_code == 1 and "--untrained" in " ".join(res.output.split())
+    assert res.exit_code == 2 and "--untrained" in " ".join(res.output.split())
     idx = fresh_copy(built, tmp_path)
     path = idx / "index.faiss"
     path.write_bytes(path.read_bytes()[:50])

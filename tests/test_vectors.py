@@ -143,4 +143,4 @@ def test_wrong_shapes_and_companion_files_are_refused(tmp_path: Path):
     res = runner.invoke(app, ["index", "--from-embeddings", str(tmp_path / "missing.npy"), "--out", str(tmp_path / "i")])
     assert res.exit_code == 1 and "embeddings file not found" in _text(res.output)
     res = runner.invoke(app, ["index", "--from-embeddings", str(tmp_path / "g.npy")])
-    assert res.exit_code == 1 and "--from-embeddings needs --out DIR" in _text(res.output)
+    assert res.exit_code == 2 and "--from-embeddings needs --out DIR" in _text(res.output)

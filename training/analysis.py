@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from retrieval.data.base import Split
+from retrieval.errors import UsageError
 from retrieval.metrics import embedding_geometry, utilization
 from training.metrix import MixedTargets, mix_embeddings, mix_images, mixed_pool, sample_beta
 
@@ -70,7 +71,7 @@ def embed_training_split(
     from retrieval.data.transforms import eval_transform
 
     if level not in MIX_LEVELS:
-        raise ValueError(f"unknown mixing level {level!r}; choose one of {MIX_LEVELS}")
+        raise UsageError(f"--mix-level {level!r}: choose one of {', '.join(MIX_LEVELS)}")
     device = torch.device(device)
     order = torch.Generator().manual_seed(seed)
     loader = DataLoader(ImageDataset(split, eval_transform(resize_size, image_size)), batch_size=batch_size,
@@ -150,7 +151,7 @@ def analyse_index(
     meta = searcher.meta
     root = data_root or meta.get("data_root")
     if not root:
-        raise ValueError("the index records no dataset folder; pass --data-root")
+        raise UsageError("the index records no dataset folder; pass --data-root")
     dataset = load_dataset(meta["dataset"], root)
     level = mix_level or (cfg.mixup.level if cfg.mixup.level != "none" else "feature")
     run_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else

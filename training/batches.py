@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from retrieval.config import RunConfig
 from retrieval.data.base import Split
+from retrieval.errors import ConfigError, UsageError
 
 
 def contiguous_labels(split: Split) -> tuple[Split, dict[int, int]]:
@@ -35,7 +36,7 @@ def build_batch_sampler(cfg: RunConfig, labels: tuple[int, ...], rank: int = 0, 
 
     d = cfg.data
     if d.batch_size % world_size:
-        raise ValueError(f"batch size {d.batch_size} is not divisible by the {world_size} processes")
+        raise ConfigError(f"batch size {d.batch_size} is not divisible by the {world_size} processes")
     if d.sampler == "balanced":
         return BalancedBatchSampler(
             list(labels), d.batch_size, d.images_per_class, seed=cfg.train.seed, rank=rank, world_size=world_size
@@ -44,7 +45,7 @@ def build_batch_sampler(cfg: RunConfig, labels: tuple[int, ...], rank: int = 0, 
         return RandomBatchSampler(
             len(labels), d.batch_size, seed=cfg.train.seed, drop_last=True, rank=rank, world_size=world_size
         )
-    raise ValueError(f"unknown sampler {d.sampler!r}; choose random or balanced")
+    raise UsageError(f"unknown sampler {d.sampler!r}; choose random or balanced")
 
 
 def _seed_for(seed: int, epoch: int, rank: int) -> int:
@@ -125,6 +126,7 @@ def build_train_batches(
 
     from retrieval.data.loading import ImageDataset
     from retrieval.data.transforms import train_transform
+    from training.determinism import seed_worker
 
     generator = torch.Generator()
     generator.manual_seed(_seed_for(cfg.train.seed, 0, rank))
@@ -136,6 +138,7 @@ def build_train_batches(
         pin_memory=device.type == "cuda",
         generator=generator,
         persistent_workers=False,  # fresh workers per epoch: their seeds follow (seed, epoch, rank)
+        worker_init_fn=seed_worker if cfg.train.deterministic and d.workers > 0 else None,
         prefetch_factor=4 if d.workers > 0 else None,
     )
     return TrainBatches(sampler, source, device, loader, cfg.train.seed, rank)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from retrieval.atomic import atomic_write_text
+from retrieval.errors import InputError
 
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
@@ -86,7 +87,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{n} is not valid JSON ({exc}); delete the line or the file") from exc
+            raise InputError(f"{path}:{n} is not valid JSON ({exc}); delete the line or the file") from exc
     return rows
 
 

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 
 from training.miners import multi_similarity_mask
 
+from retrieval.errors import UsageError
+
 if TYPE_CHECKING:  # pragma: no cover
     from retrieval.config import LossConfig
     from training.metrix import MixedTargets
@@ -240,10 +242,10 @@ def build_loss(cfg: "LossConfig", num_classes: int, embedding_size: int) -> Pair
                         miner_epsilon=cfg.ms_miner_epsilon)
     if cfg.name == "pa":
         if num_classes < 1 or embedding_size < 1:
-            raise ValueError(f"proxy-anchor needs num_classes >= 1 and embedding_size >= 1, got {num_classes}, {embedding_size}")
+            raise UsageError(f"proxy-anchor needs num_classes >= 1 and embedding_size >= 1, got {num_classes}, {embedding_size}")
         return PairLoss(proxy_anchor_form(cfg.pa_alpha, cfg.pa_margin), num_proxies=num_classes,
                         embedding_size=embedding_size)
-    raise ValueError(f"unknown loss {cfg.name!r}; choose contrastive, ms or pa")
+    raise UsageError(f"unknown loss {cfg.name!r}; choose contrastive, ms or pa")
 
 
 __all__ = [

@@ -27,6 +27,8 @@ from training.metrix import (
     plan_pairs, resolve_max_pairs,
 )
 
+from retrieval.errors import UsageError
+
 INPUT_PAIRS = ("hardest", "random")
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,13 +60,13 @@ class Objective(nn.Module):
         on random batches); sizes the default input-level budget of hardest-negative mixes."""
         super().__init__()
         if mixup.level not in LEVELS:
-            raise ValueError(f"unknown mixup level {mixup.level!r}; choose one of {LEVELS}")
+            raise UsageError(f"unknown mixup level {mixup.level!r}; choose one of {LEVELS}")
         if mixup.alpha <= 0:
-            raise ValueError(f"mixup alpha must be > 0, got {mixup.alpha}")
+            raise UsageError(f"mixup alpha must be > 0, got {mixup.alpha}")
         if mixup.input_pairs not in INPUT_PAIRS:
-            raise ValueError(f"unknown input pairs {mixup.input_pairs!r}; choose one of {INPUT_PAIRS}")
+            raise UsageError(f"unknown input pairs {mixup.input_pairs!r}; choose one of {INPUT_PAIRS}")
         if mixup.hard_negatives < 1:
-            raise ValueError(f"hard_negatives must be >= 1, got {mixup.hard_negatives}")
+            raise UsageError(f"hard_negatives must be >= 1, got {mixup.hard_negatives}")
         self.input_pairs = mixup.input_pairs
         self.hard_negatives = int(mixup.hard_negatives)
         self.positives_per_image = max(1, int(positives_per_image))

@@ -50,7 +50,9 @@ def plot_runs(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], out: str | o
     from matplotlib.figure import Figure
 
     if not runs:
-        raise ValueError("nothing to plot: no runs given")
+        from retrieval.errors import UsageError
+
+        raise UsageError("nothing to plot: no runs given")
     fig = Figure(figsize=(12, 8.5), layout="constrained")
     ax_loss, ax_recall, ax_map, ax_geo = fig.subplots(2, 2).ravel()
     ax_uni = ax_geo.twinx()

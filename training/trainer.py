@@ -31,12 +31,14 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from retrieval.atomic import atomic_write_json
+from retrieval.atomic import atomic_write_json, clean_stale_leftovers
 from retrieval.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from retrieval.config import RunConfig
 from retrieval.data.base import RetrievalDataset
+from retrieval.errors import ConfigError, UsageError
 from retrieval.model import Embedder, freeze_batchnorm
 from training.batches import TrainBatches, build_train_batches
+from training.determinism import deterministic_mode
 from training.distributed import (
     DistInfo,
     all_gather_no_grad,
@@ -57,6 +59,7 @@ DEFAULT_DEMO_ROOT = Path("data/demo")
 SYNC_EVERY = 20  # steps between reads of the running loss (the only host-device syncs of an epoch)
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
+RUN_FILES = (LAST_CHECKPOINT, BEST_CHECKPOINT, "config.json", "summary.json", "metrics.jsonl", "metrics.csv")
 
 
 @dataclass
@@ -109,7 +112,7 @@ def seed_everything(seed: int) -> None:
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype, or None for full precision. CPU always trains in float32."""
     if amp not in ("auto", "bf16", "fp16", "none"):
-        raise ValueError(f"unknown amp setting {amp!r}; choose auto, bf16, fp16 or none")
+        raise UsageError(f"unknown amp setting {amp!r}; choose auto, bf16, fp16 or none")
     if device.type != "cuda" or amp == "none":
         return None
     if amp == "fp16":
@@ -133,7 +136,7 @@ def load_run_dataset(cfg: RunConfig, info: DistInfo | None = None) -> tuple[Retr
         if info is not None:
             barrier(info)
     if not root:
-        raise ValueError(f"dataset {cfg.data.dataset!r} needs --data-root (the folder holding its official layout)")
+        raise UsageError(f"dataset {cfg.data.dataset!r} needs --data-root (the folder holding its official layout)")
     dataset = load_dataset(cfg.data.dataset, root)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
     return dataset, cfg
@@ -257,7 +260,7 @@ def train_one_epoch(
         bar.update(1)
     bar.close()
     if step == 0:
-        raise ValueError(
+        raise ConfigError(
             f"the training split yields no batch of {cfg.data.batch_size} images; lower --batch-size "
             "(or --images-per-class for balanced batches)"
         )
@@ -294,12 +297,13 @@ def train(
     Runs single-process, or as one rank of a `torchrun` launch.
     """
     had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
-    info = init_distributed(cfg.train.device)
-    try:
-        return _train(cfg, info, progress and info.is_main, resume, evaluate_before)
-    finally:
-        if not had_group:  # leave a process group the caller set up to the caller
-            cleanup_distributed(info)
+    with deterministic_mode(cfg.train.deterministic):  # before CUDA starts: cuBLAS reads its workspace setting
+        info = init_distributed(cfg.train.device)
+        try:
+            return _train(cfg, info, progress and info.is_main, resume, evaluate_before)
+        finally:
+            if not had_group:  # leave a process group the caller set up to the caller
+                cleanup_distributed(info)
 
 
 def _train(
@@ -313,7 +317,7 @@ def _train(
     say = (lambda msg: tqdm.write(msg)) if progress else (lambda msg: None)
     t = cfg.train
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # shapes are fixed per step
+        torch.backends.cudnn.benchmark = not t.deterministic  # shapes are fixed per step
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     amp_dtype = resolve_amp(t.amp, device)
@@ -358,6 +362,7 @@ def _train(
     log = None
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        clean_stale_leftovers(out_dir, RUN_FILES)  # says what it removes (a killed run's temporary files)
         atomic_write_json(out_dir / "config.json", cfg.to_dict())
         log = MetricsLog(out_dir, keep_up_to_epoch=start_epoch if resume is not None else None)
     history: list[dict[str, Any]] = list(log.rows) if log is not None else []
@@ -378,7 +383,8 @@ def _train(
         f"({len(dataset.train)} images, {num_classes} classes) | loss {cfg.loss.name}, mixup {cfg.mixup.level} | "
         f"device {device}{' x' + str(info.world_size) if info.enabled else ''}, "
         f"{'float32' if amp_dtype is None else str(amp_dtype).replace('torch.', '') + ' autocast'} | "
-        f"batches from {batches.source} | {len(batches)} steps/epoch"
+        f"batches from {batches.source} | {len(batches)} steps/epoch | train crop {cfg.data.image_size} px, "
+        f"test: resize short side {cfg.data.resize_size} px, centre crop {cfg.data.image_size} px"
     )
 
     def run_eval() -> dict[str, float]:

@@ -7,9 +7,15 @@ never loads torch.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import sys
+from collections.abc import Callable
+from typing import Any
 
 import typer
+
+from retrieval.errors import EXIT_USAGE, report
 
 app = typer.Typer(
     name="retrieval",
@@ -27,5 +33,53 @@ for _name in _COMMAND_MODULES:
     importlib.import_module(f"retrieval.cli.{_name}").register(app)
 
 
+def cli_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command so that an expected error is one line on stderr and a documented exit status
+    (retrieval.errors); a bug prints its traceback and says so. Applied to every registered command,
+    so commands just raise (UserError, UsageError, or a domain error) and never print errors themselves."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - classified by report()
+            sys.stdout.flush()
+            raise typer.Exit(code=report(exc)) from None
+
+    return run
+
+
+def handle_errors(typer_app: typer.Typer) -> typer.Typer:
+    """Apply `cli_errors` to every command registered on `typer_app` (once each)."""
+    for info in typer_app.registered_commands:
+        if info.callback is not None and not getattr(info.callback, "__wrapped__", None):
+            info.callback = cli_errors(info.callback)
+    return typer_app
+
+
+handle_errors(app)
+
+
 def main() -> None:
-    app()
+    """Console entry point: command-line mistakes caught by the option parser are one line on stderr too."""
+    try:  # typer >= 0.24 vendors click
+        from typer._click import exceptions as click_exceptions
+    except ImportError:  # pragma: no cover - older typer
+        from click import exceptions as click_exceptions  # type: ignore[no-redef]
+
+    try:
+        code = app(standalone_mode=False)
+    except click_exceptions.NoArgsIsHelpError as exc:
+        print(exc.ctx.get_help() if exc.ctx is not None else str(exc))
+        code = 0
+    except click_exceptions.ClickException as exc:
+        command = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "retrieval"
+        sys.stderr.write(f"error: {' '.join(exc.format_message().split())}\n")
+        sys.stderr.write(f"hint: see `{command} --help`\n")
+        code = exc.exit_code if exc.exit_code else EXIT_USAGE
+    except click_exceptions.Abort:
+        sys.stderr.write("error: interrupted\n")
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)

@@ -18,7 +18,9 @@ def gain_table(baseline: Any, metrix: Any, epoch: str = "last") -> dict[str, Any
     for role, run in (("baseline", baseline), ("metrix", metrix)):
         evaluations = run.evaluations()
         if not evaluations:
-            raise ValueError(f"{run.folder} has no evaluated epoch yet (no R@1 in metrics.jsonl)")
+            from retrieval.errors import InputError
+
+            raise InputError(f"{run.folder} has no evaluated epoch yet (no R@1 in metrics.jsonl)")
         picked[role] = evaluations[-1] if epoch == "last" else max(evaluations, key=lambda r: r["R@1"])
     shared = [k for k in picked["baseline"] if k.startswith("R@") and k in picked["metrix"]]
     shared.sort(key=lambda k: int(k[2:]))
@@ -42,17 +44,13 @@ def register(app: typer.Typer) -> None:
         """Print R@K and MAP@R of a baseline and a Metrix run, and the gain in points, as the paper's table does."""
         import json
 
-        from retrieval.cli.runs import RunFolderError, read_run
+        from retrieval.cli.runs import read_run
+        from retrieval.errors import UsageError
 
         if epoch not in ("last", "best"):
-            typer.echo(f"error: --epoch must be last or best, got {epoch!r}", err=True)
-            raise typer.Exit(code=2)
-        try:
-            runs = read_run(baseline), read_run(metrix)
-            table = gain_table(*runs, epoch=epoch)
-        except (RunFolderError, OSError, ValueError) as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(code=1) from None
+            raise UsageError(f"--epoch must be last or best, got {epoch!r}")
+        runs = read_run(baseline), read_run(metrix)
+        table = gain_table(*runs, epoch=epoch)
         cells = [run.cell() for run in runs]
         datasets = {run.config.get("data", {}).get("dataset") for run in runs if run.config}
         if len(datasets) > 1:

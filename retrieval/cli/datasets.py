@@ -22,15 +22,14 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from retrieval.data import DATASETS, DatasetLayoutError, load_dataset
+        from retrieval.data import DATASETS, load_dataset
+        from retrieval.errors import InputError, UsageError
 
         console = Console()
         if name is not None and name.lower() not in DATASETS:
-            console.print(f"[red]unknown dataset {name!r}[/red]; choose one of: {', '.join(DATASETS)}")
-            raise typer.Exit(2)
+            raise UsageError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
         if root is not None and name is None:
-            console.print("[red]--root needs a dataset name[/red], e.g. `retrieval datasets cub --root /data/CUB_200_2011`")
-            raise typer.Exit(2)
+            raise UsageError("--root needs a dataset name, e.g. `retrieval datasets cub --root /data/CUB_200_2011`")
 
         if root is None:
             from rich.panel import Panel
@@ -52,13 +51,8 @@ def register(app: typer.Typer) -> None:
 
         assert name is not None
         if name.lower() == "demo" and not root.exists():
-            console.print(f"[yellow]{root} does not exist; `retrieval demo` draws the demo dataset there.[/yellow]")
-            raise typer.Exit(1)
-        try:
-            ds = load_dataset(name, root)
-        except DatasetLayoutError as exc:
-            console.print(f"[red]layout problem[/red]\n{exc}", markup=False, highlight=False)
-            raise typer.Exit(1) from None
+            raise InputError(f"{root} does not exist; `retrieval demo` draws the demo dataset there")
+        ds = load_dataset(name, root)
         table = Table(title=f"{ds.name} at {ds.root}")
         table.add_column("split")
         table.add_column("images", justify="right")

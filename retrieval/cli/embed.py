@@ -46,11 +46,12 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.markup import escape
 
-        console, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
+        from retrieval.errors import UsageError
+
+        console = Console(soft_wrap=True)
 
         def fail(message: str) -> None:
-            err.print(f"[red]error:[/red] {escape(message)}")
-            raise typer.Exit(code=1)
+            raise UsageError(message)
 
         if (dataset is None) == (not images):
             fail("pass either --dataset NAME --data-root PATH or image files/folders, not both")
@@ -60,35 +61,31 @@ def register(app: typer.Typer) -> None:
             fail("--untrained cannot be combined with --checkpoint/--model")
         if not untrained and checkpoint is None and model is None:
             fail("pass --checkpoint CKPT (or --backend onnx --model MODEL.onnx), or --untrained for a baseline")
-        try:
-            from retrieval.build_index import open_backend, untrained_backend
-            from retrieval.scale.embed_job import EmbedOptions, embed_to_parts, source_from_dataset, source_from_images
-            from retrieval.scale.ray_engine import RayOptions
+        from retrieval.build_index import open_backend, untrained_backend
+        from retrieval.scale.embed_job import EmbedOptions, embed_to_parts, source_from_dataset, source_from_images
+        from retrieval.scale.ray_engine import RayOptions
 
-            options = EmbedOptions(part_size=part_size, dtype=dtype, batch_size=batch_size)
-            ray_options = RayOptions(address=address, workers=workers, cpus_per_worker=cpus_per_worker,
-                                     gpus_per_worker=gpus_per_worker, retries=retries)
-            if dataset is not None:
-                from retrieval.data import load_dataset
+        options = EmbedOptions(part_size=part_size, dtype=dtype, batch_size=batch_size)
+        ray_options = RayOptions(address=address, workers=workers, cpus_per_worker=cpus_per_worker,
+                                 gpus_per_worker=gpus_per_worker, retries=retries)
+        if dataset is not None:
+            from retrieval.data import load_dataset
 
-                source = source_from_dataset(load_dataset(dataset, data_root))  # type: ignore[arg-type]
-            else:
-                source = source_from_images(images or [])
-            # the driver opens the embedder for its facts (fingerprint, size); Ray actors open their own copy
-            local_device = "cpu" if engine == "ray" else device
-            if untrained:
-                emb_backend, record = untrained_backend(arch, embedding_size, image_size, seed=seed, device=local_device)
-            else:
-                emb_backend, record = open_backend(backend, checkpoint, model, local_device)
-            n = sum(len(r.paths) for r in source.roles)
-            where = (f"Ray, {workers} workers" if engine == "ray" else escape(emb_backend.device))
-            console.print(f"Embedding {n:,} images of {escape(source.dataset)} "
-                          f"({', '.join(f'{r.role}: {len(r.paths):,}' for r in source.roles)}) with the "
-                          f"{emb_backend.name} embedder {emb_backend.fingerprint} on {where} into {escape(str(out))}")
-            report = embed_to_parts(out, source, emb_backend, record, options, engine=engine, ray_options=ray_options)
-        except (OSError, ValueError, RuntimeError) as exc:
-            fail(str(exc))
-            return
+            source = source_from_dataset(load_dataset(dataset, data_root))  # type: ignore[arg-type]
+        else:
+            source = source_from_images(images or [])
+        # the driver opens the embedder for its facts (fingerprint, size); Ray actors open their own copy
+        local_device = "cpu" if engine == "ray" else device
+        if untrained:
+            emb_backend, record = untrained_backend(arch, embedding_size, image_size, seed=seed, device=local_device)
+        else:
+            emb_backend, record = open_backend(backend, checkpoint, model, local_device)
+        n = sum(len(r.paths) for r in source.roles)
+        where = (f"Ray, {workers} workers" if engine == "ray" else escape(emb_backend.device))
+        console.print(f"Embedding {n:,} images of {escape(source.dataset)} "
+                      f"({', '.join(f'{r.role}: {len(r.paths):,}' for r in source.roles)}) with the "
+                      f"{emb_backend.name} embedder {emb_backend.fingerprint} on {where} into {escape(str(out))}")
+        report = embed_to_parts(out, source, emb_backend, record, options, engine=engine, ray_options=ray_options)
         m = report.manifest
         rate = f"{report.images_per_second:,.1f} images/s" if report.images else "nothing left to embed"
         console.print(

@@ -43,29 +43,31 @@ def register(app: typer.Typer) -> None:
         from rich.markup import escape
         from rich.table import Table
 
+        from retrieval.errors import UsageError
         from retrieval.search import Searcher
 
         console = Console()
         try:
             k_list = [int(v) for v in ks.split(",") if v.strip()] if ks else None
-            searcher = Searcher.open(index, device=device)
-            from retrieval.calibrate import override_search_params, search_setting_text
-            from retrieval.rerank import check_method
+        except ValueError:
+            raise UsageError(f"--ks {ks!r}: expected comma-separated positive integers, e.g. 1,10,20") from None
+        if k_list is not None and (not k_list or min(k_list) < 1):
+            raise UsageError(f"--ks {ks!r}: expected comma-separated positive integers, e.g. 1,10,20")
+        searcher = Searcher.open(index, device=device)
+        from retrieval.calibrate import override_search_params, search_setting_text
+        from retrieval.rerank import check_method
 
-            searcher.index.set_search_params(override_search_params(searcher.index.params, nprobe, ef_search))
-            method = check_method(rerank)
-            result = searcher.evaluate(k_list, exact=exact and method == "none")
-            reranked = searcher.evaluate(k_list, rerank=method) if method != "none" else None
-            report = None
-            if analysis:
-                from training.analysis import analyse_index
+        searcher.index.set_search_params(override_search_params(searcher.index.params, nprobe, ef_search))
+        method = check_method(rerank)
+        result = searcher.evaluate(k_list, exact=exact and method == "none")
+        reranked = searcher.evaluate(k_list, rerank=method) if method != "none" else None
+        report = None
+        if analysis:
+            from training.analysis import analyse_index
 
-                report = analyse_index(searcher, str(checkpoint) if checkpoint else None,
-                                       str(data_root) if data_root else None, mix_level=mix_level,
-                                       device=device, progress=not as_json)
-        except (OSError, ValueError, RuntimeError) as exc:
-            console.print(f"[red]error:[/red] {escape(str(exc))}")
-            raise typer.Exit(code=1) from None
+            report = analyse_index(searcher, str(checkpoint) if checkpoint else None,
+                                   str(data_root) if data_root else None, mix_level=mix_level,
+                                   device=device, progress=not as_json)
         meta = searcher.meta
         if reranked is not None:
             if as_json:

@@ -43,14 +43,11 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.markup import escape
 
-        from retrieval.checkpoint import CheckpointError
-        from retrieval.export import ExportError, ParityError, export_checkpoint
+        from retrieval.errors import UserError
+        from retrieval.export import ParityError, export_checkpoint
 
         console = Console()
         provider_list = [p.strip() for p in providers.split(",") if p.strip()] if providers else None
-        console.print(f"Exporting {escape(str(checkpoint))} -> [bold]{escape(str(out))}[/bold] "
-                      f"(opset {opset}, {'fp16' if fp16 else 'fp32'}, "
-                      f"batch {'dynamic' if batch_size is None else batch_size})")  # fmt: skip
         try:
             result = export_checkpoint(
                 checkpoint,
@@ -67,11 +64,10 @@ def register(app: typer.Typer) -> None:
                 providers=provider_list,
             )
         except ParityError as exc:
-            console.print(f"[red]parity check failed:[/red] {escape(str(exc))}")
-            raise typer.Exit(code=1) from None
-        except (ExportError, CheckpointError, ValueError) as exc:
-            console.print(f"[red]error:[/red] {escape(str(exc))}")
-            raise typer.Exit(code=1) from None
+            raise UserError(f"parity check failed: {exc}") from None
+        console.print(f"Exported {escape(str(checkpoint))} -> [bold]{escape(str(out))}[/bold] "
+                      f"(opset {opset}, {'fp16' if fp16 else 'fp32'}, "
+                      f"batch {'dynamic' if batch_size is None else batch_size})")  # fmt: skip
         for note in result.notes:
             console.print(f"[yellow]note:[/yellow] {escape(note)}")
         meta = result.metadata
@@ -82,5 +78,5 @@ def register(app: typer.Typer) -> None:
                               "to check on photos.[/yellow]")  # fmt: skip
         files = ", ".join(str(f) for f in result.files)
         console.print(f"Wrote {escape(files)} ({result.size_bytes / 2**20:.1f} MiB): {meta['arch']}, "
-                      f"{meta['embedding_size']}-d, {meta['image_size']} px, fingerprint {meta['fingerprint']}")  # fmt: skip
+                      f"{meta['embedding_size']}-d, {meta['image_size']} px (test-time resize {meta['resize_size']} px), fingerprint {meta['fingerprint']}")  # fmt: skip
         console.print(f"Serve it without torch: retrieval serve --index INDEX --backend onnx --model {escape(str(out))}")

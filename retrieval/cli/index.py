@@ -68,6 +68,11 @@ def register(app: typer.Typer) -> None:
             None, "--ids", help="With --from-embeddings: item ids, a (N,) .npy or a text file with one id per line."),
         normalize: bool = typer.Option(False, "--normalize",
                                        help="With --from-embeddings: rescale rows to unit norm instead of refusing them."),
+        max_bad_fraction: float = typer.Option(
+            0.01, "--max-bad-fraction", min=0.0, max=1.0,
+            help="Skip images that cannot be used (listed in meta.json) unless more than this fraction of them are.",
+        ),
+        strict: bool = typer.Option(False, "--strict", help="Stop at the first image that cannot be used."),
         engine: str = typer.Option("local", "--engine", help="With --from-embeddings DIR --shards: local | ray (shard builds as Ray tasks)."),
         shards: int = typer.Option(0, "--shards", min=0, help="With --from-embeddings DIR: N shard indexes (0 = one index)."),
         merge: bool = typer.Option(False, "--merge", help="With --shards: merge the shards into one index."),
@@ -84,12 +89,12 @@ def register(app: typer.Typer) -> None:
         from rich.markup import escape
 
         from retrieval.config import CalibrationConfig, IndexConfig
+        from retrieval.errors import UsageError
 
         console = Console()
 
         def fail(message: str) -> None:
-            console.print(f"[red]error:[/red] {escape(message)}")
-            raise typer.Exit(code=1)
+            raise UsageError(message)
 
         if remove or remove_path or (rerank_neighbours and dataset is None and not add and from_embeddings is None):
             if out is None:
@@ -101,7 +106,7 @@ def register(app: typer.Typer) -> None:
             if out is None:
                 fail("--add needs --out DIR (the index to add to)")
             assert out is not None
-            _add(console, out, add, backend, checkpoint, model, device, batch_size, fail)
+            _add(console, out, add, backend, checkpoint, model, device, batch_size, strict, max_bad_fraction)
             return
         cfg = IndexConfig(index_type=index_type, nlist=nlist, pq_m=pq_m, pq_nbits=pq_nbits, hnsw_m=hnsw_m,
                           ef_construction=ef_construction, refine_factor=refine_factor,
@@ -129,63 +134,75 @@ def register(app: typer.Typer) -> None:
             fail("pass --checkpoint CKPT (or --backend onnx --model MODEL.onnx); for a random-weights baseline "
                  "pass --untrained explicitly")
         out = out or Path("indexes") / dataset
-        try:
-            from retrieval.build_index import build_index, open_backend, untrained_backend
-            from retrieval.data import load_dataset
+        from retrieval.build_index import build_index, open_backend, untrained_backend
+        from retrieval.data import load_dataset
 
-            ds = load_dataset(dataset, data_root)
-            if untrained:
-                emb_backend, source = untrained_backend(arch, embedding_size, image_size, seed=seed, device=device)
-                console.print("[yellow]note:[/yellow] untrained (random) embedder: results are a baseline only")
-            else:
-                emb_backend, source = open_backend(backend, checkpoint, model, device)
-            gallery = ds.gallery_split()
-            console.print(f"Indexing {ds.name} {gallery.name} split ({len(gallery):,} images) with the "
-                          f"{emb_backend.name} embedder {emb_backend.fingerprint} on {escape(emb_backend.device)}")
-            built = build_index(ds, emb_backend, source, out, cfg, batch_size=batch_size, seed=seed, calib=calib,
-                                rerank_neighbours=rerank_neighbours)
-        except (OSError, ValueError, RuntimeError) as exc:
-            fail(str(exc))
-            return
+        ds = load_dataset(dataset, data_root)
+        if untrained:
+            emb_backend, source = untrained_backend(arch, embedding_size, image_size, seed=seed, device=device)
+            console.print("[yellow]note:[/yellow] untrained (random) embedder: results are a baseline only")
+        else:
+            emb_backend, source = open_backend(backend, checkpoint, model, device)
+        gallery = ds.gallery_split()
+        console.print(f"Indexing {ds.name} {gallery.name} split ({len(gallery):,} images) with the "
+                      f"{emb_backend.name} embedder {emb_backend.fingerprint} on {escape(emb_backend.device)} "
+                      f"({emb_backend.preprocessing.describe()})")
+        built = build_index(ds, emb_backend, source, out, cfg, batch_size=batch_size, seed=seed, calib=calib,
+                            rerank_neighbours=rerank_neighbours, strict=strict, max_bad_fraction=max_bad_fraction)
         _summary(console, built, out)
+        _report_bad(console, built.meta.get("bad_images") or [], out)
 
 
-def _add(console, out, add, backend, checkpoint, model, device, batch_size, fail) -> None:  # type: ignore[no-untyped-def]
+def _add(console, out, add, backend, checkpoint, model, device, batch_size, strict, max_bad_fraction) -> None:  # type: ignore[no-untyped-def]
     from rich.markup import escape
 
-    from retrieval.build_index import add_images, backend_from_source, open_backend
+    from retrieval.build_index import add_images, backend_from_source, list_images, open_backend
     from retrieval.index_folder import GalleryIndex
 
-    try:
-        if checkpoint is not None or model is not None:
-            emb_backend, _ = open_backend(backend, checkpoint, model, device)
-        else:
-            source = GalleryIndex.load(out, verify_checksums=False).meta.get("embedder_source", {})
-            emb_backend = backend_from_source(source, device)
-        console.print(f"Adding to {escape(str(out))} with the {emb_backend.name} embedder "
-                      f"{emb_backend.fingerprint} on {escape(emb_backend.device)}")
-        updated, n_added = add_images(out, add, emb_backend, batch_size=batch_size)
-    except (OSError, ValueError, RuntimeError) as exc:
-        fail(str(exc))
-        return
+    n_listed = len(list_images(add))  # refuse missing files before any work
+    if checkpoint is not None or model is not None:
+        emb_backend, _ = open_backend(backend, checkpoint, model, device)
+    else:
+        source = GalleryIndex.load(out, verify_checksums=False).meta.get("embedder_source", {})
+        emb_backend = backend_from_source(source, device)
+    console.print(f"Adding to {escape(str(out))} with the {emb_backend.name} embedder "
+                  f"{emb_backend.fingerprint} on {escape(emb_backend.device)}")
+    updated, n_added = add_images(out, add, emb_backend, batch_size=batch_size, strict=strict,
+                                  max_bad_fraction=max_bad_fraction)
     console.print(f"[green]added {n_added:,} images[/green]; the index now holds {len(updated):,} items")
+    skipped = n_listed - n_added  # the newest entries of the index's bad-image list
+    _report_bad(console, list(updated.meta.get("bad_images") or [])[-skipped:] if skipped else [], out)
+
+
+def _report_bad(console, bad: list, out: Path) -> None:  # type: ignore[no-untyped-def]
+    """Count and name the skipped images (all of them are listed in meta.json)."""
+    if not bad:
+        return
+    import sys
+
+    from retrieval.errors import one_line
+
+    sys.stderr.write(f"skipped {len(bad)} image(s) that cannot be used (listed under bad_images in "
+                     f"{out / 'meta.json'}):\n")
+    for item in bad[:20]:
+        sys.stderr.write(f"  {one_line(item['reason'])}\n")
+    if len(bad) > 20:
+        sys.stderr.write(f"  ... and {len(bad) - 20} more\n")
+
 
 def _edit(console, out, remove, remove_path, neighbours, fail) -> None:  # type: ignore[no-untyped-def]
     from rich.markup import escape
 
     from retrieval.build_index import add_neighbour_lists, remove_items
 
-    try:
-        if remove or remove_path:
-            updated, n_removed = remove_items(out, remove, remove_path)
-            console.print(f"[green]removed {n_removed:,} images[/green] from {escape(str(out))}; "
-                          f"the index now holds {len(updated):,} items")
-        if neighbours:
-            updated = add_neighbour_lists(out, neighbours)
-            console.print(f"[green]stored {neighbours}-neighbour lists[/green] of {len(updated):,} items in "
-                          f"{escape(str(out))} (for --rerank dba)")
-    except (OSError, ValueError, RuntimeError) as exc:
-        fail(str(exc))
+    if remove or remove_path:
+        updated, n_removed = remove_items(out, remove, remove_path)
+        console.print(f"[green]removed {n_removed:,} images[/green] from {escape(str(out))}; "
+                      f"the index now holds {len(updated):,} items")
+    if neighbours:
+        updated = add_neighbour_lists(out, neighbours)
+        console.print(f"[green]stored {neighbours}-neighbour lists[/green] of {len(updated):,} items in "
+                      f"{escape(str(out))} (for --rerank dba)")
 
 
 def _from_embeddings(console, path, out, labels, ids, normalize, cfg, calib, seed, fail) -> None:  # type: ignore[no-untyped-def]
@@ -198,13 +215,9 @@ def _from_embeddings(console, path, out, labels, ids, normalize, cfg, calib, see
         fail(f"--from-embeddings {path}: expected an (N, D) float32 .npy file")
     if out is None:
         fail("--from-embeddings needs --out DIR (the index folder to write)")
-    try:
-        console.print(f"Indexing vectors from {escape(str(path))}")
-        built, _ = build_from_vector_file(path, out, cfg, calib, labels_path=labels, ids_path=ids,
-                                          normalize=normalize, seed=seed, progress=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        fail(str(exc))
-        return
+    console.print(f"Indexing vectors from {escape(str(path))}")
+    built, _ = build_from_vector_file(path, out, cfg, calib, labels_path=labels, ids_path=ids,
+                                      normalize=normalize, seed=seed, progress=True)
     _summary(console, built, out)
 
 

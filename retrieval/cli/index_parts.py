@@ -14,29 +14,25 @@ def index_from_parts(parts_dir: Path, out: Path | None, cfg: Any, calib: Any, en
     from rich.console import Console
     from rich.markup import escape
 
-    console, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
-    if not parts_dir.is_dir():
-        err.print(f"[red]error:[/red] --from-embeddings {escape(str(parts_dir))}: expected an embeddings folder "
-                  "written by `retrieval embed`")
-        raise typer.Exit(code=1)
-    try:
-        from retrieval.scale.parts import EmbeddingsFolder
-        from retrieval.scale.ray_engine import RayOptions
-        from retrieval.scale.sharded_build import ShardOptions, build_from_parts
+    from retrieval.errors import InputError
 
-        opts = ShardOptions(shards=shards, merge=merge, engine=engine)
-        manifest = EmbeddingsFolder.open(parts_dir).manifest
-        out = out or Path("indexes") / str(manifest.get("source", {}).get("dataset", parts_dir.name))
-        layout = f"{shards} shards" + (" merged" if merge else "") if shards > 1 else "one index"
-        console.print(f"Indexing {escape(str(parts_dir))} (embedder {manifest['fingerprint']}, "
-                      f"{manifest['embedding_size']}-d {manifest['dtype']}) into {escape(str(out))}: {layout}, "
-                      f"engine {engine}")
-        built, report = build_from_parts(parts_dir, out, cfg, opts, ray_options=RayOptions(address=address,
-                                                                                              workers=workers),
-                                         seed=seed, calib=calib)
-    except (OSError, ValueError, RuntimeError) as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}")
-        raise typer.Exit(code=1) from None
+    console = Console(soft_wrap=True)
+    if not parts_dir.is_dir():
+        raise InputError(f"--from-embeddings {parts_dir}: expected an embeddings folder written by `retrieval embed`")
+    from retrieval.scale.parts import EmbeddingsFolder
+    from retrieval.scale.ray_engine import RayOptions
+    from retrieval.scale.sharded_build import ShardOptions, build_from_parts
+
+    opts = ShardOptions(shards=shards, merge=merge, engine=engine)
+    manifest = EmbeddingsFolder.open(parts_dir).manifest
+    out = out or Path("indexes") / str(manifest.get("source", {}).get("dataset", parts_dir.name))
+    layout = f"{shards} shards" + (" merged" if merge else "") if shards > 1 else "one index"
+    console.print(f"Indexing {escape(str(parts_dir))} (embedder {manifest['fingerprint']}, "
+                  f"{manifest['embedding_size']}-d {manifest['dtype']}) into {escape(str(out))}: {layout}, "
+                  f"engine {engine}")
+    built, report = build_from_parts(parts_dir, out, cfg, opts, ray_options=RayOptions(address=address,
+                                                                                          workers=workers),
+                                     seed=seed, calib=calib)
     meta = built.meta
     console.print(
         f"[green]wrote {escape(str(out))}[/green]: {len(built):,} items, {meta['index_factory']} ({meta['index_type']}), "

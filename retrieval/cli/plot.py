@@ -17,18 +17,12 @@ def register(app: typer.Typer) -> None:
         title: Optional[str] = typer.Option(None, "--title", help="Figure title."),
     ) -> None:
         """Overlay runs: loss (clean, mixed) per epoch, Recall@K and MAP@R per evaluation, alignment and uniformity."""
-        from retrieval.cli.runs import RunFolderError, read_run
+        from retrieval.cli.runs import read_run
+        from retrieval.errors import UsageError
+        from training.plots import plot_runs
 
         names = [v.strip() for v in labels.split(",")] if labels else [r.name for r in runs]
         if len(names) != len(runs):
-            typer.echo(f"error: {len(names)} labels for {len(runs)} runs; give one label per run", err=True)
-            raise typer.Exit(code=2)
-        try:
-            loaded = [(name, read_run(run).rows) for name, run in zip(names, runs)]
-            from training.plots import plot_runs
-
-            written = plot_runs(loaded, out, title=title)
-        except (RunFolderError, OSError, ValueError) as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(code=1) from None
-        typer.echo(f"wrote {written}")
+            raise UsageError(f"--labels: {len(names)} labels for {len(runs)} runs; give one label per run")
+        loaded = [(name, read_run(run).rows) for name, run in zip(names, runs)]
+        typer.echo(f"wrote {plot_runs(loaded, out, title=title)}")

@@ -38,21 +38,18 @@ def register(app: typer.Typer) -> None:
         from rich.markup import escape
         from rich.table import Table
 
-        from retrieval.data import DatasetLayoutError, load_dataset
+        from retrieval.data import load_dataset
         from retrieval.data.cache import default_cache_dir, prepare_split
 
+        from retrieval.errors import UsageError
+
         console = Console()
-        try:
-            ds = load_dataset(dataset, data_root)
-        except (DatasetLayoutError, ValueError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(code=1) from None
+        ds = load_dataset(dataset, data_root)
         available = {s.name: s for s in (ds.train, ds.test, ds.query, ds.gallery) if s is not None}
         wanted = [s.strip() for s in splits.split(",") if s.strip()] if splits else list(available)
         unknown = [s for s in wanted if s not in available]
         if unknown:
-            raise typer.BadParameter(f"{dataset} has no split(s) {unknown}; choose from {list(available)}",
-                                     param_hint="--splits")
+            raise UsageError(f"--splits: {dataset} has no split(s) {unknown}; choose from {list(available)}")
         cache_dir = out if out is not None else default_cache_dir(ds.root)
         cap = f"up to {max_side} px" if max_side else "uncapped"
         console.print(f"Caching {dataset} ({', '.join(wanted)}) into [bold]{cache_dir}[/bold]: training images at full "

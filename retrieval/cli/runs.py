@@ -8,7 +8,10 @@ from pathlib import Path
 from typing import Any
 
 
-class RunFolderError(ValueError):
+from retrieval.errors import InputError
+
+
+class RunFolderError(InputError):
     """A folder is not a readable training run."""
 
 
@@ -39,7 +42,10 @@ def read_run(folder: str | Path) -> Run:
     folder = Path(folder)
     if not (folder / METRICS_JSONL).is_file():
         raise RunFolderError(f"{folder} holds no {METRICS_JSONL}; pass a folder written by `retrieval train` (--out)")
-    rows = read_metrics(folder)
+    try:
+        rows = read_metrics(folder)
+    except ValueError as exc:  # a line that is not JSON: the message names the file and line
+        raise RunFolderError(str(exc)) from None
     if not rows:
         raise RunFolderError(f"{folder / METRICS_JSONL} is empty; the run has not finished an epoch yet")
     config: dict[str, Any] = {}

@@ -49,31 +49,28 @@ def register(app: typer.Typer) -> None:
         from retrieval.search import Searcher, hits_as_json
 
         console = Console()
-        try:
-            emb_backend = None
-            if checkpoint is not None or model is not None or backend == "onnx":
-                from retrieval.build_index import open_backend
+        emb_backend = None
+        if checkpoint is not None or model is not None or backend == "onnx":
+            from retrieval.build_index import open_backend
 
-                emb_backend, _ = open_backend(backend, checkpoint, model, device)
-            searcher = Searcher.open(index, backend=emb_backend, device=device, data_root=data_root)
-            from retrieval.calibrate import override_search_params
+            emb_backend, _ = open_backend(backend, checkpoint, model, device)
+        searcher = Searcher.open(index, backend=emb_backend, device=device, data_root=data_root)
+        from retrieval.calibrate import override_search_params
+        from retrieval.errors import UsageError
 
-            searcher.index.set_search_params(override_search_params(searcher.index.params, nprobe, ef_search))
-            if embeddings is not None and images:
-                raise ValueError("pass query images or --embeddings QUERIES.npy, not both")
-            if embeddings is not None:
-                from retrieval.vectors import checked_vectors, load_vector_file
+        searcher.index.set_search_params(override_search_params(searcher.index.params, nprobe, ef_search))
+        if embeddings is not None and images:
+            raise UsageError("pass query images or --embeddings QUERIES.npy, not both")
+        if embeddings is not None:
+            from retrieval.vectors import checked_vectors, load_vector_file
 
-                q = checked_vectors(load_vector_file(embeddings), source=str(embeddings))
-                results = searcher.search_embeddings(q, k=k, where=where, rerank=rerank)
-                images = [Path(f"{embeddings}#{i}") for i in range(len(q))]
-            elif images:
-                results = searcher.search_paths(images, k=k, where=where, rerank=rerank)
-            else:
-                raise ValueError("pass query images, or --embeddings QUERIES.npy")
-        except (OSError, ValueError, RuntimeError) as exc:
-            console.print(f"[red]error:[/red] {escape(str(exc))}")
-            raise typer.Exit(code=1) from None
+            q = checked_vectors(load_vector_file(embeddings), source=str(embeddings))
+            results = searcher.search_embeddings(q, k=k, where=where, rerank=rerank)
+            images = [Path(f"{embeddings}#{i}") for i in range(len(q))]
+        elif images:
+            results = searcher.search_paths(images, k=k, where=where, rerank=rerank)
+        else:
+            raise UsageError("pass query images, or --embeddings QUERIES.npy")
 
         devices = searcher.devices
         if as_json:
@@ -82,8 +79,8 @@ def register(app: typer.Typer) -> None:
             return
         meta = searcher.meta
         console.print(f"index {escape(str(index))}: {meta.get('dataset')} {meta.get('split')}, {len(searcher.gallery_paths):,} "
-                      f"items, {meta.get('index_type')}; embedding on {escape(devices['embedding'])}, "
-                      f"search on {escape(devices['index'])}")
+                      f"items, {meta.get('index_type')}; embedding on {escape(devices['embedding'])} "
+                      f"({searcher.backend.preprocessing.describe()}), search on {escape(devices['index'])}")
         for path, hits in zip(images, results):
             table = Table(title=f"{escape(str(path))}", title_justify="left")
             table.add_column("rank", justify="right")

@@ -42,18 +42,15 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from app.serve import launch, open_searcher
+        from retrieval.errors import UsageError
 
         console = Console()
         if backend not in (None, "torch", "onnx"):
-            raise typer.BadParameter("choose torch or onnx", param_hint="--backend")
+            raise UsageError(f"--backend {backend!r}: choose torch or onnx")
         if backend == "onnx" and model is None:
-            raise typer.BadParameter("--backend onnx needs --model model.onnx", param_hint="--model")
-        try:
-            searcher = open_searcher(index, backend=backend, model=model, checkpoint=checkpoint, device=device,
-                                     data_root=data_root)
-        except (FileNotFoundError, ValueError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(code=1) from None
+            raise UsageError("--backend onnx needs --model model.onnx")
+        searcher = open_searcher(index, backend=backend, model=model, checkpoint=checkpoint, device=device,
+                                 data_root=data_root)
         embedder = searcher.backend
         running = launch(searcher, host=host, port=port, share=share, block=False, index_dir=index,
                          api_token=api_token, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,

@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 import typer
 
+from retrieval.errors import ConfigError
+
 DATASETS = ("cub", "cars", "sop", "inshop", "folder", "demo")
 LOSSES = ("contrastive", "ms", "pa")
 MIXUP_LEVELS = ("none", "input", "feature", "embedding")
@@ -29,10 +31,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mixup.input_pairs": ("hardest", "random"),
 }
 SECTIONS = ("data", "model", "loss", "mixup", "train")
-
-
-class ConfigError(ValueError):
-    """A config file, flag or --set value that cannot be applied; the message says which and why."""
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any], where: str) -> dict[str, Any]:
@@ -98,6 +96,20 @@ def _check_choices(raw_cfg: dict[str, Any]) -> None:
             raise ConfigError(f"{key}={raw_cfg[section][name]!r} is not one of {', '.join(allowed)}")
 
 
+def _derive_resize(raw: dict[str, Any], base: dict[str, Any], file_cfg: dict[str, Any],
+                   flags: dict[str, dict[str, Any]], sets: list[str]) -> None:
+    """A new --image-size without a resize of its own brings the paper's 256/224 test-time resize along
+    (--image-size 64 -> resize 73), instead of keeping the preset's, which would feed the model the
+    central quarter of each test image."""
+    from retrieval.config import default_resize_size
+
+    given = (flags.get("data", {}).get("resize_size") is not None
+             or "resize_size" in (file_cfg.get("data") or {})
+             or any(item.partition("=")[0].strip() == "data.resize_size" for item in sets))
+    if not given and raw["data"]["image_size"] != base["data"]["image_size"]:
+        raw["data"]["resize_size"] = default_resize_size(int(raw["data"]["image_size"]))
+
+
 def resolve_config(
     *,
     dataset: str | None,
@@ -140,6 +152,7 @@ def resolve_config(
             if value is not None:
                 raw[section][key] = value
     raw = _apply_sets(raw, sets or [])
+    _derive_resize(raw, base, file_cfg, flags or {}, sets or [])
     _check_choices(raw)
     try:
         return RunConfig.from_dict(raw)
@@ -152,9 +165,13 @@ def _resume_path(resume: str, out_dir: str | None) -> Path:
     if resume in ("last", "auto"):
         if not out_dir:
             raise ConfigError("--resume last needs --out (the run folder holding last.pt)")
-        return Path(out_dir) / "last.pt"
-    path = Path(resume)
-    return path / "last.pt" if path.is_dir() else path
+        path = Path(out_dir) / "last.pt"
+    else:
+        path = Path(resume)
+    path = path / "last.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(f"--resume: checkpoint not found: {path}; pass a checkpoint, a run folder or 'last' with --out")
+    return path
 
 
 def register(app: typer.Typer) -> None:
@@ -170,8 +187,8 @@ def register(app: typer.Typer) -> None:
         epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
         lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate of trunk and embedding layer."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2, help="Global batch size (all GPUs together)."),
-        image_size: Optional[int] = typer.Option(None, "--image-size", min=16, help="Training crop and test centre crop."),
-        resize_size: Optional[int] = typer.Option(None, "--resize-size", min=16, help="Test-time short-side resize."),
+        image_size: Optional[int] = typer.Option(None, "--image-size", min=16, help="Training crop and test centre crop (the test resize follows at 256/224 unless --resize-size is given)."),
+        resize_size: Optional[int] = typer.Option(None, "--resize-size", min=16, help="Test-time short-side resize (default: image size x 256/224)."),
         sampler: Optional[str] = typer.Option(None, "--sampler", help="random or balanced (P classes x K images)."),
         images_per_class: Optional[int] = typer.Option(None, "--images-per-class", min=1, help="K of balanced batches."),
         arch: Optional[str] = typer.Option(None, "--arch", help="resnet18, resnet34, resnet50 or resnet101."),
@@ -208,6 +225,11 @@ def register(app: typer.Typer) -> None:
         evaluate_before: bool = typer.Option(False, "--eval-before", help="Also evaluate the untrained model (logged as epoch 0)."),
         print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as JSON and exit."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+        deterministic: Optional[bool] = typer.Option(
+            None, "--deterministic/--no-deterministic",
+            help="Bit-identical reruns and resumes: deterministic algorithms only, fixed cuBLAS workspace, no cuDNN "
+                 "autotuning, seeded loader workers (slower on GPU). See README, 'Exact resume'.",
+        ),
     ) -> None:
         """Train an embedder with Metrix; writes last.pt, best.pt, metrics.jsonl/csv to the run folder."""
         from rich.console import Console
@@ -225,22 +247,18 @@ def register(app: typer.Typer) -> None:
                           proxy_lr_mult=proxy_lr_mult,
                           grad_clip=grad_clip, seed=seed, amp=amp, channels_last=channels_last,
                           compile=compile_model, compile_loss=compile_loss, eval_every=eval_every, out_dir=out, device=device,
-                          max_steps_per_epoch=max_steps_per_epoch),
+                          max_steps_per_epoch=max_steps_per_epoch, deterministic=deterministic),
         }  # fmt: skip
-        from retrieval.checkpoint import CheckpointError, load_checkpoint
+        from retrieval.checkpoint import load_checkpoint
 
-        try:
-            resume_path, resume_config = None, None
-            if resume is not None:
-                resume_path = _resume_path(resume, out)
-                resume_config = load_checkpoint(resume_path)["config"]
-            cfg = resolve_config(
-                dataset=dataset, loss=loss, mixup=mixup, config_file=config_file,
-                resume_config=resume_config, flags=flags, sets=sets,
-            )  # fmt: skip
-        except (ConfigError, CheckpointError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(code=2) from None
+        resume_path, resume_config = None, None
+        if resume is not None:
+            resume_path = _resume_path(resume, out)
+            resume_config = load_checkpoint(resume_path)["config"]
+        cfg = resolve_config(
+            dataset=dataset, loss=loss, mixup=mixup, config_file=config_file,
+            resume_config=resume_config, flags=flags, sets=sets,
+        )  # fmt: skip
         if out is None and resume is None and cfg.train.out_dir == "runs/default":
             # one folder per results-table cell, so runs of different cells never overwrite each other
             run_name = f"{cfg.data.dataset}-{cfg.loss.name}-{cfg.mixup.level}"
@@ -250,15 +268,8 @@ def register(app: typer.Typer) -> None:
                 print(json.dumps(cfg.to_dict(), indent=2))
             raise typer.Exit()
 
-        from retrieval.data.base import DatasetLayoutError
-        from retrieval.images import ImageLoadError
-        from retrieval.model import PretrainedWeightsError
         from training.trainer import train
 
-        try:
-            result = train(cfg, progress=not quiet, resume=resume_path, evaluate_before=evaluate_before)
-        except (DatasetLayoutError, CheckpointError, PretrainedWeightsError, ImageLoadError, FileNotFoundError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(code=1) from None
+        result = train(cfg, progress=not quiet, resume=resume_path, evaluate_before=evaluate_before)
         if is_main:
             console.print(result.summary(), highlight=False, soft_wrap=True)

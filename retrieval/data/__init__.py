@@ -14,6 +14,7 @@ from pathlib import Path
 
 from retrieval.data import cars, cub, folder, inshop, sop
 from retrieval.data.base import DatasetLayoutError, Protocol, RetrievalDataset, Split
+from retrieval.errors import UsageError
 
 DEMO_RECALL_KS: tuple[int, ...] = inshop.RECALL_KS
 DEMO_LAYOUT = """\
@@ -73,7 +74,7 @@ def load_dataset(name: str, root: str | os.PathLike[str]) -> RetrievalDataset:
     """
     key = name.lower()
     if key not in _LOADERS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(_LOADERS)}")
+        raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(_LOADERS)}")
     return _LOADERS[key](root)
 
 

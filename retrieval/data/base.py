@@ -6,10 +6,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from retrieval.errors import UserError
+
 Protocol = Literal["all-vs-all", "query-gallery"]
 
 
-class DatasetLayoutError(FileNotFoundError):
+class DatasetLayoutError(UserError, FileNotFoundError):
     """A dataset folder does not match the official layout; the message names the file and the layout."""
 
 

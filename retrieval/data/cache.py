@@ -49,6 +49,7 @@ import numpy as np
 from retrieval.atomic import atomic_write_json, fsync_dir, read_json, swap_in_folder
 from retrieval.data.base import Split
 from retrieval.data.samplers import SamplerDrivenLoader
+from retrieval.errors import UserError
 from retrieval.images import ImageLoadError, open_image
 from retrieval.preprocess import resize_short_side
 
@@ -65,7 +66,7 @@ _RECORD_FIELDS = ("offset", "height", "width", "label", "split_index")
 _NUM_FIELDS = len(_RECORD_FIELDS)
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """A cache is missing, unreadable or does not belong to the data it is used with."""
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from retrieval.errors import UsageError
+
 MARKER_FILE = "demo.json"
 GENERATOR_VERSION = 1
 
@@ -392,11 +394,11 @@ def generate_demo(
     parameters is replaced; a non-empty folder that is not a demo is never touched.
     """
     if num_train_classes < 1 or num_test_classes < 1:
-        raise ValueError("the demo needs at least one train class and one test class")
+        raise UsageError("the demo needs at least one train class and one test class")
     if images_per_class < 2:
-        raise ValueError("images_per_class must be >= 2 (test items need a query and a gallery image)")
+        raise UsageError("images_per_class must be >= 2 (test items need a query and a gallery image)")
     if len(FAMILIES) * len(PRIMARY) * len(COLOURS) * len(PATTERNS) // 4 < num_train_classes + num_test_classes:
-        raise ValueError("too many demo classes requested")
+        raise UsageError("too many demo classes requested")
     root = Path(root).expanduser()
     params = DemoParams(seed, num_train_classes, num_test_classes, images_per_class, image_size)
     if _is_complete(root, params):

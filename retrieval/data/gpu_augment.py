@@ -27,6 +27,7 @@ import torch
 from torchvision.ops import roi_align
 
 from retrieval.config import IMAGENET_MEAN, IMAGENET_STD
+from retrieval.errors import UsageError
 
 DEFAULT_SCALE: tuple[float, float] = (0.08, 1.0)
 DEFAULT_RATIO: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
@@ -154,7 +155,7 @@ def center_crop_boxes(sizes: torch.Tensor, image_size: int, resize_size: int) ->
     equals resize_size the box is whole pixels at scale 1, so the crop is an exact copy.
     """
     if image_size > resize_size:
-        raise ValueError(f"image_size {image_size} exceeds resize_size {resize_size}; the centre crop would pad")
+        raise UsageError(f"image_size {image_size} exceeds resize_size {resize_size}; the centre crop would pad")
     h = sizes[:, 0].to(torch.float64)
     w = sizes[:, 1].to(torch.float64)
     short = torch.minimum(h, w)
@@ -225,7 +226,7 @@ class EvalCrop:
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         if image_size > resize_size:
-            raise ValueError(f"image_size {image_size} exceeds resize_size {resize_size}")
+            raise UsageError(f"image_size {image_size} exceeds resize_size {resize_size}")
         self.image_size = int(image_size)
         self.resize_size = int(resize_size)
         self.normalize = BatchNormalize(mean, std)

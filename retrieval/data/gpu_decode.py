@@ -33,13 +33,16 @@ from PIL import Image
 
 from retrieval.data.base import Split
 from retrieval.data.samplers import SamplerDrivenLoader
-from retrieval.images import DEFAULT_MAX_PIXELS, ImageLoadError, open_image
+from retrieval.images import DEFAULT_MAX_PIXELS, ImageLoadError, check_size, not_a_file_reason, open_image
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _EXIF_ORIENTATION = 0x0112
 
 
 def read_bytes(path: str | os.PathLike[str]) -> bytes:
+    reason = not_a_file_reason(path)
+    if reason is not None:
+        raise ImageLoadError(reason)
     try:
         return Path(path).read_bytes()
     except OSError as exc:
@@ -55,7 +58,9 @@ def jpeg_fast_path_ok(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool
             if img.format != "JPEG" or img.mode not in ("RGB", "L"):
                 return False
             w, h = img.size
-            if w * h > max_pixels or w == 0 or h == 0:
+            try:
+                check_size("", w, h, max_pixels)
+            except ImageLoadError:
                 return False  # let open_image produce its error
             return int(img.getexif().get(_EXIF_ORIENTATION, 1)) == 1
     except Exception:  # noqa: BLE001 - an unreadable header goes to open_image, which names the problem

@@ -13,6 +13,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from retrieval.errors import ConfigError
+
 
 def _check_shard(batch_size: int, rank: int, world_size: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
@@ -68,16 +70,16 @@ class BalancedBatchSampler(_EpochSampler):
     ) -> None:
         labels_arr = np.asarray(labels, dtype=np.int64)
         if images_per_class < 1 or batch_size % images_per_class:
-            raise ValueError(f"batch size {batch_size} is not a multiple of images_per_class {images_per_class}")
+            raise ConfigError(f"batch size {batch_size} is not a multiple of images_per_class {images_per_class}")
         self.classes_per_batch = batch_size // images_per_class
         _check_shard(batch_size, rank, world_size)
         if self.classes_per_batch % world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.classes_per_batch} classes per batch cannot be split evenly over world_size {world_size}"
             )
         classes, inverse = np.unique(labels_arr, return_inverse=True)
         if len(classes) < self.classes_per_batch:
-            raise ValueError(
+            raise ConfigError(
                 f"a balanced batch needs {self.classes_per_batch} distinct classes but the split has {len(classes)}; "
                 "lower the batch size or raise images_per_class"
             )
@@ -161,12 +163,12 @@ class RandomBatchSampler(_EpochSampler):
         world_size: int = 1,
     ) -> None:
         if batch_size < 1:
-            raise ValueError("batch size must be positive")
+            raise ConfigError("batch size must be positive")
         _check_shard(batch_size, rank, world_size)
         if drop_last and n < batch_size:
-            raise ValueError(f"only {n} images for a batch size of {batch_size} with drop_last; lower the batch size")
+            raise ConfigError(f"only {n} images for a batch size of {batch_size} with drop_last; lower the batch size")
         if n < 1:
-            raise ValueError("cannot sample batches from an empty split")
+            raise ConfigError("cannot sample batches from an empty split")
         self.n, self.batch_size, self.drop_last = n, batch_size, drop_last
         self.seed, self.epoch = int(seed), 0
         self.rank, self.world_size = rank, world_size

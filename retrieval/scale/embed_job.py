@@ -24,6 +24,7 @@ import numpy as np
 
 from retrieval.atomic import atomic_write_json
 from retrieval.embed import EmbeddingBackend
+from retrieval.errors import UsageError
 from retrieval.images import ImageLoadError, open_image
 from retrieval.scale.parts import (
     DTYPES,
@@ -51,11 +52,11 @@ class EmbedOptions:
 
     def __post_init__(self) -> None:
         if self.part_size < 1:
-            raise ValueError(f"part size must be >= 1, got {self.part_size}")
+            raise UsageError(f"part size must be >= 1, got {self.part_size}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"unknown embedding dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+            raise UsageError(f"unknown embedding dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+            raise UsageError(f"batch size must be >= 1, got {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -370,7 +371,7 @@ def embed_to_parts(out: str | os.PathLike[str], source: EmbedSource, backend: Em
 
     options = options or EmbedOptions()
     if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+        raise UsageError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     t0 = time.perf_counter()
     folder = open_job(out, source, backend, embedder_source, options)
     tasks = plan_tasks(source, options.part_size)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.atomic import atomic_write_json, atomic_write_with, read_json
+from retrieval.errors import InputError, UsageError
 
 PARTS_FORMAT = "metrix-retrieval/embeddings/1"
 MANIFEST_FILE = "manifest.json"
@@ -38,7 +39,7 @@ DTYPES = ("float32", "float16")
 ROLES = ("gallery", "query")
 
 
-class PartsError(ValueError):
+class PartsError(InputError):
     """An embeddings folder or part is missing, incomplete, corrupt or from another embedder; names the file."""
 
 
@@ -96,7 +97,7 @@ def write_part(folder: str | os.PathLike[str], name: str, emb: np.ndarray, items
     emb: (n, D) float32 L2-normalised rows of the readable items, in `items.rows` order.
     """
     if dtype not in DTYPES:
-        raise ValueError(f"unknown embedding dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise UsageError(f"unknown embedding dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if len(emb) != len(items.rows):
         raise ValueError(f"part {name}: {len(emb)} embeddings for {len(items.rows)} items")
     npy, js, done = part_paths(folder, name)

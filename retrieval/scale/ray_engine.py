@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.errors import UsageError
 from retrieval.scale.embed_job import EmbedOptions, PartResult, PartTask, Progress, run_part
 from retrieval.scale.parts import EmbeddingsFolder, PartsError
 
@@ -36,9 +37,9 @@ class RayOptions:
 
     def __post_init__(self) -> None:
         if self.workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+            raise UsageError(f"--workers must be >= 1, got {self.workers}")
         if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
-            raise ValueError("--cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
+            raise UsageError("--cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
 
 
 def import_ray() -> Any:
@@ -46,7 +47,7 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError as exc:
-        raise RuntimeError("the ray engine needs Ray: install the extra with `pip install -e .[ray]` "
+        raise UsageError("the ray engine needs Ray: install the extra with `pip install -e .[ray]` "
                            "(or use --engine local)") from exc
     return ray
 

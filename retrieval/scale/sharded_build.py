@@ -30,6 +30,7 @@ import faiss
 import numpy as np
 
 from retrieval.config import CalibrationConfig, IndexConfig
+from retrieval.errors import UsageError
 from retrieval.index import (
     IndexBuildError,
     IndexParams,
@@ -57,11 +58,11 @@ class ShardOptions:
         from retrieval.scale import ENGINES
 
         if self.shards < 0:
-            raise ValueError(f"--shards must be >= 0, got {self.shards}")
+            raise UsageError(f"--shards must be >= 0, got {self.shards}")
         if self.engine not in ENGINES:
-            raise ValueError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+            raise UsageError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
         if self.merge and self.shards <= 1:
-            raise ValueError("--merge needs --shards N with N > 1")
+            raise UsageError("--merge needs --shards N with N > 1")
 
 
 @dataclass
