@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from app.batching import DEFAULT_QUEUE_SIZE, BatchingWorker
+from app.event_limit import EventBodyLimit
 from app.ui import MAX_UPLOAD_BYTES, SearchApp, build_app
 
 DEFAULT_HOST = "127.0.0.1"
@@ -174,6 +175,7 @@ def launch(
             settings = ApiSettings(max_upload_bytes=search_app.max_upload_bytes, max_pixels=search_app.max_pixels,
                                    token=token_from_env(api_token))
             api = build_api(SearchApi(searcher, worker, search_app.thumbnails, settings))
+            api.add_middleware(EventBodyLimit)  # before Gradio reads an event body (app/event_limit.py)
             running = _serve_mounted(api, demo, search_app, worker, host, port)
     except BaseException:
         unregister_static_folder(search_app.thumbnails.folder)

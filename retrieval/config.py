@@ -80,10 +80,15 @@ class MixupConfig:
     weight: float = 0.4  # w in  E = clean + w * mixed
     lam_per: Literal["batch", "pair"] = "batch"
     # "both": V(a) as the paper defines it (positive-negative mixes, and anchor-negative mixes for anchors
-    # without an in-batch positive). "random": the official code's one kind per iteration, which wastes
-    # every other step on class-balanced batches (no anchor lacks a positive there).
+    # without an in-batch positive). "random": the official code's one kind per step, probability 1/2
+    # each (the table presets); a kind with no valid pair in the batch gives way to the other, so
+    # class-balanced batches (no anchor lacks a positive) mix positive-negative pairs at every step.
     pair_kind: Literal["random", "positive", "anchor", "both"] = "both"
     max_pairs: int = 0  # 0 = every (positive, negative) combination; > 0 = fixed budget per batch
+    # Input level only: "hardest" mixes each (anchor, positive) pair's positive with the anchor's
+    # `hard_negatives` closest negatives, as the official input mode; "random" draws valid pairs at random.
+    input_pairs: Literal["hardest", "random"] = "hardest"
+    hard_negatives: int = 1
 
 
 @dataclass
@@ -97,6 +102,9 @@ class TrainConfig:
     lr_gamma: float = 0.5
     warmup_epochs: int = 5  # epochs training only the embedding layer and loss parameters
     freeze_bn: bool = True
+    # With freeze_bn, BatchNorm statistics stay frozen, but its scale and shift train again once warm-up
+    # ends (the official code's warm-up re-enables every trunk parameter); no warm-up: they stay frozen.
+    bn_affine_after_warmup: bool = True
     proxy_lr_mult: float = 100.0
     grad_clip: float = 10.0
     seed: int = 1
@@ -197,13 +205,20 @@ _LARGE = ("sop", "inshop")
 
 
 def paper_train_preset(dataset: str, loss: str, mixup_level: str = "none") -> TrainConfig:
-    """The official recipe's optimiser/schedule values for a dataset x loss cell."""
+    """The official recipe's optimiser/schedule values for a dataset x loss x mixup cell.
+
+    Each value is the official README command's (or, where a flag is absent, main.py's default); REPRODUCE.md
+    lists the source of every cell. Metrix cells of MS/PA other than CUB use their baseline's values, as the
+    README says.
+    """
     mixed = mixup_level != "none"
     if loss == "contrastive":
         if dataset in _SMALL:
             return TrainConfig(epochs=60, lr=1e-4, lr_step=10, lr_gamma=0.1, warmup_epochs=5, freeze_bn=True)
-        if dataset == "sop":
-            return TrainConfig(epochs=60, lr=3e-5, lr_step=10, lr_gamma=0.25, warmup_epochs=5, freeze_bn=False)
+        if dataset == "sop":  # the Metrix command drops --bn_freeze 0: BatchNorm frozen there
+            return TrainConfig(epochs=60, lr=3e-5, lr_step=10, lr_gamma=0.25, warmup_epochs=5, freeze_bn=mixed)
+        if dataset == "inshop" and not mixed:
+            return TrainConfig(epochs=60, lr=3e-5, lr_step=5, lr_gamma=0.25, warmup_epochs=1, freeze_bn=False)
         if dataset == "inshop":
             return TrainConfig(epochs=60, lr=1e-4, lr_step=10, lr_gamma=0.25, warmup_epochs=5, freeze_bn=True)
     elif loss in ("ms", "pa"):
@@ -217,6 +232,15 @@ def paper_train_preset(dataset: str, loss: str, mixup_level: str = "none") -> Tr
         raise UsageError(f"unknown loss {loss!r}; choose contrastive, ms or pa")
     # folder / demo: a short schedule that suits small custom data and trains the BN statistics.
     return TrainConfig(epochs=20, lr=1e-4, lr_step=10, lr_gamma=0.5, warmup_epochs=1, freeze_bn=False)
+
+
+def paper_mixup_preset(dataset: str, loss: str, mixup_level: str) -> MixupConfig:
+    """How a table cell mixes: the official code's pair kind, one at random per step (train.py), except
+    multi-similarity at the embedding level, which mixes positive-negative pairs at every step there."""
+    if dataset not in _SMALL + _LARGE:
+        return MixupConfig(level=mixup_level)
+    kind: Literal["random", "positive"] = "positive" if (loss, mixup_level) == ("ms", "embedding") else "random"
+    return MixupConfig(level=mixup_level, pair_kind=kind)
 
 
 def paper_data_preset(dataset: str) -> DataConfig:
@@ -252,6 +276,6 @@ def preset(dataset: str, loss: str = "ms", mixup_level: str = "none") -> RunConf
         data=paper_data_preset(dataset),
         model=ModelConfig(),
         loss=LossConfig(name=loss),
-        mixup=MixupConfig(level=mixup_level),
+        mixup=paper_mixup_preset(dataset, loss, mixup_level),
         train=paper_train_preset(dataset, loss, mixup_level),
     )

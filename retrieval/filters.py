@@ -165,6 +165,9 @@ def filtered_search(index: faiss.Index, queries: np.ndarray, k: int, ids: np.nda
         return np.zeros((len(queries), max(k, 0)), np.float32), np.full((len(queries), max(k, 0)), -1, np.int64)
     selector, bitmap = id_selector(ids, index.ntotal)
     params = search_parameters(index, selector)
-    scores, found = index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
+    # faiss.contrib.torch_utils (imported by pytorch-metric-learning, among others) replaces Index.search with a
+    # version that takes no search parameters and keeps FAISS's own NumPy method as search_numpy: call that one.
+    search = getattr(index, "search_numpy", index.search)
+    scores, found = search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
     del bitmap  # the selector read it during the search
     return scores, found

@@ -275,3 +275,15 @@ def utilization(test_emb: np.ndarray, train_emb: np.ndarray, use_gpu: bool = Tru
     """
     scores, _ = exact_knn(test_emb, train_emb, k=1, use_gpu=use_gpu, metric="l2")
     return float(np.maximum(scores[:, 0].astype(np.float64), 0.0).mean())
+
+
+def embedding_geometry(emb: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """{"alignment", "uniformity"} of L2-normalised embeddings (Wang and Isola 2020, as the Metrix paper
+    analyses them): lower alignment = tighter classes, lower uniformity = more evenly spread.  Alignment
+    is left out when no label has two embeddings."""
+    out: dict[str, float] = {}
+    labels = np.asarray(labels).ravel()
+    if len(labels) and np.unique(labels, return_counts=True)[1].max() > 1:
+        out["alignment"] = alignment(emb, labels)
+    out["uniformity"] = uniformity(emb)
+    return out

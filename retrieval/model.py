@@ -106,14 +106,17 @@ class Embedder(nn.Module):
         """layer4 maps (B, C, h, w) -> emb (B, D) L2-normalised."""
         return self.project(self.pool(fmap))
 
-    def forward(self, images: torch.Tensor, return_maps: bool = False):
-        """images -> emb (B, D); with return_maps, (layer4 maps (B, C, h, w), emb).
+    def forward(self, images: torch.Tensor, return_maps: bool = False, follow_up=None):  # noqa: ANN001
+        """images -> emb (B, D); with return_maps, (layer4 maps (B, C, h, w), emb); with follow_up, (emb, emb2)
+        where emb2 embeds the images follow_up(emb.detach()) returns.
 
-        return_maps lets feature-level Metrix get both through one forward call, which is what
-        DistributedDataParallel needs to synchronise gradients.
+        return_maps lets feature-level Metrix, and follow_up input-level Metrix (mixes chosen from the clean
+        embeddings), do their work in one forward call, which is what DistributedDataParallel needs.
         """
         fmap = self.trunk(images)
         emb = self.head(fmap)
+        if follow_up is not None:
+            return emb, self.head(self.trunk(follow_up(emb.detach())))
         return (fmap, emb) if return_maps else emb
 
     def trunk_parameters(self) -> list[nn.Parameter]:
@@ -123,8 +126,9 @@ class Embedder(nn.Module):
         return list(self.embedding.parameters())
 
 
-def freeze_batchnorm(model: nn.Module) -> None:
-    """Put every BatchNorm in eval mode with frozen affine parameters (the official CUB/Cars recipe).
+def freeze_batchnorm(model: nn.Module, train_affine: bool = False) -> None:
+    """Put every BatchNorm in eval mode (frozen statistics, the official CUB/Cars recipe); its affine
+    parameters are frozen too unless `train_affine` (the official code after warm-up).
 
     Call after every `model.train()`, which would switch them back.
     """
@@ -132,7 +136,7 @@ def freeze_batchnorm(model: nn.Module) -> None:
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
             for p in m.parameters():
-                p.requires_grad_(False)
+                p.requires_grad_(train_affine)
 
 
 def fingerprint_state(state: dict[str, torch.Tensor]) -> str:

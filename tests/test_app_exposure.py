@@ -79,3 +79,20 @@ def test_no_absolute_server_path_is_shown(served) -> None:
         for secret in secrets:
             assert secret not in text
     assert "shop-index" in facts.to_csv() and "eval_cache.json" in status
+
+
+def test_an_oversized_event_body_is_refused_before_gradio_reads_it(served) -> None:
+    from app.event_limit import EVENT_MAX_BYTES
+
+    app, _, _ = served
+    paste = {"url": "data:image/png;base64," + "A" * (2 * EVENT_MAX_BYTES), "path": None,
+             "meta": {"_type": "gradio.FileData"}}
+    with httpx.Client(base_url=app.url, timeout=30) as http:
+        r = http.post("gradio_api/call/search", json={"data": [paste, 5, None, "none"]})
+        assert r.status_code == 413 and r.json()["error"] == "too_large"
+        query = app.search_app.examples[0].path
+        with open(query, "rb") as f:
+            uploaded = http.post("gradio_api/upload", files={"files": (query.name, f)}).json()[0]
+        ok = http.post("gradio_api/call/search",
+                       json={"data": [{"path": uploaded, "meta": {"_type": "gradio.FileData"}}, 5, None, "none"]})
+        assert ok.status_code == 200 and "event_id" in ok.json()

@@ -341,3 +341,68 @@ def test_prepare_command_caches_every_split_of_a_dataset(tmp_path: Path) -> None
     again = runner.invoke(app, ["prepare", "--dataset", "folder", "--data-root", str(root),
                                      "--short-side", "36", "--workers", "0"])
     assert again.exit_code == 0 and "up to date" in again.output
+
+
+# ---- training images at full resolution -----------------------------------------------------------
+
+def test_training_split_is_stored_at_its_own_resolution_with_the_short_side_capped(tmp_path: Path) -> None:
+    split = _write_split(tmp_path / "images", n=6)
+    out = tmp_path / "cache"
+    prepare_split(split, out, dataset="folder", max_short_side=45, show_progress=False)
+    cached = CachedSplit(out, "train")
+    assert cached.full_resolution and cached.short_side is None
+    for r in range(len(cached)):
+        original = open_image(split.paths[int(cached.split_indices[r])])
+        expected = original if min(original.size) <= 45 else resize_short_side(original, 45)
+        np.testing.assert_array_equal(cached.image_chw(r), np.asarray(expected).transpose(2, 0, 1))
+    again = prepare_split(split, out, dataset="folder", max_short_side=45, show_progress=False)
+    assert again.up_to_date
+    assert not prepare_split(split, out, dataset="folder", max_short_side=40, show_progress=False).up_to_date
+    with pytest.raises(CacheError, match="original resolution"):
+        CacheEvalLoader(out, "train", batch_size=2, image_size=16, device="cpu")
+
+
+def test_cached_training_crops_match_crops_of_the_original_files(tmp_path: Path) -> None:
+    """RandomResizedCrop draws a box as a fraction of the image; at the same box, the crop from the cache
+    equals the crop the file pipeline (torchvision on the decoded file) takes, within resampling error.
+    A cache at a fixed small short side (the old layout) makes small crops visibly blurrier."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    from retrieval.data.gpu_augment import crop_resize, pad_batch
+
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    paths = (folder / "small.jpg", folder / "large.jpg")
+    Image.fromarray(_photo(rng, 150, 200)).save(paths[0], quality=95)  # under the cap: stored as decoded
+    Image.fromarray(_photo(rng, 300, 400)).save(paths[1], quality=95)  # over the cap: downscaled 2x
+    split = Split("train", paths, (0, 1))
+    prepare_split(split, tmp_path / "full", dataset="folder", max_short_side=150, show_progress=False)
+    prepare_split(split, tmp_path / "old", dataset="folder", short_side=56, show_progress=False)
+    full, old = CachedSplit(tmp_path / "full", "train"), CachedSplit(tmp_path / "old", "train")
+    size = 48
+    boxes = [(0.0, 0.0, 1.0, 1.0), (0.2, 0.3, 0.28, 0.25), (0.4, 0.5, 0.5, 0.45)]  # fractions: top, left, h, w
+
+    def cached_crop(cached: CachedSplit, record: int, box: tuple[float, ...], height: int, width: int) -> np.ndarray:
+        img = torch.from_numpy(np.array(cached.image_chw(record)))
+        sy, sx = img.shape[1] / height, img.shape[2] / width
+        top, left, h, w = box
+        padded, _ = pad_batch([img])
+        crop = crop_resize(padded, torch.tensor([[top * height * sy, left * width * sx, h * height * sy, w * width * sx]]), size)
+        return crop[0].permute(1, 2, 0).numpy()
+
+    for record, path in enumerate(paths):
+        original = open_image(path)
+        height, width = original.height, original.width
+        for box in boxes:
+            top, left, h, w = (round(v) for v in (box[0] * height, box[1] * width, box[2] * height, box[3] * width))
+            ref = np.asarray(TF.resized_crop(original, top, left, h, w, [size, size], InterpolationMode.BILINEAR),
+                             np.float32)
+            exact_box = (top / height, left / width, h / height, w / width)
+            err_full = np.abs(cached_crop(full, record, exact_box, height, width) - ref).mean()
+            err_old = np.abs(cached_crop(old, record, exact_box, height, width) - ref).mean()
+            print(f"{path.name} box {box}: mean |diff| full-resolution cache {err_full:.2f}, short side 56 {err_old:.2f}")
+            assert err_full < 3.0, f"{path.name} {box}: cached crop differs from the file's by {err_full:.2f} grey levels"
+            if box[2] < 0.3:  # a small crop: the downscaled copy has lost the detail the file has
+                assert err_old > 2 * err_full

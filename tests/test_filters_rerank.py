@@ -128,6 +128,17 @@ def test_filter_keeping_fewer_items_than_k_returns_just_those() -> None:
     assert [sorted(h.gallery_index for h in row) for row in hits] == [[5, 77, 201]] * 2
 
 
+def test_filtered_search_works_after_faiss_torch_utils_replaced_index_search() -> None:
+    """pytorch-metric-learning imports faiss.contrib.torch_utils, which swaps Index.search for one without params."""
+    import faiss.contrib.torch_utils  # noqa: F401  (the swap is process-wide, as in a server that imported it)
+
+    x, labels = clustered(300, 8, 10, seed=4)
+    categories = ["Rare" if i in (3, 50, 299) else "Common" for i in range(300)]
+    searcher = Searcher(gallery_index(x, labels, IndexConfig(index_type="flat", use_gpu=False), categories), device="cpu")
+    hits = searcher.search_embeddings(x[:2], 5, where={"category": "Rare"})
+    assert [sorted(h.gallery_index for h in row) for row in hits] == [[3, 50, 299]] * 2
+
+
 @pytest.mark.parametrize("kind", ["ivf-flat", "hnsw"])
 def test_filtered_approximate_search_is_as_good_as_unfiltered(kind: str) -> None:
     rng = np.random.default_rng(4)

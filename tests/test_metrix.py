@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from retrieval.config import LossConfig, MixupConfig, ModelConfig, RunConfig
+from retrieval.config import DataConfig, LossConfig, MixupConfig, ModelConfig, RunConfig
 from retrieval.model import Embedder
 from training.losses import build_loss
 from training.metrix import (
-    MixedTargets, mix_embeddings, mix_images, mixed_pool, plan_pairs, resolve_max_pairs, sample_beta,
+    MixedTargets, hardest_negatives, mix_embeddings, mix_images, mixed_pool, plan_hardest_pairs, plan_pairs,
+    resolve_max_pairs, sample_beta,
 )
 from training.objective import build_objective
 
@@ -72,6 +73,27 @@ def test_both_kinds_together_and_never_positive_positive() -> None:
     assert pairs == _pairs(plan_pairs(LABELS, pair_kind="positive")) | _pairs(plan_pairs(LABELS, pair_kind="anchor"))
     assert all(LABELS[i] != LABELS[j] for i, j in pairs)
     assert len(t.first) == 36 and t.grid  # the full static B x B grid
+
+
+def test_random_kind_follows_the_official_coin_per_step() -> None:
+    """The official code picks a kind with random.randint(0, 1) per step: a fair coin, independent steps."""
+    stats = pytest.importorskip("scipy.stats")
+    positive = _pairs(plan_pairs(LABELS, pair_kind="positive"))
+    gen = _gen(2024)
+    picks = []
+    for _ in range(2000):
+        pairs = _pairs(plan_pairs(LABELS, pair_kind="random", generator=gen))
+        assert pairs in (positive, _pairs(plan_pairs(LABELS, pair_kind="anchor")))
+        picks.append(pairs == positive)
+    assert stats.binomtest(sum(picks), len(picks), 0.5).pvalue > 1e-3
+    runs = 1 + sum(a != b for a, b in zip(picks, picks[1:]))  # independent steps: about n/2 runs
+    assert abs(runs - len(picks) / 2) < 4 * math.sqrt(len(picks)) / 2
+
+
+@pytest.mark.parametrize("labels,kind", [(torch.arange(4).repeat_interleave(3), "positive"), (torch.arange(6), "anchor")])
+def test_random_kind_gives_way_when_a_kind_has_no_pair(labels: torch.Tensor, kind: str) -> None:
+    only = _pairs(plan_pairs(labels, pair_kind=kind))
+    assert only and all(_pairs(plan_pairs(labels, pair_kind="random", generator=_gen(s))) == only for s in range(20))
 
 
 def test_random_kind_picks_one_kind_per_batch() -> None:
@@ -328,15 +350,20 @@ def _images(n: int = 8, size: int = 32) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=_gen(14))
 
 
-@pytest.mark.parametrize("level", ["feature", "embedding", "input", "none"])
-def test_trunk_runs_once_per_step(level: str) -> None:
-    model, objective = _tiny_run(level, pair_kind="both")
+@pytest.mark.parametrize("level,input_pairs", [("feature", "hardest"), ("embedding", "hardest"), ("input", "random"),
+                                               ("input", "hardest"), ("none", "hardest")])
+def test_trunk_runs_once_per_step(level: str, input_pairs: str) -> None:
+    model, objective = _tiny_run(level, pair_kind="both", input_pairs=input_pairs)
     batches = []
     model.layer4.register_forward_hook(lambda m, i, o: batches.append(o.shape[0]))
     out = objective(model, _images(), BATCH_LABELS, _gen(1))
     out.loss.backward()
-    expected = 8 + 8 if level == "input" else 8  # input: clean + one mix per image, in one forward
-    assert batches == [expected]
+    if level == "input" and input_pairs == "random":
+        assert batches == [8 + 8]  # clean + one mix per image, in one trunk pass
+    elif level == "input":
+        assert batches == [8, 8]  # clean, then the mixes chosen from the clean embeddings (one model call)
+    else:
+        assert batches == [8]
     assert torch.isfinite(out.loss)
     assert model.layer1[0].conv1.weight.grad.abs().sum() > 0
     if level != "none":
@@ -382,9 +409,10 @@ def test_unknown_level_is_refused() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is only observable on CUDA")
-@pytest.mark.parametrize("level", ["feature", "embedding", "input"])
-def test_step_never_synchronises_with_the_host(level: str) -> None:
-    model, objective = _tiny_run(level, max_pairs=0)
+@pytest.mark.parametrize("level,input_pairs", [("feature", "hardest"), ("embedding", "hardest"), ("input", "random"),
+                                               ("input", "hardest")])
+def test_step_never_synchronises_with_the_host(level: str, input_pairs: str) -> None:
+    model, objective = _tiny_run(level, max_pairs=0, input_pairs=input_pairs)
     model = model.cuda()
     objective = objective.cuda()
     images, labels = _images().cuda(), BATCH_LABELS.cuda()
@@ -426,3 +454,81 @@ def test_compiling_the_loss_terms_keeps_the_checkpoint_layout() -> None:
     compiled = build_objective(cfg, num_classes=6, embedding_size=16).compile_losses()
     assert list(eager.state_dict()) == list(compiled.state_dict()) == ["loss.proxies"]
     assert [n for n, _ in compiled.named_parameters()] == ["loss.proxies"]
+
+
+# ---- input level: hardest negatives ----------------------------------------------------------------
+
+def _brute_force_hardest(emb: torch.Tensor, labels: torch.Tensor, k: int) -> list[list[int]]:
+    out = []
+    for a in range(len(labels)):
+        negs = [j for j in range(len(labels)) if labels[j] != labels[a]]
+        negs.sort(key=lambda j: -float(emb[a] @ emb[j]))
+        out.append(negs[:k])
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_hardest_negatives_are_the_closest_other_class_items(k: int) -> None:
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 4])
+    emb = _emb(9, seed=21)
+    index, exists = hardest_negatives(emb, labels, k)
+    assert index.shape == (9, k) and exists.all()
+    assert index.tolist() == _brute_force_hardest(emb, labels, k)
+
+
+@pytest.mark.parametrize("kind", ["positive", "anchor", "both"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_hardest_plan_mixes_each_positive_with_the_anchors_closest_negatives(kind: str, k: int) -> None:
+    """Against a brute-force enumeration of the official input mode (with its wrong-list indexing fixed)."""
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 4])
+    emb = _emb(9, seed=22)
+    hard = _brute_force_hardest(emb, labels, k)
+    expected = []
+    for a in range(9):
+        positives = [i for i in range(9) if i != a and labels[i] == labels[a]]
+        if positives and kind in ("positive", "both"):
+            expected += [(i, n) for i in positives for n in hard[a]]
+        if not positives and kind in ("anchor", "both"):
+            expected += [(a, n) for n in hard[a]]
+    t = plan_hardest_pairs(labels, emb, slots=64, hard_negatives=k, pair_kind=kind, generator=_gen(3))
+    assert all(x.shape == (64,) for x in (t.first, t.second, t.lam, t.valid))  # static shape, padding invalid
+    got = sorted((int(i), int(j)) for i, j, v in zip(t.first, t.second, t.valid) if v)
+    assert got == sorted(expected)
+    assert all(labels[i] != labels[j] for i, j in got)  # never a same-class "negative"
+
+
+def test_hardest_plan_keeps_its_shape_and_subsamples_when_slots_are_few() -> None:
+    labels = torch.arange(5).repeat_interleave(4)  # P x K = 5 x 4: 60 (anchor, positive) pairs
+    emb = _emb(20, seed=23)
+    full = plan_hardest_pairs(labels, emb, slots=60, pair_kind="random", generator=_gen(4))
+    assert int(full.valid.sum()) == 60  # balanced batches: every candidate fits the default budget
+    small = plan_hardest_pairs(labels, emb, slots=7, pair_kind="random", generator=_gen(4))
+    assert small.first.shape == (7,) and small.valid.all()
+    full_pairs = [(int(i), int(j)) for i, j in zip(full.first, full.second)]
+    assert all((int(i), int(j)) in full_pairs for i, j in zip(small.first, small.second))
+
+
+def test_input_budget_with_hardest_negatives_follows_the_batch_structure() -> None:
+    cfg = RunConfig(data=DataConfig(sampler="balanced", images_per_class=5, batch_size=100),
+                    mixup=MixupConfig(level="input"))
+    objective = build_objective(cfg, num_classes=10, embedding_size=8)
+    assert objective.input_slots(100) == 400 and objective.input_slots(50) == 200  # 20 x 5: every (a, p) pair
+    cfg.mixup = MixupConfig(level="input", hard_negatives=2)
+    assert build_objective(cfg, 10, 8).input_slots(100) == 800
+    cfg.data = DataConfig(sampler="random")
+    assert build_objective(cfg, 10, 8).input_slots(100) == 200
+    cfg.mixup = MixupConfig(level="input", max_pairs=33)
+    assert build_objective(cfg, 10, 8).input_slots(100) == 33
+
+
+def test_input_objective_with_hardest_negatives_equals_the_two_pass_computation() -> None:
+    model, objective = _tiny_run("input", pair_kind="both")
+    model.eval()  # BatchNorm on running statistics: the two passes are comparable one by one
+    images = _images()
+    out = objective(model, images, BATCH_LABELS, _gen(5))
+    emb = model(images)
+    t = objective.plan_hardest(BATCH_LABELS, emb, _gen(5))
+    mixed_emb = model(mix_images(images, t))
+    ref = objective.loss(emb, BATCH_LABELS) + 0.4 * objective.loss.mixed(emb, BATCH_LABELS, mixed_emb, t)
+    assert out.mixed.item() > 0
+    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-5)

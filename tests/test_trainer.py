@@ -160,6 +160,26 @@ def test_warmup_trains_only_the_embedding_layer_and_proxies(demo_root: Path, tmp
     assert changed == {"embedding.weight", "embedding.bias"}  # trunk and frozen BN statistics untouched
 
 
+@pytest.mark.parametrize("after_warmup", [True, False])
+def test_frozen_batchnorm_affine_trains_after_warmup_as_released(demo_root: Path, tmp_path: Path,
+                                                                after_warmup: bool) -> None:
+    """The official code freezes BN (statistics and affine), then its warm-up's end re-enables every trunk
+    parameter: scale and shift train from then on, while the statistics stay frozen."""
+    cfg = tiny_config(demo_root, tmp_path, "ms", "none", epochs=2, max_steps_per_epoch=1, warmup_epochs=1,
+                      freeze_bn=True, eval_every=0, bn_affine_after_warmup=after_warmup)  # fmt: skip
+    torch.manual_seed(cfg.train.seed)
+    untrained = Embedder(cfg.model).state_dict()
+    train(cfg, progress=False)
+    trained = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    bn = {k for k in untrained if k.rsplit(".", 1)[0] + ".running_mean" in untrained}
+    affine = {k for k in bn if k.endswith((".weight", ".bias"))}
+    statistics = bn - affine
+    changed = {k for k, v in trained.items() if not torch.equal(v, untrained[k])}
+    assert not changed & statistics  # frozen statistics, before and after warm-up
+    assert (changed & affine == affine) if after_warmup else not changed & affine
+    assert "layer1.0.conv1.weight" in changed  # the trunk trained in the second epoch
+
+
 def test_loss_parameters_get_the_proxy_learning_rate() -> None:
     from training.objective import build_objective
 

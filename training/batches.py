@@ -112,7 +112,11 @@ def build_train_batches(
             lut = torch.zeros(max(mapping) + 1, dtype=torch.long)
             for old, new in mapping.items():
                 lut[old] = new
-            return TrainBatches(sampler, f"decoded-image cache {d.cache}", device, loader, cfg.train.seed, rank, lut)
+            source = f"decoded-image cache {d.cache}"
+            if not loader.cached.full_resolution:
+                source += (f" (stored at short side {loader.cached.short_side} px: small crops are blurrier than from "
+                           "the files; rerun `retrieval prepare` to store training images at full resolution)")
+            return TrainBatches(sampler, source, device, loader, cfg.train.seed, rank, lut)
         source = (
             f"image files (no cache of split {train_split.name!r} in {d.cache}; write one with "
             f"`retrieval prepare` to decode once instead of every epoch)"

@@ -171,8 +171,10 @@ class GatheredEmbedder(nn.Module):
         self._compiled = (forward_fn,)
         self.gather = gather
 
-    def forward(self, images: torch.Tensor, return_maps: bool = False) -> Any:
+    def forward(self, images: torch.Tensor, return_maps: bool = False, follow_up: Any = None) -> Any:
         forward_fn = self._compiled[0] or self.model
+        if follow_up is not None:  # input-level Metrix: never gathered (see module docstring)
+            return forward_fn(images, follow_up=follow_up)
         out = forward_fn(images, return_maps=return_maps)
         if not self.gather:
             return out

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from retrieval.data.base import RetrievalDataset, Split
-from retrieval.metrics import evaluate_embeddings
+from retrieval.metrics import embedding_geometry, evaluate_embeddings
 
 
 def _collate(items: list[tuple[torch.Tensor, int, int]]) -> torch.Tensor:
@@ -76,7 +76,8 @@ def evaluate_model(
     channels_last: bool = False,
     progress: bool = False,
 ) -> dict[str, float]:
-    """{"R@k" for the dataset's ks, "MAP@R", "RP"} of the model on the dataset's test protocol."""
+    """{"R@k" for the dataset's ks, "MAP@R", "RP", "alignment", "uniformity"} of the model on the dataset's
+    test protocol (the geometry over every test embedding, queries and gallery together)."""
     queries, gallery = dataset.eval_splits()
     kw = dict(
         image_size=image_size,
@@ -92,6 +93,9 @@ def evaluate_model(
     q_labels = np.asarray(queries.labels)
     use_gpu = device.type == "cuda"
     if gallery is queries:  # all-vs-all: each query's own index is excluded
-        return evaluate_embeddings(q_emb, q_labels, ks=dataset.recall_ks, use_gpu=use_gpu)
+        metrics = evaluate_embeddings(q_emb, q_labels, ks=dataset.recall_ks, use_gpu=use_gpu)
+        return {**metrics, **embedding_geometry(q_emb, q_labels)}
     g_emb = embed_split(model, gallery, **kw)  # type: ignore[arg-type]
-    return evaluate_embeddings(q_emb, q_labels, g_emb, np.asarray(gallery.labels), ks=dataset.recall_ks, use_gpu=use_gpu)
+    g_labels = np.asarray(gallery.labels)
+    metrics = evaluate_embeddings(q_emb, q_labels, g_emb, g_labels, ks=dataset.recall_ks, use_gpu=use_gpu)
+    return {**metrics, **embedding_geometry(np.concatenate([q_emb, g_emb]), np.concatenate([q_labels, g_labels]))}

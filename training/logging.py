@@ -1,4 +1,5 @@
-"""Per-epoch metrics a user can plot: <out>/metrics.jsonl (one JSON object per epoch) and <out>/metrics.csv.
+"""Per-epoch metrics a user can plot: <out>/metrics.jsonl (one JSON object per epoch) and <out>/metrics.csv,
+and the plot itself, <out>/metrics.png, redrawn whenever a row carries an evaluation (training/plots.py).
 
 Evaluation runs only every few epochs, so rows have different keys; the CSV is rewritten from all rows
 with the union of columns (a few hundred rows at most), atomically, so it is always a valid table.
@@ -11,6 +12,7 @@ import io
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,17 @@ class MetricsLog:
             fh.flush()
             os.fsync(fh.fileno())
         self._write_csv()
+        if any(k.startswith("R@") for k in row):
+            self._plot()
+
+    def _plot(self) -> None:
+        """Redraw metrics.png; a figure that cannot be drawn must not stop training."""
+        from training.plots import write_run_plot
+
+        try:
+            write_run_plot(self.out_dir, self.rows)
+        except Exception as exc:  # noqa: BLE001 - matplotlib errors are many and none is fatal here
+            warnings.warn(f"could not draw {self.out_dir / 'metrics.png'}: {exc}", stacklevel=2)
 
     def _rewrite(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,9 @@ The default enumerates the full B x B grid with a validity mask: static shapes, 
 (positive, negative) combination of the official code, no host synchronisation.  A budget
 (`max_pairs` > 0) keeps a uniformly random subset of the valid pairs in a FIXED number of slots;
 slots beyond the valid count are padding with valid = False.  Input-level mixing must forward every
-mixed image through the network, so it always works with a budget (the batch size unless set).
+mixed image through the network, so it always works with a budget.  By default it mixes as the
+official input mode does (`plan_hardest_pairs`): each positive of an anchor with the anchor's closest
+negative(s), chosen on the step's clean embeddings; random valid pairs (`plan_pairs`) are the option.
 
 All random draws (pair kind, subset, lam) happen on the batch's device, from `generator` when given
 (which must live on that device) or from the device's default generator.
@@ -141,22 +143,52 @@ def resolve_max_pairs(level: str, max_pairs: int, batch_size: int) -> int:
     return batch_size if level == "input" else 0
 
 
+def _kind_mask(pair_kind: str, positive_kind: torch.Tensor, anchor_kind: torch.Tensor,
+               generator: torch.Generator | None) -> torch.Tensor:
+    """The candidates of the batch's pair kind, from the masks of each kind (any shape, same for both).
+
+    "random" flips one fair coin per batch (the official code's `random.randint(0, 1)` per step); a kind
+    without any candidate in the batch gives way to the other, decided on the device (no host sync).
+    """
+    if pair_kind == "positive":
+        return positive_kind
+    if pair_kind == "anchor":
+        return anchor_kind
+    if pair_kind == "both":
+        return positive_kind | anchor_kind
+    coin = torch.rand((), generator=generator, device=positive_kind.device) < 0.5
+    has_pos, has_anchor = positive_kind.any(), anchor_kind.any()
+    pick_positive = torch.where(coin, has_pos | ~has_anchor, has_pos & ~has_anchor)
+    return torch.where(pick_positive, positive_kind, anchor_kind)
+
+
+def _draw_lam(alpha: float, lam_per: str, count: int, device: torch.device,
+              generator: torch.Generator | None) -> torch.Tensor:
+    if lam_per == "batch":
+        return sample_beta(alpha, (1,), device, generator).expand(count)
+    return sample_beta(alpha, (count,), device, generator)
+
+
+def _check_plan_args(pair_kind: str, lam_per: str) -> None:
+    if pair_kind not in PAIR_KINDS:
+        raise ValueError(f"unknown pair kind {pair_kind!r}; choose one of {PAIR_KINDS}")
+    if lam_per not in ("batch", "pair"):
+        raise ValueError(f"lam_per must be 'batch' or 'pair', got {lam_per!r}")
+
+
 def plan_pairs(labels: torch.Tensor, *, pair_kind: str = "random", alpha: float = 2.0, lam_per: str = "batch",
                max_pairs: int = 0, generator: torch.Generator | None = None) -> MixedTargets:
     """Choose the mixes of a batch.
 
     labels: (B,) int64 class ids (on the training device).  pair_kind: "positive" (positive-negative
     mixes), "anchor" (anchor-negative mixes for anchors without positive), "both", or "random" (one of
-    the two kinds per batch, with probability 1/2 each, as the official code; a batch may then have no
-    valid mix, e.g. "anchor" on class-balanced batches, and its mixed term is 0).  lam_per: "batch"
+    the two kinds per batch, with probability 1/2 each, as the official code; a kind without any valid
+    pair in the batch, e.g. "anchor" on class-balanced batches, gives way to the other).  lam_per: "batch"
     (one lam for all mixes, as the paper) or "pair" (one per source pair).  max_pairs: 0 = every valid
     source pair (the B x B grid, M = B^2), > 0 = a random subset of the valid pairs in exactly
     min(max_pairs, B^2) slots.
     """
-    if pair_kind not in PAIR_KINDS:
-        raise ValueError(f"unknown pair kind {pair_kind!r}; choose one of {PAIR_KINDS}")
-    if lam_per not in ("batch", "pair"):
-        raise ValueError(f"lam_per must be 'batch' or 'pair', got {lam_per!r}")
+    _check_plan_args(pair_kind, lam_per)
     device = labels.device
     _check_generator(generator, device)
     batch = labels.shape[0]
@@ -164,16 +196,7 @@ def plan_pairs(labels: torch.Tensor, *, pair_kind: str = "random", alpha: float 
     has_positive = _has_positive(labels)[:, None]
     positive_kind = has_positive & other_class
     anchor_kind = ~has_positive & other_class
-    if pair_kind == "positive":
-        valid = positive_kind
-    elif pair_kind == "anchor":
-        valid = anchor_kind
-    elif pair_kind == "both":
-        valid = other_class
-    else:
-        coin = torch.rand((), generator=generator, device=device) < 0.5
-        valid = torch.where(coin, positive_kind, anchor_kind)
-    valid = valid.reshape(-1)
+    valid = _kind_mask(pair_kind, positive_kind, anchor_kind, generator).reshape(-1)
     rows = torch.arange(batch, device=device)
     first = rows.repeat_interleave(batch)
     second = rows.repeat(batch)
@@ -184,12 +207,70 @@ def plan_pairs(labels: torch.Tensor, *, pair_kind: str = "random", alpha: float 
         pick = keys.topk(slots).indices  # valid pairs first, in random order; then padding
         first, second, valid = first[pick], second[pick], valid[pick]
         grid = False
-    count = first.shape[0]
-    if lam_per == "batch":
-        lam = sample_beta(alpha, (1,), device, generator).expand(count)
-    else:
-        lam = sample_beta(alpha, (count,), device, generator)
+    lam = _draw_lam(alpha, lam_per, first.shape[0], device, generator)
     return MixedTargets(first, second, lam, valid, labels[first], labels[second], grid)
+
+
+def hardest_negatives(emb: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each anchor's k closest negatives: indices (B, k') and whether each exists (B, k'), k' = min(k, B - 1).
+
+    emb: (B, D) L2-normalised (highest cosine = smallest Euclidean distance, the official selection).
+    """
+    batch = labels.shape[0]
+    width = max(1, min(int(k), batch - 1))
+    sim = emb.detach().float() @ emb.detach().float().T
+    negative = labels[:, None] != labels[None, :]
+    scores, index = sim.masked_fill(~negative, float("-inf")).topk(width, dim=1)
+    return index, torch.isfinite(scores)
+
+
+def plan_hardest_pairs(labels: torch.Tensor, emb: torch.Tensor, *, slots: int, hard_negatives: int = 1,
+                       pair_kind: str = "random", alpha: float = 2.0, lam_per: str = "batch",
+                       generator: torch.Generator | None = None) -> MixedTargets:
+    """Input-level mixes with hardest negatives, as the official input mode chooses them.
+
+    For every (anchor a, positive i) pair, i is mixed with each of a's `hard_negatives` closest negatives
+    (kind "positive"); an anchor without positive is mixed itself with its closest negatives (kind
+    "anchor").  Closeness is measured on the clean embeddings `emb` (B, D) of this step.  The candidates
+    fill exactly `slots` mixes (static shape, no host sync): all of them when they fit, a uniformly
+    random subset otherwise; unused slots are padding with valid = False.  A mix (i, n) then serves
+    every anchor of i's class as the paper's V(a) says (MixedTargets.for_anchors).
+    """
+    _check_plan_args(pair_kind, lam_per)
+    if slots < 1:
+        raise ValueError(f"slots must be >= 1, got {slots}")
+    device = labels.device
+    _check_generator(generator, device)
+    batch = labels.shape[0]
+    negatives, exists = hardest_negatives(emb, labels, hard_negatives)  # (B, k)
+    width = negatives.shape[1]
+    rows = torch.arange(batch, device=device)
+    same = labels[:, None] == labels[None, :]
+    positive_pair = same & (rows[:, None] != rows[None, :])  # (anchor, positive)
+    has_positive = positive_pair.any(dim=1)
+    # candidates: (anchor a, positive i, r) -> mix (i, negatives[a, r]); then (anchor a, r) -> (a, negatives[a, r])
+    pos_valid = (positive_pair[:, :, None] & exists[:, None, :]).reshape(-1)
+    pos_first = rows[None, :, None].expand(batch, batch, width).reshape(-1)
+    pos_second = negatives[:, None, :].expand(batch, batch, width).reshape(-1)
+    anc_valid = (~has_positive[:, None] & exists).reshape(-1)
+    anc_first = rows[:, None].expand(batch, width).reshape(-1)
+    anc_second = negatives.reshape(-1)
+    zeros_anc = torch.zeros_like(anc_valid)
+    zeros_pos = torch.zeros_like(pos_valid)
+    valid = _kind_mask(pair_kind, torch.cat([pos_valid, zeros_anc]), torch.cat([zeros_pos, anc_valid]), generator)
+    first = torch.cat([pos_first, anc_first])
+    second = torch.cat([pos_second, anc_second])
+    count = min(int(slots), first.shape[0])
+    keys = torch.where(valid, torch.rand(first.shape[0], generator=generator, device=device), -1.0)
+    pick = keys.topk(count).indices
+    first, second, valid = first[pick], second[pick], valid[pick]
+    if count < slots:  # more slots than candidates (tiny batches): pad with invalid mixes
+        pad = slots - count
+        first = torch.cat([first, first.new_zeros(pad)])
+        second = torch.cat([second, second.new_zeros(pad)])
+        valid = torch.cat([valid, valid.new_zeros(pad)])
+    lam = _draw_lam(alpha, lam_per, slots, device, generator)
+    return MixedTargets(first, second, lam, valid, labels[first], labels[second], False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -285,6 +366,6 @@ def mixed_pool(fmap: torch.Tensor, targets: MixedTargets, chunk_elements: int = 
 
 
 __all__ = [
-    "MixedTargets", "plan_pairs", "sample_beta", "sample_gamma", "resolve_max_pairs",
+    "MixedTargets", "plan_pairs", "plan_hardest_pairs", "hardest_negatives", "sample_beta", "sample_gamma", "resolve_max_pairs",
     "mix_images", "mix_embeddings", "mixed_pool", "PAIR_KINDS", "LEVELS",
 ]

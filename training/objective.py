@@ -5,9 +5,12 @@ The mixing level decides where the mixes come from:
   embedding  one forward; mixes of the clean embeddings;
   feature    one forward returning the layer4 maps too; mixes of those maps are pooled chunk-wise and
              projected by the embedding layer alone (the trunk is never run on mixes);
-  input      mixed images are embedded together with the clean ones in ONE forward of B + K images
-             (a fixed K, so cuDNN plans once; one call so DistributedDataParallel sees a single forward;
-             BatchNorm in train mode therefore normalises clean and mixed images with joint statistics).
+  input      by default (hardest negatives, as the official input mode) the mixes are chosen from the
+             clean embeddings, so the embedder is called once with a follow-up: clean images, then a
+             fixed number K of mixed images (two trunk passes of fixed size inside ONE call, so cuDNN
+             plans once and DistributedDataParallel sees a single forward; BatchNorm in train mode
+             normalises each pass with its own statistics, as the official code's separate forwards);
+             with random pairs, clean and mixed images go through ONE trunk pass of B + K images.
 No step synchronises with the host: every count, choice and draw stays on the device.
 """
 
@@ -20,11 +23,13 @@ import torch.nn as nn
 
 from training.losses import PairLoss, build_loss
 from training.metrix import (
-    DEFAULT_CHUNK_ELEMENTS, LEVELS, MixedTargets, mix_embeddings, mix_images, mixed_pool, plan_pairs,
-    resolve_max_pairs,
+    DEFAULT_CHUNK_ELEMENTS, LEVELS, MixedTargets, mix_embeddings, mix_images, mixed_pool, plan_hardest_pairs,
+    plan_pairs, resolve_max_pairs,
 )
 
 from retrieval.errors import UsageError
+
+INPUT_PAIRS = ("hardest", "random")
 
 if TYPE_CHECKING:  # pragma: no cover
     from retrieval.config import MixupConfig, RunConfig
@@ -49,12 +54,22 @@ def _unwrap(model: nn.Module) -> nn.Module:
 class Objective(nn.Module):
     """Holds the loss (so `parameters()` are the loss parameters, e.g. proxies) and the mixing recipe."""
 
-    def __init__(self, loss: PairLoss, mixup: "MixupConfig", chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> None:
+    def __init__(self, loss: PairLoss, mixup: "MixupConfig", chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                 positives_per_image: int = 1) -> None:
+        """positives_per_image: how many in-batch positives an image has (K - 1 on P x K batches, about 1
+        on random batches); sizes the default input-level budget of hardest-negative mixes."""
         super().__init__()
         if mixup.level not in LEVELS:
             raise UsageError(f"unknown mixup level {mixup.level!r}; choose one of {LEVELS}")
         if mixup.alpha <= 0:
             raise UsageError(f"mixup alpha must be > 0, got {mixup.alpha}")
+        if mixup.input_pairs not in INPUT_PAIRS:
+            raise UsageError(f"unknown input pairs {mixup.input_pairs!r}; choose one of {INPUT_PAIRS}")
+        if mixup.hard_negatives < 1:
+            raise UsageError(f"hard_negatives must be >= 1, got {mixup.hard_negatives}")
+        self.input_pairs = mixup.input_pairs
+        self.hard_negatives = int(mixup.hard_negatives)
+        self.positives_per_image = max(1, int(positives_per_image))
         self.loss = loss
         self.level = mixup.level
         self.weight = float(mixup.weight)
@@ -96,6 +111,33 @@ class Objective(nn.Module):
             max_pairs=resolve_max_pairs(self.level, self.max_pairs, labels.shape[0]), generator=generator,
         )
 
+    def input_slots(self, batch: int) -> int:
+        """Mixed images per step at the input level with hardest negatives: `max_pairs` if set, else one per
+        (anchor, positive, hard negative), which on P x K batches is every candidate of the official code."""
+        return self.max_pairs if self.max_pairs > 0 else batch * self.positives_per_image * self.hard_negatives
+
+    def plan_hardest(self, labels: torch.Tensor, emb: torch.Tensor,
+                     generator: torch.Generator | None = None) -> MixedTargets:
+        """Input-level mixes of a batch from its clean embeddings emb (B, D)."""
+        return plan_hardest_pairs(
+            labels, emb, slots=self.input_slots(labels.shape[0]), hard_negatives=self.hard_negatives,
+            pair_kind=self.pair_kind, alpha=self.alpha, lam_per=self.lam_per, generator=generator,
+        )
+
+    def _embed_with_hardest_mixes(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, MixedTargets]:
+        planned: list[MixedTargets] = []
+
+        def mixed_images(clean_emb: torch.Tensor) -> torch.Tensor:
+            planned.append(self.plan_hardest(labels, clean_emb, generator))
+            mixed = mix_images(images, planned[0])
+            if images.dim() == 4 and not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last):
+                mixed = mixed.contiguous(memory_format=torch.channels_last)
+            return mixed
+
+        emb, mixed_emb = model(images, follow_up=mixed_images)
+        return emb, mixed_emb, planned[0]
+
     def forward(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                 generator: torch.Generator | None = None) -> ObjectiveOutput:
         """model: an Embedder (possibly wrapped by DDP or torch.compile); images (B, 3, H, W); labels (B,)
@@ -105,6 +147,12 @@ class Objective(nn.Module):
             emb = model(images)
             clean = self._clean_term(emb, labels)
             return ObjectiveOutput(clean, clean.detach(), torch.zeros((), device=clean.device, dtype=clean.dtype))
+        if self.level == "input" and self.input_pairs == "hardest":
+            emb, mixed_emb, targets = self._embed_with_hardest_mixes(model, images, labels, generator)
+            mixed = self._mixed_term(emb, labels, mixed_emb, targets)
+            clean = self._clean_term(emb, labels)
+            loss = clean + self.weight * mixed
+            return ObjectiveOutput(loss, clean.detach(), mixed.detach())
         targets = self.plan(labels, generator)
         if self.level == "embedding":
             emb = model(images)
@@ -128,7 +176,8 @@ class Objective(nn.Module):
 def build_objective(cfg: "RunConfig", num_classes: int, embedding_size: int) -> Objective:
     """The objective of a run: its loss (cfg.loss) and mixing recipe (cfg.mixup); loss terms compiled
     when cfg.train.compile_loss asks for it."""
-    objective = Objective(build_loss(cfg.loss, num_classes, embedding_size), cfg.mixup)
+    per_image = cfg.data.images_per_class - 1 if cfg.data.sampler == "balanced" else 1
+    objective = Objective(build_loss(cfg.loss, num_classes, embedding_size), cfg.mixup, positives_per_image=per_image)
     return objective.compile_losses() if cfg.train.compile_loss else objective
 
 

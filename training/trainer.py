@@ -157,12 +157,19 @@ def build_optimizer(cfg: RunConfig, model: Embedder, objective: nn.Module) -> to
     return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def set_trunk_trainable(model: Embedder, trainable: bool, freeze_bn: bool) -> None:
-    """Warm-up trains only the embedding layer (and the loss parameters); frozen BN stays frozen."""
+def set_trunk_trainable(model: Embedder, trainable: bool, freeze_bn: bool, bn_affine: bool = False) -> None:
+    """Warm-up trains only the embedding layer (and the loss parameters); frozen BN keeps its statistics
+    frozen, and its affine parameters unless `bn_affine`."""
     for p in model.trunk_parameters():
         p.requires_grad_(trainable)
     if freeze_bn:
-        freeze_batchnorm(model)
+        freeze_batchnorm(model, train_affine=bn_affine)
+
+
+def bn_affine_trains(t: Any, epoch: int) -> bool:
+    """Whether frozen BatchNorm's scale and shift train in `epoch` (0-based): after a warm-up, as the
+    official code (its warm-up ends by re-enabling every trunk parameter; without warm-up it never does)."""
+    return bool(t.bn_affine_after_warmup) and t.warmup_epochs > 0 and epoch >= t.warmup_epochs
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
@@ -400,14 +407,14 @@ def _train(
         warm = epoch < t.warmup_epochs
         if phase != ("warmup" if warm else "full"):
             phase = "warmup" if warm else "full"
-            set_trunk_trainable(model, trainable=not warm, freeze_bn=t.freeze_bn)
+            set_trunk_trainable(model, trainable=not warm, freeze_bn=t.freeze_bn, bn_affine=bn_affine_trains(t, epoch))
             step_model = wrap_for_step(model, objective, info, gather=gather, compile_model=t.compile)
             # a new runner per phase: the trainable parameters (and so the captured graph) change
             step_fn = build_step(StepParts(step_model, objective, optimizer, scaler, generator, amp_dtype, t.grad_clip),
                                  use_graphs)
         model.train()
         if t.freeze_bn:
-            freeze_batchnorm(model)
+            freeze_batchnorm(model, train_affine=bn_affine_trains(t, epoch))
         batches.set_epoch(epoch)
         lr = learning_rate(optimizer)
         assert step_fn is not None

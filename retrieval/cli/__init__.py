@@ -26,7 +26,8 @@ app = typer.Typer(
 )
 
 # Order here is the order shown by `retrieval --help`.
-_COMMAND_MODULES = ("demo", "datasets", "prepare", "train", "embed", "index", "search", "evaluate", "export", "serve")
+_COMMAND_MODULES = ("demo", "datasets", "prepare", "train", "embed", "index", "search", "evaluate", "plot", "compare",
+                    "export", "serve")
 
 for _name in _COMMAND_MODULES:
     importlib.import_module(f"retrieval.cli.{_name}").register(app)

@@ -23,6 +23,16 @@ def register(app: typer.Typer) -> None:
                                              help="IVF lists scanned per query (default: the calibrated setting)."),
         ef_search: Optional[int] = typer.Option(None, "--ef-search", min=1,
                                                 help="HNSW search beam width (default: the calibrated setting)."),
+        analysis: bool = typer.Option(False, "--analysis",
+                                      help="Also the paper's analyses: alignment and uniformity of the test embeddings; "
+                                           "with --checkpoint, the utilization by the training set, clean and mixed."),
+        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint",
+                                                  help="--analysis: the checkpoint that built the index, to embed the "
+                                                       "training images (clean and mixed) for utilization."),
+        data_root: Optional[Path] = typer.Option(None, "--data-root",
+                                                 help="--analysis: the dataset folder, if it moved since the build."),
+        mix_level: Optional[str] = typer.Option(None, "--mix-level",
+                                                help="--analysis: input | feature | embedding (default: the checkpoint's)."),
     ) -> None:
         """Evaluate an index: In-Shop/demo stored queries against the gallery; CUB/Cars/SOP/folder the gallery
         against itself, each item's own entry excluded. Approximate indexes also report exact search
@@ -51,19 +61,34 @@ def register(app: typer.Typer) -> None:
         method = check_method(rerank)
         result = searcher.evaluate(k_list, exact=exact and method == "none")
         reranked = searcher.evaluate(k_list, rerank=method) if method != "none" else None
+        report = None
+        if analysis:
+            from training.analysis import analyse_index
+
+            report = analyse_index(searcher, str(checkpoint) if checkpoint else None,
+                                   str(data_root) if data_root else None, mix_level=mix_level,
+                                   device=device, progress=not as_json)
         meta = searcher.meta
         if reranked is not None:
             if as_json:
                 typer.echo(json.dumps({"index": str(index), "rerank": method, "metrics": result,
-                                       "reranked": reranked}, indent=2))
+                                       "reranked": reranked, **({"analysis": report} if report is not None else {})},
+                                      indent=2))
                 return
             _print_rerank_table(console, index, meta, method, result, reranked)
+            if report is not None:
+                from retrieval.cli.analysis_table import analysis_table
+
+                console.print(analysis_table(report))
             return
         if as_json:
-            typer.echo(json.dumps({"index": str(index), "index_type": meta.get("index_type"),
-                                   "search_device": searcher.devices['index'], "metrics": result,
-                                   "search_params": searcher.index.params.to_dict(),
-                                   "calibration": meta.get("calibration")}, indent=2))
+            payload = {"index": str(index), "index_type": meta.get("index_type"),
+                       "search_device": searcher.devices['index'], "metrics": result,
+                       "search_params": searcher.index.params.to_dict(),
+                       "calibration": meta.get("calibration")}
+            if report is not None:
+                payload["analysis"] = report
+            typer.echo(json.dumps(payload, indent=2))
             return
         names = [key for key in result if not key.startswith(("exact ", "diff "))]
         approximate = any(key.startswith("exact ") for key in result)
@@ -82,6 +107,10 @@ def register(app: typer.Typer) -> None:
         console.print(table)
         console.print(f"search on {escape(searcher.devices['index'])}")
         console.print(f"search setting: {escape(search_setting_text(meta, searcher.index.params))}")
+        if report is not None:
+            from retrieval.cli.analysis_table import analysis_table
+
+            console.print(analysis_table(report))
 
 
 def _print_rerank_table(console, index, meta, method, before, after) -> None:  # type: ignore[no-untyped-def]

@@ -15,7 +15,11 @@ def register(app: typer.Typer) -> None:
         dataset: str = typer.Option(..., "--dataset", help="cub, cars, sop, inshop, folder or demo."),
         data_root: Path = typer.Option(..., "--data-root", help="The dataset folder (official layout)."),
         out: Optional[Path] = typer.Option(None, "--out", help="Cache folder (default: DATA_ROOT/.metrix-cache)."),
-        short_side: int = typer.Option(256, "--short-side", min=32, help="Stored images' short side in pixels."),
+        short_side: int = typer.Option(256, "--short-side", min=32,
+                                       help="Evaluation images' short side in pixels (the test transform's resize)."),
+        max_side: int = typer.Option(512, "--max-side", min=0,
+                                     help="Training images are stored at their own resolution, short side capped at "
+                                          "this many pixels (0 = no cap), so random crops are as sharp as from the files."),
         splits: Optional[str] = typer.Option(
             None, "--splits", help="Comma-separated splits to cache (default: all of the dataset's splits)."
         ),
@@ -24,7 +28,8 @@ def register(app: typer.Typer) -> None:
         ),
         overwrite: bool = typer.Option(False, "--overwrite", help="Rewrite splits whose cache is already up to date."),
     ) -> None:
-        """Decode every image once, resized to a fixed short side, into memory-mappable files.
+        """Decode every image once into memory-mappable files: training images at their own resolution (short
+        side capped by --max-side), evaluation images at the test transform's short side.
 
         Interrupted runs resume where they stopped; unreadable images are listed and skipped.
         Train with `retrieval train ... --cache OUT` afterwards.
@@ -46,7 +51,9 @@ def register(app: typer.Typer) -> None:
         if unknown:
             raise UsageError(f"--splits: {dataset} has no split(s) {unknown}; choose from {list(available)}")
         cache_dir = out if out is not None else default_cache_dir(ds.root)
-        console.print(f"Caching {dataset} ({', '.join(wanted)}) at short side {short_side} px into [bold]{cache_dir}[/bold]")
+        cap = f"up to {max_side} px" if max_side else "uncapped"
+        console.print(f"Caching {dataset} ({', '.join(wanted)}) into [bold]{cache_dir}[/bold]: training images at full "
+                      f"resolution (short side {cap}), others at short side {short_side} px")
 
         table = Table(title="image cache")
         for col in ("split", "images", "skipped", "size", "status"):
@@ -56,6 +63,7 @@ def register(app: typer.Typer) -> None:
             report = prepare_split(
                 available[name], cache_dir, dataset=ds.name, root=ds.root, short_side=short_side,
                 workers=workers, overwrite=overwrite, log=lambda msg: console.print(f"  [yellow]{escape(msg)}[/yellow]"),
+                max_short_side=max_side if name == ds.train.name else None,
             )  # fmt: skip
             status = "up to date" if report.up_to_date else f"written in {report.seconds:.1f} s"
             if report.resumed_from:

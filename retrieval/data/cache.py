@@ -1,4 +1,12 @@
-"""Decoded-image cache: each split decoded once, resized to a fixed short side, stored as raw uint8.
+"""Decoded-image cache: each split decoded once and stored as raw uint8.
+
+Sizes: evaluation splits are stored at the test transform's short side (Resize(256) before the
+centre crop), so evaluating from the cache is bit-exact with the files.  The training split is
+stored at its ORIGINAL resolution, downscaled only where its short side exceeds a cap (512 by
+default): RandomResizedCrop then samples the same boxes (as fractions of the image) from the same
+pixels as the file pipeline, so small crops are as sharp as crops of the files.  A training cache
+written at a fixed short side (the old layout) is still read, but its small crops are blurrier; the
+trainer says so.
 
 Why: decoding JPEGs with Pillow is what limits a GPU training step; reading already-decoded bytes
 from a memory-mapped file costs a memcpy. `retrieval prepare` writes the cache; `CacheTrainLoader`
@@ -47,6 +55,7 @@ from retrieval.preprocess import resize_short_side
 
 CACHE_FORMAT_VERSION = 1
 DEFAULT_SHORT_SIDE = 256
+DEFAULT_MAX_SHORT_SIDE = 512  # training images: originals, short side capped here
 CACHE_DIR_NAME = ".metrix-cache"
 IMAGES_FILE = "images.u8"
 INDEX_FILE = "index.npy"
@@ -115,9 +124,9 @@ def _source_stats(paths: Sequence[Path]) -> tuple[list[int], list[int]]:
 
 
 def _job_fingerprint(dataset: str, split: Split, short_side: int, rel_paths: list[str], sizes: list[int],
-                     mtimes: list[int]) -> str:
+                     mtimes: list[int], capped: bool = False) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([CACHE_FORMAT_VERSION, dataset, split.name, short_side]).encode())
+    h.update(json.dumps([CACHE_FORMAT_VERSION, dataset, split.name, short_side] + (["cap"] if capped else [])).encode())
     for rel, label, size, mtime in zip(rel_paths, split.labels, sizes, mtimes):
         h.update(f"{rel}\0{label}\0{size}\0{mtime}\n".encode())
     return h.hexdigest()
@@ -159,11 +168,20 @@ def load_resized(path: str, short_side: int) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
 
-def _decode_one(args: tuple[str, int]) -> tuple[np.ndarray | None, str | None]:
+def load_capped(path: str, max_short_side: int) -> np.ndarray:
+    """Decode one image at its own resolution, downscaled (Pillow bilinear) only where its short side
+    exceeds `max_short_side` (0 = never): (3, h, w) uint8, CHW."""
+    img = open_image(path)
+    if max_short_side > 0 and min(img.size) > max_short_side:
+        img = resize_short_side(img, max_short_side)
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def _decode_one(args: tuple[str, int, bool]) -> tuple[np.ndarray | None, str | None]:
     """Worker: (image, None) or (None, reason). Never raises for a bad image, so one file cannot stop the job."""
-    path, short_side = args
+    path, size, capped = args
     try:
-        return load_resized(path, short_side), None
+        return (load_capped(path, size) if capped else load_resized(path, size)), None
     except (ImageLoadError, OSError, ValueError) as exc:
         return None, str(exc)
 
@@ -231,12 +249,17 @@ def prepare_split(
     show_progress: bool = True,
     overwrite: bool = False,
     log: Callable[[str], None] | None = None,
+    max_short_side: int | None = None,
 ) -> PrepareReport:
     """Write (or finish writing) the cache of one split; returns what was done.
 
+    Images are resized to `short_side` (evaluation splits), or, with `max_short_side` given, kept at their
+    own resolution with the short side capped there (training splits; 0 = no cap).
     `root` makes stored source paths relative (so a moved dataset folder stays valid). `workers` > 0
     decodes in that many processes. An up-to-date published cache is left alone unless `overwrite`.
     """
+    capped = max_short_side is not None
+    size = int(max_short_side) if capped else int(short_side)
     started = time.perf_counter()
     cache_dir = Path(cache_dir)
     root_path = Path(root).expanduser() if root is not None else None
@@ -246,11 +269,13 @@ def prepare_split(
 
     if not overwrite and has_cache(cache_dir, split.name):
         meta = read_json(final / META_FILE, "cache metadata")
-        if meta.get("short_side") == short_side and meta.get("dataset") == dataset and cache_mismatch(meta, split) is None:
+        same_size = (meta.get("max_short_side") == size) if capped else (
+            meta.get("short_side") == size and meta.get("max_short_side") is None)
+        if same_size and meta.get("dataset") == dataset and cache_mismatch(meta, split) is None:
             return PrepareReport(split.name, final, int(meta["count"]), list(meta["skipped"]),
                                  int(meta["total_bytes"]), time.perf_counter() - started, up_to_date=True)
 
-    fingerprint = _job_fingerprint(dataset, split, short_side, rel_paths, sizes, mtimes)
+    fingerprint = _job_fingerprint(dataset, split, size, rel_paths, sizes, mtimes, capped)
     partial = cache_dir / f".{split.name}.partial"
     cache_dir.mkdir(parents=True, exist_ok=True)
     state = _Progress.load_or_start(partial, fingerprint)
@@ -276,7 +301,7 @@ def prepare_split(
         with open(images_path, "ab") as img_fh, open(records_path, "ab") as rec_fh:
             while state.done < len(split):
                 lo, hi = state.done, min(state.done + chunk_size, len(split))
-                jobs = [(str(split.paths[i]), short_side) for i in range(lo, hi)]
+                jobs = [(str(split.paths[i]), size, capped) for i in range(lo, hi)]
                 results: Iterable[tuple[np.ndarray | None, str | None]]
                 if executor is not None:
                     results = executor.map(_decode_one, jobs, chunksize=max(1, len(jobs) // (4 * workers)))
@@ -318,7 +343,8 @@ def prepare_split(
         "format_version": CACHE_FORMAT_VERSION,
         "dataset": dataset,
         "split": split.name,
-        "short_side": short_side,
+        "short_side": None if capped else size,  # every image's short side, when fixed
+        "max_short_side": size if capped else None,  # originals, short side capped (0 = no cap)
         "layout": "CHW uint8, back to back; index.npy rows = " + ", ".join(_RECORD_FIELDS),
         "count": int(records.shape[0]),
         "num_sources": len(split),
@@ -382,8 +408,15 @@ class CachedSplit:
         return len(self.records)
 
     @property
-    def short_side(self) -> int:
-        return int(self.meta["short_side"])
+    def short_side(self) -> int | None:
+        """Every stored image's short side, or None for a split stored at original resolution."""
+        value = self.meta.get("short_side")
+        return None if value is None else int(value)
+
+    @property
+    def full_resolution(self) -> bool:
+        """Whether images are stored at their own resolution (short side capped), as training crops need."""
+        return self.meta.get("max_short_side") is not None
 
     def image_chw(self, record: int) -> np.ndarray:
         """(3, h, w) uint8 view into the memory map (no copy)."""
@@ -660,7 +693,10 @@ class CacheEvalLoader(_StreamOwner):
         self.device = _resolve(device)
         self.prefetch = int(prefetch)
         self.channels_last = channels_last
-        self.crop = EvalCrop(image_size, resize_size or self.cached.short_side)
+        resize_size = resize_size or self.cached.short_side
+        if resize_size is None:
+            raise CacheError(f"split {split_name!r} in {cache_dir} is stored at original resolution; pass resize_size")
+        self.crop = EvalCrop(image_size, resize_size)
         self._init_streams(self.device, self.prefetch, fill_threads)
 
     def __len__(self) -> int:
