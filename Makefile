@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: install demo test browser
 
@@ -10,8 +11,13 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install --quiet -e ".[test,ray]"
+	$(PY) -m pip install --quiet -e .
 	touch $(STAMP)
+
+# The tests also need the test tools and the optional Ray engine (its tests run in the suite); the demo does not.
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[test,ray]"
+	touch $(TEST_STAMP)
 
 install: $(STAMP)
 
@@ -21,5 +27,5 @@ demo: install
 browser:
 	bash scripts/install_browser.sh
 
-test: install browser
+test: $(TEST_STAMP) browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
