@@ -138,21 +138,25 @@ def test_graphed_step_refuses_an_optimiser_not_prepared_for_capture(monkeypatch)
 
 def test_eager_step_equals_the_written_out_recipe_step() -> None:
     """forward -> clean + w * mixed -> backward -> clip by value -> Adam, with the mixing generator's draws."""
-    parts = _metrix_parts(torch.device("cpu"), level="feature")
-    ref = _metrix_parts(torch.device("cpu"), level="feature")
-    images, labels = _batch(torch.device("cpu"))
-    runner = EagerStep(parts)
-    for _ in range(2):
-        stats = runner(images, labels)
-        ref.optimizer.zero_grad(set_to_none=True)
-        out = ref.objective(ref.model, images, labels, generator=ref.generator)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_value_(ref.params(), ref.grad_clip)
-        ref.optimizer.step()
-        torch.testing.assert_close(stats, torch.stack([out.loss, out.clean, out.mixed]).detach().float())
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # else CPU convolution backward sums in a thread-dependent order
+    try:
+        parts = _metrix_parts(torch.device("cpu"), level="feature")
+        ref = _metrix_parts(torch.device("cpu"), level="feature")
+        images, labels = _batch(torch.device("cpu"))
+        runner = EagerStep(parts)
+        for _ in range(2):
+            stats = runner(images, labels)
+            ref.optimizer.zero_grad(set_to_none=True)
+            out = ref.objective(ref.model, images, labels, generator=ref.generator)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_value_(ref.params(), ref.grad_clip)
+            ref.optimizer.step()
+            assert torch.equal(stats, torch.stack([out.loss, out.clean, out.mixed]).detach().float())
+    finally:
+        torch.use_deterministic_algorithms(previous)
     for a, b in zip(parts.model.parameters(), ref.model.parameters()):
-        # CPU convolution backward sums in a thread-dependent order; Adam magnifies the last bits of tiny gradients
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+        assert torch.equal(a, b)
 
 
 # ------------------------------------------------------------------------------------------------
