@@ -71,6 +71,14 @@ class PartItems:
     def attribute_rows(self) -> list[dict[str, str]]:
         return list(self.attributes) if self.attributes else [{} for _ in self.rows]
 
+    @classmethod
+    def concat(cls, parts: "list[PartItems]") -> "PartItems":
+        """The items of several parts, one after another (attributes None when no part recorded any)."""
+        attributes = [row for items in parts for row in items.attribute_rows()]
+        return cls([r for items in parts for r in items.rows], [p for items in parts for p in items.paths],
+                   [v for items in parts for v in items.labels], [v for items in parts for v in items.item_ids],
+                   [b for items in parts for b in items.bad], attributes if any(attributes) else None)
+
 
 def part_name(role: str, number: int) -> str:
     return f"{role}-{number:05d}"
@@ -249,17 +257,12 @@ class EmbeddingsFolder:
 
     def load_role(self, role: str, verify: bool = True) -> tuple[np.ndarray, PartItems]:
         """All embeddings (N, D) float32 and items of `role`, in split order."""
-        embs, rows, paths, labels, ids, bad, attributes = [], [], [], [], [], [], []
+        embs, parts = [], []
         for _, emb, items in self.iter_parts(role, verify=verify):
             embs.append(emb)
-            rows += items.rows
-            paths += items.paths
-            labels += items.labels
-            ids += items.item_ids
-            bad += items.bad
-            attributes += items.attribute_rows()
+            parts.append(items)
         emb = np.concatenate(embs) if embs else np.zeros((0, self.embedding_size), np.float32)
-        return emb, PartItems(rows, paths, labels, ids, bad, attributes if any(attributes) else None)
+        return emb, PartItems.concat(parts)
 
 
 def as_unit_float32(emb: np.ndarray) -> np.ndarray:

@@ -89,18 +89,11 @@ class BuildReport:
 
 def _items_of(folder: EmbeddingsFolder, role: str) -> PartItems:
     """The item columns of every part of `role` (JSON only; no embeddings read)."""
-    rows, paths, labels, ids, bad, attributes = [], [], [], [], [], []
+    parts = []
     for name in folder.part_names(role):
         folder.marker(name)
-        raw = read_json(part_paths(folder.folder, name)[1], "part items")
-        items = PartItems.from_dict(raw)
-        rows += items.rows
-        paths += items.paths
-        labels += items.labels
-        ids += items.item_ids
-        bad += items.bad
-        attributes += items.attribute_rows()
-    return PartItems(rows, paths, labels, ids, bad, attributes if any(attributes) else None)
+        parts.append(PartItems.from_dict(read_json(part_paths(folder.folder, name)[1], "part items")))
+    return PartItems.concat(parts)
 
 
 def _item_table(items: PartItems, data_root: str | None) -> ItemTable:
