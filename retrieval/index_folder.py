@@ -20,7 +20,6 @@ naming the bad file. Nothing here uses pickle.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -37,6 +36,7 @@ from retrieval.atomic import (
     atomic_write_json,
     atomic_write_with,
     clean_stale_leftovers,
+    file_digest,
     fsync_dir,
     locked_dir,
     read_json,
@@ -143,14 +143,6 @@ class StoredQueries:
 
     emb: np.ndarray
     items: ItemTable
-
-
-def file_digest(path: Path) -> dict[str, Any]:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
 
 
 def _write_npy(target: Path, arr: np.ndarray) -> None:

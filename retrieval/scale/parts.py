@@ -19,7 +19,6 @@ identical to those of an uninterrupted one. Every file is written atomically (re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -29,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.atomic import atomic_write_json, atomic_write_with, read_json
+from retrieval.atomic import atomic_write_json, atomic_write_with, file_digest, read_json
 from retrieval.errors import InputError, UsageError
 
 PARTS_FORMAT = "metrix-retrieval/embeddings/1"
@@ -90,14 +89,6 @@ def part_paths(folder: str | os.PathLike[str], name: str) -> tuple[Path, Path, P
     return base.with_suffix(".npy"), base.with_suffix(".json"), base.with_suffix(".done")
 
 
-def _digest(path: Path) -> dict[str, Any]:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
-
-
 def write_part(folder: str | os.PathLike[str], name: str, emb: np.ndarray, items: PartItems, *,
                fingerprint: str, dtype: str) -> None:
     """Write one part: embeddings, items, then the completion marker (each atomically, marker last).
@@ -119,7 +110,7 @@ def write_part(folder: str | os.PathLike[str], name: str, emb: np.ndarray, items
     atomic_write_with(npy, write_npy)
     atomic_write_json(js, items.to_dict(name))
     marker = {"part": name, "fingerprint": fingerprint, "dtype": dtype, "n": len(items.rows), "n_bad": len(items.bad),
-              "files": {npy.name: _digest(npy), js.name: _digest(js)}}
+              "files": {npy.name: file_digest(npy), js.name: file_digest(js)}}
     atomic_write_json(done, marker)
 
 
@@ -232,7 +223,7 @@ class EmbeddingsFolder:
                 raise PartsError(f"{path} is missing (part {name}); delete {path.with_suffix('.done')} and rerun "
                                  "`retrieval embed` to embed the part again")
             size = path.stat().st_size
-            if size != expected["bytes"] or (verify and _digest(path)["sha256"] != expected["sha256"]):
+            if size != expected["bytes"] or (verify and file_digest(path)["sha256"] != expected["sha256"]):
                 raise PartsError(
                     f"{path} is corrupt (its size or SHA-256 differs from {path.with_suffix('.done').name}); delete "
                     f"{path.with_suffix('.done')} and rerun `retrieval embed` to embed part {name} again"
