@@ -33,9 +33,9 @@ from fastapi import FastAPI, Request
 from PIL import Image, UnidentifiedImageError
 
 from app.batching import BatchingWorker, QueueFull
-from retrieval.filters import FilterError, format_where, parse_where
+from retrieval.search.filters import FilterError, format_where, parse_where
 from retrieval.images import DEFAULT_MAX_PIXELS, ImageLoadError, open_image
-from retrieval.rerank import RERANK_METHODS, RerankError
+from retrieval.search.rerank import RERANK_METHODS, RerankError
 
 log = logging.getLogger(__name__)
 

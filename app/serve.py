@@ -262,11 +262,11 @@ def open_searcher(
     Only the torch backend imports torch; `--backend onnx --model m.onnx` never does. `data_root`: where
     the dataset is now, when it moved since the build (the gallery thumbnails are read from it).
     """
-    from retrieval.search import Searcher
+    from retrieval.search.searcher import Searcher
 
     embedder: Any = None
     if backend is not None or model is not None or checkpoint is not None:
-        from retrieval.embed import load_backend
+        from retrieval.embed.backend import load_backend
 
         embedder = load_backend(backend or "auto", checkpoint, model, device)
     return Searcher.open(index_dir, backend=embedder, device=device, data_root=data_root)

@@ -1,4 +1,4 @@
-"""The Gradio Blocks of the search UI, built from an open `retrieval.search.Searcher`.
+"""The Gradio Blocks of the search UI, built from an open `retrieval.search.searcher.Searcher`.
 
 Two tabs:
     Search      a photo (upload, drag-and-drop, paste, webcam or one of the stored example queries)
@@ -16,7 +16,7 @@ which embeds queries that wait together, UI and API alike, in one forward pass.
 
 "More like this": clicking a result puts that gallery image in the query box and searches by it (its
 label is known, so correct matches are marked); a dropdown filters by the items' category (or the
-index's first attribute) and a choice of re-ranking applies retrieval.rerank.
+index's first attribute) and a choice of re-ranking applies retrieval.search.rerank.
 """
 
 from __future__ import annotations
@@ -590,7 +590,7 @@ def _first(mapping: Mapping[str, Any], *keys: str) -> str:
 
 def _search_setting(meta: Mapping[str, Any]) -> str:
     """The calibrated search setting and its measured recall/speed (or why auto built flat)."""
-    from retrieval.calibrate import search_setting_text
+    from retrieval.index.calibrate import search_setting_text
 
     try:
         return search_setting_text(dict(meta))

@@ -201,7 +201,7 @@ def run_users(kind: str, url: str, paths: list[str], users: int, queries: int, k
 
 
 def build_demo_index(args: argparse.Namespace, folder: Path) -> Path:
-    from retrieval.build_index import build_index, untrained_backend
+    from retrieval.index.build import build_index, untrained_backend
     from retrieval.data.demo import generate_demo
     from retrieval.data.inshop import load_inshop
 
@@ -288,9 +288,9 @@ def filtered_search_speed(n: int, d: int, batch: int, rounds: int, seed: int = 0
     import numpy as np
 
     from retrieval.config import IndexConfig
-    from retrieval.index import build_faiss_index, resolve_params
-    from retrieval.index_folder import GalleryIndex, ItemTable
-    from retrieval.search import Searcher
+    from retrieval.index.faiss_index import build_faiss_index, resolve_params
+    from retrieval.index.folder import GalleryIndex, ItemTable
+    from retrieval.search.searcher import Searcher
 
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, d)).astype(np.float32)
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from app.serve import free_port, launch
     from retrieval.images import open_image
-    from retrieval.search import Searcher
+    from retrieval.search.searcher import Searcher
 
     serving = dict(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms)
     with tempfile.TemporaryDirectory(prefix="app-load-") as tmp:

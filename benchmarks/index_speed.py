@@ -9,7 +9,7 @@ distribution, never gallery members):
     isotropic        uniform on the sphere: nothing for an index to exploit
 
 `--report calibrated` (default): for each size and distribution, each candidate index is built and
-calibrated by the product's own code (retrieval.calibrate.build_calibrated, target Recall@10 0.95 on
+calibrated by the product's own code (retrieval.index.calibrate.build_calibrated, target Recall@10 0.95 on
 gallery vectors); the table shows, on the held-out queries, Recall@10 against exact search and q/s at
 batch 256 as a multiple of flat, for the fixed setting used before calibration (nprobe 16, efSearch 128)
 and for the calibrated one, and what `--index-type auto` would keep. Flat is re-timed after each
@@ -41,7 +41,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval.config import IndexConfig  # noqa: E402
-from retrieval.index import build_faiss_index, configure_search, default_nlist, resolve_params, search  # noqa: E402
+from retrieval.index.faiss_index import build_faiss_index, configure_search, default_nlist, resolve_params, search  # noqa: E402
 
 ROWS_PER_CHUNK = 65_536
 
@@ -380,7 +380,7 @@ def _setting_text(setting: dict) -> str:
 
 
 def run_calibrated(n: int, dist: str, args) -> list[CalRow]:
-    from retrieval.calibrate import AUTO_MIN_SPEEDUP, build_calibrated
+    from retrieval.index.calibrate import AUTO_MIN_SPEEDUP, build_calibrated
     from retrieval.config import CalibrationConfig
 
     d = args.dim

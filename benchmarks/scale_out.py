@@ -72,10 +72,10 @@ def write_jpegs(folder: Path, n: int, size: int, seed: int = 0) -> None:
 
 def child_embed(a: argparse.Namespace) -> dict:
     """One engine over the image folder; Ray (if used) is started before the clock and reported apart."""
-    from retrieval.build_index import untrained_backend
-    from retrieval.scale.embed_job import EmbedOptions, embed_to_parts, source_from_images
-    from retrieval.scale.parts import EmbeddingsFolder
-    from retrieval.scale.ray_engine import RayOptions, connect
+    from retrieval.index.build import untrained_backend
+    from retrieval.embed.job import EmbedOptions, embed_to_parts, source_from_images
+    from retrieval.embed.parts import EmbeddingsFolder
+    from retrieval.embed.ray_engine import RayOptions, connect
 
     ray_init = 0.0
     if a.engine == "ray":
@@ -108,7 +108,7 @@ def measure_decode_per_core(folder: Path, n: int = 60) -> float:
     from PIL import Image
 
     from retrieval.images import open_image
-    from retrieval.preprocess import Preprocessing, preprocess_eval
+    from retrieval.embed.preprocess import Preprocessing, preprocess_eval
 
     rng = np.random.default_rng(1)
     path = folder / "photo.jpg"
@@ -124,7 +124,7 @@ def measure_model_cpu(arch: str = "resnet50", batch: int = 8, reps: int = 2) -> 
     """Forward passes of the production embedder (ResNet-50, 224 px, 512-d) on this CPU, all cores: images/s."""
     import torch
 
-    from retrieval.build_index import untrained_backend
+    from retrieval.index.build import untrained_backend
 
     backend, _ = untrained_backend(arch, 512, 224, seed=0, device="cpu")
     x = torch.randn(batch, 3, 224, 224)
@@ -141,7 +141,7 @@ def measure_model_gpu(batch: int = 256, reps: int = 20) -> float | None:
 
     if not torch.cuda.is_available():
         return None
-    from retrieval.build_index import untrained_backend
+    from retrieval.index.build import untrained_backend
 
     backend, _ = untrained_backend("resnet50", 512, 224, seed=0, device="cuda")
     backend.model.to(memory_format=torch.channels_last)
@@ -161,7 +161,7 @@ def measure_model_gpu(batch: int = 256, reps: int = 20) -> float | None:
 
 def child_make_parts(a: argparse.Namespace) -> dict:
     from benchmarks.index_speed import clustered_vectors
-    from retrieval.scale.embed_job import write_arrays
+    from retrieval.embed.job import write_arrays
 
     data = clustered_vectors(a.vectors, a.queries, a.dim, seed=0)
     labels = data.gallery_labels.tolist()
@@ -173,8 +173,8 @@ def child_make_parts(a: argparse.Namespace) -> dict:
 
 def child_build(a: argparse.Namespace) -> dict:
     from retrieval.config import CalibrationConfig, IndexConfig
-    from retrieval.scale.ray_engine import RayOptions, connect
-    from retrieval.scale.sharded_build import ShardOptions, build_from_parts
+    from retrieval.embed.ray_engine import RayOptions, connect
+    from retrieval.index.sharded_build import ShardOptions, build_from_parts
 
     ray_init = 0.0
     if a.engine == "ray":
@@ -209,8 +209,8 @@ def qps(search, queries: np.ndarray, k: int, batch: int, limit: int) -> float:
 def child_search(a: argparse.Namespace) -> dict:
     import faiss
 
-    from retrieval.index_folder import GalleryIndex
-    from retrieval.scale.parts import EmbeddingsFolder
+    from retrieval.index.folder import GalleryIndex
+    from retrieval.embed.parts import EmbeddingsFolder
 
     queries = np.load(Path(a.parts) / "bench_queries.npy")
     sharded = GalleryIndex.load(a.index, use_gpu=False)
@@ -240,8 +240,8 @@ def child_pq(a: argparse.Namespace) -> dict:
     import faiss
 
     from retrieval.config import IndexConfig
-    from retrieval.index import build_faiss_index, resolve_params, write_index
-    from retrieval.scale.parts import EmbeddingsFolder
+    from retrieval.index.faiss_index import build_faiss_index, resolve_params, write_index
+    from retrieval.embed.parts import EmbeddingsFolder
 
     faiss.omp_set_num_threads(1)
     folder = EmbeddingsFolder.open(a.parts)

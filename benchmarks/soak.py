@@ -78,7 +78,7 @@ def hostile_files(folder: Path, max_upload_bytes: int) -> dict[str, Path]:
 
 
 def build_index(folder: Path, arch: str, image_size: int, embedding_size: int) -> Path:
-    from retrieval.build_index import build_index as build, untrained_backend
+    from retrieval.index.build import build_index as build, untrained_backend
     from retrieval.data.demo import generate_demo
     from retrieval.data.inshop import load_inshop
 
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from app.serve import free_port
     from app.ui import MAX_UPLOAD_BYTES
-    from retrieval.index_folder import GalleryIndex
+    from retrieval.index.folder import GalleryIndex
 
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         folder = Path(tmp)

@@ -141,7 +141,7 @@ class IndexConfig:
 
 @dataclass
 class CalibrationConfig:
-    """How an approximate index chooses its search setting at build time (retrieval.calibrate).
+    """How an approximate index chooses its search setting at build time (retrieval.index.calibrate).
 
     A seeded sample of gallery vectors is searched as queries (each excluding itself); the cheapest
     setting whose Recall@k against exact search reaches `target_recall` is kept.

@@ -42,10 +42,10 @@ def run_demo(
     epochs: int | None = None,
     say: Callable[[str], None] = print,
 ) -> DemoResult:
-    from retrieval.build_index import build_index, open_backend
+    from retrieval.index.build import build_index, open_backend
     from retrieval.data import load_dataset
     from retrieval.data.demo import generate_demo
-    from retrieval.search import Searcher
+    from retrieval.search.searcher import Searcher
     from training.trainer import train
 
     started = time.perf_counter()

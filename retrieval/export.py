@@ -26,11 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from retrieval.atomic import fsync_file
-from retrieval.embed_onnx import CPU, INPUT_NAME, OUTPUT_NAME, OnnxBackend, build_metadata
+from retrieval.embed.onnx_backend import CPU, INPUT_NAME, OUTPUT_NAME, OnnxBackend, build_metadata
 from retrieval.errors import UsageError, UserError
 from retrieval.images import ImageLoadError, open_image
 from retrieval.model import Embedder
-from retrieval.preprocess import Preprocessing, preprocess_eval
+from retrieval.embed.preprocess import Preprocessing, preprocess_eval
 
 DEFAULT_OPSET = 18
 DYNAMO_MIN_OPSET = 18  # lower opsets go through the TorchScript exporter

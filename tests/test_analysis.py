@@ -147,7 +147,7 @@ def test_evaluate_analysis_reports_geometry_and_utilization(two_runs: dict[str, 
                                                              tmp_path: Path) -> None:
     from retrieval.checkpoint import embedder_from_checkpoint
     from retrieval.data import load_dataset
-    from retrieval.search import Searcher
+    from retrieval.search.searcher import Searcher
     from training.analysis import embed_training_split, index_test_embeddings
 
     runner = CliRunner()

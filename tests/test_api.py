@@ -27,7 +27,7 @@ UPLOAD_LIMIT = 300 * 1024
 
 @pytest.fixture(scope="module")
 def index_dir(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from retrieval.build_index import build_index, untrained_backend
+    from retrieval.index.build import build_index, untrained_backend
     from retrieval.data.inshop import load_inshop
 
     backend, source = untrained_backend("resnet18", embedding_size=32, image_size=64, device="cpu")
@@ -38,7 +38,7 @@ def index_dir(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 @pytest.fixture(scope="module")
 def searcher(index_dir: Path) -> Any:
-    from retrieval.search import Searcher
+    from retrieval.search.searcher import Searcher
 
     return Searcher.open(index_dir, device="cpu")
 

@@ -30,7 +30,7 @@ gradio_client = pytest.importorskip("gradio_client")
 
 @pytest.fixture(scope="module")
 def index_dir(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from retrieval.build_index import build_index, untrained_backend
+    from retrieval.index.build import build_index, untrained_backend
     from retrieval.data.inshop import load_inshop
 
     dataset = load_inshop(demo_root, name="demo")
@@ -43,7 +43,7 @@ def index_dir(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 @pytest.fixture(scope="module")
 def running(index_dir: Path) -> Iterator[object]:
     from app.serve import free_port, launch
-    from retrieval.search import Searcher
+    from retrieval.search.searcher import Searcher
 
     searcher = Searcher.open(index_dir, device="cpu")
     app = launch(searcher, port=free_port(), index_dir=index_dir, max_upload_bytes=2 * 2**20)
@@ -259,7 +259,7 @@ def test_closing_an_app_stops_serving_its_thumbnail_folder(index_dir: Path) -> N
     from gradio.data_classes import _StaticFiles
 
     from app.serve import free_port, launch
-    from retrieval.search import Searcher
+    from retrieval.search.searcher import Searcher
 
     app = launch(Searcher.open(index_dir, device="cpu"), port=free_port(), index_dir=index_dir)
     folder = app.search_app.thumbnails.folder

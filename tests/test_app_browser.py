@@ -42,9 +42,9 @@ def chromium_path() -> str:
 @pytest.fixture(scope="module")
 def app_url(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, object]]:
     from app.serve import free_port, launch
-    from retrieval.build_index import build_index, untrained_backend
+    from retrieval.index.build import build_index, untrained_backend
     from retrieval.data.inshop import load_inshop
-    from retrieval.search import Searcher
+    from retrieval.search.searcher import Searcher
 
     backend, source = untrained_backend("resnet18", embedding_size=32, image_size=64, device="cpu")
     index_dir = tmp_path_factory.mktemp("browser-index") / "demo-index"

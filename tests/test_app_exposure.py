@@ -12,7 +12,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from retrieval.build_index import build_index, untrained_backend
+from retrieval.index.build import build_index, untrained_backend
 from retrieval.config import IndexConfig
 from retrieval.data import load_dataset
 from tests.fakes import make_fake_inshop
@@ -25,7 +25,7 @@ THUMB = 24  # thumbnails' longest side here; the dataset's photos are 64 px
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[object, Path, Path]]:
     from app.serve import free_port, launch
     from app.thumbnails import ThumbnailStore
-    from retrieval.search import Searcher
+    from retrieval.search.searcher import Searcher
 
     root = make_fake_inshop(tmp_path_factory.mktemp("data") / "inshop", train_items=1, test_items=4, per_item=3,
                             size=64)

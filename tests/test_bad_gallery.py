@@ -18,13 +18,13 @@ import pytest
 from typer.testing import CliRunner
 
 from retrieval.atomic import atomic_path, clean_stale_leftovers
-from retrieval.build_index import build_index, untrained_backend
+from retrieval.index.build import build_index, untrained_backend
 from retrieval.cli import app
 from retrieval.config import IndexConfig
 from retrieval.data import load_dataset
 from retrieval.errors import InputError
 from retrieval.images import ImageLoadError
-from retrieval.index_folder import GalleryIndex
+from retrieval.index.folder import GalleryIndex
 from tests.fakes import make_fake_inshop
 
 TINY = dict(arch="resnet18", embedding_size=16, image_size=32, seed=0, device="cpu")
@@ -103,7 +103,7 @@ def test_cli_counts_the_skipped_images_and_fails_above_the_threshold(broken, tmp
 _SLOW_PUBLISH = """
 import sys, time
 from pathlib import Path
-from retrieval.index_folder import publish_folder
+from retrieval.index.folder import publish_folder
 def write(tmp: Path) -> None:
     (tmp / "index.faiss").write_bytes(b"x" * 1000)
     print("writing", flush=True)

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.build_index import build_index, untrained_backend
+from retrieval.index.build import build_index, untrained_backend
 from retrieval.config import IndexConfig
 from retrieval.data import load_dataset
 from retrieval.images import DEFAULT_MAX_ASPECT_RATIO, ImageLoadError, open_image
-from retrieval.preprocess import Preprocessing, preprocess_eval, resize_short_side
+from retrieval.embed.preprocess import Preprocessing, preprocess_eval, resize_short_side
 from tests.fakes import make_fake_inshop
 
 TINY = dict(arch="resnet18", embedding_size=16, image_size=64, seed=0, device="cpu")
@@ -113,7 +113,7 @@ def test_search_refuses_extreme_images_with_bounded_memory(index_dir: Path, imag
 @pytest.fixture(scope="module")
 def search_app(index_dir: Path):
     from app.ui import SearchApp
-    from retrieval.search import Searcher
+    from retrieval.search.searcher import Searcher
 
     searcher = Searcher.open(index_dir, device="cpu")
     app = SearchApp(searcher, num_examples=0, max_upload_bytes=1_000_000)

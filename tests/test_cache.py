@@ -22,7 +22,7 @@ from retrieval.data.cache import (
     prepare_split,
 )
 from retrieval.images import open_image
-from retrieval.preprocess import Preprocessing, preprocess_eval, resize_short_side
+from retrieval.embed.preprocess import Preprocessing, preprocess_eval, resize_short_side
 
 SHORT = 32
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from retrieval.calibrate import (
+from retrieval.index.calibrate import (
     REFINE_LADDER,
     build_calibrated,
     calibrate,
@@ -22,8 +22,8 @@ from retrieval.calibrate import (
 )
 from retrieval.cli import app
 from retrieval.config import CalibrationConfig, IndexConfig
-from retrieval.index import build_faiss_index, configure_search, read_index, resolve_params
-from retrieval.index_folder import GalleryIndex, ItemTable
+from retrieval.index.faiss_index import build_faiss_index, configure_search, read_index, resolve_params
+from retrieval.index.folder import GalleryIndex, ItemTable
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -174,7 +174,7 @@ def test_chosen_setting_survives_save_load_and_explicit_flags_override_it(tmp_pa
 
 
 def test_auto_builds_flat_when_no_approximate_setting_is_faster_at_the_target(monkeypatch):
-    import retrieval.calibrate as calibrate
+    import retrieval.index.calibrate as calibrate
 
     # The decision compares measured speeds. Exact search is reported 1000x faster than measured, so the outcome
     # cannot flip with this machine's load (on isotropic data IVF rarely wins anyway).

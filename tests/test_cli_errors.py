@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from retrieval.build_index import build_index, untrained_backend
+from retrieval.index.build import build_index, untrained_backend
 from retrieval.config import IndexConfig
 from retrieval.data import load_dataset
 from retrieval.errors import EXIT_ERROR, EXIT_USAGE

@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 
 from retrieval.checkpoint import embedder_from_checkpoint, save_checkpoint
 from retrieval.config import DataConfig, ModelConfig, RunConfig
-from retrieval.embed import load_backend
-from retrieval.embed_onnx import CPU, OnnxBackend
-from retrieval.embed_torch import TorchBackend
+from retrieval.embed.backend import load_backend
+from retrieval.embed.onnx_backend import CPU, OnnxBackend
+from retrieval.embed.torch_backend import TorchBackend
 from retrieval.export import (
     FP16_MIN_COSINE,
     FP32_MAX_ABS_DIFF,
@@ -33,7 +33,7 @@ from retrieval.export import (
     torch_reference,
 )
 from retrieval.model import Embedder
-from retrieval.preprocess import preprocess_eval
+from retrieval.embed.preprocess import preprocess_eval
 
 GALLERY_SIZE = 20
 
@@ -227,7 +227,7 @@ TORCH_FREE_EPILOGUE = (
 
 @pytest.fixture(scope="module")
 def torch_built_index(workspace: dict) -> dict:
-    from retrieval.build_index import build_index, open_backend
+    from retrieval.index.build import build_index, open_backend
     from retrieval.config import IndexConfig
     from retrieval.data import load_dataset
     from tests.fakes import make_fake_inshop

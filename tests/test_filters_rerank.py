@@ -15,11 +15,11 @@ import pytest
 from typer.testing import CliRunner
 
 from retrieval.config import IndexConfig
-from retrieval.filters import FilterError, parse_where, split_attributes
-from retrieval.index import IndexBuildError, build_faiss_index, resolve_params
-from retrieval.index_folder import GalleryIndex, ItemTable, StoredQueries
-from retrieval.rerank import RerankError
-from retrieval.search import Searcher
+from retrieval.search.filters import FilterError, parse_where, split_attributes
+from retrieval.index.faiss_index import IndexBuildError, build_faiss_index, resolve_params
+from retrieval.index.folder import GalleryIndex, ItemTable, StoredQueries
+from retrieval.search.rerank import RerankError
+from retrieval.search.searcher import Searcher
 from tests.fakes import make_fake_cub, make_fake_inshop, make_fake_sop, make_image_folder
 
 CATEGORIES = ("Dresses", "Shirts", "Pants", "Skirts", "Coats")
@@ -65,7 +65,7 @@ def test_each_dataset_gives_its_items_attributes(tmp_path: Path) -> None:
 
 
 def test_item_tables_written_before_attributes_still_open(tmp_path: Path) -> None:
-    from retrieval.index_folder import file_digest
+    from retrieval.index.folder import file_digest
 
     x, labels = clustered(60, 8, 6, seed=0)
     index = gallery_index(x, labels, IndexConfig(index_type="flat", use_gpu=False), [CATEGORIES[i % 5] for i in range(60)])

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import retrieval.index_folder as index_folder
+import retrieval.index.folder as index_folder
 from retrieval.config import IndexConfig
-from retrieval.index import (
+from retrieval.index.faiss_index import (
     IndexBuildError,
     IndexFileError,
     build_faiss_index,
@@ -24,9 +24,9 @@ from retrieval.index import (
     resolve_params,
     search,
 )
-from retrieval.index_folder import EmbedderMismatchError, GalleryIndex, ItemTable, StoredQueries
+from retrieval.index.folder import EmbedderMismatchError, GalleryIndex, ItemTable, StoredQueries
 from retrieval.metrics import evaluate_embeddings
-from retrieval.search import Searcher, neighbour_metrics
+from retrieval.search.searcher import Searcher, neighbour_metrics
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

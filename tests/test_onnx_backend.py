@@ -20,8 +20,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from retrieval.embed import EmbeddingBackend, load_backend
-from retrieval.embed_onnx import (
+from retrieval.embed.backend import EmbeddingBackend, load_backend
+from retrieval.embed.onnx_backend import (
     CPU,
     CUDA,
     ONNX_FORMAT,
@@ -33,7 +33,7 @@ from retrieval.embed_onnx import (
     physical_cores,
     providers_for_device,
 )
-from retrieval.preprocess import Preprocessing, preprocess_eval
+from retrieval.embed.preprocess import Preprocessing, preprocess_eval
 
 SIZE, DIM = 32, 8
 PREP = Preprocessing(image_size=SIZE, resize_size=36, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
@@ -214,14 +214,14 @@ def test_load_backend_picks_and_validates(tiny: tuple[Path, np.ndarray]) -> None
 TORCH_FREE_SNIPPETS = [
     pytest.param(
         """
-        import retrieval.embed, retrieval.embed_onnx, retrieval.images, retrieval.preprocess
+        import retrieval.embed.backend, retrieval.embed.onnx_backend, retrieval.images, retrieval.embed.preprocess
         """,
         id="import-backend-modules",
     ),
     pytest.param(
         """
         from PIL import Image
-        from retrieval.embed import load_backend
+        from retrieval.embed.backend import load_backend
         backend = load_backend("onnx", None, MODEL)
         paths = sorted(IMAGES.glob("*.png"))
         a = backend.embed_paths(paths, batch_size=2, progress=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from retrieval.build_index import untrained_backend
+from retrieval.index.build import untrained_backend
 from retrieval.checkpoint import preprocessing_of
 from retrieval.cli.train import resolve_config
 from retrieval.config import default_resize_size

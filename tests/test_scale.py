@@ -19,16 +19,16 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from retrieval.build_index import build_index, untrained_backend
+from retrieval.index.build import build_index, untrained_backend
 from retrieval.cli import app
 from retrieval.config import CalibrationConfig, IndexConfig
 from retrieval.data import load_dataset
-from retrieval.index_folder import GalleryIndex
-from retrieval.scale.embed_job import EmbedOptions, embed_to_parts, source_from_dataset, source_from_images, write_arrays
-from retrieval.scale.parts import EmbeddingsFolder, PartsError, part_paths
-from retrieval.scale.sharded_build import ShardOptions, build_from_parts
-from retrieval.scale.shards import ShardSet, merge_results
-from retrieval.search import Searcher
+from retrieval.index.folder import GalleryIndex
+from retrieval.embed.job import EmbedOptions, embed_to_parts, source_from_dataset, source_from_images, write_arrays
+from retrieval.embed.parts import EmbeddingsFolder, PartsError, part_paths
+from retrieval.index.sharded_build import ShardOptions, build_from_parts
+from retrieval.index.shards import ShardSet, merge_results
+from retrieval.search.searcher import Searcher
 from tests.fakes import make_fake_inshop, make_image_folder, write_nasty_images
 
 TINY = dict(arch="resnet18", embedding_size=32, image_size=64, seed=0, device="cpu")

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval.build_index import untrained_backend
+from retrieval.index.build import untrained_backend
 from retrieval.config import IndexConfig
-from retrieval.scale.embed_job import EmbedOptions, embed_to_parts, source_from_images, write_arrays
-from retrieval.scale.parts import EmbeddingsFolder
-from retrieval.scale.ray_engine import RayOptions
-from retrieval.scale.sharded_build import ShardOptions, build_from_parts
-from retrieval.search import Searcher
+from retrieval.embed.job import EmbedOptions, embed_to_parts, source_from_images, write_arrays
+from retrieval.embed.parts import EmbeddingsFolder
+from retrieval.embed.ray_engine import RayOptions
+from retrieval.index.sharded_build import ShardOptions, build_from_parts
+from retrieval.search.searcher import Searcher
 from tests.fakes import make_image_folder, write_nasty_images
 
 pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")]

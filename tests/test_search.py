@@ -12,13 +12,13 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from retrieval.build_index import add_images, build_index, untrained_backend
+from retrieval.index.build import add_images, build_index, untrained_backend
 from retrieval.cli import app
 from retrieval.config import IndexConfig
 from retrieval.data import load_dataset
-from retrieval.index_folder import EmbedderMismatchError, GalleryIndex
+from retrieval.index.folder import EmbedderMismatchError, GalleryIndex
 from retrieval.metrics import evaluate_embeddings
-from retrieval.search import Searcher
+from retrieval.search.searcher import Searcher
 from tests.fakes import make_fake_inshop, make_fake_sop
 
 TINY = dict(arch="resnet18", embedding_size=32, image_size=64, seed=0, device="cpu")
@@ -205,7 +205,7 @@ def test_interrupted_build_keeps_the_previous_index(built, inshop, backend, tmp_
     idx = fresh_copy(built, tmp_path)
     before = (idx / "index.faiss").read_bytes()
     emb_backend, source = backend
-    import retrieval.index_folder as index_folder
+    import retrieval.index.folder as index_folder
 
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash while writing the item table")
@@ -287,7 +287,7 @@ def test_cli_add(inshop, built, tmp_path):
 
 
 def test_checkpoint_embedder_is_recorded_and_reopened(inshop, tmp_path):
-    from retrieval.build_index import open_backend
+    from retrieval.index.build import open_backend
     from retrieval.checkpoint import save_checkpoint
     from retrieval.config import DataConfig, ModelConfig, RunConfig
 

@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 from retrieval.cli import app
 from retrieval.config import IndexConfig
-from retrieval.index_folder import GalleryIndex
+from retrieval.index.folder import GalleryIndex
 from retrieval.metrics import evaluate_embeddings
-from retrieval.search import Searcher
-from retrieval.vectors import VectorFileError, build_from_vector_file, checked_vectors, load_ids
+from retrieval.search.searcher import Searcher
+from retrieval.index.vectors import VectorFileError, build_from_vector_file, checked_vectors, load_ids
 
 
 def _vectors(n: int = 600, d: int = 16, classes: int = 30, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from retrieval.scale import ENGINES
+from retrieval.embed import ENGINES
 
 
 def register(app: typer.Typer) -> None:
@@ -61,9 +61,9 @@ def register(app: typer.Typer) -> None:
             fail("--untrained cannot be combined with --checkpoint/--model")
         if not untrained and checkpoint is None and model is None:
             fail("pass --checkpoint CKPT (or --backend onnx --model MODEL.onnx), or --untrained for a baseline")
-        from retrieval.build_index import open_backend, untrained_backend
-        from retrieval.scale.embed_job import EmbedOptions, embed_to_parts, source_from_dataset, source_from_images
-        from retrieval.scale.ray_engine import RayOptions
+        from retrieval.index.build import open_backend, untrained_backend
+        from retrieval.embed.job import EmbedOptions, embed_to_parts, source_from_dataset, source_from_images
+        from retrieval.embed.ray_engine import RayOptions
 
         options = EmbedOptions(part_size=part_size, dtype=dtype, batch_size=batch_size)
         ray_options = RayOptions(address=address, workers=workers, cpus_per_worker=cpus_per_worker,

@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from retrieval.errors import UsageError
-        from retrieval.search import Searcher
+        from retrieval.search.searcher import Searcher
 
         console = Console()
         try:
@@ -54,8 +54,8 @@ def register(app: typer.Typer) -> None:
         if k_list is not None and (not k_list or min(k_list) < 1):
             raise UsageError(f"--ks {ks!r}: expected comma-separated positive integers, e.g. 1,10,20")
         searcher = Searcher.open(index, device=device)
-        from retrieval.calibrate import override_search_params, search_setting_text
-        from retrieval.rerank import check_method
+        from retrieval.index.calibrate import override_search_params, search_setting_text
+        from retrieval.search.rerank import check_method
 
         searcher.index.set_search_params(override_search_params(searcher.index.params, nprobe, ef_search))
         method = check_method(rerank)

@@ -134,7 +134,7 @@ def register(app: typer.Typer) -> None:
             fail("pass --checkpoint CKPT (or --backend onnx --model MODEL.onnx); for a random-weights baseline "
                  "pass --untrained explicitly")
         out = out or Path("indexes") / dataset
-        from retrieval.build_index import build_index, open_backend, untrained_backend
+        from retrieval.index.build import build_index, open_backend, untrained_backend
         from retrieval.data import load_dataset
 
         ds = load_dataset(dataset, data_root)
@@ -156,8 +156,8 @@ def register(app: typer.Typer) -> None:
 def _add(console, out, add, backend, checkpoint, model, device, batch_size, strict, max_bad_fraction) -> None:  # type: ignore[no-untyped-def]
     from rich.markup import escape
 
-    from retrieval.build_index import add_images, backend_from_source, list_images, open_backend
-    from retrieval.index_folder import GalleryIndex
+    from retrieval.index.build import add_images, backend_from_source, list_images, open_backend
+    from retrieval.index.folder import GalleryIndex
 
     n_listed = len(list_images(add))  # refuse missing files before any work
     if checkpoint is not None or model is not None:
@@ -193,7 +193,7 @@ def _report_bad(console, bad: list, out: Path) -> None:  # type: ignore[no-untyp
 def _edit(console, out, remove, remove_path, neighbours, fail) -> None:  # type: ignore[no-untyped-def]
     from rich.markup import escape
 
-    from retrieval.build_index import add_neighbour_lists, remove_items
+    from retrieval.index.build import add_neighbour_lists, remove_items
 
     if remove or remove_path:
         updated, n_removed = remove_items(out, remove, remove_path)
@@ -209,7 +209,7 @@ def _from_embeddings(console, path, out, labels, ids, normalize, cfg, calib, see
     """`--from-embeddings FILE.npy`: a single vector file (a folder of parts is a different input)."""
     from rich.markup import escape
 
-    from retrieval.vectors import build_from_vector_file
+    from retrieval.index.vectors import build_from_vector_file
 
     if path.suffix.lower() != ".npy":
         fail(f"--from-embeddings {path}: expected an (N, D) float32 .npy file")
@@ -224,7 +224,7 @@ def _from_embeddings(console, path, out, labels, ids, normalize, cfg, calib, see
 def _summary(console, built, out: Path) -> None:  # type: ignore[no-untyped-def]
     from rich.markup import escape
 
-    from retrieval.calibrate import search_setting_text
+    from retrieval.index.calibrate import search_setting_text
 
     meta = built.meta
     note = f" ({meta['index_note']})" if meta.get("index_note") else ""

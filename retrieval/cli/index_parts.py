@@ -10,7 +10,7 @@ import typer
 
 def index_from_parts(parts_dir: Path, out: Path | None, cfg: Any, calib: Any, engine: str, shards: int, merge: bool,
                      address: str | None, workers: int, seed: int) -> None:
-    """Build from the parts in `parts_dir` (a folder; see retrieval.scale.sharded_build) and print a summary."""
+    """Build from the parts in `parts_dir` (a folder; see retrieval.index.sharded_build) and print a summary."""
     from rich.console import Console
     from rich.markup import escape
 
@@ -19,9 +19,9 @@ def index_from_parts(parts_dir: Path, out: Path | None, cfg: Any, calib: Any, en
     console = Console(soft_wrap=True)
     if not parts_dir.is_dir():
         raise InputError(f"--from-embeddings {parts_dir}: expected an embeddings folder written by `retrieval embed`")
-    from retrieval.scale.parts import EmbeddingsFolder
-    from retrieval.scale.ray_engine import RayOptions
-    from retrieval.scale.sharded_build import ShardOptions, build_from_parts
+    from retrieval.embed.parts import EmbeddingsFolder
+    from retrieval.embed.ray_engine import RayOptions
+    from retrieval.index.sharded_build import ShardOptions, build_from_parts
 
     opts = ShardOptions(shards=shards, merge=merge, engine=engine)
     manifest = EmbeddingsFolder.open(parts_dir).manifest
@@ -40,6 +40,6 @@ def index_from_parts(parts_dir: Path, out: Path | None, cfg: Any, calib: Any, en
         f"add {report.shard_seconds:.1f}s, total {report.total_seconds:.1f}s"
     )
     if not built.params.exact:
-        from retrieval.calibrate import search_setting_text
+        from retrieval.index.calibrate import search_setting_text
 
         console.print(f"search setting: {escape(search_setting_text(meta, built.params))}")

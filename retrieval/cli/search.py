@@ -46,23 +46,23 @@ def register(app: typer.Typer) -> None:
         from rich.markup import escape
         from rich.table import Table
 
-        from retrieval.search import Searcher, hits_as_json
+        from retrieval.search.searcher import Searcher, hits_as_json
 
         console = Console()
         emb_backend = None
         if checkpoint is not None or model is not None or backend == "onnx":
-            from retrieval.build_index import open_backend
+            from retrieval.index.build import open_backend
 
             emb_backend, _ = open_backend(backend, checkpoint, model, device)
         searcher = Searcher.open(index, backend=emb_backend, device=device, data_root=data_root)
-        from retrieval.calibrate import override_search_params
+        from retrieval.index.calibrate import override_search_params
         from retrieval.errors import UsageError
 
         searcher.index.set_search_params(override_search_params(searcher.index.params, nprobe, ef_search))
         if embeddings is not None and images:
             raise UsageError("pass query images or --embeddings QUERIES.npy, not both")
         if embeddings is not None:
-            from retrieval.vectors import checked_vectors, load_vector_file
+            from retrieval.index.vectors import checked_vectors, load_vector_file
 
             q = checked_vectors(load_vector_file(embeddings), source=str(embeddings))
             results = searcher.search_embeddings(q, k=k, where=where, rerank=rerank)

@@ -51,7 +51,7 @@ from retrieval.data.base import Split
 from retrieval.data.samplers import SamplerDrivenLoader
 from retrieval.errors import UserError
 from retrieval.images import ImageLoadError, open_image
-from retrieval.preprocess import resize_short_side
+from retrieval.embed.preprocess import resize_short_side
 
 CACHE_FORMAT_VERSION = 1
 DEFAULT_SHORT_SIDE = 256

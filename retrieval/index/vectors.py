@@ -23,8 +23,8 @@ import numpy as np
 
 from retrieval.config import CalibrationConfig, IndexConfig
 from retrieval.errors import InputError
-from retrieval.index import NORM_TOLERANCE, library_versions
-from retrieval.index_folder import GalleryIndex, ItemTable, now_iso
+from retrieval.index.faiss_index import NORM_TOLERANCE, library_versions
+from retrieval.index.folder import GalleryIndex, ItemTable, now_iso
 
 CHECK_CHUNK = 65_536  # rows checked / copied at a time
 LISTED_ROWS = 10  # row numbers quoted in an error before "and N more"
@@ -155,7 +155,7 @@ def build_from_vectors(
     folder evaluates all-vs-all (each labelled vector against the others) and records `source`
     (e.g. {"kind": "vectors", "path": ...}) in place of an embedder.
     """
-    from retrieval.calibrate import build_calibrated
+    from retrieval.index.calibrate import build_calibrated
 
     cfg = cfg or IndexConfig()
     t_start = time.perf_counter()

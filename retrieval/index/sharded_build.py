@@ -31,7 +31,7 @@ import numpy as np
 
 from retrieval.config import CalibrationConfig, IndexConfig
 from retrieval.errors import UsageError
-from retrieval.index import (
+from retrieval.index.faiss_index import (
     IndexBuildError,
     IndexParams,
     _new_cpu_index,
@@ -41,8 +41,8 @@ from retrieval.index import (
     resolve_params,
     write_index,
 )
-from retrieval.index_folder import GalleryIndex, ItemTable, StoredQueries, now_iso
-from retrieval.scale.parts import EmbeddingsFolder, PartItems, absolute_paths, part_paths
+from retrieval.index.folder import GalleryIndex, ItemTable, StoredQueries, now_iso
+from retrieval.embed.parts import EmbeddingsFolder, PartItems, absolute_paths, part_paths
 from retrieval.atomic import atomic_write_with, read_json
 
 
@@ -55,7 +55,7 @@ class ShardOptions:
     engine: str = "local"  # local | ray
 
     def __post_init__(self) -> None:
-        from retrieval.scale import ENGINES
+        from retrieval.embed import ENGINES
 
         if self.shards < 0:
             raise UsageError(f"--shards must be >= 0, got {self.shards}")
@@ -171,7 +171,7 @@ def _run_shards_ray(parts_dir: str, groups: list[list[str]], trained: bytes, par
     """Shard builds as Ray tasks, at most `workers` at once; the trained index is put in the object store once."""
     from tqdm.auto import tqdm
 
-    from retrieval.scale.ray_engine import RayOptions, connect
+    from retrieval.embed.ray_engine import RayOptions, connect
 
     ray_options = ray_options or RayOptions()
     ray = connect(ray_options)
@@ -252,7 +252,7 @@ def build_from_parts(parts_dir: str | os.PathLike[str], out_dir: str | os.PathLi
     if not sharded:
         if opts.engine == "ray":
             note = "one index: built in this process (pass --shards N to build shards on Ray)"
-        from retrieval.calibrate import build_calibrated
+        from retrieval.index.calibrate import build_calibrated
 
         gallery_emb, _ = folder.load_role("gallery", verify=verify)
         result = build_calibrated(gallery_emb, cfg, calib, seed=seed, progress=progress)  # as `retrieval index` does
@@ -265,7 +265,7 @@ def build_from_parts(parts_dir: str | os.PathLike[str], out_dir: str | os.PathLi
                                            gallery_emb if lossy else None, use_gpu=cfg.use_gpu)
         calibration_meta = result.meta()
     else:
-        from retrieval.scale.shards import ShardedGalleryIndex, ShardSet, shard_file_name
+        from retrieval.index.shards import ShardedGalleryIndex, ShardSet, shard_file_name
 
         t0 = time.perf_counter()
         # the sample is read unverified: every part is verified by the shard build that adds it, and a bad part

@@ -12,12 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from retrieval.bad_images import DEFAULT_MAX_BAD_FRACTION, embed_skipping_bad
+from retrieval.embed.bad_images import DEFAULT_MAX_BAD_FRACTION, embed_skipping_bad
 from retrieval.config import CalibrationConfig, IndexConfig
-from retrieval.embed import EmbeddingBackend
+from retrieval.embed.backend import EmbeddingBackend
 from retrieval.errors import InputError
-from retrieval.index import library_versions, resolve_params
-from retrieval.index_folder import GalleryIndex, ItemTable, StoredQueries, items_from_paths, now_iso
+from retrieval.index.faiss_index import library_versions, resolve_params
+from retrieval.index.folder import GalleryIndex, ItemTable, StoredQueries, items_from_paths, now_iso
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -40,9 +40,9 @@ def untrained_backend(
     import torch
 
     from retrieval.config import ModelConfig, default_resize_size
-    from retrieval.embed_torch import TorchBackend
+    from retrieval.embed.torch_backend import TorchBackend
     from retrieval.model import Embedder
-    from retrieval.preprocess import Preprocessing
+    from retrieval.embed.preprocess import Preprocessing
 
     resize_size = resize_size or default_resize_size(image_size)
     with torch.random.fork_rng(devices=[]):
@@ -62,7 +62,7 @@ def open_backend(
     device: str = "auto",
 ) -> tuple[EmbeddingBackend, dict[str, Any]]:
     """A torch (checkpoint) or ONNX (model) backend and the source record an index stores for it."""
-    from retrieval.embed import load_backend
+    from retrieval.embed.backend import load_backend
 
     backend = load_backend(kind, checkpoint, model, device)
     if backend.name == "onnx":
@@ -151,7 +151,7 @@ def build_index(
     """Embed `dataset.gallery_split()` (and the query split of query/gallery datasets), index it, publish `out_dir`.
 
     `dataset` is a retrieval.data RetrievalDataset. The previous folder at `out_dir` stays in place
-    until the new one is complete. Items carry the dataset's attributes (retrieval.filters);
+    until the new one is complete. Items carry the dataset's attributes (retrieval.search.filters);
     `rerank_neighbours` > 0 also stores gallery neighbour lists of that width (for DBA re-ranking).
     Images that cannot be used are skipped and listed in the metadata (`bad_images`), unless there are
     more than `max_bad_fraction` of them; `strict` stops at the first.
@@ -178,7 +178,7 @@ def build_index(
         bad_images += q_embedded.bad
     embed_seconds = time.perf_counter() - t0
 
-    from retrieval.calibrate import build_calibrated
+    from retrieval.index.calibrate import build_calibrated
 
     result = build_calibrated(gallery_emb, cfg, calib, seed=seed, progress=progress)
     built = result.built
@@ -263,7 +263,7 @@ def add_images(
 
 
 def _items_with_attributes(dataset: Any, split: Any) -> ItemTable:
-    from retrieval.filters import split_attributes
+    from retrieval.search.filters import split_attributes
 
     items = ItemTable.from_split(split)
     items.attributes = split_attributes(dataset.name, dataset.root, split)

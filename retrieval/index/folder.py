@@ -43,7 +43,7 @@ from retrieval.atomic import (
     swap_in_folder,
 )
 from retrieval.errors import UserError
-from retrieval.index import (
+from retrieval.index.faiss_index import (
     IndexFileError,
     IndexParams,
     add_to_index,
@@ -56,7 +56,7 @@ from retrieval.index import (
     to_search_device,
     write_index,
 )
-from retrieval.rerank import DEFAULT_NEIGHBOURS, NeighbourLists, RerankError, gallery_neighbours
+from retrieval.search.rerank import DEFAULT_NEIGHBOURS, NeighbourLists, RerankError, gallery_neighbours
 
 INDEX_FORMAT = "metrix-retrieval/index/1"
 NORMALISATION = "l2"
@@ -282,7 +282,7 @@ class GalleryIndex:
 
     def search_subset(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Like `search`, restricted to the rows `ids` inside FAISS (an ID selector on the CPU index)."""
-        from retrieval.filters import filtered_search
+        from retrieval.search.filters import filtered_search
 
         queries = check_embeddings(queries, self.embedding_size, "query embeddings")
         return filtered_search(self.index, queries, k, ids)
@@ -433,7 +433,7 @@ class GalleryIndex:
             meta["data_root"] = os.path.abspath(data_root)
         root = meta.get("data_root") or None
         if sharded:
-            from retrieval.scale.shards import ShardedGalleryIndex, read_shard_set
+            from retrieval.index.shards import ShardedGalleryIndex, read_shard_set
 
             index, cls = read_shard_set(folder, meta), ShardedGalleryIndex  # type: ignore[assignment]
         else:

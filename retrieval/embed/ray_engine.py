@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from retrieval.errors import UsageError
-from retrieval.scale.embed_job import EmbedOptions, PartResult, PartTask, Progress, run_part
-from retrieval.scale.parts import EmbeddingsFolder, PartsError
+from retrieval.embed.job import EmbedOptions, PartResult, PartTask, Progress, run_part
+from retrieval.embed.parts import EmbeddingsFolder, PartsError
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class PartEmbedder:
 
     def __init__(self, folder: str, embedder_source: dict[str, Any], fingerprint: str, device: str,
                  options: dict[str, Any], threads: int) -> None:
-        from retrieval.build_index import backend_from_source
+        from retrieval.index.build import backend_from_source
 
         if device == "cpu":
             try:

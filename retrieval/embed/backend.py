@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from retrieval.errors import UsageError
-from retrieval.preprocess import Preprocessing
+from retrieval.embed.preprocess import Preprocessing
 
 
 @runtime_checkable
@@ -63,11 +63,11 @@ def load_backend(
             raise UsageError(
                 "the onnx backend needs --model PATH.onnx (create one with `retrieval export --checkpoint CKPT --out model.onnx`)"
             )
-        from retrieval.embed_onnx import OnnxBackend, providers_for_device
+        from retrieval.embed.onnx_backend import OnnxBackend, providers_for_device
 
         return OnnxBackend(model, providers=providers or providers_for_device(device))
     if checkpoint is None:
         raise UsageError("the torch backend needs --checkpoint PATH (or use --backend onnx --model PATH.onnx)")
-    from retrieval.embed_torch import TorchBackend
+    from retrieval.embed.torch_backend import TorchBackend
 
     return TorchBackend.from_checkpoint(checkpoint, device=device)

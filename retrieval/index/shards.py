@@ -20,9 +20,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from retrieval.index import IndexBuildError, IndexFileError, IndexParams, configure_search, exact_vectors, read_index
-from retrieval.index import write_index
-from retrieval.index_folder import GalleryIndex
+from retrieval.index.faiss_index import IndexBuildError, IndexFileError, IndexParams, configure_search, exact_vectors, read_index
+from retrieval.index.faiss_index import write_index
+from retrieval.index.folder import GalleryIndex
 
 
 def shard_file_name(number: int) -> str:
@@ -193,7 +193,7 @@ class ShardedGalleryIndex(GalleryIndex):
         )
 
     def build_neighbours(self, n: int = 0) -> None:
-        from retrieval.rerank import RerankError
+        from retrieval.search.rerank import RerankError
 
         raise RerankError("gallery neighbour lists (--rerank-neighbours) are not available for sharded index "
                           "folders; build the index with --merge to re-rank with them")
@@ -201,8 +201,8 @@ class ShardedGalleryIndex(GalleryIndex):
     def search_subset(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Like `search`, restricted to the rows `ids`: each shard searches its own rows (an ID selector inside
         FAISS), the results are merged like an unrestricted search's."""
-        from retrieval.filters import filtered_search
-        from retrieval.index import check_embeddings
+        from retrieval.search.filters import filtered_search
+        from retrieval.index.faiss_index import check_embeddings
 
         queries = check_embeddings(queries, self.embedding_size, "query embeddings")
         ids = np.asarray(ids, dtype=np.int64)

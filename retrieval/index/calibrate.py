@@ -33,7 +33,7 @@ import numpy as np
 
 from retrieval.config import CalibrationConfig, IndexConfig
 from retrieval.errors import UsageError
-from retrieval.index import (
+from retrieval.index.faiss_index import (
     BuiltIndex,
     IndexBuildError,
     IndexParams,

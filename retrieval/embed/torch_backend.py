@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from retrieval.images import open_image
 from retrieval.model import Embedder, model_fingerprint
-from retrieval.preprocess import Preprocessing, preprocess_batch, preprocess_eval
+from retrieval.embed.preprocess import Preprocessing, preprocess_batch, preprocess_eval
 
 
 def resolve_device(device: str = "auto") -> torch.device:

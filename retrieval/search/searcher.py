@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from retrieval.embed import EmbeddingBackend
+from retrieval.embed.backend import EmbeddingBackend
 from retrieval.errors import InputError
-from retrieval.filters import Where, attribute_values, matching_ids, parse_where
-from retrieval.index_folder import GalleryIndex
-from retrieval.rerank import Reranker, RerankConfig, check_method
+from retrieval.search.filters import Where, attribute_values, matching_ids, parse_where
+from retrieval.index.folder import GalleryIndex
+from retrieval.search.rerank import Reranker, RerankConfig, check_method
 
 DEFAULT_RECALL_KS = (1, 2, 4, 8)  # when an index records no protocol ks (e.g. a folder of images)
 NO_MATCH = np.iinfo(np.int64).min  # label given to missing neighbours (-1 ids): matches no query
@@ -76,7 +76,7 @@ class Searcher:
         index = GalleryIndex.load(index_dir, verify_checksums=verify_checksums, use_gpu=device != "cpu",
                                   data_root=data_root)
         if backend is None and (checkpoint is not None or model is not None):
-            from retrieval.build_index import open_backend
+            from retrieval.index.build import open_backend
 
             backend, _ = open_backend("onnx" if model is not None else "torch", checkpoint, model, device)
         return cls(index, backend, device)
@@ -138,7 +138,7 @@ class Searcher:
     def backend(self) -> EmbeddingBackend:
         """The embedder (opened from the index's record on first use, then checked)."""
         if self._backend is None:
-            from retrieval.build_index import backend_from_source
+            from retrieval.index.build import backend_from_source
 
             self._attach(backend_from_source(self.meta.get("embedder_source", {}), self.device))
         assert self._backend is not None
@@ -195,7 +195,7 @@ class Searcher:
         """emb (Q, D) L2-normalised -> per query, up to k hits, best first.
 
         `where`: a filter ("category=Dresses" terms or {"category": "Dresses"}), exact inside FAISS;
-        `rerank`: none | qe | dba | kreciprocal (see retrieval.rerank)."""
+        `rerank`: none | qe | dba | kreciprocal (see retrieval.search.rerank)."""
         scores, ids = self.search_raw(emb, k, where, rerank)
         items = self.index.items
         out: list[list[Hit]] = []

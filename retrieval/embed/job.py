@@ -1,9 +1,9 @@
 """`retrieval embed`: what to embed, cut into parts, and the local engine that embeds the missing ones.
 
 A job is (what: dataset roles or image files) x (embedder) x (options) -> an embeddings folder
-(retrieval.scale.parts). Opening a job writes the manifest, or checks that an existing folder was
+(retrieval.embed.parts). Opening a job writes the manifest, or checks that an existing folder was
 made by the same embedder from the same items; then only the parts without a completion marker are
-embedded, by this process (engine "local") or by a Ray actor pool (retrieval.scale.ray_engine).
+embedded, by this process (engine "local") or by a Ray actor pool (retrieval.embed.ray_engine).
 Both engines embed a part with `embed_part`, so they produce the same numbers.
 """
 
@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 
 from retrieval.atomic import atomic_write_json
-from retrieval.embed import EmbeddingBackend
+from retrieval.embed.backend import EmbeddingBackend
 from retrieval.errors import UsageError
 from retrieval.images import ImageLoadError, open_image
-from retrieval.scale.parts import (
+from retrieval.embed.parts import (
     DTYPES,
     MANIFEST_FILE,
     PARTS_FORMAT,
@@ -91,7 +91,7 @@ def source_from_dataset(ds: Any) -> EmbedSource:
     """What `retrieval index` embeds: the gallery (test split for all-vs-all) and, for query/gallery datasets,
     the stored queries, so an index built from the parts evaluates like one built directly."""
 
-    from retrieval.filters import split_attributes
+    from retrieval.search.filters import split_attributes
 
     def role(name: str, split: Any) -> RoleItems:
         attributes = split_attributes(ds.name, ds.root, split)
@@ -108,7 +108,7 @@ def source_from_dataset(ds: Any) -> EmbedSource:
 
 def source_from_images(sources: Sequence[str | os.PathLike[str]]) -> EmbedSource:
     """Image files and folders (searched recursively): unlabelled items (label -1, id = parent folder name)."""
-    from retrieval.build_index import list_images
+    from retrieval.index.build import list_images
 
     paths = [str(p.resolve()) for p in list_images(sources)]
     root = os.path.commonpath([os.path.dirname(p) for p in paths])
@@ -172,7 +172,7 @@ def _plan_hash(r: RoleItems, data_root: str | None) -> str:
 
 
 def _backend_versions(backend: EmbeddingBackend) -> dict[str, str]:
-    from retrieval.build_index import _versions
+    from retrieval.index.build import _versions
 
     return _versions(backend)
 
@@ -227,7 +227,7 @@ def open_job(out: str | os.PathLike[str], source: EmbedSource, backend: Embeddin
 
 
 def _now() -> str:
-    from retrieval.index_folder import now_iso
+    from retrieval.index.folder import now_iso
 
     return now_iso()
 
@@ -325,7 +325,7 @@ def finalize(folder: EmbeddingsFolder) -> dict[str, Any]:
             n += int(marker["n"])
             if int(marker.get("n_bad", 0)):
                 from retrieval.atomic import read_json
-                from retrieval.scale.parts import part_paths
+                from retrieval.embed.parts import part_paths
 
                 items = PartItems.from_dict(read_json(part_paths(folder.folder, name)[1], "part items"))
                 bad += [{"role": role, **b} for b in items.bad]
@@ -367,7 +367,7 @@ def embed_to_parts(out: str | os.PathLike[str], source: EmbedSource, backend: Em
     (each actor opens the embedder from `embedder_source` once). A crash leaves every finished part
     in place; running the same call again embeds only the missing ones.
     """
-    from retrieval.scale import ENGINES
+    from retrieval.embed import ENGINES
 
     options = options or EmbedOptions()
     if engine not in ENGINES:
@@ -380,7 +380,7 @@ def embed_to_parts(out: str | os.PathLike[str], source: EmbedSource, backend: Em
     if engine == "local":
         report.results = run_local(folder, backend, missing, options, progress, on_part)
     else:
-        from retrieval.scale.ray_engine import RayOptions, run_ray
+        from retrieval.embed.ray_engine import RayOptions, run_ray
 
         report.results = run_ray(folder, missing, options, ray_options or RayOptions(), progress, on_part)
     report.seconds = time.perf_counter() - t0
@@ -396,7 +396,7 @@ def write_arrays(out: str | os.PathLike[str], roles: dict[str, tuple[np.ndarray,
     For synthetic benchmarks and for embeddings computed elsewhere; the items get placeholder paths
     ("<role>/<row>"). The result is a complete folder any index build accepts.
     """
-    from retrieval.preprocess import Preprocessing
+    from retrieval.embed.preprocess import Preprocessing
 
     out = Path(out)
     if (out / MANIFEST_FILE).exists():

@@ -3,7 +3,7 @@
 One place decides which index type fits a gallery (`resolve_params`), builds it (`build_faiss_index`),
 sets its search-time knobs (`configure_search`), moves it to a GPU when FAISS sees one
 (`to_search_device`) and reads/writes it with errors that name the file. The folder an index lives
-in (items, metadata, stored queries) is `retrieval.index_folder`.
+in (items, metadata, stored queries) is `retrieval.index.folder`.
 
 Index types, all with METRIC_INNER_PRODUCT:
     flat      IndexFlatIP: exact; the default up to a few hundred thousand items.
@@ -14,7 +14,7 @@ Index types, all with METRIC_INNER_PRODUCT:
               GPU HNSW).
 Any approximate type takes `refine_factor` > 0 to re-rank k * factor candidates exactly (IndexRefineFlat,
 which keeps the float32 vectors as well). Which nprobe / efSearch / refine factor an index searches with is
-measured at build time by `retrieval.calibrate`.
+measured at build time by `retrieval.index.calibrate`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,10 @@
+"""Embeddings in, a searchable index folder out.
+
+    faiss_index.py    FAISS index types: parameters, build, add/remove, search, read/write, GPU copy
+    folder.py         the index folder: index (or shards) + item table + metadata, published atomically
+    build.py          embed a dataset or image files and publish a folder; add and remove items
+    calibrate.py      measure recall on held-out queries at build time and pick the search setting
+    vectors.py        build from precomputed embeddings (.npy)
+    sharded_build.py  build one index, N shards, or shards merged from an embeddings folder
+    shards.py         ShardSet: shard indexes searched in parallel with merged results
+"""
