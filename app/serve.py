@@ -229,10 +229,8 @@ def _default_port(host: str) -> int:
 
 def open_and_launch(
     index_dir: str | os.PathLike[str],
+    embedder: Any = None,
     *,
-    backend: str | None = None,
-    model: str | os.PathLike[str] | None = None,
-    checkpoint: str | os.PathLike[str] | None = None,
     device: str = "auto",
     host: str = DEFAULT_HOST,
     port: int | None = None,
@@ -241,32 +239,12 @@ def open_and_launch(
     data_root: str | os.PathLike[str] | None = None,
     **launch_kwargs: Any,
 ) -> RunningApp:
-    """Open the index (and the embedder it names, or the one given) and serve it."""
-    searcher = open_searcher(index_dir, backend=backend, model=model, checkpoint=checkpoint, device=device,
-                             data_root=data_root)
-    return launch(searcher, host=host, port=port, share=share, block=block, index_dir=Path(index_dir),
-                  **launch_kwargs)
+    """Open the index with `embedder` (an EmbedderSpec or an open backend; default: the one it records) and serve it.
 
-
-def open_searcher(
-    index_dir: str | os.PathLike[str],
-    *,
-    backend: str | None = None,
-    model: str | os.PathLike[str] | None = None,
-    checkpoint: str | os.PathLike[str] | None = None,
-    device: str = "auto",
-    data_root: str | os.PathLike[str] | None = None,
-) -> Any:
-    """A Searcher over `index_dir`: the embedder the index records, or the one asked for.
-
-    Only the torch backend imports torch; `--backend onnx --model m.onnx` never does. `data_root`: where
-    the dataset is now, when it moved since the build (the gallery thumbnails are read from it).
+    An ONNX embedder never imports torch. `data_root`: where the dataset is now, when it moved since the build.
     """
     from retrieval.search.searcher import Searcher
 
-    embedder: Any = None
-    if backend is not None or model is not None or checkpoint is not None:
-        from retrieval.embed.backend import load_backend
-
-        embedder = load_backend(backend or "auto", checkpoint, model, device)
-    return Searcher.open(index_dir, backend=embedder, device=device, data_root=data_root)
+    searcher = Searcher.open(index_dir, embedder, device=device, data_root=data_root)
+    return launch(searcher, host=host, port=port, share=share, block=block, index_dir=Path(index_dir),
+                  **launch_kwargs)

@@ -201,16 +201,17 @@ def run_users(kind: str, url: str, paths: list[str], users: int, queries: int, k
 
 
 def build_demo_index(args: argparse.Namespace, folder: Path) -> Path:
-    from retrieval.index.build import build_index, untrained_backend
+    from retrieval.index.build import build_index
+    from retrieval.embed.spec import EmbedderSpec, open_embedder
     from retrieval.data.demo import generate_demo
     from retrieval.data.inshop import load_inshop
 
     root = generate_demo(folder / "demo", seed=0, num_train_classes=4, num_test_classes=args.demo_items,
                          images_per_class=8, image_size=128)
-    backend, source = untrained_backend(args.arch, args.embedding_size, args.image_size, device=args.device)
+    backend = open_embedder(EmbedderSpec.untrained(args.arch, args.embedding_size, args.image_size), args.device)
     out = folder / "index"
     print(f"building a demo index: {args.arch} (untrained) {args.image_size} px {args.embedding_size}-d ...", flush=True)
-    build_index(load_inshop(root, name="demo"), backend, source, out, progress=False)
+    build_index(load_inshop(root, name="demo"), backend, out, progress=False)
     return out
 
 

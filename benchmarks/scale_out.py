@@ -72,8 +72,8 @@ def write_jpegs(folder: Path, n: int, size: int, seed: int = 0) -> None:
 
 def child_embed(a: argparse.Namespace) -> dict:
     """One engine over the image folder; Ray (if used) is started before the clock and reported apart."""
-    from retrieval.index.build import untrained_backend
     from retrieval.embed.job import EmbedOptions, embed_to_parts, source_from_images
+    from retrieval.embed.spec import EmbedderSpec, open_embedder
     from retrieval.embed.parts import EmbeddingsFolder
     from retrieval.embed.ray_engine import RayOptions, connect
 
@@ -87,9 +87,9 @@ def child_embed(a: argparse.Namespace) -> dict:
 
         torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
-    backend, record = untrained_backend(a.arch, 128, a.image_size, seed=0, device="cpu")
+    backend = open_embedder(EmbedderSpec.untrained(a.arch, 128, a.image_size, seed=0), "cpu")
     done_at: list[tuple[float, int]] = []
-    report = embed_to_parts(a.out, source_from_images([a.image_dir]), backend, record,
+    report = embed_to_parts(a.out, source_from_images([a.image_dir]), backend,
                             EmbedOptions(part_size=a.part_size, batch_size=a.batch_size), engine=a.engine,
                             ray_options=RayOptions(workers=a.workers), progress=False,
                             on_part=lambda r: done_at.append((time.perf_counter(), r.n + r.n_bad)))
@@ -124,9 +124,9 @@ def measure_model_cpu(arch: str = "resnet50", batch: int = 8, reps: int = 2) -> 
     """Forward passes of the production embedder (ResNet-50, 224 px, 512-d) on this CPU, all cores: images/s."""
     import torch
 
-    from retrieval.index.build import untrained_backend
+    from retrieval.embed.spec import EmbedderSpec, open_embedder
 
-    backend, _ = untrained_backend(arch, 512, 224, seed=0, device="cpu")
+    backend = open_embedder(EmbedderSpec.untrained(arch, 512, 224, seed=0), "cpu")
     x = torch.randn(batch, 3, 224, 224)
     backend.embed_tensor(x)
     t0 = time.perf_counter()
@@ -141,9 +141,9 @@ def measure_model_gpu(batch: int = 256, reps: int = 20) -> float | None:
 
     if not torch.cuda.is_available():
         return None
-    from retrieval.index.build import untrained_backend
+    from retrieval.embed.spec import EmbedderSpec, open_embedder
 
-    backend, _ = untrained_backend("resnet50", 512, 224, seed=0, device="cuda")
+    backend = open_embedder(EmbedderSpec.untrained("resnet50", 512, 224, seed=0), "cuda")
     backend.model.to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
     for _ in range(3):

@@ -78,15 +78,16 @@ def hostile_files(folder: Path, max_upload_bytes: int) -> dict[str, Path]:
 
 
 def build_index(folder: Path, arch: str, image_size: int, embedding_size: int) -> Path:
-    from retrieval.index.build import build_index as build, untrained_backend
+    from retrieval.index.build import build_index as build
+    from retrieval.embed.spec import EmbedderSpec, open_embedder
     from retrieval.data.demo import generate_demo
     from retrieval.data.inshop import load_inshop
 
     root = generate_demo(folder / "demo", seed=0, num_train_classes=4, num_test_classes=40, images_per_class=6,
                          image_size=128)
-    backend, source = untrained_backend(arch, embedding_size, image_size, device="cpu")
+    backend = open_embedder(EmbedderSpec.untrained(arch, embedding_size, image_size), "cpu")
     out = folder / "index"
-    build(load_inshop(root, name="demo"), backend, source, out, progress=False)
+    build(load_inshop(root, name="demo"), backend, out, progress=False)
     return out
 
 

@@ -42,7 +42,8 @@ def run_demo(
     epochs: int | None = None,
     say: Callable[[str], None] = print,
 ) -> DemoResult:
-    from retrieval.index.build import build_index, open_backend
+    from retrieval.embed.spec import EmbedderSpec, open_embedder
+    from retrieval.index.build import build_index
     from retrieval.data import load_dataset
     from retrieval.data.demo import generate_demo
     from retrieval.search.searcher import Searcher
@@ -61,11 +62,11 @@ def run_demo(
     result = train(cfg, progress=True, evaluate_before=True)
 
     say(f"[3/4] indexing the gallery with the trained embedder -> {index_dir}")
-    backend, source = open_backend("torch", checkpoint=result.last_checkpoint)
-    build_index(dataset, backend, source, index_dir, progress=True)
+    backend = open_embedder(EmbedderSpec.checkpoint(result.last_checkpoint))
+    build_index(dataset, backend, index_dir, progress=True)
 
     say("[4/4] evaluating the stored queries against the index")
-    trained = Searcher.open(index_dir, backend=backend).evaluate()
+    trained = Searcher.open(index_dir, backend).evaluate()
     return DemoResult(
         dataset_root=data_root,
         checkpoint=result.last_checkpoint,

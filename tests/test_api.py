@@ -27,12 +27,13 @@ UPLOAD_LIMIT = 300 * 1024
 
 @pytest.fixture(scope="module")
 def index_dir(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from retrieval.index.build import build_index, untrained_backend
+    from retrieval.index.build import build_index
+    from retrieval.embed.spec import EmbedderSpec, open_embedder
     from retrieval.data.inshop import load_inshop
 
-    backend, source = untrained_backend("resnet18", embedding_size=32, image_size=64, device="cpu")
+    backend = open_embedder(EmbedderSpec.untrained("resnet18", embedding_size=32, image_size=64), "cpu")
     out = tmp_path_factory.mktemp("api-index") / "demo-index"
-    build_index(load_inshop(demo_root, name="demo"), backend, source, out, progress=False, rerank_neighbours=8)
+    build_index(load_inshop(demo_root, name="demo"), backend, out, progress=False, rerank_neighbours=8)
     return out
 
 

@@ -30,13 +30,14 @@ gradio_client = pytest.importorskip("gradio_client")
 
 @pytest.fixture(scope="module")
 def index_dir(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from retrieval.index.build import build_index, untrained_backend
+    from retrieval.index.build import build_index
+    from retrieval.embed.spec import EmbedderSpec, open_embedder
     from retrieval.data.inshop import load_inshop
 
     dataset = load_inshop(demo_root, name="demo")
-    backend, source = untrained_backend("resnet18", embedding_size=32, image_size=64, device="cpu")
+    backend = open_embedder(EmbedderSpec.untrained("resnet18", embedding_size=32, image_size=64), "cpu")
     out = tmp_path_factory.mktemp("app-index") / "demo-index"
-    build_index(dataset, backend, source, out, progress=False)
+    build_index(dataset, backend, out, progress=False)
     return out
 
 

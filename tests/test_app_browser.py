@@ -42,14 +42,15 @@ def chromium_path() -> str:
 @pytest.fixture(scope="module")
 def app_url(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, object]]:
     from app.serve import free_port, launch
-    from retrieval.index.build import build_index, untrained_backend
+    from retrieval.index.build import build_index
+    from retrieval.embed.spec import EmbedderSpec, open_embedder
     from retrieval.data.inshop import load_inshop
     from retrieval.search.searcher import Searcher
 
-    backend, source = untrained_backend("resnet18", embedding_size=32, image_size=64, device="cpu")
+    backend = open_embedder(EmbedderSpec.untrained("resnet18", embedding_size=32, image_size=64), "cpu")
     index_dir = tmp_path_factory.mktemp("browser-index") / "demo-index"
-    build_index(load_inshop(demo_root, name="demo"), backend, source, index_dir, progress=False)
-    running = launch(Searcher.open(index_dir, backend=backend, device="cpu"), port=free_port(), index_dir=index_dir)
+    build_index(load_inshop(demo_root, name="demo"), backend, index_dir, progress=False)
+    running = launch(Searcher.open(index_dir, backend, device="cpu"), port=free_port(), index_dir=index_dir)
     try:
         yield running.url, running.search_app
     finally:

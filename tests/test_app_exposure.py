@@ -12,7 +12,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from retrieval.index.build import build_index, untrained_backend
+from retrieval.index.build import build_index
+from retrieval.embed.spec import EmbedderSpec, open_embedder
 from retrieval.config import IndexConfig
 from retrieval.data import load_dataset
 from tests.fakes import make_fake_inshop
@@ -30,8 +31,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[object, P
     root = make_fake_inshop(tmp_path_factory.mktemp("data") / "inshop", train_items=1, test_items=4, per_item=3,
                             size=64)
     index_dir = tmp_path_factory.mktemp("indexes") / "shop-index"
-    backend, source = untrained_backend("resnet18", 8, image_size=32, device="cpu")
-    build_index(load_dataset("inshop", root), backend, source, index_dir, IndexConfig(use_gpu=False), progress=False)
+    backend = open_embedder(EmbedderSpec.untrained("resnet18", 8, image_size=32), "cpu")
+    build_index(load_dataset("inshop", root), backend, index_dir, IndexConfig(use_gpu=False), progress=False)
     searcher = Searcher.open(index_dir, device="cpu")
     app = launch(searcher, port=free_port(), index_dir=index_dir,
                  thumbnails=ThumbnailStore(searcher.gallery_paths, max_side=THUMB))

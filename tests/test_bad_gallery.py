@@ -18,7 +18,8 @@ import pytest
 from typer.testing import CliRunner
 
 from retrieval.atomic import atomic_path, clean_stale_leftovers
-from retrieval.index.build import build_index, untrained_backend
+from retrieval.index.build import build_index
+from retrieval.embed.spec import EmbedderSpec, open_embedder
 from retrieval.cli import app
 from retrieval.config import IndexConfig
 from retrieval.data import load_dataset
@@ -27,13 +28,13 @@ from retrieval.images import ImageLoadError
 from retrieval.index.folder import GalleryIndex
 from tests.fakes import make_fake_inshop
 
-TINY = dict(arch="resnet18", embedding_size=16, image_size=32, seed=0, device="cpu")
+TINY = dict(arch="resnet18", embedding_size=16, image_size=32, seed=0)
 FLAGS = ["--untrained", "--arch", "resnet18", "--embedding-size", "16", "--image-size", "32", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
 def backend():
-    return untrained_backend(**TINY)
+    return open_embedder(EmbedderSpec.untrained(**TINY), "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +50,9 @@ def broken(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
 
 def test_bad_gallery_images_are_skipped_and_listed(broken, backend, tmp_path: Path) -> None:
     root, bad = broken
-    emb_backend, source = backend
+    emb_backend = backend
     out = tmp_path / "idx"
-    built = build_index(load_dataset("inshop", root), emb_backend, source, out, IndexConfig(use_gpu=False),
+    built = build_index(load_dataset("inshop", root), emb_backend, out, IndexConfig(use_gpu=False),
                         progress=False, max_bad_fraction=0.5)
     gallery = load_dataset("inshop", root).gallery
     good = [p for p in gallery.paths if Path(p) not in bad]
@@ -70,9 +71,9 @@ def test_bad_gallery_images_are_skipped_and_listed(broken, backend, tmp_path: Pa
 
 def test_too_many_bad_images_fail_naming_them_and_write_nothing(broken, backend, tmp_path: Path) -> None:
     root, bad = broken
-    emb_backend, source = backend
+    emb_backend = backend
     with pytest.raises(InputError) as info:
-        build_index(load_dataset("inshop", root), emb_backend, source, tmp_path / "idx", IndexConfig(use_gpu=False),
+        build_index(load_dataset("inshop", root), emb_backend, tmp_path / "idx", IndexConfig(use_gpu=False),
                     progress=False, max_bad_fraction=0.1)
     assert "2 of 8" in str(info.value) and all(p.name in str(info.value) for p in bad)
     assert not (tmp_path / "idx").exists()
@@ -80,9 +81,9 @@ def test_too_many_bad_images_fail_naming_them_and_write_nothing(broken, backend,
 
 def test_strict_stops_at_the_first_bad_image(broken, backend, tmp_path: Path) -> None:
     root, bad = broken
-    emb_backend, source = backend
+    emb_backend = backend
     with pytest.raises(ImageLoadError, match=bad[0].name):
-        build_index(load_dataset("inshop", root), emb_backend, source, tmp_path / "idx", IndexConfig(use_gpu=False),
+        build_index(load_dataset("inshop", root), emb_backend, tmp_path / "idx", IndexConfig(use_gpu=False),
                     progress=False, strict=True)
 
 
@@ -131,9 +132,9 @@ def test_a_killed_build_leaves_a_folder_the_next_build_removes_and_reports(
     assert len(leftovers) == 1
     os.utime(leftovers[0], (time.time() - 60, time.time() - 60))
     root, _ = broken
-    emb_backend, source = backend
+    emb_backend = backend
     with caplog.at_level(logging.WARNING, logger="retrieval.atomic"):
-        build_index(load_dataset("inshop", root), emb_backend, source, target, IndexConfig(use_gpu=False),
+        build_index(load_dataset("inshop", root), emb_backend, target, IndexConfig(use_gpu=False),
                     progress=False, max_bad_fraction=0.5)
     assert not list(tmp_path.glob(".idx.*")) and GalleryIndex.load(target)
     assert any("removed" in r.message and ".idx.building-" in r.message for r in caplog.records)

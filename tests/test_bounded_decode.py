@@ -16,14 +16,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.index.build import build_index, untrained_backend
+from retrieval.index.build import build_index
+from retrieval.embed.spec import EmbedderSpec, open_embedder
 from retrieval.config import IndexConfig
 from retrieval.data import load_dataset
 from retrieval.images import DEFAULT_MAX_ASPECT_RATIO, ImageLoadError, open_image
 from retrieval.embed.preprocess import Preprocessing, preprocess_eval, resize_short_side
 from tests.fakes import make_fake_inshop
 
-TINY = dict(arch="resnet18", embedding_size=16, image_size=64, seed=0, device="cpu")
+TINY = dict(arch="resnet18", embedding_size=16, image_size=64, seed=0)
 
 
 def png_bytes(width: int, height: int) -> bytes:
@@ -36,8 +37,8 @@ def png_bytes(width: int, height: int) -> bytes:
 def index_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = make_fake_inshop(tmp_path_factory.mktemp("inshop"), train_items=2, test_items=4, per_item=3, size=64)
     out = tmp_path_factory.mktemp("idx") / "inshop"
-    backend, source = untrained_backend(**TINY)
-    build_index(load_dataset("inshop", root), backend, source, out, IndexConfig(use_gpu=False), progress=False)
+    backend = open_embedder(EmbedderSpec.untrained(**TINY), "cpu")
+    build_index(load_dataset("inshop", root), backend, out, IndexConfig(use_gpu=False), progress=False)
     return out
 
 

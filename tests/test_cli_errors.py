@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from retrieval.index.build import build_index, untrained_backend
+from retrieval.index.build import build_index
+from retrieval.embed.spec import EmbedderSpec, open_embedder
 from retrieval.config import IndexConfig
 from retrieval.data import load_dataset
 from retrieval.errors import EXIT_ERROR, EXIT_USAGE
 from tests.fakes import make_fake_inshop, make_image_folder, write_nasty_images
 
-TINY = dict(arch="resnet18", embedding_size=16, image_size=32, seed=0, device="cpu")
+TINY = dict(arch="resnet18", embedding_size=16, image_size=32, seed=0)
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -35,8 +36,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base.mkdir()
     inshop = make_fake_inshop(base / "inshop", train_items=2, test_items=4, per_item=3)
     index = base / "index"
-    backend, source = untrained_backend(**TINY)
-    build_index(load_dataset("inshop", inshop), backend, source, index, IndexConfig(use_gpu=False), progress=False)
+    backend = open_embedder(EmbedderSpec.untrained(**TINY), "cpu")
+    build_index(load_dataset("inshop", inshop), backend, index, IndexConfig(use_gpu=False), progress=False)
     corrupt = base / "corrupt-index"
     corrupt.mkdir()
     for f in index.iterdir():

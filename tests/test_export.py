@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from retrieval.checkpoint import embedder_from_checkpoint, save_checkpoint
 from retrieval.config import DataConfig, ModelConfig, RunConfig
-from retrieval.embed.backend import load_backend
+from retrieval.embed.spec import EmbedderSpec, open_embedder
 from retrieval.embed.onnx_backend import CPU, OnnxBackend
 from retrieval.embed.torch_backend import TorchBackend
 from retrieval.export import (
@@ -112,8 +112,8 @@ def test_dynamic_batch_runs_any_size_and_matches_torch(workspace: dict) -> None:
 
 
 def test_rankings_are_identical_across_backends_and_indexes_are_interchangeable(workspace: dict) -> None:
-    torch_backend = load_backend("torch", workspace["ckpt"], None, device="cpu")
-    onnx_backend = load_backend("onnx", None, workspace["result"].path, device="cpu")
+    torch_backend = open_embedder(EmbedderSpec.checkpoint(workspace["ckpt"]), "cpu")
+    onnx_backend = open_embedder(EmbedderSpec.onnx(workspace["result"].path), "cpu")
     assert torch_backend.fingerprint == onnx_backend.fingerprint  # an index records this; both accept it
     gallery = workspace["gallery"]
     g_torch = torch_backend.embed_paths(gallery, batch_size=8, progress=False)
@@ -227,16 +227,16 @@ TORCH_FREE_EPILOGUE = (
 
 @pytest.fixture(scope="module")
 def torch_built_index(workspace: dict) -> dict:
-    from retrieval.index.build import build_index, open_backend
+    from retrieval.index.build import build_index
     from retrieval.config import IndexConfig
     from retrieval.data import load_dataset
     from tests.fakes import make_fake_inshop
 
     data_root = make_fake_inshop(workspace["root"] / "inshop", train_items=1, test_items=4, per_item=2, size=48)
     dataset = load_dataset("inshop", data_root)
-    backend, source = open_backend("torch", workspace["ckpt"], None, "cpu")
+    backend = open_embedder(EmbedderSpec.checkpoint(workspace["ckpt"]), "cpu")
     index_dir = workspace["root"] / "inshop-index"
-    build_index(dataset, backend, source, index_dir, IndexConfig(use_gpu=False), progress=False)
+    build_index(dataset, backend, index_dir, IndexConfig(use_gpu=False), progress=False)
     query = Path(dataset.query.paths[0])
     g = backend.embed_paths(list(dataset.gallery.paths), progress=False)
     q = backend.embed_paths([query], progress=False)
@@ -277,10 +277,11 @@ def test_cli_search_with_onnx_never_imports_torch(workspace: dict, torch_built_i
 
 def test_app_with_onnx_never_imports_torch(workspace: dict, torch_built_index: dict) -> None:
     out = run_torch_free(
-        "from app.serve import open_searcher\n"
+        "from retrieval.embed.spec import EmbedderSpec\n"
+        "from retrieval.search.searcher import Searcher\n"
         "from app.ui import build_app\n"
-        f"searcher = open_searcher({str(torch_built_index['index'])!r}, backend='onnx', "
-        f"model={str(workspace['result'].path)!r}, device='cpu')\n"
+        f"searcher = Searcher.open({str(torch_built_index['index'])!r}, EmbedderSpec.onnx("
+        f"{str(workspace['result'].path)!r}), device='cpu')\n"
         "demo, search_app = build_app(searcher)\n"
         f"galleries, statuses = search_app.search_batch([{str(torch_built_index['query'])!r}], [3])\n"
         "search_app.thumbnails.cleanup()\n"

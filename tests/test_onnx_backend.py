@@ -20,7 +20,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from retrieval.embed.backend import EmbeddingBackend, load_backend
+from retrieval.embed.backend import EmbeddingBackend
+from retrieval.embed.spec import EmbedderSpec, open_embedder
 from retrieval.embed.onnx_backend import (
     CPU,
     CUDA,
@@ -193,17 +194,23 @@ def test_provider_choice_and_reporting(tiny: tuple[Path, np.ndarray]) -> None:
         assert default_providers()[0] == CUDA
 
 
-def test_load_backend_picks_and_validates(tiny: tuple[Path, np.ndarray]) -> None:
+def test_embedder_spec_picks_and_validates(tiny: tuple[Path, np.ndarray]) -> None:
     path, _ = tiny
-    backend = load_backend("onnx", None, path, device="cpu")
-    assert isinstance(backend, OnnxBackend) and backend.provider == CPU
-    assert isinstance(load_backend("auto", None, path, device="cpu"), OnnxBackend)
+    spec = EmbedderSpec.from_options("onnx", None, path)
+    backend = open_embedder(spec, device="cpu")
+    assert isinstance(backend, OnnxBackend) and backend.provider == CPU and backend.spec == spec
+    assert spec.to_record() == {"kind": "onnx", "path": str(path.resolve())}
+    assert EmbedderSpec.from_record(spec.to_record()) == spec  # what an index records re-opens the same embedder
+    assert isinstance(open_embedder(EmbedderSpec.from_options("auto", None, path), device="cpu"), OnnxBackend)
+    assert EmbedderSpec.from_options("auto", None, None) is None  # nothing named: the caller decides
     with pytest.raises(ValueError, match="needs --model"):
-        load_backend("onnx", "run.pt", None)
+        EmbedderSpec.from_options("onnx", "run.pt", None)
     with pytest.raises(ValueError, match="unknown backend"):
-        load_backend("tensorrt", None, path)
+        EmbedderSpec.from_options("tensorrt", None, path)
     with pytest.raises(ValueError, match="needs --checkpoint"):
-        load_backend("torch", None, None)
+        EmbedderSpec.from_options("torch", None, None)
+    with pytest.raises(ValueError, match="built from vectors"):
+        EmbedderSpec.from_record({"kind": "vectors", "path": "x.npy"})
 
 
 # --- deployment without torch ----------------------------------------------------------------
@@ -214,15 +221,16 @@ def test_load_backend_picks_and_validates(tiny: tuple[Path, np.ndarray]) -> None
 TORCH_FREE_SNIPPETS = [
     pytest.param(
         """
-        import retrieval.embed.backend, retrieval.embed.onnx_backend, retrieval.images, retrieval.embed.preprocess
+        import retrieval.embed.backend, retrieval.embed.onnx_backend, retrieval.embed.spec, retrieval.images
+        import retrieval.embed.preprocess, retrieval.search.searcher, retrieval.cli.embedder_options
         """,
         id="import-backend-modules",
     ),
     pytest.param(
         """
         from PIL import Image
-        from retrieval.embed.backend import load_backend
-        backend = load_backend("onnx", None, MODEL)
+        from retrieval.embed.spec import EmbedderSpec, open_embedder
+        backend = open_embedder(EmbedderSpec.onnx(MODEL))
         paths = sorted(IMAGES.glob("*.png"))
         a = backend.embed_paths(paths, batch_size=2, progress=False)
         b = backend.embed_images([Image.open(p) for p in paths])

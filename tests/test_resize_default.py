@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from retrieval.index.build import untrained_backend
 from retrieval.checkpoint import preprocessing_of
 from retrieval.cli.train import resolve_config
 from retrieval.config import default_resize_size
+from retrieval.embed.spec import EmbedderSpec, open_embedder
 
 
 def _cfg(image_size=None, resize_size=None, sets=None, dataset="cub", config_file=None):
@@ -41,5 +41,6 @@ def test_presets_keep_their_own_pairs() -> None:
 
 
 def test_an_untrained_index_embedder_uses_the_same_ratio() -> None:
-    backend, source = untrained_backend("resnet18", 8, image_size=96, device="cpu")
-    assert backend.preprocessing.resize_size == source["resize_size"] == default_resize_size(96) == 110
+    backend = open_embedder(EmbedderSpec.untrained("resnet18", 8, image_size=96), "cpu")
+    record = backend.spec.to_record()  # what an index stores to re-create it
+    assert backend.preprocessing.resize_size == record["resize_size"] == default_resize_size(96) == 110

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from retrieval.index.build import build_index, untrained_backend
+from retrieval.index.build import build_index
+from retrieval.embed.spec import EmbedderSpec, open_embedder
 from retrieval.cli import app
 from retrieval.config import CalibrationConfig, IndexConfig
 from retrieval.data import load_dataset
@@ -31,7 +32,7 @@ from retrieval.index.shards import ShardSet, merge_results
 from retrieval.search.searcher import Searcher
 from tests.fakes import make_fake_inshop, make_image_folder, write_nasty_images
 
-TINY = dict(arch="resnet18", embedding_size=32, image_size=64, seed=0, device="cpu")
+TINY = dict(arch="resnet18", embedding_size=32, image_size=64, seed=0)
 TINY_FLAGS = ["--untrained", "--arch", "resnet18", "--embedding-size", "32", "--image-size", "64", "--device", "cpu"]
 NO_GPU = IndexConfig(use_gpu=False)
 
@@ -44,14 +45,14 @@ def inshop(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def backend():
-    return untrained_backend(**TINY)
+    return open_embedder(EmbedderSpec.untrained(**TINY), "cpu")
 
 
 @pytest.fixture(scope="module")
 def parts(inshop, backend, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("emb") / "inshop"
-    emb_backend, record = backend
-    embed_to_parts(out, source_from_dataset(load_dataset("inshop", inshop)), emb_backend, record,
+    emb_backend = backend
+    embed_to_parts(out, source_from_dataset(load_dataset("inshop", inshop)), emb_backend,
                    EmbedOptions(part_size=8, batch_size=4), progress=False)
     return out
 
@@ -64,7 +65,7 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 
 def test_parts_hold_what_retrieval_index_embeds_and_the_index_evaluates_the_same(parts, inshop, backend, tmp_path):
-    emb_backend, record = backend
+    emb_backend = backend
     ds = load_dataset("inshop", inshop)
     folder = EmbeddingsFolder.open(parts)
     m = folder.manifest
@@ -76,7 +77,7 @@ def test_parts_hold_what_retrieval_index_embeds_and_the_index_evaluates_the_same
     assert g_items.paths == [Path(p).relative_to(ds.root.resolve()).as_posix() for p in ds.gallery.paths]
     np.testing.assert_allclose(g_emb, emb_backend.embed_paths(ds.gallery.paths, progress=False), atol=1e-5)
 
-    build_index(ds, emb_backend, record, tmp_path / "direct", NO_GPU, progress=False)
+    build_index(ds, emb_backend, tmp_path / "direct", NO_GPU, progress=False)
     build_from_parts(parts, tmp_path / "from_parts", NO_GPU, progress=False)
     direct, from_parts = Searcher.open(tmp_path / "direct", device="cpu"), Searcher.open(tmp_path / "from_parts",
                                                                                            device="cpu")
@@ -88,11 +89,11 @@ def test_parts_hold_what_retrieval_index_embeds_and_the_index_evaluates_the_same
 
 
 def test_images_are_embedded_unreadable_ones_listed_and_skipped(backend, tmp_path):
-    emb_backend, record = backend
+    emb_backend = backend
     root = make_image_folder(tmp_path / "photos", classes=2, per_class=3)
     nasty = write_nasty_images(root / "uploads")
     source = source_from_images([root])
-    report = embed_to_parts(tmp_path / "emb", source, emb_backend, record, EmbedOptions(part_size=5), progress=False)
+    report = embed_to_parts(tmp_path / "emb", source, emb_backend, EmbedOptions(part_size=5), progress=False)
     m = report.manifest
     assert m["n_bad"] == 3 and m["embedded"] == {"gallery": 6 + 6}
     assert sorted(Path(b["path"]).name for b in m["bad_images"]) == sorted(
@@ -172,10 +173,10 @@ def test_corrupt_part_and_foreign_fingerprint_are_refused_naming_the_file(parts,
         build_from_parts(copy, tmp_path / "index", NO_GPU, progress=False)
     assert str(done) in str(info.value)
 
-    other_backend, other_record = untrained_backend(**{**TINY, "seed": 1})
+    other_backend = open_embedder(EmbedderSpec.untrained(**{**TINY, "seed": 1}), "cpu")
     inshop_root = EmbeddingsFolder.open(parts).data_root
     with pytest.raises(PartsError, match="two embedders cannot be mixed"):
-        embed_to_parts(parts, source_from_dataset(load_dataset("inshop", inshop_root)), other_backend, other_record,
+        embed_to_parts(parts, source_from_dataset(load_dataset("inshop", inshop_root)), other_backend,
                        EmbedOptions(part_size=8), progress=False)
 
 
@@ -353,7 +354,7 @@ def test_cli_embed_then_index_sharded_then_evaluate_and_search(inshop, tmp_path)
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.output)["metrics"]
     ds = load_dataset("inshop", inshop)
-    emb_backend, _ = untrained_backend(**TINY)
+    emb_backend = open_embedder(EmbedderSpec.untrained(**TINY), "cpu")
     from retrieval.metrics import evaluate_embeddings
 
     ref = evaluate_embeddings(emb_backend.embed_paths(ds.query.paths, progress=False), np.asarray(ds.query.labels),

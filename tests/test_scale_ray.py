@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval.index.build import untrained_backend
 from retrieval.config import IndexConfig
 from retrieval.embed.job import EmbedOptions, embed_to_parts, source_from_images, write_arrays
 from retrieval.embed.parts import EmbeddingsFolder
@@ -18,10 +17,11 @@ from retrieval.embed.ray_engine import RayOptions
 from retrieval.index.sharded_build import ShardOptions, build_from_parts
 from retrieval.search.searcher import Searcher
 from tests.fakes import make_image_folder, write_nasty_images
+from retrieval.embed.spec import EmbedderSpec, open_embedder
 
 pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")]
 
-TINY = dict(arch="resnet18", embedding_size=32, image_size=64, seed=0, device="cpu")
+TINY = dict(arch="resnet18", embedding_size=32, image_size=64, seed=0)
 OPTIONS = EmbedOptions(part_size=4, batch_size=4)
 
 
@@ -39,17 +39,17 @@ def photos(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ray_parts(ray_runtime, photos, tmp_path_factory) -> Path:
     """An uninterrupted Ray run: 2 actors, one CPU each."""
-    emb_backend, record = untrained_backend(**TINY)
+    emb_backend = open_embedder(EmbedderSpec.untrained(**TINY), "cpu")
     out = tmp_path_factory.mktemp("ray") / "emb"
-    report = embed_to_parts(out, source_from_images([photos]), emb_backend, record, OPTIONS, engine="ray",
+    report = embed_to_parts(out, source_from_images([photos]), emb_backend, OPTIONS, engine="ray",
                             ray_options=RayOptions(workers=2), progress=False)
     assert len(report.results) == report.parts_total == 9
     return out
 
 
 def test_ray_embedding_equals_local_embedding(ray_parts, photos, tmp_path):
-    emb_backend, record = untrained_backend(**TINY)
-    embed_to_parts(tmp_path / "local", source_from_images([photos]), emb_backend, record, OPTIONS, progress=False)
+    emb_backend = open_embedder(EmbedderSpec.untrained(**TINY), "cpu")
+    embed_to_parts(tmp_path / "local", source_from_images([photos]), emb_backend, OPTIONS, progress=False)
     ray_folder, local_folder = EmbeddingsFolder.open(ray_parts), EmbeddingsFolder.open(tmp_path / "local")
     assert ray_folder.manifest["fingerprint"] == local_folder.manifest["fingerprint"]
     assert ray_folder.manifest["bad_images"] == local_folder.manifest["bad_images"]
@@ -61,7 +61,7 @@ def test_ray_embedding_equals_local_embedding(ray_parts, photos, tmp_path):
 
 
 def test_killed_ray_worker_then_rerun_embeds_only_the_missing_parts_with_identical_files(ray_parts, photos, tmp_path):
-    emb_backend, record = untrained_backend(**TINY)
+    emb_backend = open_embedder(EmbedderSpec.untrained(**TINY), "cpu")
     source = source_from_images([photos])
     out = tmp_path / "emb"
     killed: list[int] = []
@@ -74,7 +74,7 @@ def test_killed_ray_worker_then_rerun_embeds_only_the_missing_parts_with_identic
             killed.append(pid)
 
     with pytest.raises(RuntimeError, match="rerun the same command"):
-        embed_to_parts(out, source, emb_backend, record, OPTIONS, engine="ray",
+        embed_to_parts(out, source, emb_backend, OPTIONS, engine="ray",
                        ray_options=RayOptions(workers=2, retries=0), progress=False, on_part=kill_worker)
     assert killed
     folder = EmbeddingsFolder.open(out)
@@ -82,7 +82,7 @@ def test_killed_ray_worker_then_rerun_embeds_only_the_missing_parts_with_identic
     assert 0 < len(missing) < 9 and not folder.manifest["complete"]
     done_before = {p.name: p.stat().st_mtime_ns for p in (out / "parts").glob("*.done")}
 
-    report = embed_to_parts(out, source, emb_backend, record, OPTIONS, engine="ray",
+    report = embed_to_parts(out, source, emb_backend, OPTIONS, engine="ray",
                             ray_options=RayOptions(workers=2), progress=False)
     assert {r.name for r in report.results} == missing and report.parts_done_before == 9 - len(missing)
     assert {n: (out / "parts" / n).stat().st_mtime_ns for n in done_before} == done_before

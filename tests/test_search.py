@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from retrieval.index.build import add_images, build_index, untrained_backend
+from retrieval.index.build import add_images, build_index
+from retrieval.embed.spec import EmbedderSpec, open_embedder
 from retrieval.cli import app
 from retrieval.config import IndexConfig
 from retrieval.data import load_dataset
@@ -21,7 +22,7 @@ from retrieval.metrics import evaluate_embeddings
 from retrieval.search.searcher import Searcher
 from tests.fakes import make_fake_inshop, make_fake_sop
 
-TINY = dict(arch="resnet18", embedding_size=32, image_size=64, seed=0, device="cpu")
+TINY = dict(arch="resnet18", embedding_size=32, image_size=64, seed=0)
 UNTRAINED_FLAGS = ["--untrained", "--arch", "resnet18", "--embedding-size", "32", "--image-size", "64", "--device", "cpu"]
 
 
@@ -33,14 +34,14 @@ def inshop(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def backend():
-    return untrained_backend(**TINY)
+    return open_embedder(EmbedderSpec.untrained(**TINY), "cpu")
 
 
 @pytest.fixture(scope="module")
 def built(inshop, backend, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("indexes") / "inshop"
-    emb_backend, source = backend
-    build_index(load_dataset("inshop", inshop), emb_backend, source, out, IndexConfig(use_gpu=False), progress=False)
+    emb_backend = backend
+    build_index(load_dataset("inshop", inshop), emb_backend, out, IndexConfig(use_gpu=False), progress=False)
     return out
 
 
@@ -63,9 +64,9 @@ def test_index_folder_records_what_search_needs(built, inshop):
 
 
 def test_search_paths_equals_numpy_brute_force_ranking(built, inshop, backend):
-    emb_backend, _ = backend
+    emb_backend = backend
     ds = load_dataset("inshop", inshop)
-    searcher = Searcher.open(built, backend=emb_backend, device="cpu")
+    searcher = Searcher.open(built, emb_backend, device="cpu")
     queries = [str(p) for p in ds.query.paths[:5]]
     results = searcher.search_paths(queries, k=12)
 
@@ -109,9 +110,9 @@ def test_searcher_exposes_the_items_the_app_shows(built, inshop):
 
 def test_searcher_accessors_without_stored_queries(tmp_path, backend):
     root = make_fake_sop(tmp_path / "sop", train_classes=2, test_classes=3, per_class=2)
-    emb_backend, source = backend
+    emb_backend = backend
     ds = load_dataset("sop", root)
-    build_index(ds, emb_backend, source, tmp_path / "idx", IndexConfig(use_gpu=False), progress=False)
+    build_index(ds, emb_backend, tmp_path / "idx", IndexConfig(use_gpu=False), progress=False)
     searcher = Searcher.open(tmp_path / "idx", device="cpu")
     assert not searcher.has_stored_queries
     assert searcher.query_paths == searcher.query_labels == searcher.query_item_ids == []
@@ -123,7 +124,7 @@ def test_searcher_accessors_without_stored_queries(tmp_path, backend):
 
 
 def test_evaluate_uses_stored_queries_and_matches_metrics(built, inshop, backend):
-    emb_backend, _ = backend
+    emb_backend = backend
     ds = load_dataset("inshop", inshop)
     result = Searcher.open(built, device="cpu").evaluate()
     q = emb_backend.embed_paths(list(ds.query.paths), progress=False)
@@ -136,19 +137,19 @@ def test_evaluate_uses_stored_queries_and_matches_metrics(built, inshop, backend
 
 
 def test_other_embedder_is_refused_with_both_fingerprints(built):
-    other, _ = untrained_backend(**{**TINY, "seed": 1})
+    other = open_embedder(EmbedderSpec.untrained(**{**TINY, "seed": 1}), "cpu")
     index_fp = json.loads((built / "meta.json").read_text())["fingerprint"]
     with pytest.raises(EmbedderMismatchError) as err:
-        Searcher.open(built, backend=other)
+        Searcher.open(built, other)
     assert index_fp in str(err.value) and other.fingerprint in str(err.value) and "rebuild" in str(err.value)
-    wider, _ = untrained_backend(**{**TINY, "embedding_size": 64})
+    wider = open_embedder(EmbedderSpec.untrained(**{**TINY, "embedding_size": 64}), "cpu")
     with pytest.raises(EmbedderMismatchError, match="embedding size 64 != 32"):
-        Searcher.open(built, backend=wider)
+        Searcher.open(built, wider)
 
 
 def test_add_images_then_find_them(built, inshop, backend, tmp_path):
     idx = fresh_copy(built, tmp_path)
-    emb_backend, _ = backend
+    emb_backend = backend
     new_folder = tmp_path / "new"
     new_folder.mkdir()
     sources = sorted((inshop / "Img").rglob("*.jpg"))[:2]  # train images: not in the gallery yet
@@ -161,14 +162,14 @@ def test_add_images_then_find_them(built, inshop, backend, tmp_path):
     assert hits[0].gallery_index == 13 and hits[0].label == -1 and hits[0].item_id == "new"
     # unlabelled additions never count as relevant: the metrics are unchanged up to rank shifts
     assert searcher.evaluate()["R@50"] == pytest.approx(1.0)
-    other, _ = untrained_backend(**{**TINY, "seed": 2})
+    other = open_embedder(EmbedderSpec.untrained(**{**TINY, "seed": 2}), "cpu")
     with pytest.raises(EmbedderMismatchError):
         add_images(idx, [new_folder], other, progress=False)
     assert len(GalleryIndex.load(idx)) == 14
 
 
 def test_index_and_dataset_moved_together_work_with_a_data_root_override(built, inshop, backend, tmp_path):
-    emb_backend, _ = backend
+    emb_backend = backend
     outside = tmp_path / "outside"
     outside.mkdir()
     shutil.copy(sorted((inshop / "Img").rglob("*.jpg"))[0], outside / "extra.jpg")
@@ -195,16 +196,14 @@ def test_index_and_dataset_moved_together_work_with_a_data_root_override(built, 
                                    "--json", "--device", "cpu", "--data-root", str(moved / "data")])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["results"][0]["hits"][0]["path"] == hit.path
-    from app.serve import open_searcher
-
-    served = open_searcher(moved / "index", device="cpu", data_root=moved / "data")
+    served = Searcher.open(moved / "index", device="cpu", data_root=moved / "data")
     assert served.gallery_paths == searcher.gallery_paths
 
 
 def test_interrupted_build_keeps_the_previous_index(built, inshop, backend, tmp_path, monkeypatch):
     idx = fresh_copy(built, tmp_path)
     before = (idx / "index.faiss").read_bytes()
-    emb_backend, source = backend
+    emb_backend = backend
     import retrieval.index.folder as index_folder
 
     def crash(*args, **kwargs):
@@ -212,7 +211,7 @@ def test_interrupted_build_keeps_the_previous_index(built, inshop, backend, tmp_
 
     monkeypatch.setattr(index_folder, "atomic_write_json", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        build_index(load_dataset("inshop", inshop), emb_backend, source, idx, IndexConfig(use_gpu=False), progress=False)
+        build_index(load_dataset("inshop", inshop), emb_backend, idx, IndexConfig(use_gpu=False), progress=False)
     monkeypatch.undo()
     assert (idx / "index.faiss").read_bytes() == before
     assert Searcher.open(idx, device="cpu").evaluate()["R@1"] >= 0
@@ -221,10 +220,10 @@ def test_interrupted_build_keeps_the_previous_index(built, inshop, backend, tmp_
 
 def test_all_vs_all_dataset_indexes_test_split_and_excludes_self(tmp_path, backend):
     root = make_fake_sop(tmp_path / "sop", train_classes=2, test_classes=4, per_class=3)
-    emb_backend, source = backend
+    emb_backend = backend
     ds = load_dataset("sop", root)
     out = tmp_path / "idx"
-    build_index(ds, emb_backend, source, out, IndexConfig(use_gpu=False), progress=False)
+    build_index(ds, emb_backend, out, IndexConfig(use_gpu=False), progress=False)
     searcher = Searcher.open(out, device="cpu")
     assert searcher.meta["protocol"] == "all-vs-all" and searcher.meta["n_queries"] == 0
     g = emb_backend.embed_paths(list(ds.test.paths), progress=False)
@@ -287,22 +286,21 @@ def test_cli_add(inshop, built, tmp_path):
 
 
 def test_checkpoint_embedder_is_recorded_and_reopened(inshop, tmp_path):
-    from retrieval.index.build import open_backend
     from retrieval.checkpoint import save_checkpoint
     from retrieval.config import DataConfig, ModelConfig, RunConfig
 
-    emb_backend, _ = untrained_backend(**TINY)
+    emb_backend = open_embedder(EmbedderSpec.untrained(**TINY), "cpu")
     cfg = RunConfig(data=DataConfig(image_size=64, resize_size=73), model=ModelConfig("resnet18", 32, "none"))
     ckpt = tmp_path / "best.pt"
     save_checkpoint(ckpt, emb_backend.model, cfg)
-    torch_backend, source = open_backend("torch", checkpoint=ckpt, device="cpu")
-    assert source == {"kind": "checkpoint", "path": str(ckpt.resolve())}
+    torch_backend = open_embedder(EmbedderSpec.from_options("auto", ckpt, None), "cpu")
+    assert torch_backend.spec.to_record() == {"kind": "checkpoint", "path": str(ckpt.resolve())}
     out = tmp_path / "idx"
-    build_index(load_dataset("inshop", inshop), torch_backend, source, out, IndexConfig(use_gpu=False), progress=False)
+    build_index(load_dataset("inshop", inshop), torch_backend, out, IndexConfig(use_gpu=False), progress=False)
     searcher = Searcher.open(out, device="cpu")
     assert searcher.backend.fingerprint == torch_backend.fingerprint == searcher.meta["fingerprint"]
     ckpt.rename(tmp_path / "moved.pt")
     with pytest.raises(FileNotFoundError, match="pass the embedder with --checkpoint"):
         _ = Searcher.open(out, device="cpu").backend
-    moved = Searcher.open(out, checkpoint=tmp_path / "moved.pt", device="cpu")
+    moved = Searcher.open(out, EmbedderSpec.checkpoint(tmp_path / "moved.pt"), device="cpu")
     assert moved.search_paths([load_dataset("inshop", inshop).gallery.paths[0]], k=1)[0][0].gallery_index == 0

@@ -7,6 +7,16 @@ from typing import Optional
 
 import typer
 
+from retrieval.cli.embedder_options import (
+    arch_option,
+    backend_option,
+    checkpoint_option,
+    embedder_spec,
+    embedding_size_option,
+    image_size_option,
+    model_option,
+    untrained_option,
+)
 from retrieval.embed import ENGINES
 
 
@@ -17,13 +27,13 @@ def register(app: typer.Typer) -> None:
         dataset: Optional[str] = typer.Option(None, "--dataset", help="cub | cars | sop | inshop | folder | demo."),
         data_root: Optional[Path] = typer.Option(None, "--data-root", help="The dataset's folder (official layout)."),
         out: Path = typer.Option(..., "--out", help="Embeddings folder (created, or resumed when it exists)."),
-        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint written by `retrieval train`."),
-        backend: str = typer.Option("auto", "--backend", help="torch | onnx | auto (onnx when --model is given)."),
-        model: Optional[Path] = typer.Option(None, "--model", help="ONNX model from `retrieval export`."),
-        untrained: bool = typer.Option(False, "--untrained", help="A randomly initialised embedder (baselines, tests)."),
-        arch: str = typer.Option("resnet50", "--arch", help="With --untrained: the trunk."),
-        embedding_size: int = typer.Option(512, "--embedding-size", min=1, help="With --untrained: embedding size."),
-        image_size: int = typer.Option(224, "--image-size", min=16, help="With --untrained: input crop size."),
+        checkpoint: Optional[Path] = checkpoint_option(),
+        backend: str = backend_option(),
+        model: Optional[Path] = model_option(),
+        untrained: bool = untrained_option(),
+        arch: str = arch_option(),
+        embedding_size: int = embedding_size_option(),
+        image_size: int = image_size_option(),
         seed: int = typer.Option(0, "--seed", help="With --untrained: initialisation seed."),
         device: str = typer.Option("auto", "--device", help="Local engine: auto | cpu | cuda[:N]."),
         batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
@@ -57,11 +67,10 @@ def register(app: typer.Typer) -> None:
             fail("pass either --dataset NAME --data-root PATH or image files/folders, not both")
         if dataset is not None and data_root is None:
             fail("--dataset needs --data-root PATH")
-        if untrained and (checkpoint or model):
-            fail("--untrained cannot be combined with --checkpoint/--model")
-        if not untrained and checkpoint is None and model is None:
-            fail("pass --checkpoint CKPT (or --backend onnx --model MODEL.onnx), or --untrained for a baseline")
-        from retrieval.index.build import open_backend, untrained_backend
+        spec = embedder_spec(backend, checkpoint, model, untrained=untrained, arch=arch,
+                             embedding_size=embedding_size, image_size=image_size, seed=seed)
+        assert spec is not None
+        from retrieval.embed.spec import open_embedder
         from retrieval.embed.job import EmbedOptions, embed_to_parts, source_from_dataset, source_from_images
         from retrieval.embed.ray_engine import RayOptions
 
@@ -76,16 +85,13 @@ def register(app: typer.Typer) -> None:
             source = source_from_images(images or [])
         # the driver opens the embedder for its facts (fingerprint, size); Ray actors open their own copy
         local_device = "cpu" if engine == "ray" else device
-        if untrained:
-            emb_backend, record = untrained_backend(arch, embedding_size, image_size, seed=seed, device=local_device)
-        else:
-            emb_backend, record = open_backend(backend, checkpoint, model, local_device)
+        emb_backend = open_embedder(spec, local_device)
         n = sum(len(r.paths) for r in source.roles)
         where = (f"Ray, {workers} workers" if engine == "ray" else escape(emb_backend.device))
         console.print(f"Embedding {n:,} images of {escape(source.dataset)} "
                       f"({', '.join(f'{r.role}: {len(r.paths):,}' for r in source.roles)}) with the "
                       f"{emb_backend.name} embedder {emb_backend.fingerprint} on {where} into {escape(str(out))}")
-        report = embed_to_parts(out, source, emb_backend, record, options, engine=engine, ray_options=ray_options)
+        report = embed_to_parts(out, source, emb_backend, options, engine=engine, ray_options=ray_options)
         m = report.manifest
         rate = f"{report.images_per_second:,.1f} images/s" if report.images else "nothing left to embed"
         console.print(

@@ -7,6 +7,17 @@ from typing import Optional
 
 import typer
 
+from retrieval.cli.embedder_options import (
+    arch_option,
+    backend_option,
+    checkpoint_option,
+    embedder_spec,
+    embedding_size_option,
+    image_size_option,
+    model_option,
+    untrained_option,
+)
+
 
 def register(app: typer.Typer) -> None:
     @app.command("index")
@@ -28,15 +39,13 @@ def register(app: typer.Typer) -> None:
             help="Also store each gallery item's N nearest neighbours (needed by --rerank dba); with only --out, "
                  "add them to an existing index.",
         ),
-        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint written by `retrieval train`."),
-        backend: str = typer.Option("auto", "--backend", help="torch | onnx | auto (onnx when --model is given)."),
-        model: Optional[Path] = typer.Option(None, "--model", help="ONNX model from `retrieval export` (--backend onnx)."),
-        untrained: bool = typer.Option(
-            False, "--untrained", help="Use a randomly initialised embedder (baselines, smoke tests); recorded in meta.json."
-        ),
-        arch: str = typer.Option("resnet50", "--arch", help="With --untrained: the trunk."),
-        embedding_size: int = typer.Option(512, "--embedding-size", min=1, help="With --untrained: embedding size."),
-        image_size: int = typer.Option(224, "--image-size", min=16, help="With --untrained: input crop size."),
+        checkpoint: Optional[Path] = checkpoint_option(),
+        backend: str = backend_option(),
+        model: Optional[Path] = model_option(),
+        untrained: bool = untrained_option(),
+        arch: str = arch_option(),
+        embedding_size: int = embedding_size_option(),
+        image_size: int = image_size_option(),
         seed: int = typer.Option(0, "--seed", help="With --untrained: initialisation seed; also IVF training sample."),
         index_type: str = typer.Option("auto", "--index-type", help="auto | flat | ivf-flat | ivf-pq | hnsw."),
         nlist: int = typer.Option(0, "--nlist", min=0, help="IVF lists (0 = about 4 sqrt(N))."),
@@ -106,7 +115,8 @@ def register(app: typer.Typer) -> None:
             if out is None:
                 fail("--add needs --out DIR (the index to add to)")
             assert out is not None
-            _add(console, out, add, backend, checkpoint, model, device, batch_size, strict, max_bad_fraction)
+            _add(console, out, add, embedder_spec(backend, checkpoint, model, required=False), device, batch_size,
+                 strict, max_bad_fraction)
             return
         cfg = IndexConfig(index_type=index_type, nlist=nlist, pq_m=pq_m, pq_nbits=pq_nbits, hnsw_m=hnsw_m,
                           ef_construction=ef_construction, refine_factor=refine_factor,
@@ -128,43 +138,41 @@ def register(app: typer.Typer) -> None:
         if dataset is None or data_root is None:
             fail("pass --dataset and --data-root (or --add IMAGES --out DIR to extend an index)")
         assert dataset is not None and data_root is not None
-        if untrained and (checkpoint or model):
-            fail("--untrained cannot be combined with --checkpoint/--model")
-        if not untrained and checkpoint is None and model is None:
-            fail("pass --checkpoint CKPT (or --backend onnx --model MODEL.onnx); for a random-weights baseline "
-                 "pass --untrained explicitly")
+        spec = embedder_spec(backend, checkpoint, model, untrained=untrained, arch=arch,
+                             embedding_size=embedding_size, image_size=image_size, seed=seed)
+        assert spec is not None
         out = out or Path("indexes") / dataset
-        from retrieval.index.build import build_index, open_backend, untrained_backend
         from retrieval.data import load_dataset
+        from retrieval.embed.spec import open_embedder
+        from retrieval.index.build import build_index
 
         ds = load_dataset(dataset, data_root)
+        emb_backend = open_embedder(spec, device)
         if untrained:
-            emb_backend, source = untrained_backend(arch, embedding_size, image_size, seed=seed, device=device)
             console.print("[yellow]note:[/yellow] untrained (random) embedder: results are a baseline only")
-        else:
-            emb_backend, source = open_backend(backend, checkpoint, model, device)
         gallery = ds.gallery_split()
         console.print(f"Indexing {ds.name} {gallery.name} split ({len(gallery):,} images) with the "
                       f"{emb_backend.name} embedder {emb_backend.fingerprint} on {escape(emb_backend.device)} "
                       f"({emb_backend.preprocessing.describe()})")
-        built = build_index(ds, emb_backend, source, out, cfg, batch_size=batch_size, seed=seed, calib=calib,
+        built = build_index(ds, emb_backend, out, cfg, batch_size=batch_size, seed=seed, calib=calib,
                             rerank_neighbours=rerank_neighbours, strict=strict, max_bad_fraction=max_bad_fraction)
         _summary(console, built, out)
         _report_bad(console, built.meta.get("bad_images") or [], out)
 
 
-def _add(console, out, add, backend, checkpoint, model, device, batch_size, strict, max_bad_fraction) -> None:  # type: ignore[no-untyped-def]
+def _add(console, out, add, spec, device, batch_size, strict, max_bad_fraction) -> None:  # type: ignore[no-untyped-def]
     from rich.markup import escape
 
-    from retrieval.index.build import add_images, backend_from_source, list_images, open_backend
+    from retrieval.embed.spec import open_embedder, open_recorded
+    from retrieval.index.build import add_images, list_images
     from retrieval.index.folder import GalleryIndex
 
     n_listed = len(list_images(add))  # refuse missing files before any work
-    if checkpoint is not None or model is not None:
-        emb_backend, _ = open_backend(backend, checkpoint, model, device)
+    if spec is not None:
+        emb_backend = open_embedder(spec, device)
     else:
-        source = GalleryIndex.load(out, verify_checksums=False).meta.get("embedder_source", {})
-        emb_backend = backend_from_source(source, device)
+        emb_backend = open_recorded(GalleryIndex.load(out, verify_checksums=False).meta.get("embedder_source", {}),
+                                    device)
     console.print(f"Adding to {escape(str(out))} with the {emb_backend.name} embedder "
                   f"{emb_backend.fingerprint} on {escape(emb_backend.device)}")
     updated, n_added = add_images(out, add, emb_backend, batch_size=batch_size, strict=strict,

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from retrieval.cli.embedder_options import backend_option, checkpoint_option, embedder_spec, model_option
+
 
 def register(app: typer.Typer) -> None:
     @app.command("search")
@@ -15,11 +17,9 @@ def register(app: typer.Typer) -> None:
         index: Path = typer.Option(..., "--index", help="Index folder written by `retrieval index`."),
         k: int = typer.Option(10, "-k", "--k", min=1, help="Results per query."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
-        checkpoint: Optional[Path] = typer.Option(
-            None, "--checkpoint", help="Embedder checkpoint (default: the one recorded in the index)."
-        ),
-        backend: str = typer.Option("auto", "--backend", help="torch | onnx | auto (onnx when --model is given)."),
-        model: Optional[Path] = typer.Option(None, "--model", help="ONNX model from `retrieval export`."),
+        checkpoint: Optional[Path] = checkpoint_option(recorded=True),
+        backend: str = backend_option(),
+        model: Optional[Path] = model_option(),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N] (embedding and FAISS)."),
         data_root: Optional[Path] = typer.Option(
             None, "--data-root", help="Where the dataset is now, if it moved since the index was built."
@@ -49,12 +49,8 @@ def register(app: typer.Typer) -> None:
         from retrieval.search.searcher import Searcher, hits_as_json
 
         console = Console()
-        emb_backend = None
-        if checkpoint is not None or model is not None or backend == "onnx":
-            from retrieval.index.build import open_backend
-
-            emb_backend, _ = open_backend(backend, checkpoint, model, device)
-        searcher = Searcher.open(index, backend=emb_backend, device=device, data_root=data_root)
+        spec = embedder_spec(backend, checkpoint, model, required=False)
+        searcher = Searcher.open(index, spec, device=device, data_root=data_root)
         from retrieval.index.calibrate import override_search_params
         from retrieval.errors import UsageError
 

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from retrieval.cli.embedder_options import backend_option, checkpoint_option, embedder_spec, model_option
+
 
 def register(app: typer.Typer) -> None:
     @app.command("serve")
@@ -15,13 +17,9 @@ def register(app: typer.Typer) -> None:
         host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; 0.0.0.0 exposes the app to your network."),
         port: Optional[int] = typer.Option(None, "--port", help="TCP port (default 7860, or a free one if taken)."),
         share: bool = typer.Option(False, "--share", help="Also open a public gradio.live link (off by default)."),
-        backend: Optional[str] = typer.Option(
-            None, "--backend", help="torch or onnx; default: the embedder recorded in the index."
-        ),
-        model: Optional[Path] = typer.Option(None, "--model", help="ONNX model for --backend onnx."),
-        checkpoint: Optional[Path] = typer.Option(
-            None, "--checkpoint", help="Checkpoint for the torch backend (default: the one recorded in the index)."
-        ),
+        backend: Optional[str] = backend_option(default=None),
+        model: Optional[Path] = model_option(),
+        checkpoint: Optional[Path] = checkpoint_option(recorded=True),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         data_root: Optional[Path] = typer.Option(
             None, "--data-root", help="Where the dataset is now, if it moved since the index was built."
@@ -41,16 +39,12 @@ def register(app: typer.Typer) -> None:
         """Serve the search UI and the JSON API (/api/v1/search, /health, /info, /docs) on one port."""
         from rich.console import Console
 
-        from app.serve import launch, open_searcher
-        from retrieval.errors import UsageError
+        from app.serve import launch
+        from retrieval.search.searcher import Searcher
 
         console = Console()
-        if backend not in (None, "torch", "onnx"):
-            raise UsageError(f"--backend {backend!r}: choose torch or onnx")
-        if backend == "onnx" and model is None:
-            raise UsageError("--backend onnx needs --model model.onnx")
-        searcher = open_searcher(index, backend=backend, model=model, checkpoint=checkpoint, device=device,
-                                 data_root=data_root)
+        spec = embedder_spec(backend, checkpoint, model, required=False)
+        searcher = Searcher.open(index, spec, device=device, data_root=data_root)
         embedder = searcher.backend
         running = launch(searcher, host=host, port=port, share=share, block=False, index_dir=index,
                          api_token=api_token, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
 
-from retrieval.errors import UsageError
 from retrieval.embed.preprocess import Preprocessing
 
 
@@ -25,6 +24,7 @@ class EmbeddingBackend(Protocol):
     preprocessing: Preprocessing
     device: str  # human-readable: "cuda:0 (bf16)", "cpu", "onnxruntime CPUExecutionProvider"
     name: str  # "torch" | "onnx"
+    spec: Any  # the EmbedderSpec it was opened from (retrieval.embed.spec); None for an in-memory model
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """RGB PIL images -> (N, D) float32, L2-normalised."""
@@ -35,39 +35,3 @@ class EmbeddingBackend(Protocol):
     ) -> np.ndarray:
         """Image files -> (N, D) float32, L2-normalised, in the order given."""
         ...
-
-
-BACKEND_KINDS = ("auto", "torch", "onnx")
-
-
-def load_backend(
-    kind: str,
-    checkpoint: str | os.PathLike[str] | None,
-    model: str | os.PathLike[str] | None,
-    device: str = "auto",
-    providers: Sequence[object] | None = None,
-) -> EmbeddingBackend:
-    """The backend a command asked for: "torch" runs a checkpoint, "onnx" an exported model.
-
-    "auto" picks onnx when a model file is given, torch otherwise. The backend module is imported
-    here, so choosing onnx never imports torch. For onnx, `device` ("cpu", "cuda[:N]") selects the
-    onnxruntime providers unless `providers` is given; the backend's `device` reports what runs.
-    """
-    kind = (kind or "auto").lower()
-    if kind not in BACKEND_KINDS:
-        raise UsageError(f"unknown backend {kind!r}; choose one of {', '.join(BACKEND_KINDS)}")
-    if kind == "auto":
-        kind = "onnx" if model is not None else "torch"
-    if kind == "onnx":
-        if model is None:
-            raise UsageError(
-                "the onnx backend needs --model PATH.onnx (create one with `retrieval export --checkpoint CKPT --out model.onnx`)"
-            )
-        from retrieval.embed.onnx_backend import OnnxBackend, providers_for_device
-
-        return OnnxBackend(model, providers=providers or providers_for_device(device))
-    if checkpoint is None:
-        raise UsageError("the torch backend needs --checkpoint PATH (or use --backend onnx --model PATH.onnx)")
-    from retrieval.embed.torch_backend import TorchBackend
-
-    return TorchBackend.from_checkpoint(checkpoint, device=device)

@@ -24,6 +24,7 @@ import numpy as np
 
 from retrieval.atomic import atomic_write_json
 from retrieval.embed.backend import EmbeddingBackend
+from retrieval.embed.spec import embedder_record
 from retrieval.errors import UsageError
 from retrieval.images import ImageLoadError, open_image
 from retrieval.embed.parts import (
@@ -178,7 +179,7 @@ def _backend_versions(backend: EmbeddingBackend) -> dict[str, str]:
 
 
 def open_job(out: str | os.PathLike[str], source: EmbedSource, backend: EmbeddingBackend,
-             embedder_source: dict[str, Any], options: EmbedOptions) -> EmbeddingsFolder:
+             options: EmbedOptions) -> EmbeddingsFolder:
     """Write the manifest of a new job, or check that the folder's job is this one (resume).
 
     Refuses a folder made by another embedder (parts of two embedders are never mixed), from other
@@ -195,7 +196,7 @@ def open_job(out: str | os.PathLike[str], source: EmbedSource, backend: Embeddin
         "normalisation": getattr(backend, "normalisation", "l2"),
         "preprocessing": backend.preprocessing.to_dict(),
         "backend": backend.name,
-        "embedder_source": embedder_source,
+        "embedder_source": embedder_record(backend),
         "dtype": options.dtype,
         "part_size": options.part_size,
         "source": source.describe(),
@@ -358,13 +359,13 @@ class EmbedReport:
 
 
 def embed_to_parts(out: str | os.PathLike[str], source: EmbedSource, backend: EmbeddingBackend,
-                   embedder_source: dict[str, Any], options: EmbedOptions | None = None, *, engine: str = "local",
+                   options: EmbedOptions | None = None, *, engine: str = "local",
                    ray_options: Any = None, progress: bool = True,
                    on_part: Callable[[PartResult], None] | None = None) -> EmbedReport:
     """Embed `source` into parts under `out`, skipping parts already complete; finalize the manifest.
 
     engine "local" embeds here with `backend`; "ray" hands the missing parts to a Ray actor pool
-    (each actor opens the embedder from `embedder_source` once). A crash leaves every finished part
+    (each actor re-opens the backend's embedder once). A crash leaves every finished part
     in place; running the same call again embeds only the missing ones.
     """
     from retrieval.embed import ENGINES
@@ -373,7 +374,7 @@ def embed_to_parts(out: str | os.PathLike[str], source: EmbedSource, backend: Em
     if engine not in ENGINES:
         raise UsageError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     t0 = time.perf_counter()
-    folder = open_job(out, source, backend, embedder_source, options)
+    folder = open_job(out, source, backend, options)
     tasks = plan_tasks(source, options.part_size)
     missing = [t for t in tasks if not part_is_done(folder.folder, t.name)]
     report = EmbedReport(folder.folder, len(tasks), len(tasks) - len(missing))

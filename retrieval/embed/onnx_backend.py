@@ -169,6 +169,7 @@ class OnnxBackend:
     """
 
     name = "onnx"
+    spec = None  # set by retrieval.embed.spec.open_embedder
 
     def __init__(
         self,

@@ -73,7 +73,7 @@ class PartEmbedder:
 
     def __init__(self, folder: str, embedder_source: dict[str, Any], fingerprint: str, device: str,
                  options: dict[str, Any], threads: int) -> None:
-        from retrieval.index.build import backend_from_source
+        from retrieval.embed.spec import open_recorded
 
         if device == "cpu":
             try:
@@ -84,7 +84,7 @@ class PartEmbedder:
                 pass
         self.folder = folder
         self.options = EmbedOptions(**options)
-        self.backend = backend_from_source(embedder_source, device)
+        self.backend = open_recorded(embedder_source, device)
         if self.backend.fingerprint != fingerprint:
             raise PartsError(f"{folder}: a worker opened embedder {self.backend.fingerprint} but the job embeds with "
                              f"{fingerprint}; the embedder file changed on this node")

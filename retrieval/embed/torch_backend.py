@@ -37,6 +37,7 @@ class TorchBackend:
     """EmbeddingBackend over an Embedder; bf16 autocast on CUDA, fp32 on CPU."""
 
     name = "torch"
+    spec = None  # set by retrieval.embed.spec.open_embedder
 
     def __init__(
         self,

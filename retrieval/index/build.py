@@ -1,7 +1,7 @@
 """Embed a dataset's gallery (and its queries) and publish an index folder; add new images to one.
 
-Also knows which embedder made an index (`EmbedderSource`, recorded in meta.json) so search can
-re-open the same embedder without being told, and refuse any other.
+The folder records which embedder made it (`embedder_source`, from retrieval.embed.spec), so search
+re-opens the same embedder without being told, and refuses any other.
 """
 
 from __future__ import annotations
@@ -15,86 +15,12 @@ from typing import Any
 from retrieval.embed.bad_images import DEFAULT_MAX_BAD_FRACTION, embed_skipping_bad
 from retrieval.config import CalibrationConfig, IndexConfig
 from retrieval.embed.backend import EmbeddingBackend
+from retrieval.embed.spec import embedder_record
 from retrieval.errors import InputError
 from retrieval.index.faiss_index import library_versions, resolve_params
 from retrieval.index.folder import GalleryIndex, ItemTable, StoredQueries, items_from_paths, now_iso
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-# -- which embedder --------------------------------------------------------------------------------
-
-
-def untrained_backend(
-    arch: str = "resnet18",
-    embedding_size: int = 128,
-    image_size: int = 224,
-    resize_size: int | None = None,
-    seed: int = 0,
-    device: str = "auto",
-) -> tuple[EmbeddingBackend, dict[str, Any]]:
-    """A randomly initialised embedder (seeded, so it can be re-created for search) and its source record.
-
-    For baselines and tests: its retrieval quality is that of random features.
-    """
-    import torch
-
-    from retrieval.config import ModelConfig, default_resize_size
-    from retrieval.embed.torch_backend import TorchBackend
-    from retrieval.model import Embedder
-    from retrieval.embed.preprocess import Preprocessing
-
-    resize_size = resize_size or default_resize_size(image_size)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Embedder(ModelConfig(arch=arch, embedding_size=embedding_size, pretrained="none"))
-    prep = Preprocessing(image_size=image_size, resize_size=resize_size)
-    backend = TorchBackend(model, prep, device=device)
-    source = {"kind": "untrained", "arch": arch, "embedding_size": embedding_size, "image_size": image_size,
-              "resize_size": resize_size, "seed": seed}
-    return backend, source
-
-
-def open_backend(
-    kind: str = "auto",
-    checkpoint: str | os.PathLike[str] | None = None,
-    model: str | os.PathLike[str] | None = None,
-    device: str = "auto",
-) -> tuple[EmbeddingBackend, dict[str, Any]]:
-    """A torch (checkpoint) or ONNX (model) backend and the source record an index stores for it."""
-    from retrieval.embed.backend import load_backend
-
-    backend = load_backend(kind, checkpoint, model, device)
-    if backend.name == "onnx":
-        source = {"kind": "onnx", "path": str(Path(model).resolve())}  # type: ignore[arg-type]
-    else:
-        source = {"kind": "checkpoint", "path": str(Path(checkpoint).resolve())}  # type: ignore[arg-type]
-    return backend, source
-
-
-def backend_from_source(source: dict[str, Any], device: str = "auto") -> EmbeddingBackend:
-    """Re-open the embedder an index records in meta.json, or say how to supply one."""
-    kind = source.get("kind")
-    if kind == "untrained":
-        backend, _ = untrained_backend(source["arch"], int(source["embedding_size"]), int(source["image_size"]),
-                                       int(source["resize_size"]), int(source["seed"]), device)
-        return backend
-    if kind in ("checkpoint", "onnx"):
-        path = Path(source["path"])
-        if not path.is_file():
-            flag = "--checkpoint CKPT" if kind == "checkpoint" else "--backend onnx --model MODEL.onnx"
-            raise FileNotFoundError(
-                f"the index was built with {path}, which no longer exists; pass the embedder with {flag}"
-            )
-        if kind == "checkpoint":
-            return open_backend("torch", checkpoint=path, device=device)[0]
-        return open_backend("onnx", model=path, device=device)[0]
-    if kind == "vectors":
-        raise InputError(
-            f"the index was built from vectors ({source.get('path')}) and records no embedder to embed images with; "
-            "search it with --embeddings QUERIES.npy (vectors from the same model)"
-        )
-    raise InputError(f"the index records no usable embedder ({source!r}); pass --checkpoint or --model")
 
 
 # -- images ----------------------------------------------------------------------------------------
@@ -136,7 +62,6 @@ def _versions(backend: EmbeddingBackend) -> dict[str, str]:
 def build_index(
     dataset: Any,
     backend: EmbeddingBackend,
-    source: dict[str, Any],
     out_dir: str | os.PathLike[str],
     cfg: IndexConfig | None = None,
     *,
@@ -157,6 +82,7 @@ def build_index(
     more than `max_bad_fraction` of them; `strict` stops at the first.
     """
     cfg = cfg or IndexConfig()
+    source = embedder_record(backend)  # before any work: an embedder the index cannot re-open is refused
     t_start = time.perf_counter()
     gallery = dataset.gallery_split()
     if len(gallery) == 0:

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from retrieval.embed.backend import EmbeddingBackend
+from retrieval.embed.spec import EmbedderSpec, open_embedder, open_recorded
 from retrieval.errors import InputError
 from retrieval.search.filters import Where, attribute_values, matching_ids, parse_where
 from retrieval.index.folder import GalleryIndex
@@ -62,24 +63,20 @@ class Searcher:
     def open(
         cls,
         index_dir: str | os.PathLike[str],
-        backend: EmbeddingBackend | None = None,
-        checkpoint: str | os.PathLike[str] | None = None,
+        embedder: EmbeddingBackend | EmbedderSpec | None = None,
         device: str = "auto",
         *,
-        model: str | os.PathLike[str] | None = None,
         verify_checksums: bool = True,
         data_root: str | os.PathLike[str] | None = None,
     ) -> "Searcher":
-        """Open `index_dir`. The embedder is `backend`, else `checkpoint` (torch) or `model` (ONNX), else the one
-        recorded in the index (opened on first search). FAISS uses a GPU unless `device` is "cpu".
+        """Open `index_dir` with `embedder` (an open backend, or a spec opened here), else the one recorded
+        in the index (opened on first search). FAISS uses a GPU unless `device` is "cpu".
         `data_root`: where the dataset is now, when it moved (with the index) since the build."""
         index = GalleryIndex.load(index_dir, verify_checksums=verify_checksums, use_gpu=device != "cpu",
                                   data_root=data_root)
-        if backend is None and (checkpoint is not None or model is not None):
-            from retrieval.index.build import open_backend
-
-            backend, _ = open_backend("onnx" if model is not None else "torch", checkpoint, model, device)
-        return cls(index, backend, device)
+        if isinstance(embedder, EmbedderSpec):
+            embedder = open_embedder(embedder, device)
+        return cls(index, embedder, device)
 
     # -- facts ----------------------------------------------------------------------------------
     @property
@@ -138,9 +135,7 @@ class Searcher:
     def backend(self) -> EmbeddingBackend:
         """The embedder (opened from the index's record on first use, then checked)."""
         if self._backend is None:
-            from retrieval.index.build import backend_from_source
-
-            self._attach(backend_from_source(self.meta.get("embedder_source", {}), self.device))
+            self._attach(open_recorded(self.meta.get("embedder_source", {}), self.device))
         assert self._backend is not None
         return self._backend
 

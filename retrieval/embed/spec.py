@@ -1,0 +1,200 @@
+"""Which embedder to run, parsed once, and the one function that opens it.
+
+An `EmbedderSpec` is what a command's options (`--checkpoint`, `--backend onnx --model`, `--untrained`)
+or an index's record (`embedder_source` in meta.json) say about the embedder. `open_embedder` turns it
+into a backend; every command, the app and the Ray workers go through it, so the "auto" rule, the
+record format and the error telling the user what to pass live here only. A new kind of embedder is
+one entry in `KINDS` plus its backend module.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from retrieval.embed.backend import EmbeddingBackend
+from retrieval.errors import InputError, UsageError
+
+
+@dataclass(frozen=True)
+class EmbedderSpec:
+    """One embedder: a torch checkpoint, an ONNX file, or a seeded untrained network (baselines, tests).
+
+    `path` is set for file kinds; the untrained fields for "untrained". Equal specs open equal embedders.
+    """
+
+    kind: str
+    path: str | None = None
+    arch: str = "resnet50"
+    embedding_size: int = 512
+    image_size: int = 224
+    resize_size: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise UsageError(f"unknown embedder kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if KINDS[self.kind].takes_path and not self.path:
+            raise UsageError(f"the {self.kind} embedder needs {KINDS[self.kind].needs}")
+
+    # -- constructors ----------------------------------------------------------------------------
+    @classmethod
+    def checkpoint(cls, path: str | os.PathLike[str]) -> "EmbedderSpec":
+        return cls("checkpoint", str(Path(path).expanduser().resolve()))
+
+    @classmethod
+    def onnx(cls, path: str | os.PathLike[str]) -> "EmbedderSpec":
+        return cls("onnx", str(Path(path).expanduser().resolve()))
+
+    @classmethod
+    def untrained(cls, arch: str = "resnet18", embedding_size: int = 128, image_size: int = 224,
+                  resize_size: int | None = None, seed: int = 0) -> "EmbedderSpec":
+        from retrieval.config import default_resize_size
+
+        return cls("untrained", None, arch, int(embedding_size), int(image_size),
+                   int(resize_size or default_resize_size(image_size)), int(seed))
+
+    @classmethod
+    def from_options(
+        cls,
+        backend: str | None = "auto",
+        checkpoint: str | os.PathLike[str] | None = None,
+        model: str | os.PathLike[str] | None = None,
+    ) -> "EmbedderSpec | None":
+        """What `--backend/--checkpoint/--model` ask for; None when they name no embedder.
+
+        "auto" (or no backend) runs the ONNX model when one is given, the checkpoint otherwise.
+        """
+        backend = (backend or "auto").lower()
+        if backend not in BACKEND_CHOICES:
+            raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_CHOICES)}")
+        if backend == "auto":
+            if model is None and checkpoint is None:
+                return None
+            backend = "onnx" if model is not None else "torch"
+        kind = next(k for k in KINDS.values() if k.takes_path and k.backend == backend)
+        path = model if kind.name == "onnx" else checkpoint
+        if path is None:
+            raise UsageError(f"the {backend} backend needs {kind.needs}")
+        return cls(kind.name, str(Path(path).expanduser().resolve()))
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "EmbedderSpec":
+        """The embedder an index or embeddings folder records, or an error saying how to supply one."""
+        kind = record.get("kind")
+        if kind == "vectors":
+            raise InputError(
+                f"the index was built from vectors ({record.get('path')}) and records no embedder to embed images "
+                "with; search it with --embeddings QUERIES.npy (vectors from the same model)"
+            )
+        if kind not in KINDS:
+            raise InputError(f"the index records no usable embedder ({record!r}); pass --checkpoint or --model")
+        if kind == "untrained":
+            return cls.untrained(record["arch"], record["embedding_size"], record["image_size"],
+                                 record["resize_size"], record["seed"])
+        return cls(kind, str(record["path"]))
+
+    # -- facts -------------------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        """The backend that runs it: "torch" or "onnx"."""
+        return KINDS[self.kind].backend
+
+    def to_record(self) -> dict[str, Any]:
+        """The JSON record stored in meta.json / manifest.json (read back by `from_record`)."""
+        if self.kind == "untrained":
+            return {"kind": "untrained", "arch": self.arch, "embedding_size": self.embedding_size,
+                    "image_size": self.image_size, "resize_size": self.resize_size, "seed": self.seed}
+        return {"kind": self.kind, "path": self.path}
+
+    def describe(self) -> str:
+        return f"untrained {self.arch} (seed {self.seed})" if self.kind == "untrained" else f"{self.kind} {self.path}"
+
+
+def open_embedder(spec: EmbedderSpec, device: str = "auto", providers: Sequence[object] | None = None) -> EmbeddingBackend:
+    """The backend for `spec` on `device` ("auto", "cpu", "cuda[:N]"); it keeps the spec as `backend.spec`.
+
+    The backend module is imported here, so an ONNX embedder never imports torch. For ONNX, `providers`
+    overrides the onnxruntime providers `device` selects; the backend's `device` reports what runs.
+    """
+    backend = KINDS[spec.kind].open(spec, device, providers)
+    backend.spec = spec  # type: ignore[attr-defined]
+    return backend
+
+
+def embedder_record(backend: EmbeddingBackend) -> dict[str, Any]:
+    """The record an index or embeddings folder stores so the same embedder can be re-opened for search."""
+    spec = getattr(backend, "spec", None)
+    if spec is None:
+        raise UsageError("this embedder was not opened from a checkpoint, an ONNX file or --untrained, so an index "
+                         "could not re-open it; open it with retrieval.embed.spec.open_embedder")
+    return spec.to_record()
+
+
+def open_recorded(record: dict[str, Any], device: str = "auto") -> EmbeddingBackend:
+    """Re-open the embedder an index (or embeddings folder) records, or say how to supply one."""
+    spec = EmbedderSpec.from_record(record)
+    if KINDS[spec.kind].takes_path and not Path(spec.path or "").is_file():
+        raise FileNotFoundError(f"the index was built with {spec.path}, which no longer exists; pass the embedder "
+                                f"with {KINDS[spec.kind].flag}")
+    return open_embedder(spec, device)
+
+
+# -- the kinds ---------------------------------------------------------------------------------------
+
+
+def _open_checkpoint(spec: EmbedderSpec, device: str, providers: Sequence[object] | None) -> EmbeddingBackend:
+    from retrieval.embed.torch_backend import TorchBackend
+
+    return TorchBackend.from_checkpoint(spec.path, device=device)  # type: ignore[arg-type]
+
+
+def _open_onnx(spec: EmbedderSpec, device: str, providers: Sequence[object] | None) -> EmbeddingBackend:
+    from retrieval.embed.onnx_backend import OnnxBackend, providers_for_device
+
+    return OnnxBackend(spec.path, providers=providers or providers_for_device(device))  # type: ignore[arg-type]
+
+
+def _open_untrained(spec: EmbedderSpec, device: str, providers: Sequence[object] | None) -> EmbeddingBackend:
+    """Seeded, so that search re-creates the very network the index was built with."""
+    import torch
+
+    from retrieval.config import ModelConfig
+    from retrieval.embed.preprocess import Preprocessing
+    from retrieval.embed.torch_backend import TorchBackend
+    from retrieval.model import Embedder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = Embedder(ModelConfig(arch=spec.arch, embedding_size=spec.embedding_size, pretrained="none"))
+    prep = Preprocessing(image_size=spec.image_size, resize_size=spec.resize_size)  # type: ignore[arg-type]
+    return TorchBackend(model, prep, device=device)
+
+
+@dataclass(frozen=True)
+class EmbedderKind:
+    """How one kind of embedder is passed, recorded and opened."""
+
+    name: str  # the record's "kind"
+    backend: str  # what runs it ("torch" | "onnx"): the value of --backend
+    takes_path: bool
+    flag: str  # how a user passes it
+    needs: str  # what --backend BACKEND without its file is told
+    open: Callable[[EmbedderSpec, str, Sequence[object] | None], EmbeddingBackend]
+
+
+KINDS: dict[str, EmbedderKind] = {
+    "checkpoint": EmbedderKind(
+        "checkpoint", "torch", True, "--checkpoint CKPT",
+        "--checkpoint PATH (or use --backend onnx --model PATH.onnx)", _open_checkpoint),
+    "onnx": EmbedderKind(
+        "onnx", "onnx", True, "--backend onnx --model MODEL.onnx",
+        "--model PATH.onnx (create one with `retrieval export --checkpoint CKPT --out model.onnx`)", _open_onnx),
+    "untrained": EmbedderKind("untrained", "torch", False, "--untrained", "--untrained", _open_untrained),
+}
+
+# values of --backend: "auto" plus every backend that runs a file
+BACKEND_CHOICES: tuple[str, ...] = ("auto", *dict.fromkeys(k.backend for k in KINDS.values() if k.takes_path))
