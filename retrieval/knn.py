@@ -2,7 +2,7 @@
 
 Why chunked: an all-vs-all top-1000 search on SOP (60,502 x 512) would hold 60,502 x 1,001 scores and
 indices (~730 MB) at once; searching a few thousand queries at a time keeps the working set small, and
-callers such as `retrieval.metrics.evaluate_embeddings` reduce each chunk to per-query numbers before
+callers such as `retrieval.metrics.neighbour_metrics` reduce each chunk to per-query numbers before
 asking for the next one.
 
 Ordering contract (relied on by the metrics):
@@ -123,7 +123,7 @@ class FlatSearcher:
             return self._pad(np.empty((n_q, 0), np.float32), np.empty((n_q, 0), np.int64), k)
         scores, indices = self._search_complete_ties(query, k_need)
         if self_ids is not None:
-            scores, indices = _drop_self(scores, indices, np.asarray(self_ids, dtype=np.int64))
+            scores, indices = drop_own(scores, indices, np.asarray(self_ids, dtype=np.int64))
         return self._pad(scores, indices, k)
 
     def _search_complete_ties(self, query: np.ndarray, k_need: int) -> tuple[np.ndarray, np.ndarray]:
@@ -174,8 +174,9 @@ class FlatSearcher:
         return scores, indices
 
 
-def _drop_self(scores: np.ndarray, indices: np.ndarray, self_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Remove each row's own index wherever it ranks; rows that do not contain it lose their last column."""
+def drop_own(scores: np.ndarray, indices: np.ndarray, self_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The self-exclusion rule of all-vs-all search: remove each row's own index wherever it ranks (so a
+    duplicate or a tie can never put a query in its own results); rows without it lose their last column."""
     drop = indices == self_ids[:, None]
     has_self = drop.any(axis=1)
     drop[~has_self, -1] = True

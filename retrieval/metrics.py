@@ -7,6 +7,8 @@ Protocol (Musgrave et al. 2020, "A Metric Learning Reality Check"; same definiti
 pytorch-metric-learning's AccuracyCalculator):
 - Neighbours are ranked by cosine similarity (inner product of L2-normalised embeddings), ties by
   ascending gallery index (see `retrieval.knn`).
+- One path: `neighbour_metrics` scores any k-NN search (exact here, or an index's in retrieval.search),
+  with one self-exclusion rule (`retrieval.knn.drop_own`).
 - All-vs-all (no gallery given): every query searches all other items; its own entry is removed by
   index, so duplicate images cannot make a query find itself.
 - R of a query = number of gallery items with its label (excluding itself in all-vs-all).
@@ -24,11 +26,12 @@ Embedding geometry (Wang and Isola 2020; the spec's utilization):
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from retrieval.knn import DEFAULT_CHUNK_SIZE, FlatSearcher, as_float32_matrix, exact_knn
+from retrieval.errors import InputError
+from retrieval.knn import DEFAULT_CHUNK_SIZE, FlatSearcher, as_float32_matrix, drop_own, exact_knn
 
 logger = logging.getLogger(__name__)
 
@@ -120,12 +123,85 @@ def r_precision(neighbor_labels: np.ndarray, query_labels: np.ndarray, num_relev
 # ----------------------------------------------------------------------------------------------
 
 
+SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+"""search(queries (c, D), k) -> (scores (c, k), gallery ids (c, k) nearest first, -1 = no result)."""
+
+
 def _label_codes(query_labels: np.ndarray, gallery_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Map arbitrary (int or string) labels of both sets onto shared 0..C-1 codes."""
-    both = np.concatenate([np.asarray(query_labels).ravel(), np.asarray(gallery_labels).ravel()])
+    """Map arbitrary (int or string) labels of both sets onto shared 0..C-1 codes; negative ints -> -1.
+
+    A negative integer label means unlabelled (e.g. an image added to an index with --add): never relevant.
+    """
+    query_labels, gallery_labels = np.asarray(query_labels).ravel(), np.asarray(gallery_labels).ravel()
+    both = np.concatenate([query_labels, gallery_labels])
     uniq, codes = np.unique(both, return_inverse=True)
     codes = codes.ravel().astype(np.int64)
+    if np.issubdtype(both.dtype, np.integer):
+        codes[both < 0] = -1
     return codes[: len(query_labels)], codes[len(query_labels) :], len(uniq)
+
+
+def neighbour_metrics(
+    search: SearchFn,
+    query_emb: np.ndarray,
+    query_labels: np.ndarray,
+    gallery_labels: np.ndarray,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    *,
+    self_ids: np.ndarray | None = None,
+    map_at_r: bool = True,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Recall@K (+ MAP@R and R-precision) of any k-NN search, exact or an index's, as fractions in [0, 1].
+
+    Every retrieval metric in the product comes from here. query_emb (Q, D), query_labels (Q,),
+    gallery_labels (N,) for the rows `search` returns. `self_ids` (Q,): each query's own gallery row
+    (all-vs-all), removed wherever it ranks (one more neighbour is asked for; see retrieval.knn). R of a
+    query counts the labelled gallery items with its label, minus itself; queries with R = 0 are left out.
+    Queries are searched chunk by chunk, so memory stays bounded. Returns {"R@k", "MAP@R", "RP"}.
+    """
+    ks = _check_ks(ks)
+    query_labels = np.asarray(query_labels).ravel()
+    if len(query_labels) != len(query_emb):
+        raise ValueError(f"embeddings and labels differ in length: {len(query_emb)} queries vs {len(query_labels)} labels")
+    q_codes, g_codes, n_classes = _label_codes(query_labels, gallery_labels)
+    extra = 0 if self_ids is None else 1
+    counts = np.bincount(g_codes[g_codes >= 0], minlength=n_classes)
+    num_relevant = np.where(q_codes >= 0, counts[np.maximum(q_codes, 0)], 0) - extra
+    rows = np.flatnonzero(num_relevant > 0)
+    if len(rows) == 0:
+        raise InputError("no query has a same-label item in the gallery; check the labels and the split")
+    if len(rows) < len(query_labels):
+        logger.warning("%d of %d queries have no same-label gallery item and are left out",
+                       len(query_labels) - len(rows), len(query_labels))
+    width = max(max(ks), int(num_relevant[rows].max()) if map_at_r else 0)
+    k_search = min(width + extra, len(g_codes))
+    first_hit = np.empty(len(rows), np.int64)
+    ap, rp = np.empty(len(rows), np.float64), np.empty(len(rows), np.float64)
+    starts = range(0, len(rows), chunk_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="k-NN search", unit="chunk")
+    for start in starts:
+        chunk = rows[start : start + chunk_size]
+        scores, ids = search(np.ascontiguousarray(query_emb[chunk]), k_search)
+        if self_ids is not None:
+            scores, ids = drop_own(np.asarray(scores), np.asarray(ids), np.asarray(self_ids)[chunk])
+        hit_codes = np.where(ids >= 0, g_codes[np.maximum(ids, 0)], -1)
+        matches = (hit_codes == q_codes[chunk, None]) & (hit_codes >= 0)
+        if matches.shape[1] < width:  # fewer results than asked for: the rest are misses
+            matches = np.pad(matches, ((0, 0), (0, width - matches.shape[1])))
+        stop = start + len(chunk)
+        first_hit[start:stop] = _first_hit_rank(matches)
+        if map_at_r:
+            ap[start:stop], rp[start:stop] = _ap_and_rp_at_r(matches, num_relevant[chunk])
+    result = _recall_from_first_hit(first_hit, ks)
+    if map_at_r:
+        result["MAP@R"] = float(ap.mean())
+        result["RP"] = float(rp.mean())
+    return result
 
 
 def evaluate_embeddings(
@@ -139,70 +215,28 @@ def evaluate_embeddings(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Recall@K (+ MAP@R and R-precision) of L2-normalised embeddings, as fractions in [0, 1].
+    """`neighbour_metrics` of exact search over L2-normalised embeddings (training, references, benchmarks).
 
-    query_emb (Q, D), query_labels (Q,). With gallery_emb/gallery_labels None the protocol is
-    all-vs-all (CUB, Cars, SOP) with each query's own index excluded; otherwise query/gallery
-    (In-Shop). Returns {"R@k" for k in ks, "MAP@R", "RP"} (the last two only with map_at_r).
-    One exact k-NN search with k = max(max(ks), max R), processed chunk by chunk so memory stays
-    bounded; queries without any relevant gallery item are left out (see module docstring).
+    With gallery_emb/gallery_labels None the protocol is all-vs-all (CUB, Cars, SOP) with each query's
+    own row excluded; otherwise query/gallery (In-Shop).
     """
-    ks = _check_ks(ks)
     all_vs_all = gallery_emb is None
     if all_vs_all != (gallery_labels is None):
         raise ValueError("pass gallery_emb and gallery_labels together (or neither, for all-vs-all)")
     query_emb = as_float32_matrix(query_emb, "query embeddings")
     gallery_emb = query_emb if all_vs_all else as_float32_matrix(gallery_emb, "gallery embeddings")
-    query_labels = np.asarray(query_labels).ravel()
-    gallery_labels = query_labels if all_vs_all else np.asarray(gallery_labels).ravel()
-    if len(query_labels) != len(query_emb) or len(gallery_labels) != len(gallery_emb):
-        raise ValueError(
-            f"embeddings and labels differ in length: queries {len(query_emb)} vs {len(query_labels)} labels, "
-            f"gallery {len(gallery_emb)} vs {len(gallery_labels)} labels"
-        )
+    gallery_labels = np.asarray(query_labels if all_vs_all else gallery_labels).ravel()
+    if len(gallery_labels) != len(gallery_emb):
+        raise ValueError(f"embeddings and labels differ in length: gallery {len(gallery_emb)} vs "
+                         f"{len(gallery_labels)} labels")
     if query_emb.shape[1] != gallery_emb.shape[1]:
         raise ValueError(f"query dimension {query_emb.shape[1]} != gallery dimension {gallery_emb.shape[1]}")
-
-    q_codes, g_codes, n_classes = _label_codes(query_labels, gallery_labels)
-    num_relevant = np.bincount(g_codes, minlength=n_classes)[q_codes] - int(all_vs_all)
-    rows = np.flatnonzero(num_relevant > 0)
-    if len(rows) == 0:
-        raise ValueError("no query has a same-label item in the gallery; check the labels and the split")
-    if len(rows) < len(query_emb):
-        logger.warning("%d of %d queries have no same-label gallery item and are left out", len(query_emb) - len(rows), len(query_emb))
-
-    available = len(gallery_emb) - int(all_vs_all)
-    k_search = max(ks)
-    if map_at_r:
-        k_search = max(k_search, int(num_relevant[rows].max()))
-    k_search = min(k_search, available)
-
-    searcher = FlatSearcher(gallery_emb, metric="ip", use_gpu=use_gpu, max_k=k_search + int(all_vs_all))
-    logger.info("evaluating %d queries against %d gallery items, k=%d, on %s", len(rows), len(gallery_emb), k_search, searcher.device)
-    first_hit = np.empty(len(rows), np.int64)
-    ap = np.empty(len(rows), np.float64)
-    rp = np.empty(len(rows), np.float64)
-    starts = range(0, len(rows), chunk_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="k-NN search", unit="chunk")
-    for start in starts:
-        chunk = rows[start : start + chunk_size]
-        _, indices = searcher.search(query_emb[chunk], k_search, self_ids=chunk if all_vs_all else None)
-        # k_search <= available, so no -1 padding reaches this gather
-        matches = g_codes[indices] == q_codes[chunk, None]
-        first_hit[start : start + len(chunk)] = _first_hit_rank(matches)
-        if map_at_r:
-            ap_c, rp_c = _ap_and_rp_at_r(matches, num_relevant[chunk])
-            ap[start : start + len(chunk)] = ap_c
-            rp[start : start + len(chunk)] = rp_c
-
-    result = _recall_from_first_hit(first_hit, ks)
-    if map_at_r:
-        result["MAP@R"] = float(ap.mean())
-        result["RP"] = float(rp.mean())
-    return result
+    max_r = int(np.unique(gallery_labels, return_counts=True)[1].max()) if map_at_r else 0
+    flat = FlatSearcher(gallery_emb, metric="ip", use_gpu=use_gpu, max_k=max(max(_check_ks(ks)), max_r) + 1)
+    logger.info("evaluating %d queries against %d gallery items on %s", len(query_emb), len(gallery_emb), flat.device)
+    self_ids = np.arange(len(query_emb)) if all_vs_all else None
+    return neighbour_metrics(flat.search, query_emb, query_labels, gallery_labels, ks, self_ids=self_ids,
+                             map_at_r=map_at_r, chunk_size=chunk_size, progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ from retrieval.index.faiss_index import (
 )
 from retrieval.index.folder import EmbedderMismatchError, GalleryIndex, ItemTable, StoredQueries
 from retrieval.metrics import evaluate_embeddings
-from retrieval.search.searcher import Searcher, neighbour_metrics
+from retrieval.metrics import neighbour_metrics
+from retrieval.search.searcher import Searcher
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -10,19 +10,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from retrieval.data.base import RetrievalDataset, Split
+from retrieval.embed.preprocess import Preprocessing
+from retrieval.embed.torch_backend import TorchBackend
 from retrieval.metrics import embedding_geometry, evaluate_embeddings
 
 
-def _collate(items: list[tuple[torch.Tensor, int, int]]) -> torch.Tensor:
-    return torch.stack([it[0] for it in items])
-
-
-@torch.no_grad()
 def embed_split(
     model: nn.Module,
     split: Split,
@@ -36,31 +30,11 @@ def embed_split(
     channels_last: bool = False,
     progress: bool = False,
 ) -> np.ndarray:
-    """(N, D) float32 L2-normalised embeddings of `split`, in split order. Leaves the model in eval mode."""
-    from retrieval.data.loading import ImageDataset
-    from retrieval.data.transforms import eval_transform
-
-    loader = DataLoader(
-        ImageDataset(split, eval_transform(resize_size, image_size)),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(0),  # never draws from the training RNG
-    )
-    model.eval()
-    out = []
-    for images in tqdm(loader, desc=f"embedding {split.name}", unit="batch", disable=not progress, leave=False):
-        images = images.to(device, non_blocking=device.type == "cuda")
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            emb = model(images)
-        out.append(F.normalize(emb.float(), dim=1).cpu())
-    if not out:
-        return np.zeros((0, getattr(model, "embedding_size", 0)), np.float32)
-    return torch.cat(out).numpy().astype(np.float32, copy=False)
+    """(N, D) float32 L2-normalised embeddings of `split`, in split order, through the backend that indexes
+    and searches (the same preprocessing, decoding and normalisation). Leaves the model in eval mode."""
+    backend = TorchBackend(model, Preprocessing(image_size=image_size, resize_size=resize_size), device=device,  # type: ignore[arg-type]
+                           workers=workers, amp_dtype=amp_dtype, channels_last=channels_last)
+    return backend.embed_paths(split.paths, batch_size=batch_size, progress=progress, desc=f"embedding {split.name}")
 
 
 def evaluate_model(

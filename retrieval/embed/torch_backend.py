@@ -16,7 +16,10 @@ from retrieval.model import Embedder, model_fingerprint
 from retrieval.embed.preprocess import Preprocessing, preprocess_batch, preprocess_eval
 
 
-def resolve_device(device: str = "auto") -> torch.device:
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The device named, or for "auto" the first CUDA device when there is one, else the CPU."""
+    if isinstance(device, torch.device):
+        return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -34,7 +37,12 @@ class _EvalImages(Dataset):
 
 
 class TorchBackend:
-    """EmbeddingBackend over an Embedder; bf16 autocast on CUDA, fp32 on CPU."""
+    """EmbeddingBackend over an Embedder: the one torch path for search, indexing and training evaluation.
+
+    Mixed precision: `amp_dtype` "auto" is bf16 autocast on CUDA and fp32 on CPU; training evaluation
+    passes its own recipe's dtype (or None for fp32). The fingerprint is computed on first use, so
+    wrapping the model being trained costs nothing per evaluation.
+    """
 
     name = "torch"
     spec = None  # set by retrieval.embed.spec.open_embedder
@@ -43,18 +51,30 @@ class TorchBackend:
         self,
         model: Embedder,
         preprocessing: Preprocessing,
-        device: str = "auto",
+        device: str | torch.device = "auto",
         fingerprint: str | None = None,
         workers: int = 0,
+        amp_dtype: torch.dtype | str | None = "auto",
+        channels_last: bool = False,
     ) -> None:
         self.torch_device = resolve_device(device)
         self.model = model.to(self.torch_device).eval()
         self.preprocessing = preprocessing
-        self.fingerprint = fingerprint or model_fingerprint(model)
+        self._fingerprint = fingerprint
         self.embedding_size = model.embedding_size
         self.workers = workers
-        self.amp = self.torch_device.type == "cuda"
-        self.device = f"{self.torch_device} (bf16 autocast)" if self.amp else str(self.torch_device)
+        if amp_dtype == "auto":
+            amp_dtype = torch.bfloat16 if self.torch_device.type == "cuda" else None
+        self.amp_dtype: torch.dtype | None = amp_dtype  # type: ignore[assignment]
+        self.channels_last = channels_last
+        precision = str(self.amp_dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float16", "fp16")
+        self.device = f"{self.torch_device} ({precision} autocast)" if self.amp_dtype else str(self.torch_device)
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model)
+        return self._fingerprint
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike[str], device: str = "auto", workers: int = 0) -> "TorchBackend":
@@ -65,9 +85,12 @@ class TorchBackend:
 
     @torch.inference_mode()
     def embed_tensor(self, batch: torch.Tensor) -> np.ndarray:
-        """batch (B, 3, S, S) normalised -> (B, D) float32."""
+        """batch (B, 3, S, S) normalised -> (B, D) float32, L2-normalised."""
         batch = batch.to(self.torch_device, non_blocking=True)
-        with torch.autocast(self.torch_device.type, dtype=torch.bfloat16, enabled=self.amp):
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.torch_device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
             emb = self.model(batch)
         emb = torch.nn.functional.normalize(emb.float(), dim=1)
         return emb.cpu().numpy().astype(np.float32, copy=False)
@@ -79,7 +102,8 @@ class TorchBackend:
         return self.embed_tensor(batch)
 
     def embed_paths(
-        self, paths: Sequence[str | os.PathLike[str]], batch_size: int = 64, progress: bool = True
+        self, paths: Sequence[str | os.PathLike[str]], batch_size: int = 64, progress: bool = True,
+        desc: str = "embedding",
     ) -> np.ndarray:
         if len(paths) == 0:
             return np.zeros((0, self.embedding_size), np.float32)
@@ -88,6 +112,7 @@ class TorchBackend:
             batch_size=batch_size,
             num_workers=self.workers,
             pin_memory=self.torch_device.type == "cuda",
+            generator=torch.Generator().manual_seed(0),  # never draws from the global RNG (exact training resume)
         )
-        out = [self.embed_tensor(b) for b in tqdm(loader, desc="embedding", unit="batch", disable=not progress)]
+        out = [self.embed_tensor(b) for b in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False)]
         return np.concatenate(out, axis=0)

@@ -12,7 +12,7 @@ embeddings (query/gallery datasets) or the gallery against itself with self excl
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +23,12 @@ from PIL import Image
 from retrieval.embed.backend import EmbeddingBackend
 from retrieval.embed.spec import EmbedderSpec, open_embedder, open_recorded
 from retrieval.errors import InputError
+from retrieval.metrics import neighbour_metrics
 from retrieval.search.filters import Where, attribute_values, matching_ids, parse_where
 from retrieval.index.folder import GalleryIndex
 from retrieval.search.rerank import Reranker, RerankConfig, check_method
 
 DEFAULT_RECALL_KS = (1, 2, 4, 8)  # when an index records no protocol ks (e.g. a folder of images)
-NO_MATCH = np.iinfo(np.int64).min  # label given to missing neighbours (-1 ids): matches no query
 EVAL_CHUNK = 2048
 
 
@@ -251,8 +251,9 @@ class Searcher:
             q_emb, q_labels = g_emb[self_ids], gallery_labels[self_ids]
         if method != "none":
             return neighbour_metrics(lambda q, k: self.search_raw(q, k, rerank=method), q_emb, q_labels,
-                                     gallery_labels, ks, self_ids)
-        result = neighbour_metrics(self.index.search, q_emb, q_labels, gallery_labels, ks, self_ids)
+                                     gallery_labels, ks, self_ids=self_ids, chunk_size=EVAL_CHUNK)
+        result = neighbour_metrics(self.index.search, q_emb, q_labels, gallery_labels, ks, self_ids=self_ids,
+                                   chunk_size=EVAL_CHUNK)
         if self.index.exact or not exact:
             return result
 
@@ -262,67 +263,12 @@ class Searcher:
         labelled = gallery_labels[gallery_labels >= 0]
         max_r = int(np.unique(labelled, return_counts=True)[1].max()) if len(labelled) else 0
         flat = FlatSearcher(g_exact, metric="ip", use_gpu=self.device != "cpu", max_k=max(max(ks), max_r) + 1)
-        exact_result = neighbour_metrics(flat.search, q_emb, q_labels, gallery_labels, ks, self_ids)
+        exact_result = neighbour_metrics(flat.search, q_emb, q_labels, gallery_labels, ks, self_ids=self_ids,
+                                         chunk_size=EVAL_CHUNK)
         for key, value in exact_result.items():
             result[f"exact {key}"] = value
             result[f"diff {key}"] = result[key] - value
         return result
-
-
-def neighbour_metrics(
-    search_fn: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
-    query_emb: np.ndarray,
-    query_labels: np.ndarray,
-    gallery_labels: np.ndarray,
-    ks: Sequence[int],
-    self_ids: np.ndarray | None = None,
-) -> dict[str, float]:
-    """Recall@K / MAP@R / RP from any k-NN search (exact or approximate), chunked over queries.
-
-    search_fn(q (c, D), k) -> (scores, ids (c, k), -1 = none); self_ids (Q,) gives each query's own
-    gallery row (all-vs-all), removed wherever it ranks. R counts labelled gallery items with the
-    query's label (minus itself); queries with R = 0 are left out, as in retrieval.metrics.
-    """
-    from retrieval.metrics import mean_average_precision_at_r, r_precision, recall_at_k
-
-    gallery_labels = np.asarray(gallery_labels, dtype=np.int64)
-    labelled = gallery_labels[gallery_labels >= 0]
-    classes, counts = np.unique(labelled, return_counts=True)
-    pos = np.searchsorted(classes, query_labels)
-    pos = np.clip(pos, 0, max(len(classes) - 1, 0))
-    found = (classes[pos] == query_labels) if len(classes) else np.zeros(len(query_labels), bool)
-    num_relevant = np.where(found, counts[pos] if len(classes) else 0, 0) - (0 if self_ids is None else 1)
-    rows = np.flatnonzero(num_relevant > 0)
-    if len(rows) == 0:
-        raise InputError("no query has a same-label item in the gallery; nothing to evaluate")
-    width = max(max(ks), int(num_relevant[rows].max()))
-    extra = 0 if self_ids is None else 1
-    k_search = min(width + extra, len(gallery_labels))
-
-    totals: dict[str, float] = {}
-    for start in range(0, len(rows), EVAL_CHUNK):
-        chunk = rows[start : start + EVAL_CHUNK]
-        _, ids = search_fn(np.ascontiguousarray(query_emb[chunk]), k_search)
-        if self_ids is not None:
-            ids = _drop_ids(ids, self_ids[chunk])
-        labels = np.where(ids >= 0, gallery_labels[np.maximum(ids, 0)], NO_MATCH)
-        labels = np.where(labels >= 0, labels, NO_MATCH)  # unlabelled gallery items are never relevant
-        if labels.shape[1] < width:
-            labels = np.pad(labels, ((0, 0), (0, width - labels.shape[1])), constant_values=NO_MATCH)
-        ql, r = query_labels[chunk], num_relevant[chunk]
-        part = recall_at_k(labels, ql, ks)
-        part["MAP@R"] = mean_average_precision_at_r(labels, ql, r)
-        part["RP"] = r_precision(labels, ql, r)
-        for key, value in part.items():
-            totals[key] = totals.get(key, 0.0) + value * len(chunk)
-    return {key: value / len(rows) for key, value in totals.items()}
-
-
-def _drop_ids(ids: np.ndarray, own: np.ndarray) -> np.ndarray:
-    """Remove each row's own id wherever it ranks; rows without it lose their last column."""
-    drop = ids == own[:, None]
-    drop[~drop.any(axis=1), -1] = True
-    return ids[~drop].reshape(len(ids), ids.shape[1] - 1)
 
 
 def hits_as_json(paths: Sequence[str | os.PathLike[str]], results: Sequence[Sequence[Hit]]) -> list[dict[str, Any]]:
