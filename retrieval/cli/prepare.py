@@ -8,11 +8,13 @@ from typing import Optional
 
 import typer
 
+from retrieval.data import dataset_choices
+
 
 def register(app: typer.Typer) -> None:
     @app.command("prepare")
     def prepare(
-        dataset: str = typer.Option(..., "--dataset", help="cub, cars, sop, inshop, folder or demo."),
+        dataset: str = typer.Option(..., "--dataset", help=f"{dataset_choices()}."),
         data_root: Path = typer.Option(..., "--data-root", help="The dataset folder (official layout)."),
         out: Optional[Path] = typer.Option(None, "--out", help="Cache folder (default: DATA_ROOT/.metrix-cache)."),
         short_side: int = typer.Option(256, "--short-side", min=32,
