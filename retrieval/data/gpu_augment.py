@@ -60,15 +60,22 @@ def pad_batch(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
     for b, im in enumerate(images):
         if im.dim() != 3 or im.shape[0] != 3:
             raise ValueError(f"image {b} has shape {tuple(im.shape)}; expected (3, h, w)")
-        h, w = hs[b], ws[b]
-        out[b, :, :h, :w] = im
-        if w < wmax:
-            out[b, :, :h, w] = im[:, :, w - 1]
-        if h < hmax:
-            out[b, :, h, :w] = im[:, h - 1, :]
-            if w < wmax:
-                out[b, :, h, w] = im[:, h - 1, w - 1]
+        paste_padded(out, b, im)
     return out, to_device(torch.tensor(list(zip(hs, ws)), dtype=torch.int64), device)
+
+
+def paste_padded(batch: torch.Tensor | np.ndarray, b: int, image: torch.Tensor | np.ndarray) -> None:
+    """Write a (3, h, w) image into sample b of a padded (B, 3, Hmax, Wmax) batch, followed by a copy of
+    its last row and column (see module docstring); tensors and NumPy arrays alike."""
+    h, w = image.shape[1], image.shape[2]
+    hmax, wmax = batch.shape[2], batch.shape[3]
+    batch[b, :, :h, :w] = image
+    if w < wmax:
+        batch[b, :, :h, w] = image[:, :, w - 1]
+    if h < hmax:
+        batch[b, :, h, :w] = image[:, h - 1, :]
+        if w < wmax:
+            batch[b, :, h, w] = image[:, h - 1, w - 1]
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:

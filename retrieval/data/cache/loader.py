@@ -14,8 +14,17 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 
 from retrieval.data.cache.reader import CachedSplit
+from retrieval.data.gpu_augment import (
+    DEFAULT_RATIO,
+    DEFAULT_SCALE,
+    TrainAugment,
+    derive_seed,
+    make_generator,
+    paste_padded,
+)
 from retrieval.data.samplers import SamplerDrivenLoader
 
 
@@ -24,13 +33,11 @@ class _PinnedSlot:
 
     def __init__(self, pin: bool) -> None:
         self.pin = pin
-        self.images = None  # flat uint8 torch tensor, grown on demand
-        self.info = None  # (capacity, 4) int64
-        self.copy_done = None  # torch.cuda.Event after the H2D copy was queued
+        self.images: torch.Tensor | None = None  # flat uint8, grown on demand
+        self.info: torch.Tensor | None = None  # (capacity, 4) int64
+        self.copy_done: torch.cuda.Event | None = None  # recorded after the H2D copy was queued
 
-    def ensure(self, n_bytes: int, batch: int):  # noqa: ANN201
-        import torch
-
+    def ensure(self, n_bytes: int, batch: int) -> None:
         if self.images is None or self.images.numel() < n_bytes:
             cap = max(n_bytes, 2 * (0 if self.images is None else self.images.numel()))
             self.images = torch.empty(cap, dtype=torch.uint8, pin_memory=self.pin)
@@ -41,17 +48,8 @@ class _PinnedSlot:
 
 def _copy_padded(cached: CachedSplit, records: np.ndarray, batch: np.ndarray, rows: range) -> None:
     """Copy records[rows] into batch[rows] ((B, 3, Hmax, Wmax) view), each followed by its edge row/column."""
-    hmax, wmax = batch.shape[2], batch.shape[3]
     for k in rows:
-        src = cached.image_chw(int(records[k]))
-        h, w = src.shape[1], src.shape[2]
-        batch[k, :, :h, :w] = src
-        if w < wmax:
-            batch[k, :, :h, w] = src[:, :, w - 1]
-        if h < hmax:
-            batch[k, :, h, :w] = src[:, h - 1, :]
-            if w < wmax:
-                batch[k, :, h, w] = src[:, h - 1, w - 1]
+        paste_padded(batch, k, cached.image_chw(int(records[k])))
 
 
 def _fill_slot(cached: CachedSplit, records: np.ndarray, slot: _PinnedSlot,
@@ -89,7 +87,7 @@ class _CacheBatchStream:
         self,
         cached: CachedSplit,
         record_batches: Iterator[np.ndarray],
-        device,  # noqa: ANN001 - torch.device (torch is imported lazily)
+        device: torch.device,
         slots: list[_PinnedSlot],
         fill_threads: int = 1,
     ) -> None:
@@ -126,9 +124,7 @@ class _CacheBatchStream:
         self.free.put(None)  # wake the producer if it waits for a slot
         self.thread.join()
 
-    def __iter__(self):  # noqa: ANN204
-        import torch
-
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         try:
             while True:
                 item = self.ready.get()
@@ -171,18 +167,14 @@ class CacheTrainLoader(SamplerDrivenLoader):
         split_name: str,
         batch_sampler: Iterable[Sequence[int]],
         image_size: int,
-        device,  # noqa: ANN001
+        device: torch.device | str,
         seed: int = 0,
         prefetch: int = 2,
         channels_last: bool = False,
         fill_threads: int | None = None,
-        scale: tuple[float, float] = (0.08, 1.0),
-        ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+        scale: tuple[float, float] = DEFAULT_SCALE,
+        ratio: tuple[float, float] = DEFAULT_RATIO,
     ) -> None:
-        import torch
-
-        from retrieval.data.gpu_augment import TrainAugment
-
         self.cached = CachedSplit(cache_dir, split_name)
         self.batch_sampler = batch_sampler
         self.device = device if isinstance(device, torch.device) else torch.device(device)
@@ -203,11 +195,7 @@ class CacheTrainLoader(SamplerDrivenLoader):
         self._stream = _CacheBatchStream(self.cached, record_batches, self.device, self._slots, self._fill_threads)
         return self._stream
 
-    def __iter__(self):  # noqa: ANN204
-        import torch
-
-        from retrieval.data.gpu_augment import derive_seed, make_generator
-
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = make_generator(self.device, derive_seed(self.seed, self.epoch))
         record_batches = (self.cached.substitute_records(list(b)) for b in self.batch_sampler)
         for images, info in self._open_stream(record_batches):
