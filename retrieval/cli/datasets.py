@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from retrieval.data import DATASETS
+from retrieval.data import DATASETS, dataset_spec
 
 
 def register(app: typer.Typer) -> None:
@@ -24,7 +24,6 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from retrieval.data import dataset_spec
         from retrieval.errors import InputError, UsageError
 
         console = Console()
