@@ -130,7 +130,7 @@ def plain_batches(split: Split, args: argparse.Namespace, device: torch.device) 
 
 
 def cache_batches(cache_dir: Path, split: Split, args: argparse.Namespace, device: torch.device):  # noqa: ANN201
-    from retrieval.data.cache import CacheTrainLoader
+    from retrieval.data.cache.loader import CacheTrainLoader
 
     sampler = make_sampler(len(split), args.batch_size)
     loader = CacheTrainLoader(cache_dir, split.name, sampler, args.image_size, device, seed=0,
@@ -139,7 +139,7 @@ def cache_batches(cache_dir: Path, split: Split, args: argparse.Namespace, devic
 
 
 def decode_batches(split: Split, args: argparse.Namespace, device: torch.device):  # noqa: ANN201
-    from retrieval.data.gpu_decode import DecodeTrainLoader
+    from benchmarks.gpu_decode import DecodeTrainLoader
 
     sampler = make_sampler(len(split), args.batch_size)
     loader = DecodeTrainLoader(split, sampler, args.image_size, device, seed=0, threads=args.decode_threads,
@@ -265,7 +265,7 @@ def main(argv: Iterable[str] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from retrieval.data.cache import prepare_split
+    from retrieval.data.cache.writer import prepare_split
 
     console = Console(width=max(Console().width, 132))
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)

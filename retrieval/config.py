@@ -12,7 +12,6 @@ from typing import Any, Literal, TypeVar
 
 from retrieval.errors import ConfigError, UsageError
 
-DatasetName = Literal["cub", "cars", "sop", "inshop", "folder", "demo"]
 LossName = Literal["contrastive", "ms", "pa"]
 MixupLevel = Literal["none", "input", "feature", "embedding"]
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from retrieval.atomic import fsync_file
 from retrieval.embed.onnx_backend import CPU, INPUT_NAME, OUTPUT_NAME, OnnxBackend, build_metadata
 from retrieval.errors import UsageError, UserError
-from retrieval.images import ImageLoadError, open_image
+from retrieval.images import IMAGE_EXTENSIONS, ImageLoadError, open_image
 from retrieval.model import Embedder
 from retrieval.embed.preprocess import Preprocessing, preprocess_eval
 
@@ -36,7 +36,6 @@ DEFAULT_OPSET = 18
 DYNAMO_MIN_OPSET = 18  # lower opsets go through the TorchScript exporter
 FP32_MAX_ABS_DIFF = 1e-4  # onnxruntime vs torch, fp32 export, on L2-normalised embeddings
 FP16_MIN_COSINE = 0.999  # fp16 export: per-image cosine similarity to the fp32 torch embedding
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
 class ExportError(UserError, RuntimeError):
@@ -229,7 +228,7 @@ class ParityReport:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def _evenly(items: Sequence[Any], count: int) -> list[Any]:

@@ -1,4 +1,4 @@
-"""The decoded-image cache: exact pixels, resumable writes, corrupt images, and the loaders reading it."""
+"""The decoded-image cache: exact pixels, resumable writes, corrupt images, and the training loader reading it."""
 
 from __future__ import annotations
 
@@ -10,19 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from retrieval.data import cache as cache_mod
 from retrieval.data.base import Split
-from retrieval.data.cache import (
-    CacheError,
-    CacheEvalLoader,
-    CachedSplit,
-    CacheTrainLoader,
-    default_cache_dir,
-    has_cache,
-    prepare_split,
-)
+from retrieval.data.cache import writer
+from retrieval.data.cache.layout import CACHE_FORMAT_VERSION, CacheError, default_cache_dir
+from retrieval.data.cache.loader import CacheTrainLoader
+from retrieval.data.cache.reader import CachedSplit, has_cache
+from retrieval.data.cache.writer import prepare_split
+from retrieval.embed.preprocess import resize_short_side
 from retrieval.images import open_image
-from retrieval.embed.preprocess import Preprocessing, preprocess_eval, resize_short_side
 
 SHORT = 32
 
@@ -108,7 +103,7 @@ def test_round_trip_pixels_equal_decoded_source_after_the_same_resize(tmp_path: 
         assert int(cached.labels[r]) == split.labels[i]
 
     meta = json.loads((out / "train" / "meta.json").read_text())
-    assert meta["format_version"] == cache_mod.CACHE_FORMAT_VERSION
+    assert meta["format_version"] == CACHE_FORMAT_VERSION
     assert (meta["dataset"], meta["split"], meta["short_side"], meta["count"], meta["num_skipped"]) == (
         "folder", "train", SHORT, len(split), 0)
     assert meta["sources"]["paths"][0] == "images/img000.jpg"  # relative to the dataset root
@@ -153,7 +148,7 @@ def test_interrupted_prepare_resumes_where_it_stopped(tmp_path: Path, monkeypatc
     reference = tmp_path / "reference"
     prepare_split(split, reference, dataset="folder", short_side=SHORT, show_progress=False)
 
-    real = cache_mod.load_resized
+    real = writer.load_resized
     calls: list[str] = []
 
     def crash_after_seven(path: str, short_side: int) -> np.ndarray:
@@ -163,7 +158,7 @@ def test_interrupted_prepare_resumes_where_it_stopped(tmp_path: Path, monkeypatc
         return real(path, short_side)
 
     out = tmp_path / "cache"
-    monkeypatch.setattr(cache_mod, "load_resized", crash_after_seven)
+    monkeypatch.setattr(writer, "load_resized", crash_after_seven)
     with pytest.raises(KeyboardInterrupt):
         prepare_split(split, out, dataset="folder", short_side=SHORT, chunk_size=3, show_progress=False)
     assert not has_cache(out, "train"), "an interrupted split must not be published"
@@ -171,7 +166,7 @@ def test_interrupted_prepare_resumes_where_it_stopped(tmp_path: Path, monkeypatc
     assert progress["done"] == 6  # two complete chunks of 3
 
     calls.clear()
-    monkeypatch.setattr(cache_mod, "load_resized", lambda p, s: (calls.append(p), real(p, s))[1])
+    monkeypatch.setattr(writer, "load_resized", lambda p, s: (calls.append(p), real(p, s))[1])
     report = prepare_split(split, out, dataset="folder", short_side=SHORT, chunk_size=3, show_progress=False)
     assert report.resumed_from == 6
     assert calls == [str(p) for p in split.paths[6:]], "only the unfinished images are decoded again"
@@ -182,7 +177,7 @@ def test_interrupted_prepare_resumes_where_it_stopped(tmp_path: Path, monkeypatc
 def test_resume_of_a_different_job_starts_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     split = _write_split(tmp_path / "images", n=6)
     out = tmp_path / "cache"
-    real = cache_mod.load_resized
+    real = writer.load_resized
     count = [0]
 
     def crash(path: str, short_side: int) -> np.ndarray:
@@ -191,10 +186,10 @@ def test_resume_of_a_different_job_starts_over(tmp_path: Path, monkeypatch: pyte
             raise RuntimeError("disk on fire")
         return real(path, short_side)
 
-    monkeypatch.setattr(cache_mod, "load_resized", crash)
+    monkeypatch.setattr(writer, "load_resized", crash)
     with pytest.raises(RuntimeError):
         prepare_split(split, out, dataset="folder", short_side=SHORT, chunk_size=2, show_progress=False)
-    monkeypatch.setattr(cache_mod, "load_resized", real)
+    monkeypatch.setattr(writer, "load_resized", real)
     report = prepare_split(split, out, dataset="folder", short_side=SHORT + 8, chunk_size=2, show_progress=False)
     assert report.resumed_from == 0
     assert min(CachedSplit(out, "train").image_chw(0).shape[1:]) == SHORT + 8
@@ -276,31 +271,6 @@ def test_train_loader_batches_shapes_labels_and_determinism(tmp_path: Path) -> N
         assert torch.equal(a, b) and torch.equal(la, lb)
 
 
-def test_eval_loader_matches_the_file_pipeline_exactly(tmp_path: Path) -> None:
-    split = _write_split(tmp_path / "images", n=7, corrupt=(5,))
-    out = tmp_path / "cache"
-    prepare_split(split, out, dataset="folder", short_side=SHORT, show_progress=False)
-    prep = Preprocessing(image_size=24, resize_size=SHORT)
-    loader = CacheEvalLoader(out, "train", batch_size=4, image_size=24, device="cpu")
-    assert len(loader) == 2
-    seen = []
-    for images, labels, indices in loader:
-        for img, label, i in zip(images, labels.tolist(), indices.tolist()):
-            expected = preprocess_eval(open_image(split.paths[i]), prep)
-            np.testing.assert_allclose(img.numpy(), expected, atol=1e-5)
-            assert label == split.labels[i]
-            seen.append(i)
-    assert seen == [0, 1, 2, 3, 4, 6]
-
-    # A different resize size resamples the cached image: close to, not equal to, the file pipeline.
-    prep_small = Preprocessing(image_size=20, resize_size=24)
-    loader = CacheEvalLoader(out, "train", batch_size=8, image_size=20, resize_size=24, device="cpu")
-    images, _, indices = next(iter(loader))
-    for img, i in zip(images, indices.tolist()):
-        expected = preprocess_eval(open_image(split.paths[i]), prep_small)
-        assert np.abs(img.numpy() - expected).mean() < 0.1  # ~5 grey levels / (255 * std)
-
-
 def test_missing_cache_error_says_what_to_run(tmp_path: Path) -> None:
     with pytest.raises(CacheError, match="retrieval prepare"):
         CachedSplit(tmp_path / "nowhere", "train")
@@ -358,8 +328,6 @@ def test_training_split_is_stored_at_its_own_resolution_with_the_short_side_capp
     again = prepare_split(split, out, dataset="folder", max_short_side=45, show_progress=False)
     assert again.up_to_date
     assert not prepare_split(split, out, dataset="folder", max_short_side=40, show_progress=False).up_to_date
-    with pytest.raises(CacheError, match="original resolution"):
-        CacheEvalLoader(out, "train", batch_size=2, image_size=16, device="cpu")
 
 
 def test_cached_training_crops_match_crops_of_the_original_files(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from retrieval.data import DATASET_LAYOUTS, DATASETS, DatasetLayoutError, load_dataset
+from retrieval.data import DATASETS, DatasetLayoutError, load_dataset
 from tests.fakes import make_fake_cars, make_fake_cub, make_fake_inshop, make_fake_sop, make_image_folder
 
 
@@ -210,10 +210,11 @@ def test_folder_errors(tmp_path):
 
 
 def test_every_dataset_has_layout_protocol_and_ks():
-    assert set(DATASET_LAYOUTS) == set(DATASETS) == {"cub", "cars", "sop", "inshop", "folder", "demo"}
-    for info in DATASETS.values():
-        assert info.layout.strip() and info.recall_ks[0] == 1
-        assert info.protocol in ("all-vs-all", "query-gallery")
+    assert set(DATASETS) == {"cub", "cars", "sop", "inshop", "folder", "demo"}
+    for name, spec in DATASETS.items():
+        assert spec.name == name and spec.title and callable(spec.load)
+        assert spec.layout.strip() and spec.recall_ks[0] == 1
+        assert spec.protocol in ("all-vs-all", "query-gallery")
 
 
 def test_unknown_dataset():

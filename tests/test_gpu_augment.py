@@ -12,9 +12,7 @@ from scipy.stats import ks_2samp
 from retrieval.config import IMAGENET_MEAN, IMAGENET_STD
 from retrieval.data.gpu_augment import (
     BatchNormalize,
-    EvalCrop,
     TrainAugment,
-    center_crop_boxes,
     crop_resize,
     derive_seed,
     make_generator,
@@ -138,14 +136,6 @@ def test_normalisation_uses_imagenet_statistics() -> None:
     expected = (colour.float() / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     assert out.shape == (2, 3, 20, 20) and out.dtype == torch.float32
     torch.testing.assert_close(out, expected.view(1, 3, 1, 1).expand_as(out), atol=1e-5, rtol=0)
-
-
-def test_eval_crop_boxes_follow_resize_then_centre_crop() -> None:
-    sizes = torch.tensor([[256, 341], [400, 256], [256, 256]])
-    boxes = center_crop_boxes(sizes, 224, 256)
-    assert boxes.tolist() == [[16.0, 58.0, 224.0, 224.0], [88.0, 16.0, 224.0, 224.0], [16.0, 16.0, 224.0, 224.0]]
-    with pytest.raises(ValueError):
-        EvalCrop(256, 224)
 
 
 def test_runs_on_cuda_when_available() -> None:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from retrieval.data.base import Split
-from retrieval.data.gpu_decode import DecodeTrainLoader, decode_images, decode_paths, jpeg_fast_path_ok
+from benchmarks.gpu_decode import DecodeTrainLoader, decode_images, decode_paths, jpeg_fast_path_ok
 from retrieval.images import ImageLoadError, open_image
 
 
@@ -33,7 +33,7 @@ def _pillow_chw(data: bytes) -> np.ndarray:
 
 
 def test_torchvision_jpeg_decode_matches_pillow_within_tolerance(monkeypatch: pytest.MonkeyPatch) -> None:
-    import retrieval.data.gpu_decode as gpu_decode
+    import benchmarks.gpu_decode as gpu_decode
 
     data = _encode(Image.fromarray(_photo(75, 100)), quality=90)
     assert jpeg_fast_path_ok(data)

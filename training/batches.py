@@ -101,7 +101,8 @@ def build_train_batches(
     sampler = build_batch_sampler(cfg, train_split.labels, rank, world_size)
     d = cfg.data
     if d.cache:
-        from retrieval.data.cache import CacheTrainLoader, has_cache
+        from retrieval.data.cache.loader import CacheTrainLoader
+        from retrieval.data.cache.reader import has_cache
 
         if has_cache(d.cache, original.name, original):
             loader = CacheTrainLoader(

@@ -7,12 +7,14 @@ from typing import Annotated, Optional
 
 import typer
 
+from retrieval.data import DATASETS, dataset_spec
+
 
 def register(app: typer.Typer) -> None:
     @app.command("datasets")
     def datasets(
         name: Annotated[
-            Optional[str], typer.Argument(help="Dataset to describe or check (cub, cars, sop, inshop, folder, demo).")
+            Optional[str], typer.Argument(help=f"Dataset to describe or check ({', '.join(DATASETS)}).")
         ] = None,
         root: Annotated[
             Optional[Path], typer.Option("--root", help="Check this folder against the dataset's layout and count its splits.")
@@ -22,12 +24,10 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from retrieval.data import DATASETS, load_dataset
         from retrieval.errors import InputError, UsageError
 
         console = Console()
-        if name is not None and name.lower() not in DATASETS:
-            raise UsageError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+        spec = dataset_spec(name) if name is not None else None
         if root is not None and name is None:
             raise UsageError("--root needs a dataset name, e.g. `retrieval datasets cub --root /data/CUB_200_2011`")
 
@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
             from rich.panel import Panel
             from rich.text import Text
 
-            shown = [i for i in DATASETS.values() if name is None or i.name == name.lower()]
+            shown = list(DATASETS.values()) if spec is None else [spec]
             table = Table(title="Supported datasets")
             table.add_column("name", style="bold cyan", no_wrap=True)
             table.add_column("dataset")
@@ -49,10 +49,10 @@ def register(app: typer.Typer) -> None:
             console.print("Check a folder: [bold]retrieval datasets NAME --root PATH[/bold]")
             return
 
-        assert name is not None
-        if name.lower() == "demo" and not root.exists():
+        assert spec is not None
+        if spec.name == "demo" and not root.exists():
             raise InputError(f"{root} does not exist; `retrieval demo` draws the demo dataset there")
-        ds = load_dataset(name, root)
+        ds = spec.load(root)
         table = Table(title=f"{ds.name} at {ds.root}")
         table.add_column("split")
         table.add_column("images", justify="right")

@@ -8,16 +8,19 @@ from typing import Optional
 
 import typer
 
+from retrieval.data import dataset_choices
+from retrieval.data.cache.layout import CACHE_DIR_NAME, DEFAULT_MAX_SHORT_SIDE, DEFAULT_SHORT_SIDE, default_cache_dir
+
 
 def register(app: typer.Typer) -> None:
     @app.command("prepare")
     def prepare(
-        dataset: str = typer.Option(..., "--dataset", help="cub, cars, sop, inshop, folder or demo."),
+        dataset: str = typer.Option(..., "--dataset", help=f"{dataset_choices()}."),
         data_root: Path = typer.Option(..., "--data-root", help="The dataset folder (official layout)."),
-        out: Optional[Path] = typer.Option(None, "--out", help="Cache folder (default: DATA_ROOT/.metrix-cache)."),
-        short_side: int = typer.Option(256, "--short-side", min=32,
+        out: Optional[Path] = typer.Option(None, "--out", help=f"Cache folder (default: DATA_ROOT/{CACHE_DIR_NAME})."),
+        short_side: int = typer.Option(DEFAULT_SHORT_SIDE, "--short-side", min=32,
                                        help="Evaluation images' short side in pixels (the test transform's resize)."),
-        max_side: int = typer.Option(512, "--max-side", min=0,
+        max_side: int = typer.Option(DEFAULT_MAX_SHORT_SIDE, "--max-side", min=0,
                                      help="Training images are stored at their own resolution, short side capped at "
                                           "this many pixels (0 = no cap), so random crops are as sharp as from the files."),
         splits: Optional[str] = typer.Option(
@@ -39,8 +42,7 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from retrieval.data import load_dataset
-        from retrieval.data.cache import default_cache_dir, prepare_split
-
+        from retrieval.data.cache.writer import prepare_split
         from retrieval.errors import UsageError
 
         console = Console()

@@ -15,13 +15,13 @@ from typing import Any, Optional
 
 import typer
 
+from retrieval.data import DATASETS, dataset_choices
 from retrieval.errors import ConfigError
 
-DATASETS = ("cub", "cars", "sop", "inshop", "folder", "demo")
 LOSSES = ("contrastive", "ms", "pa")
 MIXUP_LEVELS = ("none", "input", "feature", "embedding")
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.dataset": DATASETS,
+    "data.dataset": tuple(DATASETS),
     "loss.name": LOSSES,
     "mixup.level": MIXUP_LEVELS,
     "data.sampler": ("random", "balanced"),
@@ -138,7 +138,7 @@ def resolve_config(
     else:
         dataset = dataset or file_cfg.get("data", {}).get("dataset")
         if not dataset:
-            raise ConfigError("pass --dataset (cub, cars, sop, inshop, folder or demo)")
+            raise ConfigError(f"pass --dataset ({dataset_choices()})")
         loss = loss or file_cfg.get("loss", {}).get("name") or "ms"
         mixup = mixup or file_cfg.get("mixup", {}).get("level") or "feature"
         for what, value, allowed in (("dataset", dataset, DATASETS), ("loss", loss, LOSSES), ("mixup", mixup, MIXUP_LEVELS)):
@@ -177,7 +177,7 @@ def _resume_path(resume: str, out_dir: str | None) -> Path:
 def register(app: typer.Typer) -> None:
     @app.command("train")
     def train_command(
-        dataset: Optional[str] = typer.Option(None, "--dataset", help="cub, cars, sop, inshop, folder or demo."),
+        dataset: Optional[str] = typer.Option(None, "--dataset", help=f"{dataset_choices()}."),
         data_root: Optional[str] = typer.Option(
             None, "--data-root", help="Dataset folder in its official layout (demo: generated into data/demo if left out)."
         ),

@@ -1,4 +1,8 @@
-"""Datasets in their official layouts, the embedded demo, and (in submodules) transforms and samplers.
+"""Datasets in their official layouts, the embedded demo, and (in submodules) the image cache, transforms and samplers.
+
+`DATASETS` declares every supported dataset once: `load_dataset`, `retrieval datasets` and the
+commands' dataset choices all read it, so a new dataset is its loader module plus one entry here
+(and preset values in retrieval.config where the generic ones do not suit it).
 
 `load_dataset(name, root)` returns a RetrievalDataset: labelled train split, the evaluation splits,
 the protocol (all-vs-all or query-gallery) and the Recall@K list to report. Importing this package
@@ -16,36 +20,27 @@ from retrieval.data import cars, cub, folder, inshop, sop
 from retrieval.data.base import DatasetLayoutError, Protocol, RetrievalDataset, Split
 from retrieval.errors import UsageError
 
-DEMO_RECALL_KS: tuple[int, ...] = inshop.RECALL_KS
-DEMO_LAYOUT = """\
-<root>/                      drawn by `retrieval demo` in the In-Shop layout
-  Eval/list_eval_partition.txt   (as In-Shop: count line, header, rows)
-  Img/img/DEMO/<shape>/id_00000001/01_<pattern>.jpg ...
-  demo.json                  generator parameters and the class catalogue
-"""
+Loader = Callable[[str | os.PathLike[str]], RetrievalDataset]
 
 
 @dataclass(frozen=True)
-class DatasetInfo:
-    """What `retrieval datasets` shows for one supported dataset."""
+class DatasetSpec:
+    """One supported dataset: what `retrieval datasets` shows about it and how to read it."""
 
     name: str
     title: str
     protocol: Protocol
     recall_ks: tuple[int, ...]
     layout: str
+    load: Loader
 
 
-DATASETS: dict[str, DatasetInfo] = {
-    "cub": DatasetInfo("cub", "CUB-200-2011 (birds; classes 1-100 train, 101-200 test)", "all-vs-all", cub.RECALL_KS, cub.LAYOUT),
-    "cars": DatasetInfo("cars", "Cars196 (car models; classes 1-98 train, 99-196 test)", "all-vs-all", cars.RECALL_KS, cars.LAYOUT),
-    "sop": DatasetInfo("sop", "Stanford Online Products (11,318 train / 11,316 test products)", "all-vs-all", sop.RECALL_KS, sop.LAYOUT),
-    "inshop": DatasetInfo("inshop", "In-Shop Clothes Retrieval (train items; query vs gallery)", "query-gallery", inshop.RECALL_KS, inshop.LAYOUT),
-    "folder": DatasetInfo("folder", "Your images, one folder per class (first half of classes by name train)", "all-vs-all", folder.RECALL_KS, folder.LAYOUT),
-    "demo": DatasetInfo("demo", "Embedded demo: procedurally drawn products (In-Shop layout)", "query-gallery", DEMO_RECALL_KS, DEMO_LAYOUT),
-}  # fmt: skip
-
-DATASET_LAYOUTS: dict[str, str] = {name: info.layout for name, info in DATASETS.items()}
+_DEMO_LAYOUT = """\
+<root>/                      drawn by `retrieval demo` in the In-Shop layout
+  Eval/list_eval_partition.txt   (as In-Shop: count line, header, rows)
+  Img/img/DEMO/<shape>/id_00000001/01_<pattern>.jpg ...
+  demo.json                  generator parameters and the class catalogue
+"""
 
 
 def _load_demo(root: str | os.PathLike[str]) -> RetrievalDataset:
@@ -54,36 +49,48 @@ def _load_demo(root: str | os.PathLike[str]) -> RetrievalDataset:
 
     if not (Path(root).expanduser() / MARKER_FILE).is_file():
         generate_demo(root, progress=True)
-    return inshop.load_inshop(root, name="demo", recall_ks=DEMO_RECALL_KS)
+    return inshop.load_inshop(root, name="demo", recall_ks=inshop.RECALL_KS)
 
 
-_LOADERS: dict[str, Callable[[str | os.PathLike[str]], RetrievalDataset]] = {
-    "cub": cub.load_cub,
-    "cars": cars.load_cars,
-    "sop": sop.load_sop,
-    "inshop": inshop.load_inshop,
-    "folder": folder.load_folder,
-    "demo": _load_demo,
-}
+DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
+    DatasetSpec("cub", "CUB-200-2011 (birds; classes 1-100 train, 101-200 test)", "all-vs-all", cub.RECALL_KS, cub.LAYOUT, cub.load_cub),
+    DatasetSpec("cars", "Cars196 (car models; classes 1-98 train, 99-196 test)", "all-vs-all", cars.RECALL_KS, cars.LAYOUT, cars.load_cars),
+    DatasetSpec("sop", "Stanford Online Products (11,318 train / 11,316 test products)", "all-vs-all", sop.RECALL_KS, sop.LAYOUT, sop.load_sop),
+    DatasetSpec("inshop", "In-Shop Clothes Retrieval (train items; query vs gallery)", "query-gallery", inshop.RECALL_KS, inshop.LAYOUT, inshop.load_inshop),
+    DatasetSpec("folder", "Your images, one folder per class (first half of classes by name train)", "all-vs-all", folder.RECALL_KS, folder.LAYOUT, folder.load_folder),
+    DatasetSpec("demo", "Embedded demo: procedurally drawn products (In-Shop layout)", "query-gallery", inshop.RECALL_KS, _DEMO_LAYOUT, _load_demo),
+)}  # fmt: skip
+
+
+def dataset_choices() -> str:
+    """The dataset names as a help text says them: "cub, cars, ... or demo"."""
+    *head, last = DATASETS
+    return f"{', '.join(head)} or {last}"
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """The registry entry of `name` (any case); a UsageError lists the choices."""
+    spec = DATASETS.get(name.lower())
+    if spec is None:
+        raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return spec
 
 
 def load_dataset(name: str, root: str | os.PathLike[str]) -> RetrievalDataset:
-    """Read dataset `name` (cub | cars | sop | inshop | folder | demo) from `root`.
+    """Read dataset `name` (a key of DATASETS) from `root`.
 
     Raises DatasetLayoutError naming the missing or malformed file and showing the expected layout.
     """
-    key = name.lower()
-    if key not in _LOADERS:
-        raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(_LOADERS)}")
-    return _LOADERS[key](root)
+    return dataset_spec(name).load(root)
 
 
 __all__ = [
     "DATASETS",
-    "DATASET_LAYOUTS",
-    "DatasetInfo",
     "DatasetLayoutError",
+    "DatasetSpec",
     "RetrievalDataset",
     "Split",
+    "dataset_choices",
+    "dataset_spec",
     "load_dataset",
 ]

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from retrieval.atomic import swap_in_folder
 from retrieval.errors import UsageError
 
 MARKER_FILE = "demo.json"
@@ -250,36 +251,28 @@ def _background(size: int, rng: np.random.Generator, xs: np.ndarray, ys: np.ndar
     return c1 + (c2 - c1) * np.clip(t, 0, 1)[..., None]
 
 
-def _draw_photo(cls: DemoClass, rng: np.random.Generator, image_size: int) -> Image.Image:
-    s = image_size * 2  # supersample, then box-downsample for anti-aliased edges
-    ys, xs = _pixel_grid(s)
-    canvas = _background(s, rng, xs, ys)
+def _random_object(rng: np.random.Generator, s: int) -> tuple:
+    """`_paint_object` arguments for one smaller unrelated object (clutter) on an s x s canvas."""
+    return (
+        FAMILIES[int(rng.integers(len(FAMILIES)))],
+        PATTERNS[int(rng.integers(len(PATTERNS)))],
+        _jitter_colour(COLOURS[int(rng.integers(len(COLOURS)))][1], rng),
+        _jitter_colour(COLOURS[int(rng.integers(len(COLOURS)))][1], rng),
+        float(rng.uniform(0, s)),
+        float(rng.uniform(0, s)),
+        float(rng.uniform(0.08, 0.17) * s),
+        float(rng.uniform(0, 2 * np.pi)),
+        float(rng.uniform(0.8, 1.25)),
+        bool(rng.random() < 0.5),
+        float(rng.uniform(2, 5)),
+        float(rng.uniform(0, 0.3)),
+    )
+
+
+def _paint_product(canvas: np.ndarray, xs: np.ndarray, ys: np.ndarray, cls: DemoClass,
+                   rng: np.random.Generator, s: int) -> tuple[float, float, float]:
+    """Paint the class's object somewhere on the canvas, in its own pose; returns its centre and radius."""
     colour_of = dict(COLOURS)
-
-    # clutter: a few smaller unrelated objects, some behind the product, some partly in front
-    n_clutter = int(rng.integers(0, 3))
-    in_front: list[tuple] = []
-    for _ in range(n_clutter):
-        spec = (
-            FAMILIES[int(rng.integers(len(FAMILIES)))],
-            PATTERNS[int(rng.integers(len(PATTERNS)))],
-            _jitter_colour(COLOURS[int(rng.integers(len(COLOURS)))][1], rng),
-            _jitter_colour(COLOURS[int(rng.integers(len(COLOURS)))][1], rng),
-            float(rng.uniform(0, s)),
-            float(rng.uniform(0, s)),
-            float(rng.uniform(0.08, 0.17) * s),
-            float(rng.uniform(0, 2 * np.pi)),
-            float(rng.uniform(0.8, 1.25)),
-            bool(rng.random() < 0.5),
-            float(rng.uniform(2, 5)),
-            float(rng.uniform(0, 0.3)),
-        )
-        if rng.random() < 0.25:
-            in_front.append(spec)
-        else:
-            _paint_object(canvas, xs, ys, *spec)
-
-    # the product
     radius = float(rng.uniform(0.26, 0.42) * s)
     margin = radius * 0.6
     cx = float(rng.uniform(margin, s - margin))
@@ -301,6 +294,35 @@ def _draw_photo(cls: DemoClass, rng: np.random.Generator, image_size: int) -> Im
         float(rng.uniform(2.5, 4.0)),
         float(rng.uniform(0, 0.35)),
     )
+    return cx, cy, radius
+
+
+def _develop(canvas: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """Box-downsample the supersampled canvas, then global illumination, sensor noise / grain and maybe blur."""
+    canvas *= np.float32(rng.uniform(0.8, 1.15))
+    big = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
+    small = np.asarray(big.reduce(2), dtype=np.float32)
+    small += rng.standard_normal(small.shape, dtype=np.float32) * np.float32(rng.uniform(2, 7))
+    img = Image.fromarray(np.clip(small, 0, 255).astype(np.uint8), "RGB")
+    if rng.random() < 0.2:
+        img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.4, 1.0))))
+    return img
+
+
+def _draw_photo(cls: DemoClass, rng: np.random.Generator, image_size: int) -> Image.Image:
+    s = image_size * 2  # supersample, then box-downsample for anti-aliased edges
+    ys, xs = _pixel_grid(s)
+    canvas = _background(s, rng, xs, ys)
+
+    # clutter: a few smaller unrelated objects, some behind the product, some partly in front
+    in_front: list[tuple] = []
+    for _ in range(int(rng.integers(0, 3))):
+        spec = _random_object(rng, s)
+        if rng.random() < 0.25:
+            in_front.append(spec)
+        else:
+            _paint_object(canvas, xs, ys, *spec)
+    cx, cy, radius = _paint_product(canvas, xs, ys, cls, rng, s)
     for spec in in_front:
         _paint_object(canvas, xs, ys, *spec)
 
@@ -311,16 +333,7 @@ def _draw_photo(cls: DemoClass, rng: np.random.Generator, image_size: int) -> Im
         dist = (xs - cx) * np.cos(ang) + (ys - cy) * np.sin(ang) - off
         bar = np.abs(dist) < rng.uniform(0.08, 0.18) * radius
         canvas[bar] = rng.uniform(0, 255, size=3).astype(np.float32)
-
-    # box-downsample, global illumination, sensor noise / backdrop grain
-    canvas *= np.float32(rng.uniform(0.8, 1.15))
-    big = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
-    small = np.asarray(big.reduce(2), dtype=np.float32)
-    small += rng.standard_normal(small.shape, dtype=np.float32) * np.float32(rng.uniform(2, 7))
-    img = Image.fromarray(np.clip(small, 0, 255).astype(np.uint8), "RGB")
-    if rng.random() < 0.2:
-        img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.4, 1.0))))
-    return img
+    return _develop(canvas, rng)
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -393,12 +406,7 @@ def generate_demo(
     so an interrupted run never leaves a half-written dataset behind. A previous demo with other
     parameters is replaced; a non-empty folder that is not a demo is never touched.
     """
-    if num_train_classes < 1 or num_test_classes < 1:
-        raise UsageError("the demo needs at least one train class and one test class")
-    if images_per_class < 2:
-        raise UsageError("images_per_class must be >= 2 (test items need a query and a gallery image)")
-    if len(FAMILIES) * len(PRIMARY) * len(COLOURS) * len(PATTERNS) // 4 < num_train_classes + num_test_classes:
-        raise UsageError("too many demo classes requested")
+    _check_request(num_train_classes, num_test_classes, images_per_class)
     root = Path(root).expanduser()
     params = DemoParams(seed, num_train_classes, num_test_classes, images_per_class, image_size)
     if _is_complete(root, params):
@@ -413,29 +421,36 @@ def generate_demo(
     tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        classes = _choose_classes(seed, num_train_classes, num_test_classes)
-        start = time.perf_counter()
-        n = _write_demo(tmp, params, classes, progress)
-        meta = {
-            "params": asdict(params),
-            "num_images": n,
-            "generation_seconds": round(time.perf_counter() - start, 2),
-            "classes": [asdict(c) for c in classes],
-        }
-        (tmp / MARKER_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if _is_complete(root, params):  # another process finished the same demo meanwhile
-            return root
-        old = None
-        if root.exists():
-            old = root.parent / f".{root.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(root, old)
-        os.replace(tmp, root)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _draw_demo(tmp, params, progress)
+        if not _is_complete(root, params):  # another process may have finished the same demo meanwhile
+            swap_in_folder(tmp, root)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def _check_request(num_train_classes: int, num_test_classes: int, images_per_class: int) -> None:
+    if num_train_classes < 1 or num_test_classes < 1:
+        raise UsageError("the demo needs at least one train class and one test class")
+    if images_per_class < 2:
+        raise UsageError("images_per_class must be >= 2 (test items need a query and a gallery image)")
+    if len(FAMILIES) * len(PRIMARY) * len(COLOURS) * len(PATTERNS) // 4 < num_train_classes + num_test_classes:
+        raise UsageError("too many demo classes requested")
+
+
+def _draw_demo(out: Path, params: DemoParams, progress: bool) -> None:
+    """Draw the images and the partition file into `out`, then the marker with the parameters and catalogue."""
+    classes = _choose_classes(params.seed, params.num_train_classes, params.num_test_classes)
+    start = time.perf_counter()
+    n = _write_demo(out, params, classes, progress)
+    meta = {
+        "params": asdict(params),
+        "num_images": n,
+        "generation_seconds": round(time.perf_counter() - start, 2),
+        "classes": [asdict(c) for c in classes],
+    }
+    (out / MARKER_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
 def demo_classes(root: str | os.PathLike[str]) -> list[DemoClass]:

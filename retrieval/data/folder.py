@@ -13,14 +13,14 @@ from pathlib import Path
 
 from retrieval.data._files import layout_error
 from retrieval.data.base import RetrievalDataset, Split
+from retrieval.images import IMAGE_EXTENSIONS
 
 RECALL_KS: tuple[int, ...] = (1, 2, 4, 8)
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
-LAYOUT = """\
+LAYOUT = f"""\
 <root>/
   <class A>/img001.jpg, img002.png, ...   one folder per class
-  <class B>/...                           (.jpg .jpeg .png .bmp .gif .webp .tif .tiff)
+  <class B>/...                           ({" ".join(IMAGE_EXTENSIONS)})
   split: classes sorted by name, the first ceil(C/2) train, the rest test
 """
 

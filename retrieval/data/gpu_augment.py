@@ -1,4 +1,4 @@
-"""Training/eval augmentation applied to a whole batch on the device: RandomResizedCrop, flip, normalise.
+"""Training augmentation applied to a whole batch on the device: RandomResizedCrop, flip, normalise.
 
 Why on the device: a ResNet-50 step on a modern GPU consumes thousands of images per second, more
 than CPU workers can crop and resize. Here the CPU only copies bytes; every per-pixel operation is
@@ -27,7 +27,6 @@ import torch
 from torchvision.ops import roi_align
 
 from retrieval.config import IMAGENET_MEAN, IMAGENET_STD
-from retrieval.errors import UsageError
 
 DEFAULT_SCALE: tuple[float, float] = (0.08, 1.0)
 DEFAULT_RATIO: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
@@ -61,15 +60,22 @@ def pad_batch(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
     for b, im in enumerate(images):
         if im.dim() != 3 or im.shape[0] != 3:
             raise ValueError(f"image {b} has shape {tuple(im.shape)}; expected (3, h, w)")
-        h, w = hs[b], ws[b]
-        out[b, :, :h, :w] = im
-        if w < wmax:
-            out[b, :, :h, w] = im[:, :, w - 1]
-        if h < hmax:
-            out[b, :, h, :w] = im[:, h - 1, :]
-            if w < wmax:
-                out[b, :, h, w] = im[:, h - 1, w - 1]
+        paste_padded(out, b, im)
     return out, to_device(torch.tensor(list(zip(hs, ws)), dtype=torch.int64), device)
+
+
+def paste_padded(batch: torch.Tensor | np.ndarray, b: int, image: torch.Tensor | np.ndarray) -> None:
+    """Write a (3, h, w) image into sample b of a padded (B, 3, Hmax, Wmax) batch, followed by a copy of
+    its last row and column (see module docstring); tensors and NumPy arrays alike."""
+    h, w = image.shape[1], image.shape[2]
+    hmax, wmax = batch.shape[2], batch.shape[3]
+    batch[b, :, :h, :w] = image
+    if w < wmax:
+        batch[b, :, :h, w] = image[:, :, w - 1]
+    if h < hmax:
+        batch[b, :, h, :w] = image[:, h - 1, :]
+        if w < wmax:
+            batch[b, :, h, w] = image[:, h - 1, w - 1]
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -148,27 +154,6 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, out_size: int) -> tor
     return roi_align(src, rois, output_size=(out_size, out_size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
-def center_crop_boxes(sizes: torch.Tensor, image_size: int, resize_size: int) -> torch.Tensor:
-    """Where torchvision's Resize(resize_size) + CenterCrop(image_size) lands, in stored-image pixels.
-
-    sizes: (B, 2) int64 (h, w). Returns (B, 4) float (top, left, h, w). When the stored short side
-    equals resize_size the box is whole pixels at scale 1, so the crop is an exact copy.
-    """
-    if image_size > resize_size:
-        raise UsageError(f"image_size {image_size} exceeds resize_size {resize_size}; the centre crop would pad")
-    h = sizes[:, 0].to(torch.float64)
-    w = sizes[:, 1].to(torch.float64)
-    short = torch.minimum(h, w)
-    long = torch.maximum(h, w)
-    new_long = torch.floor(resize_size * long / short)
-    new_h = torch.where(h <= w, torch.full_like(h, resize_size), new_long)
-    new_w = torch.where(h <= w, new_long, torch.full_like(w, resize_size))
-    top = torch.round((new_h - image_size) / 2.0)
-    left = torch.round((new_w - image_size) / 2.0)
-    sy, sx = h / new_h, w / new_w
-    return torch.stack([top * sy, left * sx, image_size * sy, image_size * sx], dim=1)
-
-
 class BatchNormalize:
     """(x / 255 - mean) / std on a (B, 3, S, S) float batch, as one fused affine op."""
 
@@ -213,24 +198,3 @@ class TrainAugment:
         out = crop_resize(images, boxes, self.image_size)
         out = torch.where(flip.view(-1, 1, 1, 1), out.flip(3), out)
         return self.normalize(out)
-
-
-class EvalCrop:
-    """Resize(resize_size) + CenterCrop(image_size) + normalise, on a padded batch on the device."""
-
-    def __init__(
-        self,
-        image_size: int,
-        resize_size: int,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-    ) -> None:
-        if image_size > resize_size:
-            raise UsageError(f"image_size {image_size} exceeds resize_size {resize_size}")
-        self.image_size = int(image_size)
-        self.resize_size = int(resize_size)
-        self.normalize = BatchNormalize(mean, std)
-
-    def __call__(self, images: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-        boxes = center_crop_boxes(sizes, self.image_size, self.resize_size)
-        return self.normalize(crop_resize(images, boxes, self.image_size))

@@ -10,6 +10,7 @@ The demo dataset is written in this same layout and read by this loader.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from retrieval.data._files import check_images_exist, dense_labels, layout_error, read_lines, resolve_root
 from retrieval.data.base import RetrievalDataset, Split
@@ -28,10 +29,8 @@ LAYOUT = """\
 """
 
 
-def load_inshop(root: str | os.PathLike[str], name: str = "inshop", recall_ks: tuple[int, ...] = RECALL_KS) -> RetrievalDataset:
-    """Read an In-Shop-layout folder; `name` lets the demo dataset reuse the loader under its own name."""
-    base = resolve_root(root, PARTITION_FILE, ("Inshop_Clothes", "In-shop Clothes Retrieval Benchmark"), name, LAYOUT)
-    part_file = base / PARTITION_FILE
+def _read_partition(part_file: Path, name: str) -> dict[str, list[tuple[str, str]]]:
+    """(image_name, item_id) rows per status, after checking the count line, header and every row."""
     lines = read_lines(part_file, name, LAYOUT)
     if len(lines) < 2:
         raise layout_error(name, f"{part_file} is too short: expected a count line and a header line", LAYOUT)
@@ -60,7 +59,13 @@ def load_inshop(root: str | os.PathLike[str], name: str = "inshop", recall_ks: t
     for status in STATUSES:
         if not rows[status]:
             raise layout_error(name, f"{part_file} has no rows with status {status!r}", LAYOUT)
+    return rows
 
+
+def load_inshop(root: str | os.PathLike[str], name: str = "inshop", recall_ks: tuple[int, ...] = RECALL_KS) -> RetrievalDataset:
+    """Read an In-Shop-layout folder; `name` lets the demo dataset reuse the loader under its own name."""
+    base = resolve_root(root, PARTITION_FILE, ("Inshop_Clothes", "In-shop Clothes Retrieval Benchmark"), name, LAYOUT)
+    rows = _read_partition(base / PARTITION_FILE, name)
     img_dir = base / "Img"
     paths = {s: tuple(img_dir / image for image, _ in rows[s]) for s in STATUSES}
     check_images_exist((p for s in STATUSES for p in paths[s]), name, LAYOUT)

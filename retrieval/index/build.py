@@ -17,10 +17,9 @@ from retrieval.config import CalibrationConfig, IndexConfig
 from retrieval.embed.backend import EmbeddingBackend
 from retrieval.embed.spec import embedder_record
 from retrieval.errors import InputError
+from retrieval.images import IMAGE_EXTENSIONS
 from retrieval.index.faiss_index import library_versions, resolve_params
 from retrieval.index.folder import GalleryIndex, ItemTable, StoredQueries, items_from_paths, now_iso
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 # -- images ----------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""Batched JPEG decoding on the device (nvJPEG through torchvision), for runs without an image cache.
+"""Batched JPEG decoding on the device (nvJPEG through torchvision): the input path that
+benchmarks/input_pipeline.py measures against the file loader and the decoded-image cache.
 
 Why: Pillow decoding on the CPU delivers ~1.5-2k images/s with 8-16 workers, a fraction of what a
 GPU trains on; nvJPEG decodes a batch of JPEGs on the GPU roughly an order of magnitude faster.
+Training itself reads files or the cache (retrieval.data.cache), so this stays with the benchmarks.
 
 Routing, per image (a lazy Pillow header read decides, no pixel decoding):
 - baseline/progressive RGB or greyscale JPEG without EXIF rotation -> torchvision.io.decode_jpeg,
@@ -134,7 +136,7 @@ def _read_and_probe(path: str | os.PathLike[str]) -> tuple[bytes, bool]:
 class DecodeTrainLoader(SamplerDrivenLoader):
     """Training batches straight from image files: bytes read by CPU threads, decoded and augmented on `device`.
 
-    Same interface and output as retrieval.data.cache.CacheTrainLoader (`(images, labels)`,
+    Same interface and output as retrieval.data.cache.loader.CacheTrainLoader (`(images, labels)`,
     `set_epoch`, `len`), for runs without a cache. On CUDA, JPEGs decode with nvJPEG; on a CPU the
     same code decodes with libjpeg-turbo/Pillow in `threads` threads.
     """
