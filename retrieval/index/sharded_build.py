@@ -31,17 +31,20 @@ import numpy as np
 
 from retrieval.config import CalibrationConfig, IndexConfig
 from retrieval.errors import UsageError
+from retrieval.index.errors import IndexBuildError
 from retrieval.index.faiss_index import (
-    IndexBuildError,
-    IndexParams,
-    _new_cpu_index,
     add_to_index,
     configure_search,
     library_versions,
+    new_cpu_index,
     resolve_params,
+    train_index,
+    training_rows,
     write_index,
 )
-from retrieval.index.folder import GalleryIndex, ItemTable, StoredQueries, now_iso
+from retrieval.index.types import IndexParams
+from retrieval.index.folder import GalleryIndex, ItemTable, StoredQueries
+from retrieval.index.meta import IndexMeta, now_iso
 from retrieval.embed.parts import EmbeddingsFolder, PartItems, absolute_paths, part_paths
 from retrieval.atomic import atomic_write_with, read_json
 
@@ -115,12 +118,9 @@ def split_parts(names: Sequence[str], counts: Sequence[int], shards: int) -> lis
 
 def train_on_sample(folder: EmbeddingsFolder, params: IndexParams, n: int, seed: int, verify: bool = True) -> bytes:
     """The trained, empty index (serialised), trained on the same seeded sample `build_faiss_index` would draw."""
-    index = _new_cpu_index(params, folder.embedding_size)
+    index = new_cpu_index(params, folder.embedding_size)
     if not index.is_trained:
-        if params.train_size < n:
-            rows = np.sort(np.random.default_rng(seed).choice(n, size=params.train_size, replace=False))
-        else:
-            rows = np.arange(n)
+        rows = training_rows(n, params, seed)
         sample = np.empty((len(rows), folder.embedding_size), np.float32)
         start = filled = 0
         for _, emb, _items in folder.iter_parts("gallery", verify=verify):
@@ -129,11 +129,7 @@ def train_on_sample(folder: EmbeddingsFolder, params: IndexParams, n: int, seed:
             sample[filled : filled + hi - lo] = emb[rows[lo:hi] - start]
             filled += hi - lo
             start = stop
-        try:
-            index.train(sample)
-        except RuntimeError as exc:
-            raise IndexBuildError(f"FAISS could not train {params.factory_string()} on {len(sample):,} vectors: "
-                                  f"{exc}") from exc
+        train_index(index, sample, params)
     return bytes(faiss.serialize_index(index))
 
 
@@ -234,8 +230,9 @@ def build_from_parts(parts_dir: str | os.PathLike[str], out_dir: str | os.PathLi
     if sharded:
         if params.refine_factor > 0:
             raise IndexBuildError("--refine-factor is not supported with --shards; build one index instead")
-        if opts.merge and params.index_type == "hnsw":
-            raise IndexBuildError("HNSW shards cannot be merged into one graph; drop --merge to keep them as shards")
+        if opts.merge and not params.kind.mergeable:
+            raise IndexBuildError(f"{params.index_type} shards cannot be merged into one index; drop --merge to keep "
+                                  "them as shards")
         if opts.shards > len(folder.part_names("gallery")):
             raise IndexBuildError(f"--shards {opts.shards} exceeds the {len(folder.part_names('gallery'))} gallery "
                                   "parts; use fewer shards or re-embed with a smaller --part-size")
@@ -245,7 +242,7 @@ def build_from_parts(parts_dir: str | os.PathLike[str], out_dir: str | os.PathLi
     if "query" in folder.roles():
         q_emb, q_items = folder.load_role("query", verify=verify)
         queries = StoredQueries(q_emb, _item_table(q_items, data_root))
-    lossy = params.index_type == "ivf-pq" and params.refine_factor == 0
+    lossy = not params.stores_exact_vectors
     device, note = "cpu", ""
     gallery_vectors = None
 
@@ -258,11 +255,11 @@ def build_from_parts(parts_dir: str | os.PathLike[str], out_dir: str | os.PathLi
         result = build_calibrated(gallery_emb, cfg, calib, seed=seed, progress=progress)  # as `retrieval index` does
         built = result.built
         params = built.params
-        lossy = params.index_type == "ivf-pq" and params.refine_factor == 0
+        lossy = not params.stores_exact_vectors
         report.train_seconds, report.shard_seconds = built.train_seconds, built.add_seconds
         device, note = built.device, built.note or note
-        index: GalleryIndex = GalleryIndex(built.index, params, _item_table(g_items, data_root), {}, queries,
-                                           gallery_emb if lossy else None, use_gpu=cfg.use_gpu)
+        index: GalleryIndex = GalleryIndex(built.index, params, _item_table(g_items, data_root), IndexMeta(),
+                                           queries, gallery_emb if lossy else None, use_gpu=cfg.use_gpu)
         calibration_meta = result.meta()
     else:
         from retrieval.index.shards import ShardedGalleryIndex, ShardSet, shard_file_name
@@ -293,57 +290,56 @@ def build_from_parts(parts_dir: str | os.PathLike[str], out_dir: str | os.PathLi
                 t0 = time.perf_counter()
                 merged = shard_set.merged(params)
                 report.merge_seconds = time.perf_counter() - t0
-                index = GalleryIndex(merged, params, items, {}, queries, gallery_vectors, use_gpu=cfg.use_gpu)
+                index = GalleryIndex(merged, params, items, IndexMeta(), queries, gallery_vectors, use_gpu=cfg.use_gpu)
             else:
-                index = ShardedGalleryIndex(shard_set, params, items, {}, queries, gallery_vectors,
+                index = ShardedGalleryIndex(shard_set, params, items, IndexMeta(), queries, gallery_vectors,
                                             use_gpu=cfg.use_gpu)
-            index.meta = _meta(manifest, folder, params, cfg, opts, report, device, note, g_items, t_start)
+            index.meta = _meta(manifest, folder, cfg, opts, report, device, note, g_items, t_start)
             index.save(out_dir)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         report.total_seconds = time.perf_counter() - t_start
-        index.meta["build_seconds"] = round(report.total_seconds, 3)
+        index.meta.build_seconds = round(report.total_seconds, 3)
         return index, report
 
-    index.meta = _meta(manifest, folder, params, cfg, opts, report, device, note, g_items, t_start)
-    index.meta.update(calibration_meta)
+    index.meta = _meta(manifest, folder, cfg, opts, report, device, note, g_items, t_start, **calibration_meta)
     index.save(out_dir)
     report.total_seconds = time.perf_counter() - t_start
     return index, report
 
 
-def _meta(manifest: dict[str, Any], folder: EmbeddingsFolder, params: IndexParams, cfg: IndexConfig,
-          opts: ShardOptions, report: BuildReport, device: str, note: str, g_items: PartItems,
-          t_start: float) -> dict[str, Any]:
+def _meta(manifest: dict[str, Any], folder: EmbeddingsFolder, cfg: IndexConfig, opts: ShardOptions,
+          report: BuildReport, device: str, note: str, g_items: PartItems, t_start: float,
+          **calibration: Any) -> IndexMeta:
     """The same metadata `retrieval index` records, plus where the embeddings came from and how it was built."""
     src = manifest.get("source", {})
     versions = dict(manifest.get("versions") or {})
     versions.update(library_versions())
-    return {
-        "dataset": src.get("dataset", "images"),
-        "data_root": manifest.get("data_root"),
-        "split": manifest["splits"]["gallery"]["split"],
-        "protocol": src.get("protocol", "all-vs-all"),
-        "recall_ks": [int(k) for k in src.get("recall_ks") or []],
-        "fingerprint": manifest["fingerprint"],
-        "embedding_size": int(manifest["embedding_size"]),
-        "normalisation": manifest.get("normalisation", "l2"),
-        "preprocessing": manifest["preprocessing"],
-        "backend": manifest.get("backend"),
-        "embed_device": "parts",
-        "embedder_source": manifest.get("embedder_source", {}),
-        "index_device": device,
-        "index_note": note,
-        "index_config": {"memory_budget_gb": cfg.memory_budget_gb, "requested_type": cfg.index_type},
-        "embed_seconds": 0.0,
-        "train_seconds": round(report.train_seconds, 3),
-        "add_seconds": round(report.shard_seconds, 3),
-        "build_seconds": round(time.perf_counter() - t_start, 3),
-        "built_from": {"embeddings": str(folder.folder.resolve()), "dtype": manifest.get("dtype"),
-                       "engine": opts.engine, "shards": max(1, opts.shards), "merged": opts.merge,
-                       "unreadable_images": len(g_items.bad),
-                       "shard_builds": [r.__dict__ for r in report.shards]},
-        "created_at": now_iso(),
-        "versions": versions,
-        "history": [{"action": "build", "items": len(g_items.rows), "at": now_iso(), "from": "embeddings"}],
-    }
+    return IndexMeta(
+        dataset=src.get("dataset", "images"),
+        data_root=manifest.get("data_root"),
+        split=manifest["splits"]["gallery"]["split"],
+        protocol=src.get("protocol", "all-vs-all"),
+        recall_ks=[int(k) for k in src.get("recall_ks") or []],
+        fingerprint=manifest["fingerprint"],
+        embedding_size=int(manifest["embedding_size"]),
+        normalisation=manifest.get("normalisation", "l2"),
+        preprocessing=manifest["preprocessing"],
+        backend=manifest.get("backend"),
+        embed_device="parts",
+        embedder_source=manifest.get("embedder_source", {}),
+        index_device=device,
+        index_note=note,
+        index_config={"memory_budget_gb": cfg.memory_budget_gb, "requested_type": cfg.index_type},
+        train_seconds=round(report.train_seconds, 3),
+        add_seconds=round(report.shard_seconds, 3),
+        build_seconds=round(time.perf_counter() - t_start, 3),
+        built_from={"embeddings": str(folder.folder.resolve()), "dtype": manifest.get("dtype"),
+                    "engine": opts.engine, "shards": max(1, opts.shards), "merged": opts.merge,
+                    "unreadable_images": len(g_items.bad),
+                    "shard_builds": [r.__dict__ for r in report.shards]},
+        created_at=now_iso(),
+        versions=versions,
+        history=[{"action": "build", "items": len(g_items.rows), "at": now_iso(), "from": "embeddings"}],
+        **calibration,
+    )
