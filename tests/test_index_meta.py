@@ -56,8 +56,9 @@ def test_metadata_from_before_index_params_were_recorded_reads_the_index_type():
 
 def test_a_newer_format_version_is_refused_naming_the_release_that_wrote_it(v1_folder):
     _rewrite_meta(v1_folder, format_version=FORMAT_VERSION + 1, versions={"metrix-retrieval": "9.1.0"})
-    with pytest.raises(IndexFileError, match=rf"written by metrix-retrieval 9\.1\.0 \(index format version "
-                                             rf"{FORMAT_VERSION + 1}\).*reads versions up to {FORMAT_VERSION}.*rebuild"):
+    newer = FORMAT_VERSION + 1
+    with pytest.raises(IndexFileError, match=rf"written by metrix-retrieval 9\.1\.0 \(index format version {newer}\)"
+                                             rf".*reads versions up to {FORMAT_VERSION}.*rebuild"):
         GalleryIndex.load(v1_folder, use_gpu=False)
     with pytest.raises(IndexFileError, match="invalid format_version"):
         IndexMeta.from_dict({"format": INDEX_FORMAT, "format_version": "two"})

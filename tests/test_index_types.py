@@ -40,7 +40,7 @@ def test_every_registered_type_builds_searches_and_declares_what_it_can_do(kind:
     assert kind.memory_bytes(N, D, IndexConfig(**SMALL)) > 0
     built = build_faiss_index(gallery, params, use_gpu=False)
     _, ids = search(built.index, gallery[:100], 5)
-    assert (ids == np.arange(100)[:, None]).any(axis=1).mean() >= 0.5  # a gallery vector finds itself (PQ codes are lossy)
+    assert (ids == np.arange(100)[:, None]).any(axis=1).mean() >= 0.5  # finds itself (PQ codes are lossy)
 
     if kind.knob is None:
         assert kind.exact and kind.ladder(params, 10, N) == []
@@ -85,7 +85,8 @@ def test_shards_of_every_type_merge_into_one_index_or_are_refused(kind: IndexTyp
 
 
 def test_unknown_types_are_refused_by_the_config_listing_the_registry():
-    with pytest.raises(IndexBuildError, match="unknown index type 'lsh'; choose auto or one of " + ", ".join(INDEX_TYPES)):
+    choices = ", ".join(INDEX_TYPES)
+    with pytest.raises(IndexBuildError, match=f"unknown index type 'lsh'; choose auto or one of {choices}"):
         IndexConfig(index_type="lsh")
     with pytest.raises(IndexBuildError, match="unknown index type"):
         index_type("lsh")

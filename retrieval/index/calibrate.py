@@ -254,36 +254,10 @@ def calibrate(index: faiss.Index, params: IndexParams, vectors: np.ndarray, cfg:
     min_qps = min_speedup * flat_qps
     sweep = _Sweep(index, params, queries, rows, exact, k, progress)
     target = cfg.target_recall
-    refined = params.refine_factor > 0
-
-    kind = params.kind
-    assert kind.knob is not None  # every approximate type has a knob
-    found: CurvePoint | None = None
-    if not cfg.sweep:
-        setting = _current_setting(params)
-        found = sweep.measure(**setting)
-    elif refined and kind.sweeps_refine:
-        # the knob sets the cost (e.g. lists scanned); re-ranking k x factor candidates costs k x factor dot
-        # products, small beside that: so the smallest knob value that reaches the target with any factor,
-        # then the smallest factor there. A factor that misses at the largest value misses at all.
-        walked: list[CurvePoint] = []
-        for value in kind.ladder(params, k, n):
-            top = sweep.measure(**{kind.knob.field: value, "refine_factor": REFINE_LADDER[-1]})
-            walked.append(top)
-            if top.recall >= target:
-                found = top
-                for rf in REFINE_LADDER[:-1]:
-                    point = sweep.measure(**{kind.knob.field: value, "refine_factor": rf})
-                    if point.recall >= target:
-                        found = point
-                        break
-                break
-            if _plateaued(walked) or top.qps < min_qps:
-                break
+    if cfg.sweep:
+        found = _search_ladders(sweep, params, target, min_qps, n)
     else:
-        found = _sweep_ladder(sweep, kind.knob.field, kind.ladder(params, k, n), target, min_qps,
-                              **({"refine_factor": params.refine_factor} if refined else {}))
-
+        found = sweep.measure(**_current_setting(params))
     reached = found is not None and found.recall >= target
     if found is None:  # the best recall measured; the cheaper setting on ties
         found = max(sweep.points, key=lambda p: (p.recall, p.qps))
@@ -298,6 +272,32 @@ def calibrate(index: faiss.Index, params: IndexParams, vectors: np.ndarray, cfg:
         seconds=round(time.perf_counter() - t_start, 3), held_out=holdout is not None,
     )
     return chosen, result
+
+
+def _search_ladders(sweep: _Sweep, params: IndexParams, target: float, min_qps: float, n: int) -> CurvePoint | None:
+    """The cheapest setting of the index type's knob (and refine factor) that reaches `target`, else None."""
+    kind = params.kind
+    assert kind.knob is not None  # every approximate type has a knob
+    knob, ladder = kind.knob.field, kind.ladder(params, sweep.k, n)
+    if params.refine_factor <= 0 or not kind.sweeps_refine:
+        return _sweep_ladder(sweep, knob, ladder, target, min_qps,
+                             **({"refine_factor": params.refine_factor} if params.refine_factor > 0 else {}))
+    # the knob sets the cost (e.g. lists scanned); re-ranking k x factor candidates costs k x factor dot
+    # products, small beside that: so the smallest knob value that reaches the target with any factor,
+    # then the smallest factor there. A factor that misses at the largest value misses at all.
+    walked: list[CurvePoint] = []
+    for value in ladder:
+        top = sweep.measure(**{knob: value, "refine_factor": REFINE_LADDER[-1]})
+        walked.append(top)
+        if top.recall >= target:
+            for rf in REFINE_LADDER[:-1]:
+                point = sweep.measure(**{knob: value, "refine_factor": rf})
+                if point.recall >= target:
+                    return point
+            return top
+        if _plateaued(walked) or top.qps < min_qps:
+            return None
+    return None
 
 
 def _current_setting(params: IndexParams) -> dict[str, int]:
@@ -346,7 +346,8 @@ def build_calibrated(vectors: np.ndarray, cfg: IndexConfig, calib: CalibrationCo
     calibrating = not params.exact and calib.target_recall > 0
     # a graph finds points it already holds far more easily than new queries: HNSW is calibrated with
     # its last rows held out of the graph (added afterwards), IVF with a sample of its own rows
-    held = min(calib.queries, n // HNSW_MAX_HELD_OUT_FRACTION) if calibrating and params.kind.held_out_calibration else 0
+    held_out = calibrating and params.kind.held_out_calibration
+    held = min(calib.queries, n // HNSW_MAX_HELD_OUT_FRACTION) if held_out else 0
     built = build_faiss_index(vectors[: n - held] if held else vectors, params, use_gpu=cfg.use_gpu, seed=seed)
     if not calibrating:
         return CalibratedBuild(built, None)

@@ -385,7 +385,7 @@ class GalleryIndex:
              data_root: str | os.PathLike[str] | None = None) -> "GalleryIndex":
         """Open an index folder, refusing missing, truncated or altered files with an error naming the file.
 
-        `data_root` says where the dataset is now when it moved since the build (default: the data_root meta.json records)."""
+        `data_root` says where the dataset is now when it moved since the build (default: meta.json's data_root)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise IndexFileError(_missing_folder_message(folder))
@@ -424,14 +424,7 @@ class GalleryIndex:
         if index.d != meta.embedding_size:
             raise IndexFileError(f"{folder / INDEX_FILE} holds {index.d}-d vectors but meta.json says "
                                  f"{meta.embedding_size}; rebuild the index")
-        queries = None
-        if QUERIES_FILE in files:
-            emb = _read_npy(folder / QUERIES_FILE)
-            q_items_path = folder / QUERY_ITEMS_FILE
-            q_items = ItemTable.from_dict(_read_json_file(q_items_path, "query table"), q_items_path, root)
-            if emb.ndim != 2 or emb.shape != (len(q_items), index.d):
-                raise IndexFileError(f"{folder / QUERIES_FILE} has shape {emb.shape}, expected ({len(q_items)}, {index.d})")
-            queries = StoredQueries(emb.astype(np.float32, copy=False), q_items)
+        queries = _load_queries(folder, index.d, root) if QUERIES_FILE in files else None
         gallery_vectors = None
         if GALLERY_FILE in files:
             gallery_vectors = _read_npy(folder / GALLERY_FILE, mmap=True)
@@ -450,6 +443,15 @@ def _write_array(target: Path, arr: np.ndarray) -> None:
             np.save(fh, np.ascontiguousarray(arr), allow_pickle=False)
 
     atomic_write_with(target, writer)
+
+
+def _load_queries(folder: Path, d: int, data_root: str | None) -> StoredQueries:
+    emb = _read_npy(folder / QUERIES_FILE)
+    items_path = folder / QUERY_ITEMS_FILE
+    items = ItemTable.from_dict(_read_json_file(items_path, "query table"), items_path, data_root)
+    if emb.ndim != 2 or emb.shape != (len(items), d):
+        raise IndexFileError(f"{folder / QUERIES_FILE} has shape {emb.shape}, expected ({len(items)}, {d})")
+    return StoredQueries(emb.astype(np.float32, copy=False), items)
 
 
 def _load_neighbours(folder: Path, meta: IndexMeta, files: dict[str, Any],

@@ -198,8 +198,8 @@ class Ivf(IndexType):
         floor = MIN_POINTS_PER_CENTROID * max(nlist, 2**pq_nbits if pq_nbits else 0)
         train_size = cfg.train_size if cfg.train_size > 0 else max(TRAIN_POINTS_PER_LIST * nlist, floor)
         train_size = int(min(n, max(train_size, floor)))
-        return IndexParams(self.name, nlist=nlist, nprobe=max(1, min(cfg.nprobe, nlist)), refine_factor=cfg.refine_factor,
-                           train_size=train_size, **codes)
+        return IndexParams(self.name, nlist=nlist, nprobe=max(1, min(cfg.nprobe, nlist)),
+                           refine_factor=cfg.refine_factor, train_size=train_size, **codes)
 
     def resolve(self, cfg: IndexConfig, n: int, d: int) -> IndexParams:
         return self._params(cfg, n, self._nlist(cfg, n))
