@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from retrieval.embed.bad_images import DEFAULT_MAX_BAD_FRACTION, embed_skipping_bad
 from retrieval.config import CalibrationConfig, IndexConfig
 from retrieval.embed.backend import EmbeddingBackend
@@ -163,20 +165,11 @@ def build_index(
     if len(gallery) == 0:
         raise InputError(f"{dataset.name}: the {gallery.name} split is empty; nothing to index")
     d = int(backend.embedding_size)
-    params = resolve_params(cfg, len(gallery), d)  # fail on impossible parameters before embedding
+    resolve_params(cfg, len(gallery), d)  # fail on impossible parameters before embedding
 
     t0 = time.perf_counter()
     skip = dict(batch_size=batch_size, progress=progress, strict=strict, max_bad_fraction=max_bad_fraction)
-    embedded = embed_skipping_bad(backend, list(gallery.paths), what=f"{gallery.name} images", **skip)
-    gallery_emb, gallery, bad_images = embedded.emb, _subset(gallery, embedded.kept), embedded.bad
-    if len(gallery) == 0:
-        raise InputError(f"{dataset.name}: none of the {gallery.name} images can be used; nothing to index")
-    queries = None
-    if dataset.protocol == "query-gallery":
-        q_split, _ = dataset.eval_splits()
-        q_embedded = embed_skipping_bad(backend, list(q_split.paths), what=f"{q_split.name} images", **skip)
-        queries = StoredQueries(q_embedded.emb, _items_with_attributes(dataset, _subset(q_split, q_embedded.kept)))
-        bad_images += q_embedded.bad
+    gallery_emb, gallery, queries, bad_images = _embed_splits(dataset, gallery, backend, skip)
     embed_seconds = time.perf_counter() - t0
 
     from retrieval.index.calibrate import build_calibrated
@@ -214,6 +207,23 @@ def build_index(
         index.build_neighbours(rerank_neighbours)
     index.save(out_dir)
     return index
+
+
+def _embed_splits(dataset: Any, gallery: Any, backend: EmbeddingBackend, skip: dict[str, Any]
+                  ) -> tuple[np.ndarray, Any, StoredQueries | None, list[dict[str, Any]]]:
+    """(gallery embeddings, the gallery split without the images that cannot be used, the stored queries of
+    query/gallery datasets, the images skipped in either)."""
+    embedded = embed_skipping_bad(backend, list(gallery.paths), what=f"{gallery.name} images", **skip)
+    gallery_emb, gallery, bad_images = embedded.emb, _subset(gallery, embedded.kept), embedded.bad
+    if len(gallery) == 0:
+        raise InputError(f"{dataset.name}: none of the {gallery.name} images can be used; nothing to index")
+    queries = None
+    if dataset.protocol == "query-gallery":
+        q_split, _ = dataset.eval_splits()
+        q_embedded = embed_skipping_bad(backend, list(q_split.paths), what=f"{q_split.name} images", **skip)
+        queries = StoredQueries(q_embedded.emb, _items_with_attributes(dataset, _subset(q_split, q_embedded.kept)))
+        bad_images += q_embedded.bad
+    return gallery_emb, gallery, queries, bad_images
 
 
 def _subset(split: Any, kept: Any) -> Any:
