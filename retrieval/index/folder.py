@@ -415,7 +415,9 @@ class GalleryIndex:
             index = read_index(folder / INDEX_FILE)
         items_path = folder / ITEMS_FILE
         items = ItemTable.from_dict(_read_json_file(items_path, "item table"), items_path, root)
-        params = meta.index_params or IndexParams("flat")
+        params = meta.index_params
+        if params is None:
+            raise IndexFileError(f"{meta_path} records no index parameters; rebuild the index")
         if index.ntotal != len(items) or index.ntotal != meta.n_items:
             raise IndexFileError(
                 f"{folder / INDEX_FILE} holds {index.ntotal} vectors, {items_path} {len(items)} items, meta.json says "
