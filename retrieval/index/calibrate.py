@@ -43,7 +43,7 @@ REFINE_LADDER = (1, 2, 4, 8, 16, 32, 64)
 PLATEAU_GAIN = 0.001  # two doublings in a row gaining less than this: recall has stopped improving
 MIN_TIMING_SECONDS, MAX_TIMING_PASSES = 0.25, 20
 AUTO_MIN_SPEEDUP = 1.5  # auto keeps an approximate index only when it is at least this much faster than exact
-HNSW_MAX_HELD_OUT_FRACTION = 5  # HNSW holds out at most 1/5 of the gallery while it is calibrated
+MAX_HELD_OUT_FRACTION = 5  # a graph (HNSW) holds out at most 1/5 of the gallery while it is calibrated
 
 
 @dataclass
@@ -347,7 +347,7 @@ def build_calibrated(vectors: np.ndarray, cfg: IndexConfig, calib: CalibrationCo
     # a graph finds points it already holds far more easily than new queries: HNSW is calibrated with
     # its last rows held out of the graph (added afterwards), IVF with a sample of its own rows
     held_out = calibrating and params.kind.held_out_calibration
-    held = min(calib.queries, n // HNSW_MAX_HELD_OUT_FRACTION) if held_out else 0
+    held = min(calib.queries, n // MAX_HELD_OUT_FRACTION) if held_out else 0
     built = build_faiss_index(vectors[: n - held] if held else vectors, params, use_gpu=cfg.use_gpu, seed=seed)
     if not calibrating:
         return CalibratedBuild(built, None)
