@@ -171,19 +171,19 @@ class SearchApi:
         return methods
 
     def info(self) -> dict[str, Any]:
-        meta, backend = self.searcher.meta, self.searcher.backend
+        meta, backend = self.searcher.index.meta, self.searcher.backend
         return {
-            "dataset": meta.get("dataset"),
-            "index_type": meta.get("index_type"),
-            "index_factory": meta.get("index_factory"),
+            "dataset": meta.dataset,
+            "index_type": meta.index_type,
+            "index_factory": meta.index_factory,
             "n_items": len(self.searcher.gallery_paths),
-            "embedding_size": meta.get("embedding_size"),
+            "embedding_size": meta.embedding_size,
             "backend": backend.name,
             "device": backend.device,
             "search_device": self.searcher.devices.get("index"),
             "fingerprint": backend.fingerprint,
-            "built_at": meta.get("created_at"),
-            "updated_at": meta.get("updated_at"),
+            "built_at": meta.created_at,
+            "updated_at": meta.updated_at,
             "filters": self.searcher.attribute_values,
             "rerank": self.rerank_methods(),
             "max_k": self.max_k,

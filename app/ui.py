@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -591,9 +590,10 @@ def _first(mapping: Mapping[str, Any], *keys: str) -> str:
 def _search_setting(meta: Mapping[str, Any]) -> str:
     """The calibrated search setting and its measured recall/speed (or why auto built flat)."""
     from retrieval.index.calibrate import search_setting_text
+    from retrieval.index.meta import IndexMeta
 
     try:
-        return search_setting_text(dict(meta))
+        return search_setting_text(IndexMeta.from_dict(dict(meta)))
     except (TypeError, ValueError, KeyError):  # metadata written by an older version
         return ""
 

@@ -291,6 +291,7 @@ def filtered_search_speed(n: int, d: int, batch: int, rounds: int, seed: int = 0
     from retrieval.config import IndexConfig
     from retrieval.index.faiss_index import build_faiss_index, resolve_params
     from retrieval.index.folder import GalleryIndex, ItemTable
+    from retrieval.index.meta import IndexMeta
     from retrieval.search.searcher import Searcher
 
     rng = np.random.default_rng(seed)
@@ -301,7 +302,7 @@ def filtered_search_speed(n: int, d: int, batch: int, rounds: int, seed: int = 0
     params = resolve_params(IndexConfig(index_type="flat", use_gpu=False), n, d)
     built = build_faiss_index(x, params, use_gpu=False)
     items = ItemTable([f"/g/{i}.jpg" for i in range(n)], [0] * n, ["x"] * n, attrs)
-    searcher = Searcher(GalleryIndex(built.index, params, items, {}, use_gpu=False), device="cpu")
+    searcher = Searcher(GalleryIndex(built.index, params, items, IndexMeta(), use_gpu=False), device="cpu")
     q = x[rng.choice(n, batch * rounds)] + 0.05 * rng.standard_normal((batch * rounds, d)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     where = ["category=kept"]

@@ -23,7 +23,6 @@ at the start of the level, its maximum, at the end; the RSS series of the whole 
 from __future__ import annotations
 
 import argparse
-import base64
 import io
 import json
 import os

@@ -123,7 +123,7 @@ class TrainConfig:
 class IndexConfig:
     """How a gallery is indexed."""
 
-    index_type: str = "auto"  # auto | flat | ivf-flat | ivf-pq | hnsw
+    index_type: str = "auto"  # auto, or a type registered in retrieval.index.types.INDEX_TYPES
     nlist: int = 0  # 0 = chosen from the gallery size
     nprobe: int = 16
     pq_m: int = 64
@@ -136,6 +136,12 @@ class IndexConfig:
     memory_budget_gb: float = 4.0
     use_gpu: bool = True
     flat_max_items: int = 300_000  # "auto" keeps exact search up to here when it fits the memory budget
+
+    def __post_init__(self) -> None:
+        from retrieval.index.types import index_type  # the registry needs neither FAISS nor this module
+
+        if self.index_type != "auto":
+            index_type(self.index_type)  # IndexBuildError listing the registered types
 
 
 @dataclass

@@ -24,6 +24,8 @@ from retrieval.cli import app
 from retrieval.config import CalibrationConfig, IndexConfig
 from retrieval.index.faiss_index import build_faiss_index, configure_search, read_index, resolve_params
 from retrieval.index.folder import GalleryIndex, ItemTable
+from retrieval.index.meta import IndexMeta
+from retrieval.index.types import IndexParams
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -123,7 +125,7 @@ def test_ivf_pq_refine_calibration_takes_the_smallest_nprobe_then_the_smallest_f
 
 def _gallery_index(result, g: np.ndarray, labels: np.ndarray) -> GalleryIndex:
     items = ItemTable([f"/img/{i}.jpg" for i in range(len(g))], [int(v) for v in labels], [str(v) for v in labels])
-    meta = {"fingerprint": "fp", "protocol": "all-vs-all", "dataset": "synthetic", **result.meta()}
+    meta = IndexMeta(fingerprint="fp", protocol="all-vs-all", dataset="synthetic", **result.meta())
     return GalleryIndex(result.built.index, result.built.params, items, meta, None, None, use_gpu=False)
 
 
@@ -147,7 +149,7 @@ def test_chosen_setting_survives_save_load_and_explicit_flags_override_it(tmp_pa
     assert f"nprobe {chosen} (calibrated on 300" in search_setting_text(loaded.meta, loaded.params)
     from app.ui import _search_setting  # the UI's facts table row
 
-    assert _search_setting(loaded.meta).startswith(f"nprobe {chosen} (calibrated on 300 gallery vectors")
+    assert _search_setting(loaded.meta.to_dict()).startswith(f"nprobe {chosen} (calibrated on 300 gallery vectors")
 
     # --nprobe 1 at search time: the same results as the index configured by hand with nprobe 1
     loaded.set_search_params(override_search_params(loaded.params, nprobe=1))
@@ -193,7 +195,7 @@ def test_auto_builds_flat_when_no_approximate_setting_is_faster_at_the_target(mo
     assert result.rejected is not None and not result.rejected.applied
     assert result.meta()["index_decision"] == result.decision
     assert result.built.index.ntotal == len(g)
-    meta = {"index_params": {"index_type": "flat"}, **result.meta()}
+    meta = IndexMeta(index_params=IndexParams("flat"), **result.meta())
     assert "auto built flat" in search_setting_text(meta)
 
 

@@ -20,7 +20,6 @@ from retrieval.checkpoint import embedder_from_checkpoint, save_checkpoint
 from retrieval.config import DataConfig, ModelConfig, RunConfig
 from retrieval.embed.spec import EmbedderSpec, open_embedder
 from retrieval.embed.onnx_backend import CPU, OnnxBackend
-from retrieval.embed.torch_backend import TorchBackend
 from retrieval.export import (
     FP16_MIN_COSINE,
     FP32_MAX_ABS_DIFF,

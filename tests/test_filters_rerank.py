@@ -16,7 +16,9 @@ from typer.testing import CliRunner
 
 from retrieval.config import IndexConfig
 from retrieval.search.filters import FilterError, parse_where, split_attributes
-from retrieval.index.faiss_index import IndexBuildError, build_faiss_index, resolve_params
+from retrieval.index.errors import IndexBuildError
+from retrieval.index.faiss_index import build_faiss_index, resolve_params
+from retrieval.index.meta import IndexMeta
 from retrieval.index.folder import GalleryIndex, ItemTable, StoredQueries
 from retrieval.search.rerank import RerankError
 from retrieval.search.searcher import Searcher
@@ -44,7 +46,7 @@ def gallery_index(vectors: np.ndarray, labels: np.ndarray, cfg: IndexConfig, cat
         q, ql = queries
         stored = StoredQueries(q, ItemTable([f"/q/{i}.jpg" for i in range(len(q))], [int(v) for v in ql],
                                             [f"item{v}" for v in ql]))
-    meta = {"protocol": "query-gallery" if queries is not None else "all-vs-all", "recall_ks": [1, 2, 4]}
+    meta = IndexMeta(protocol="query-gallery" if queries is not None else "all-vs-all", recall_ks=[1, 2, 4])
     return GalleryIndex(built.index, built.params, items, meta, stored, use_gpu=False)
 
 

@@ -13,17 +13,10 @@ import pytest
 
 import retrieval.index.folder as index_folder
 from retrieval.config import IndexConfig
-from retrieval.index.faiss_index import (
-    IndexBuildError,
-    IndexFileError,
-    build_faiss_index,
-    choose_index_type,
-    configure_search,
-    default_nlist,
-    read_index,
-    resolve_params,
-    search,
-)
+from retrieval.index.errors import IndexBuildError, IndexFileError
+from retrieval.index.faiss_index import build_faiss_index, choose_index_type, configure_search, read_index, resolve_params, search
+from retrieval.index.meta import IndexMeta
+from retrieval.index.types import default_nlist
 from retrieval.index.folder import EmbedderMismatchError, GalleryIndex, ItemTable, StoredQueries
 from retrieval.metrics import evaluate_embeddings
 from retrieval.metrics import neighbour_metrics
@@ -65,10 +58,10 @@ def make_gallery(tmp_path: Path, n: int = 300, d: int = 16, cfg: IndexConfig | N
     if protocol == "query-gallery":
         queries = StoredQueries(q, ItemTable([f"/q/{i}.jpg" for i in range(len(q))], [int(v) for v in ql],
                                              [f"item{v}" for v in ql]))
-    meta = {"fingerprint": fingerprint, "protocol": protocol, "recall_ks": [1, 2, 4], "dataset": "synthetic",
-            "embedder_source": {"kind": "checkpoint", "path": "/ckpt/best.pt"}}
-    lossy = params.index_type == "ivf-pq" and params.refine_factor == 0
-    return GalleryIndex(built.index, built.params, items, meta, queries, g if lossy else None, use_gpu=False)
+    meta = IndexMeta(fingerprint=fingerprint, protocol=protocol, recall_ks=[1, 2, 4], dataset="synthetic",
+                     embedder_source={"kind": "checkpoint", "path": "/ckpt/best.pt"})
+    return GalleryIndex(built.index, built.params, items, meta, queries, None if params.stores_exact_vectors else g,
+                        use_gpu=False)
 
 
 # -- exactness -------------------------------------------------------------------------------------
@@ -262,7 +255,7 @@ def test_add_appends_searchable_items_and_survives_save_load(tmp_path, kind):
     if kind != "ivf-pq":  # PQ codes are lossy, so only the exact types must return the vector itself first
         assert ids[:, 0].tolist() == [n, n + 1, n + 2]
     assert loaded.items.labels[n:] == [-1, -1, -1] and loaded.items.item_ids[n] == "new"
-    assert [h["action"] for h in loaded.meta["history"]] == ["add"]
+    assert [h["action"] for h in loaded.meta.history] == ["add"]
     np.testing.assert_allclose(loaded.exact_gallery_vectors()[n:], new, atol=1e-6)
 
 

@@ -84,7 +84,7 @@ def test_parts_hold_what_retrieval_index_embeds_and_the_index_evaluates_the_same
     assert from_parts.gallery_paths == direct.gallery_paths and from_parts.query_labels == direct.query_labels
     assert from_parts.index.items.attributes == direct.index.items.attributes  # the dataset's filter attributes
     assert any(from_parts.index.items.attributes)
-    assert from_parts.meta["built_from"]["embeddings"] == str(parts.resolve())
+    assert from_parts.index.meta.built_from["embeddings"] == str(parts.resolve())
     assert from_parts.evaluate() == pytest.approx(direct.evaluate(), abs=1e-12)
 
 
@@ -101,7 +101,7 @@ def test_images_are_embedded_unreadable_ones_listed_and_skipped(backend, tmp_pat
     assert all(b["error"] for b in m["bad_images"])
     index, _ = build_from_parts(tmp_path / "emb", tmp_path / "index", NO_GPU, progress=False)
     assert len(index) == 12 and not any(Path(p).name in ("truncated.jpg", "huge.png") for p in index.items.paths)
-    assert index.meta["built_from"]["unreadable_images"] == 3
+    assert index.meta.built_from["unreadable_images"] == 3
 
 
 def run_cli_embed(args: list[str]) -> subprocess.Popen:

@@ -18,6 +18,7 @@ from retrieval.cli import app
 from retrieval.config import IndexConfig
 from retrieval.data import load_dataset
 from retrieval.index.folder import EmbedderMismatchError, GalleryIndex
+from retrieval.index.meta import IndexMeta
 from retrieval.metrics import evaluate_embeddings
 from retrieval.search.searcher import Searcher
 from tests.fakes import make_fake_inshop, make_fake_sop
@@ -119,7 +120,7 @@ def test_searcher_accessors_without_stored_queries(tmp_path, backend):
     assert searcher.gallery_labels == [int(v) for v in ds.test.labels]
     assert searcher.recall_ks == tuple(ds.recall_ks)
     index = searcher.index
-    unsaved = Searcher(GalleryIndex(index.index, index.params, index.items, {}, use_gpu=False))
+    unsaved = Searcher(GalleryIndex(index.index, index.params, index.items, IndexMeta(), use_gpu=False))
     assert unsaved.index_dir is None and unsaved.recall_ks == (1, 2, 4, 8)
 
 

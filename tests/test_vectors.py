@@ -78,7 +78,7 @@ def test_approximate_index_from_vectors_is_calibrated_and_evaluates(tmp_path: Pa
     index, result = build_from_vector_file(tmp_path / "emb.npy", tmp_path / "idx",
                                            IndexConfig(index_type="ivf-flat", use_gpu=False),
                                            labels_path=tmp_path / "labels.npy")
-    assert result.calibration is not None and index.meta["calibration"]["chosen"]["nprobe"] == index.params.nprobe
+    assert result.calibration is not None and index.meta.calibration["chosen"]["nprobe"] == index.params.nprobe
     res = Searcher.open(tmp_path / "idx", device="cpu").evaluate(ks=(1,))
     assert {"R@1", "exact R@1", "diff R@1"} <= set(res)
 

@@ -68,7 +68,7 @@ def register(app: typer.Typer) -> None:
             report = analyse_index(searcher, str(checkpoint) if checkpoint else None,
                                    str(data_root) if data_root else None, mix_level=mix_level,
                                    device=device, progress=not as_json)
-        meta = searcher.meta
+        meta = searcher.index.meta
         if reranked is not None:
             if as_json:
                 typer.echo(json.dumps({"index": str(index), "rerank": method, "metrics": result,
@@ -82,18 +82,18 @@ def register(app: typer.Typer) -> None:
                 console.print(analysis_table(report))
             return
         if as_json:
-            payload = {"index": str(index), "index_type": meta.get("index_type"),
+            payload = {"index": str(index), "index_type": meta.index_type,
                        "search_device": searcher.devices['index'], "metrics": result,
                        "search_params": searcher.index.params.to_dict(),
-                       "calibration": meta.get("calibration")}
+                       "calibration": meta.calibration}
             if report is not None:
                 payload["analysis"] = report
             typer.echo(json.dumps(payload, indent=2))
             return
         names = [key for key in result if not key.startswith(("exact ", "diff "))]
         approximate = any(key.startswith("exact ") for key in result)
-        table = Table(title=f"{escape(str(index))}: {meta.get('dataset')} ({meta.get('protocol')}), "
-                            f"{meta.get('n_items'):,} items, {meta.get('index_factory')}", title_justify="left")
+        table = Table(title=f"{escape(str(index))}: {meta.dataset} ({meta.protocol}), "
+                            f"{meta.n_items:,} items, {meta.index_factory}", title_justify="left")
         table.add_column("metric")
         table.add_column("index %", justify="right")
         if approximate:
@@ -117,8 +117,8 @@ def _print_rerank_table(console, index, meta, method, before, after) -> None:  #
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"{escape(str(index))}: {meta.get('dataset')} ({meta.get('protocol')}), "
-                        f"{meta.get('n_items'):,} items, re-ranking {method}", title_justify="left")
+    table = Table(title=f"{escape(str(index))}: {meta.dataset} ({meta.protocol}), "
+                        f"{meta.n_items:,} items, re-ranking {method}", title_justify="left")
     table.add_column("metric")
     table.add_column("none %", justify="right")
     table.add_column(f"{method} %", justify="right")

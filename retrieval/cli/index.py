@@ -17,6 +17,7 @@ from retrieval.cli.embedder_options import (
     model_option,
     untrained_option,
 )
+from retrieval.index.types import INDEX_TYPES
 
 
 def register(app: typer.Typer) -> None:
@@ -47,7 +48,7 @@ def register(app: typer.Typer) -> None:
         embedding_size: int = embedding_size_option(),
         image_size: int = image_size_option(),
         seed: int = typer.Option(0, "--seed", help="With --untrained: initialisation seed; also IVF training sample."),
-        index_type: str = typer.Option("auto", "--index-type", help="auto | flat | ivf-flat | ivf-pq | hnsw."),
+        index_type: str = typer.Option("auto", "--index-type", help=f"auto | {' | '.join(INDEX_TYPES)}."),
         nlist: int = typer.Option(0, "--nlist", min=0, help="IVF lists (0 = about 4 sqrt(N))."),
         nprobe: Optional[int] = typer.Option(
             None, "--nprobe", min=1, help="IVF lists scanned per query (default: calibrated to --target-recall)."),
@@ -157,7 +158,7 @@ def register(app: typer.Typer) -> None:
         built = build_index(ds, emb_backend, out, cfg, batch_size=batch_size, seed=seed, calib=calib,
                             rerank_neighbours=rerank_neighbours, strict=strict, max_bad_fraction=max_bad_fraction)
         _summary(console, built, out)
-        _report_bad(console, built.meta.get("bad_images") or [], out)
+        _report_bad(console, built.meta.bad_images or [], out)
 
 
 def _add(console, out, add, spec, device, batch_size, strict, max_bad_fraction) -> None:  # type: ignore[no-untyped-def]
@@ -171,15 +172,14 @@ def _add(console, out, add, spec, device, batch_size, strict, max_bad_fraction) 
     if spec is not None:
         emb_backend = open_embedder(spec, device)
     else:
-        emb_backend = open_recorded(GalleryIndex.load(out, verify_checksums=False).meta.get("embedder_source", {}),
-                                    device)
+        emb_backend = open_recorded(GalleryIndex.load(out, verify_checksums=False).meta.embedder_source, device)
     console.print(f"Adding to {escape(str(out))} with the {emb_backend.name} embedder "
                   f"{emb_backend.fingerprint} on {escape(emb_backend.device)}")
     updated, n_added = add_images(out, add, emb_backend, batch_size=batch_size, strict=strict,
                                   max_bad_fraction=max_bad_fraction)
     console.print(f"[green]added {n_added:,} images[/green]; the index now holds {len(updated):,} items")
     skipped = n_listed - n_added  # the newest entries of the index's bad-image list
-    _report_bad(console, list(updated.meta.get("bad_images") or [])[-skipped:] if skipped else [], out)
+    _report_bad(console, list(updated.meta.bad_images or [])[-skipped:] if skipped else [], out)
 
 
 def _report_bad(console, bad: list, out: Path) -> None:  # type: ignore[no-untyped-def]
@@ -235,12 +235,12 @@ def _summary(console, built, out: Path) -> None:  # type: ignore[no-untyped-def]
     from retrieval.index.calibrate import search_setting_text
 
     meta = built.meta
-    note = f" ({meta['index_note']})" if meta.get("index_note") else ""
+    note = f" ({meta.index_note})" if meta.index_note else ""
     console.print(
-        f"[green]wrote {escape(str(out))}[/green]: {len(built):,} items, {meta['index_factory']} "
-        f"({meta['index_type']}) built on {escape(meta['index_device'] + note)}, {meta['embedding_size']}-d, "
-        f"{meta['n_queries']:,} stored queries; embedding {meta['embed_seconds']:.1f}s, "
-        f"total {meta['build_seconds']:.1f}s"
+        f"[green]wrote {escape(str(out))}[/green]: {len(built):,} items, {meta.index_factory} "
+        f"({meta.index_type}) built on {escape(meta.index_device + note)}, {meta.embedding_size}-d, "
+        f"{meta.n_queries:,} stored queries; embedding {meta.embed_seconds:.1f}s, "
+        f"total {meta.build_seconds:.1f}s"
     )
-    if not built.params.exact or meta.get("index_decision"):
+    if not built.params.exact or meta.index_decision:
         console.print(f"search setting: {escape(search_setting_text(meta, built.params))}")

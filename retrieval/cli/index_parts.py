@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import typer
 
 
 def index_from_parts(parts_dir: Path, out: Path | None, cfg: Any, calib: Any, engine: str, shards: int, merge: bool,
@@ -35,8 +34,8 @@ def index_from_parts(parts_dir: Path, out: Path | None, cfg: Any, calib: Any, en
                                      seed=seed, calib=calib)
     meta = built.meta
     console.print(
-        f"[green]wrote {escape(str(out))}[/green]: {len(built):,} items, {meta['index_factory']} ({meta['index_type']}), "
-        f"{layout}, {meta['embedding_size']}-d, {meta['n_queries']:,} stored queries; train {report.train_seconds:.1f}s, "
+        f"[green]wrote {escape(str(out))}[/green]: {len(built):,} items, {meta.index_factory} ({meta.index_type}), "
+        f"{layout}, {meta.embedding_size}-d, {meta.n_queries:,} stored queries; train {report.train_seconds:.1f}s, "
         f"add {report.shard_seconds:.1f}s, total {report.total_seconds:.1f}s"
     )
     if not built.params.exact:

@@ -73,9 +73,9 @@ def register(app: typer.Typer) -> None:
             payload = {"index": str(index), "devices": devices, "results": hits_as_json(images, results)}
             typer.echo(json.dumps(payload, indent=2))
             return
-        meta = searcher.meta
-        console.print(f"index {escape(str(index))}: {meta.get('dataset')} {meta.get('split')}, {len(searcher.gallery_paths):,} "
-                      f"items, {meta.get('index_type')}; embedding on {escape(devices['embedding'])} "
+        meta = searcher.index.meta
+        console.print(f"index {escape(str(index))}: {meta.dataset} {meta.split}, {len(searcher.gallery_paths):,} "
+                      f"items, {meta.index_type}; embedding on {escape(devices['embedding'])} "
                       f"({searcher.backend.preprocessing.describe()}), search on {escape(devices['index'])}")
         for path, hits in zip(images, results):
             table = Table(title=f"{escape(str(path))}", title_justify="left")

@@ -1,6 +1,9 @@
 """Embeddings in, a searchable index folder out.
 
-    faiss_index.py    FAISS index types: parameters, build, add/remove, search, read/write, GPU copy
+    types.py          the index types, each declared once: parameters, FAISS factory, memory, search knob, abilities
+    faiss_index.py    FAISS indexes: choose a type, build, add/remove, search, read/write, GPU copy
+    meta.py           the folder's metadata (meta.json) as a typed, versioned record
+    errors.py         the errors an index build or an index file raises
     folder.py         the index folder: index (or shards) + item table + metadata, published atomically
     build.py          embed a dataset or image files and publish a folder; add and remove items
     calibrate.py      measure recall on held-out queries at build time and pick the search setting

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from retrieval.embed.bad_images import DEFAULT_MAX_BAD_FRACTION, embed_skipping_bad
 from retrieval.config import CalibrationConfig, IndexConfig
 from retrieval.embed.backend import EmbeddingBackend
@@ -19,7 +21,8 @@ from retrieval.embed.spec import embedder_record
 from retrieval.errors import InputError
 from retrieval.images import IMAGE_EXTENSIONS
 from retrieval.index.faiss_index import library_versions, resolve_params
-from retrieval.index.folder import GalleryIndex, ItemTable, StoredQueries, items_from_paths, now_iso
+from retrieval.index.folder import GalleryIndex, ItemTable, StoredQueries, items_from_paths
+from retrieval.index.meta import IndexMeta, now_iso
 
 
 # -- images ----------------------------------------------------------------------------------------
@@ -87,10 +90,54 @@ def build_index(
     if len(gallery) == 0:
         raise InputError(f"{dataset.name}: the {gallery.name} split is empty; nothing to index")
     d = int(backend.embedding_size)
-    params = resolve_params(cfg, len(gallery), d)  # fail on impossible parameters before embedding
+    resolve_params(cfg, len(gallery), d)  # fail on impossible parameters before embedding
 
     t0 = time.perf_counter()
     skip = dict(batch_size=batch_size, progress=progress, strict=strict, max_bad_fraction=max_bad_fraction)
+    gallery_emb, gallery, queries, bad_images = _embed_splits(dataset, gallery, backend, skip)
+    embed_seconds = time.perf_counter() - t0
+
+    from retrieval.index.calibrate import build_calibrated
+
+    result = build_calibrated(gallery_emb, cfg, calib, seed=seed, progress=progress)
+    built = result.built
+    meta = IndexMeta(
+        dataset=dataset.name,
+        data_root=str(Path(dataset.root).resolve()),
+        split=gallery.name,
+        protocol=dataset.protocol,
+        recall_ks=[int(k) for k in dataset.recall_ks],
+        fingerprint=backend.fingerprint,
+        embedding_size=d,
+        preprocessing=backend.preprocessing.to_dict(),
+        backend=backend.name,
+        embed_device=backend.device,
+        embedder_source=source,
+        index_device=built.device,
+        index_note=built.note,
+        index_config={"memory_budget_gb": cfg.memory_budget_gb, "requested_type": cfg.index_type},
+        embed_seconds=round(embed_seconds, 3),
+        train_seconds=round(built.train_seconds, 3),
+        add_seconds=round(built.add_seconds, 3),
+        build_seconds=round(time.perf_counter() - t_start, 3),
+        created_at=now_iso(),
+        versions=_versions(backend),
+        history=[{"action": "build", "items": len(gallery), "at": now_iso()}],
+        **result.meta(),
+        bad_images=bad_images,
+    )
+    index = GalleryIndex(built.index, built.params, _items_with_attributes(dataset, gallery), meta, queries,
+                         None if built.params.stores_exact_vectors else gallery_emb, use_gpu=cfg.use_gpu)
+    if rerank_neighbours > 0:
+        index.build_neighbours(rerank_neighbours)
+    index.save(out_dir)
+    return index
+
+
+def _embed_splits(dataset: Any, gallery: Any, backend: EmbeddingBackend, skip: dict[str, Any]
+                  ) -> tuple[np.ndarray, Any, StoredQueries | None, list[dict[str, Any]]]:
+    """(gallery embeddings, the gallery split without the images that cannot be used, the stored queries of
+    query/gallery datasets, the images skipped in either)."""
     embedded = embed_skipping_bad(backend, list(gallery.paths), what=f"{gallery.name} images", **skip)
     gallery_emb, gallery, bad_images = embedded.emb, _subset(gallery, embedded.kept), embedded.bad
     if len(gallery) == 0:
@@ -101,46 +148,7 @@ def build_index(
         q_embedded = embed_skipping_bad(backend, list(q_split.paths), what=f"{q_split.name} images", **skip)
         queries = StoredQueries(q_embedded.emb, _items_with_attributes(dataset, _subset(q_split, q_embedded.kept)))
         bad_images += q_embedded.bad
-    embed_seconds = time.perf_counter() - t0
-
-    from retrieval.index.calibrate import build_calibrated
-
-    result = build_calibrated(gallery_emb, cfg, calib, seed=seed, progress=progress)
-    built = result.built
-    lossy = built.params.index_type == "ivf-pq" and built.params.refine_factor == 0
-    meta: dict[str, Any] = {
-        "dataset": dataset.name,
-        "data_root": str(Path(dataset.root).resolve()),
-        "split": gallery.name,
-        "protocol": dataset.protocol,
-        "recall_ks": [int(k) for k in dataset.recall_ks],
-        "fingerprint": backend.fingerprint,
-        "embedding_size": d,
-        "normalisation": "l2",
-        "preprocessing": backend.preprocessing.to_dict(),
-        "backend": backend.name,
-        "embed_device": backend.device,
-        "embedder_source": source,
-        "index_device": built.device,
-        "index_note": built.note,
-        "index_config": {"memory_budget_gb": cfg.memory_budget_gb, "requested_type": cfg.index_type},
-        "embed_seconds": round(embed_seconds, 3),
-        "train_seconds": round(built.train_seconds, 3),
-        "add_seconds": round(built.add_seconds, 3),
-        "build_seconds": round(time.perf_counter() - t_start, 3),
-        "created_at": now_iso(),
-        "versions": _versions(backend),
-        "history": [{"action": "build", "items": len(gallery), "at": now_iso()}],
-        **result.meta(),
-        "n_bad_images": len(bad_images),
-        "bad_images": bad_images,
-    }
-    index = GalleryIndex(built.index, built.params, _items_with_attributes(dataset, gallery), meta, queries,
-                         gallery_emb if lossy else None, use_gpu=cfg.use_gpu)
-    if rerank_neighbours > 0:
-        index.build_neighbours(rerank_neighbours)
-    index.save(out_dir)
-    return index
+    return gallery_emb, gallery, queries, bad_images
 
 
 def _subset(split: Any, kept: Any) -> Any:
@@ -178,10 +186,9 @@ def add_images(
     if not kept:
         raise InputError(f"none of the {len(paths)} images to add can be used: {embedded.bad[0]['reason']}")
     index.add(embedded.emb, items_from_paths(kept))
-    index.meta["updated_at"] = now_iso()
+    index.meta.updated_at = now_iso()
     if embedded.bad:
-        index.meta["bad_images"] = list(index.meta.get("bad_images", [])) + embedded.bad
-        index.meta["n_bad_images"] = len(index.meta["bad_images"])
+        index.meta.bad_images = list(index.meta.bad_images or []) + embedded.bad
     index.save(index_dir)
     return index, len(kept)
 
@@ -201,7 +208,7 @@ def rows_to_remove(index: GalleryIndex, item_ids: Sequence[str] = (), paths: Seq
     for row, item in enumerate(index.items.item_ids):
         by_id.setdefault(item, []).append(row)
     by_path = {os.path.realpath(p): row for row, p in enumerate(index.items.paths)}
-    root = index.meta.get("data_root") or ""
+    root = index.meta.data_root or ""
     rows: set[int] = set()
     missing: list[str] = []
     for item in item_ids:
@@ -217,7 +224,7 @@ def rows_to_remove(index: GalleryIndex, item_ids: Sequence[str] = (), paths: Seq
         else:
             rows.add(row)
     if missing:
-        raise InputError(f"not in the index {index.meta.get('folder', '')}: {', '.join(missing[:5])}"
+        raise InputError(f"not in the index {index.meta.folder}: {', '.join(missing[:5])}"
                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else "") + "; nothing was removed")
     return sorted(rows)
 
@@ -230,7 +237,7 @@ def remove_items(index_dir: str | os.PathLike[str], item_ids: Sequence[str] = ()
     index.remove(rows)
     if len(index) == 0:
         raise ValueError("removing these items would leave the index empty; delete the folder instead")
-    index.meta["updated_at"] = now_iso()
+    index.meta.updated_at = now_iso()
     index.save(index_dir)
     return index, len(rows)
 
@@ -239,6 +246,6 @@ def add_neighbour_lists(index_dir: str | os.PathLike[str], width: int) -> Galler
     """Compute and store the gallery neighbour lists of an existing index (republished atomically)."""
     index = GalleryIndex.load(index_dir, use_gpu=False)
     index.build_neighbours(width)
-    index.meta["updated_at"] = now_iso()
+    index.meta.updated_at = now_iso()
     index.save(index_dir)
     return index

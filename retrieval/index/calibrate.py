@@ -33,24 +33,17 @@ import numpy as np
 
 from retrieval.config import CalibrationConfig, IndexConfig
 from retrieval.errors import UsageError
-from retrieval.index.faiss_index import (
-    BuiltIndex,
-    IndexBuildError,
-    IndexParams,
-    add_to_index,
-    build_faiss_index,
-    configure_search,
-    estimate_memory_bytes,
-    resolve_params,
-)
+from retrieval.index.errors import IndexBuildError
+from retrieval.index.faiss_index import BuiltIndex, add_to_index, build_faiss_index, configure_search, resolve_params
+from retrieval.index.meta import IndexMeta
+from retrieval.index.types import EF_SEARCH, INDEX_TYPES, NPROBE, IndexParams, knob_label
 
 TIMING_BATCH = 256  # queries per search call when timing (the batch size speed targets are stated at)
 REFINE_LADDER = (1, 2, 4, 8, 16, 32, 64)
-EF_LADDER = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 PLATEAU_GAIN = 0.001  # two doublings in a row gaining less than this: recall has stopped improving
 MIN_TIMING_SECONDS, MAX_TIMING_PASSES = 0.25, 20
 AUTO_MIN_SPEEDUP = 1.5  # auto keeps an approximate index only when it is at least this much faster than exact
-HNSW_MAX_HELD_OUT_FRACTION = 5  # HNSW holds out at most 1/5 of the gallery while it is calibrated
+MAX_HELD_OUT_FRACTION = 5  # a graph (HNSW) holds out at most 1/5 of the gallery while it is calibrated
 
 
 @dataclass
@@ -112,11 +105,7 @@ class Calibration:
 
 
 def _setting_words(setting: dict[str, int]) -> str:
-    return ", ".join(f"{_knob_name(k)} {v}" for k, v in setting.items())
-
-
-def _knob_name(key: str) -> str:
-    return {"nprobe": "nprobe", "ef_search": "efSearch", "refine_factor": "refine factor"}.get(key, key)
+    return ", ".join(f"{knob_label(k)} {v}" for k, v in setting.items())
 
 
 # -- measuring -------------------------------------------------------------------------------------
@@ -187,22 +176,6 @@ def recall_against(approx: np.ndarray, exact: np.ndarray) -> float:
     k = exact.shape[1]
     hits = (approx[:, :, None] == exact[:, None, :]) & (approx[:, :, None] >= 0)
     return float(hits.any(axis=2).sum(axis=1).mean() / k)
-
-
-def _nprobe_ladder(nlist: int) -> list[int]:
-    ladder = [p for p in (2**i for i in range(0, 20)) if p < nlist]
-    return ladder + [nlist]
-
-
-def _ef_ladder(k: int, n: int) -> list[int]:
-    """efSearch values from k upwards, ending at the first one that covers the whole gallery."""
-    ladder: list[int] = []
-    for ef in EF_LADDER:
-        if ef >= k:
-            ladder.append(ef)
-            if ef >= n:
-                break
-    return ladder or [k]
 
 
 def _plateaued(points: list[CurvePoint]) -> bool:
@@ -281,36 +254,10 @@ def calibrate(index: faiss.Index, params: IndexParams, vectors: np.ndarray, cfg:
     min_qps = min_speedup * flat_qps
     sweep = _Sweep(index, params, queries, rows, exact, k, progress)
     target = cfg.target_recall
-    refined = params.refine_factor > 0
-
-    found: CurvePoint | None = None
-    if not cfg.sweep:
-        setting = _current_setting(params)
-        found = sweep.measure(**setting)
-    elif params.index_type == "hnsw":
-        found = _sweep_ladder(sweep, "ef_search", _ef_ladder(k, n), target, min_qps,
-                              **({"refine_factor": params.refine_factor} if refined else {}))
-    elif refined:
-        # nprobe sets the cost (lists scanned); re-ranking k x factor candidates costs k x factor dot
-        # products, small beside that: so the smallest nprobe that reaches the target with any factor,
-        # then the smallest factor there. A factor that misses at the largest value misses at all.
-        walked: list[CurvePoint] = []
-        for nprobe in _nprobe_ladder(params.nlist):
-            top = sweep.measure(nprobe=nprobe, refine_factor=REFINE_LADDER[-1])
-            walked.append(top)
-            if top.recall >= target:
-                found = top
-                for rf in REFINE_LADDER[:-1]:
-                    point = sweep.measure(nprobe=nprobe, refine_factor=rf)
-                    if point.recall >= target:
-                        found = point
-                        break
-                break
-            if _plateaued(walked) or top.qps < min_qps:
-                break
+    if cfg.sweep:
+        found = _search_ladders(sweep, params, target, min_qps, n)
     else:
-        found = _sweep_ladder(sweep, "nprobe", _nprobe_ladder(params.nlist), target, min_qps)
-
+        found = sweep.measure(**_current_setting(params))
     reached = found is not None and found.recall >= target
     if found is None:  # the best recall measured; the cheaper setting on ties
         found = max(sweep.points, key=lambda p: (p.recall, p.qps))
@@ -327,12 +274,35 @@ def calibrate(index: faiss.Index, params: IndexParams, vectors: np.ndarray, cfg:
     return chosen, result
 
 
+def _search_ladders(sweep: _Sweep, params: IndexParams, target: float, min_qps: float, n: int) -> CurvePoint | None:
+    """The cheapest setting of the index type's knob (and refine factor) that reaches `target`, else None."""
+    kind = params.kind
+    assert kind.knob is not None  # every approximate type has a knob
+    knob, ladder = kind.knob.field, kind.ladder(params, sweep.k, n)
+    if params.refine_factor <= 0 or not kind.sweeps_refine:
+        return _sweep_ladder(sweep, knob, ladder, target, min_qps,
+                             **({"refine_factor": params.refine_factor} if params.refine_factor > 0 else {}))
+    # the knob sets the cost (e.g. lists scanned); re-ranking k x factor candidates costs k x factor dot
+    # products, small beside that: so the smallest knob value that reaches the target with any factor,
+    # then the smallest factor there. A factor that misses at the largest value misses at all.
+    walked: list[CurvePoint] = []
+    for value in ladder:
+        top = sweep.measure(**{knob: value, "refine_factor": REFINE_LADDER[-1]})
+        walked.append(top)
+        if top.recall >= target:
+            for rf in REFINE_LADDER[:-1]:
+                point = sweep.measure(**{knob: value, "refine_factor": rf})
+                if point.recall >= target:
+                    return point
+            return top
+        if _plateaued(walked) or top.qps < min_qps:
+            return None
+    return None
+
+
 def _current_setting(params: IndexParams) -> dict[str, int]:
-    setting: dict[str, int] = {}
-    if params.index_type == "hnsw":
-        setting["ef_search"] = params.ef_search
-    else:
-        setting["nprobe"] = params.nprobe
+    knob = params.kind.knob
+    setting: dict[str, int] = {knob.field: getattr(params, knob.field)} if knob is not None else {}
     if params.refine_factor > 0:
         setting["refine_factor"] = params.refine_factor
     return setting
@@ -351,7 +321,7 @@ class CalibratedBuild:
     rejected: Calibration | None = None  # the approximate index auto measured and replaced by flat
 
     def meta(self) -> dict[str, Any]:
-        """The metadata keys this build adds to an index folder's meta.json."""
+        """The IndexMeta fields this build fills (calibration, what auto rejected and why)."""
         out: dict[str, Any] = {}
         if self.calibration is not None:
             out["calibration"] = self.calibration.to_dict()
@@ -376,12 +346,13 @@ def build_calibrated(vectors: np.ndarray, cfg: IndexConfig, calib: CalibrationCo
     calibrating = not params.exact and calib.target_recall > 0
     # a graph finds points it already holds far more easily than new queries: HNSW is calibrated with
     # its last rows held out of the graph (added afterwards), IVF with a sample of its own rows
-    held = min(calib.queries, n // HNSW_MAX_HELD_OUT_FRACTION) if calibrating and params.index_type == "hnsw" else 0
+    held_out = calibrating and params.kind.held_out_calibration
+    held = min(calib.queries, n // MAX_HELD_OUT_FRACTION) if held_out else 0
     built = build_faiss_index(vectors[: n - held] if held else vectors, params, use_gpu=cfg.use_gpu, seed=seed)
     if not calibrating:
         return CalibratedBuild(built, None)
     budget = cfg.memory_budget_gb * 1024**3
-    may_fall_back = cfg.index_type == "auto" and estimate_memory_bytes("flat", n, d, cfg) <= budget
+    may_fall_back = cfg.index_type == "auto" and INDEX_TYPES["flat"].memory_bytes(n, d, cfg) <= budget
     chosen, result = calibrate(built.index, params, vectors[: n - held] if held else vectors, calib,
                                use_gpu=cfg.use_gpu, min_speedup=AUTO_MIN_SPEEDUP if may_fall_back else 0.0,
                                holdout=vectors[n - held :] if held else None, progress=progress)
@@ -414,38 +385,32 @@ def override_search_params(params: IndexParams, nprobe: int | None = None, ef_se
                            ) -> IndexParams:
     """`params` with `--nprobe` / `--ef-search` applied, refusing a knob the index type does not have."""
     changes: dict[str, int] = {}
-    if nprobe is not None:
-        if params.index_type not in ("ivf-flat", "ivf-pq"):
-            raise UsageError(f"--nprobe applies to IVF indexes; this index is {params.index_type}")
-        if not 1 <= nprobe <= params.nlist:
-            raise UsageError(f"--nprobe must be in 1..{params.nlist} (the index has {params.nlist} lists)")
-        changes["nprobe"] = int(nprobe)
-    if ef_search is not None:
-        if params.index_type != "hnsw":
-            raise UsageError(f"--ef-search applies to HNSW indexes; this index is {params.index_type}")
-        if ef_search < 1:
-            raise UsageError("--ef-search must be >= 1")
-        changes["ef_search"] = int(ef_search)
+    for knob, value in ((NPROBE, nprobe), (EF_SEARCH, ef_search)):
+        if value is None:
+            continue
+        if params.kind.knob != knob:
+            raise UsageError(f"{knob.flag} applies to {knob.applies_to}; this index is {params.index_type}")
+        params.kind.check_knob(params, value)
+        changes[knob.field] = int(value)
     return dataclasses.replace(params, **changes) if changes else params
 
 
-def search_setting_text(meta: dict[str, Any], params: IndexParams | None = None) -> str:
+def search_setting_text(meta: IndexMeta, params: IndexParams | None = None) -> str:
     """What the index searches with and why, for people: the evaluate output and the UI's facts table."""
-    raw = meta.get("calibration")
-    decision = meta.get("index_decision", "")
-    if params is None:
-        params = IndexParams.from_dict(meta.get("index_params", {"index_type": meta.get("index_type", "flat")}))
+    raw = meta.calibration
+    decision = meta.index_decision or ""
+    params = params or meta.index_params or IndexParams("flat")
     if params.exact:
         text = "exact search (flat)"
         return f"{text}; {decision}" if decision else text
     current = _current_setting(params)
     if not isinstance(raw, dict):
-        text = ", ".join(f"{_knob_name(k)} {v}" for k, v in current.items()) + " (not calibrated)"
+        text = _setting_words(current) + " (not calibrated)"
     else:
         cal = Calibration.from_dict(raw)
         text = cal.summary()
         if any(cal.chosen.get(k) != v for k, v in current.items() if k in cal.chosen):
-            given = ", ".join(f"{_knob_name(k)} {v}" for k, v in current.items())
+            given = _setting_words(current)
             text = f"{given} (given for this search; build-time calibration chose {text})"
     return f"{text}; {decision}" if decision else text
 

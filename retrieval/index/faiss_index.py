@@ -2,25 +2,14 @@
 
 One place decides which index type fits a gallery (`resolve_params`), builds it (`build_faiss_index`),
 sets its search-time knobs (`configure_search`), moves it to a GPU when FAISS sees one
-(`to_search_device`) and reads/writes it with errors that name the file. The folder an index lives
-in (items, metadata, stored queries) is `retrieval.index.folder`.
-
-Index types, all with METRIC_INNER_PRODUCT:
-    flat      IndexFlatIP: exact; the default up to a few hundred thousand items.
-    ivf-flat  IVF with full vectors in the lists; `nprobe` of `nlist` lists scanned per query.
-    ivf-pq    IVF with product-quantised codes (pq_m bytes per vector at 8 bits): for galleries that
-              do not fit the memory budget as float32.
-    hnsw      IndexHNSWFlat graph; `ef_search` trades speed for recall. Stays on the CPU (FAISS has no
-              GPU HNSW).
-Any approximate type takes `refine_factor` > 0 to re-rank k * factor candidates exactly (IndexRefineFlat,
-which keeps the float32 vectors as well). Which nprobe / efSearch / refine factor an index searches with is
+(`to_search_device`) and reads/writes it with errors that name the file. What differs between index
+types is declared in `retrieval.index.types`; the folder an index lives in (items, metadata, stored
+queries) is `retrieval.index.folder`. Which nprobe / efSearch / refine factor an index searches with is
 measured at build time by `retrieval.index.calibrate`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -31,77 +20,10 @@ import faiss
 import numpy as np
 
 from retrieval.config import IndexConfig
-from retrieval.errors import UserError
+from retrieval.index.errors import IndexBuildError, IndexFileError
+from retrieval.index.types import INDEX_TYPES, MIN_POINTS_PER_CENTROID, IndexParams, index_type
 
-INDEX_TYPES = ("flat", "ivf-flat", "ivf-pq", "hnsw")
-MIN_POINTS_PER_CENTROID = 39  # below this FAISS k-means gives poor centroids (its own warning threshold)
-TRAIN_POINTS_PER_LIST = 64  # default IVF training sample per list (FAISS itself subsamples above 256)
-MAX_AUTO_NLIST = 65_536
 NORM_TOLERANCE = 1e-3
-
-
-class IndexBuildError(UserError, ValueError):
-    """The requested index cannot be built from these vectors; the message says what to change."""
-
-
-class IndexFileError(UserError, ValueError):
-    """An index file is missing, truncated, corrupt or unreadable; the message names the file."""
-
-
-@dataclass(frozen=True)
-class IndexParams:
-    """Concrete parameters of one built index (no "auto" left); stored in the index metadata."""
-
-    index_type: str
-    nlist: int = 0
-    nprobe: int = 0
-    pq_m: int = 0
-    pq_nbits: int = 0
-    hnsw_m: int = 0
-    ef_construction: int = 0
-    ef_search: int = 0
-    refine_factor: int = 0
-    train_size: int = 0
-
-    @property
-    def exact(self) -> bool:
-        return self.index_type == "flat"
-
-    def factory_string(self) -> str:
-        """The faiss.index_factory description of this index."""
-        if self.index_type == "flat":
-            base = "Flat"
-        elif self.index_type == "ivf-flat":
-            base = f"IVF{self.nlist},Flat"
-        elif self.index_type == "ivf-pq":
-            base = f"IVF{self.nlist},PQ{self.pq_m}x{self.pq_nbits}np"  # np: skip polysemous training (unused, slow)
-        elif self.index_type == "hnsw":
-            base = f"HNSW{self.hnsw_m}"
-        else:
-            raise IndexBuildError(f"unknown index type {self.index_type!r}; choose one of {INDEX_TYPES}")
-        return base + (",RFlat" if self.refine_factor > 0 else "")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "IndexParams":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in names})
-
-
-def estimate_memory_bytes(index_type: str, n: int, d: int, cfg: IndexConfig) -> int:
-    """Rough resident size of an index of `n` vectors of dimension `d` (vectors + ids + graph/lists)."""
-    vectors = n * d * 4
-    if index_type == "flat":
-        return vectors
-    if index_type == "ivf-flat":
-        return vectors + n * 8
-    if index_type == "ivf-pq":
-        return n * (cfg.pq_m * cfg.pq_nbits // 8 + 8) + (vectors if cfg.refine_factor > 0 else 0)
-    if index_type == "hnsw":
-        return int(vectors + n * cfg.hnsw_m * 2 * 4 * 1.1)
-    raise IndexBuildError(f"unknown index type {index_type!r}; choose one of {INDEX_TYPES}")
 
 
 def choose_index_type(n: int, d: int, cfg: IndexConfig) -> str:
@@ -111,18 +33,13 @@ def choose_index_type(n: int, d: int, cfg: IndexConfig) -> str:
     benchmarks/index_speed.py); IVF-PQ when even float32 vectors exceed the memory budget.
     """
     budget = cfg.memory_budget_gb * 1024**3
-    if n <= cfg.flat_max_items and estimate_memory_bytes("flat", n, d, cfg) <= budget:
+    if n <= cfg.flat_max_items and INDEX_TYPES["flat"].memory_bytes(n, d, cfg) <= budget:
         return "flat"
     if n < MIN_POINTS_PER_CENTROID * 4:
         return "flat"
-    if estimate_memory_bytes("ivf-flat", n, d, cfg) <= budget:
+    if INDEX_TYPES["ivf-flat"].memory_bytes(n, d, cfg) <= budget:
         return "ivf-flat"
     return "ivf-pq"
-
-
-def default_nlist(n: int) -> int:
-    """About 4 * sqrt(N) lists, never more than the vectors can train (39 per centroid)."""
-    return int(max(1, min(round(4 * math.sqrt(n)), n // MIN_POINTS_PER_CENTROID, MAX_AUTO_NLIST)))
 
 
 def resolve_params(cfg: IndexConfig, n: int, d: int) -> IndexParams:
@@ -132,61 +49,10 @@ def resolve_params(cfg: IndexConfig, n: int, d: int) -> IndexParams:
     """
     if n <= 0:
         raise IndexBuildError("cannot build an index from 0 vectors")
-    kind = cfg.index_type
-    if kind == "auto":
-        kind = choose_index_type(n, d, cfg)
-    if kind not in INDEX_TYPES:
-        raise IndexBuildError(f"unknown index type {kind!r}; choose auto or one of {', '.join(INDEX_TYPES)}")
+    kind = index_type(choose_index_type(n, d, cfg) if cfg.index_type == "auto" else cfg.index_type)
     if cfg.refine_factor < 0:
         raise IndexBuildError("refine_factor must be >= 0")
-    refine = cfg.refine_factor if kind != "flat" else 0
-    if kind == "flat":
-        return IndexParams("flat")
-    if kind == "hnsw":
-        if cfg.hnsw_m < 2:
-            raise IndexBuildError(f"hnsw_m must be >= 2, got {cfg.hnsw_m}")
-        return IndexParams("hnsw", hnsw_m=cfg.hnsw_m, ef_construction=max(cfg.ef_construction, cfg.hnsw_m),
-                           ef_search=cfg.ef_search, refine_factor=refine)
-
-    # IVF family
-    if cfg.nlist > 0:
-        nlist = cfg.nlist
-        if n < MIN_POINTS_PER_CENTROID * nlist:
-            raise IndexBuildError(
-                f"{kind} with nlist={nlist} needs at least {MIN_POINTS_PER_CENTROID * nlist:,} vectors to train "
-                f"({MIN_POINTS_PER_CENTROID} per list); the gallery has {n:,}. Lower --nlist "
-                f"(at most {max(1, n // MIN_POINTS_PER_CENTROID)}) or use --index-type flat."
-            )
-    else:
-        if n < MIN_POINTS_PER_CENTROID:
-            raise IndexBuildError(
-                f"{kind} needs at least {MIN_POINTS_PER_CENTROID} vectors to train its lists; the gallery has {n}. "
-                "Use --index-type flat."
-            )
-        nlist = default_nlist(n)
-    pq_m = pq_nbits = 0
-    if kind == "ivf-pq":
-        pq_m, pq_nbits = cfg.pq_m, cfg.pq_nbits
-        if pq_m <= 0 or d % pq_m != 0:
-            raise IndexBuildError(f"pq_m={pq_m} must divide the embedding size {d}; try {_divisors_hint(d)}")
-        if not 1 <= pq_nbits <= 16:
-            raise IndexBuildError(f"pq_nbits must be in 1..16, got {pq_nbits}")
-        needed = MIN_POINTS_PER_CENTROID * 2**pq_nbits
-        if n < needed:
-            raise IndexBuildError(
-                f"ivf-pq with {pq_nbits}-bit codes needs at least {needed:,} vectors to train its "
-                f"{2**pq_nbits} centroids per sub-quantizer; the gallery has {n:,}. Lower --pq-nbits "
-                "or use --index-type ivf-flat / flat."
-            )
-    floor = MIN_POINTS_PER_CENTROID * max(nlist, 2**pq_nbits if pq_nbits else 0)
-    train_size = cfg.train_size if cfg.train_size > 0 else max(TRAIN_POINTS_PER_LIST * nlist, floor)
-    train_size = int(min(n, max(train_size, floor)))
-    return IndexParams(kind, nlist=nlist, nprobe=max(1, min(cfg.nprobe, nlist)), pq_m=pq_m, pq_nbits=pq_nbits,
-                       refine_factor=refine, train_size=train_size)
-
-
-def _divisors_hint(d: int) -> str:
-    return ", ".join(str(m) for m in (8, 16, 32, 48, 64, 96, 128) if d % m == 0) or "1"
+    return kind.resolve(cfg, n, d)
 
 
 def check_embeddings(vectors: np.ndarray, d: int | None = None, what: str = "embeddings") -> np.ndarray:
@@ -221,27 +87,16 @@ class BuiltIndex:
     note: str = ""  # why a GPU was not used, when one was asked for
 
 
-def _new_cpu_index(params: IndexParams, d: int) -> faiss.Index:
+def new_cpu_index(params: IndexParams, d: int) -> faiss.Index:
+    """An empty (untrained) CPU index of `params`' type for `d`-dimensional vectors."""
     index = faiss.index_factory(d, params.factory_string(), faiss.METRIC_INNER_PRODUCT)
-    if params.index_type == "hnsw":
-        _hnsw_of(index).hnsw.efConstruction = params.ef_construction
-    return index
-
-
-def _hnsw_of(index: faiss.Index) -> Any:
-    index = faiss.downcast_index(index)
-    if isinstance(index, faiss.IndexRefine):
-        index = faiss.downcast_index(index.base_index)
+    params.kind.prepare(index, params)
     return index
 
 
 def configure_search(index: faiss.Index, params: IndexParams) -> None:
     """Apply the search-time knobs (nprobe, efSearch, refinement k_factor) recorded in `params`."""
-    if params.index_type in ("ivf-flat", "ivf-pq"):
-        ivf = faiss.extract_index_ivf(index)
-        ivf.nprobe = params.nprobe
-    elif params.index_type == "hnsw":
-        _hnsw_of(index).hnsw.efSearch = params.ef_search
+    params.kind.apply_search(index, params)
     if params.refine_factor > 0:
         down = faiss.downcast_index(index)
         if isinstance(down, faiss.IndexRefine):
@@ -256,8 +111,8 @@ def gpu_available() -> bool:
 
 
 def _gpu_supported(params: IndexParams) -> tuple[bool, str]:
-    if params.index_type == "hnsw":
-        return False, "FAISS has no GPU HNSW; it runs on the CPU"
+    if params.kind.gpu_unsupported:
+        return False, params.kind.gpu_unsupported
     if params.refine_factor > 0:
         return False, "refined indexes (IndexRefineFlat) run on the CPU"
     return True, ""
@@ -269,8 +124,7 @@ class GpuIndex:
     def __init__(self, cpu_index: faiss.Index, params: IndexParams, device_id: int = 0) -> None:
         self.resources = faiss.StandardGpuResources()
         options = faiss.GpuClonerOptions()
-        if params.index_type == "ivf-pq":
-            options.useFloat16 = True  # large pq_m needs half-precision lookup tables on the GPU
+        params.kind.gpu_options(options)
         self.index = faiss.index_cpu_to_gpu(self.resources, device_id, cpu_index, options)
         self.device = f"cuda:{device_id} (faiss)"
 
@@ -286,25 +140,20 @@ class GpuIndex:
         return self.index.search(x, k)
 
 
-def to_search_device(cpu_index: faiss.Index, params: IndexParams, use_gpu: bool) -> tuple[Any, str, str]:
-    """(searchable index, device, note): a GPU clone when asked for and possible, else the CPU index.
+def to_search_device(cpu_index: faiss.Index, params: IndexParams, use_gpu: bool) -> tuple[Any, str]:
+    """(searchable index, device): a GPU clone when asked for and possible, else the CPU index.
 
     The returned object has `.search(x, k)`; for GPU clones it keeps its resources alive.
     """
     configure_search(cpu_index, params)
-    if not use_gpu:
-        return cpu_index, "cpu", ""
-    if not gpu_available():
-        return cpu_index, "cpu", "FAISS sees no GPU"
-    ok, why = _gpu_supported(params)
-    if not ok:
-        return cpu_index, "cpu", why
+    if not use_gpu or not gpu_available() or not _gpu_supported(params)[0]:
+        return cpu_index, "cpu"
     try:
         gpu = GpuIndex(cpu_index, params)
         configure_search(gpu.index, params)
-        return gpu, gpu.device, ""
-    except Exception as exc:  # out of memory, unsupported parameters on this GPU...
-        return cpu_index, "cpu", f"GPU clone failed ({exc}); searching on the CPU"
+        return gpu, gpu.device
+    except Exception:  # out of memory, unsupported parameters on this GPU...: search on the CPU
+        return cpu_index, "cpu"
 
 
 def build_faiss_index(
@@ -317,7 +166,7 @@ def build_faiss_index(
     """
     vectors = check_embeddings(vectors)
     n, d = vectors.shape
-    cpu_index = _new_cpu_index(params, d)
+    cpu_index = new_cpu_index(params, d)
     device, note = "cpu", ""
     work = cpu_index
     if cpu_index.is_trained:
@@ -337,15 +186,7 @@ def build_faiss_index(
 
     t0 = time.perf_counter()
     if not work.is_trained:
-        if params.train_size < n:
-            rng = np.random.default_rng(seed)
-            sample = vectors[np.sort(rng.choice(n, size=params.train_size, replace=False))]
-        else:
-            sample = vectors
-        try:
-            work.train(sample)
-        except RuntimeError as exc:
-            raise IndexBuildError(f"FAISS could not train {params.factory_string()} on {len(sample):,} vectors: {exc}") from exc
+        train_index(work, vectors[training_rows(n, params, seed)] if params.train_size < n else vectors, params)
     t1 = time.perf_counter()
     for start in range(0, n, 65_536):
         work.add(vectors[start : start + 65_536])
@@ -354,6 +195,22 @@ def build_faiss_index(
         cpu_index = faiss.index_gpu_to_cpu(work)
     configure_search(cpu_index, params)
     return BuiltIndex(cpu_index, params, device, t1 - t0, t2 - t1, note)
+
+
+def training_rows(n: int, params: IndexParams, seed: int) -> np.ndarray:
+    """Sorted rows of the seeded training sample of `n` vectors (all of them when train_size covers them):
+    a build from one array and a build from embedding parts draw the same sample."""
+    if params.train_size < n:
+        return np.sort(np.random.default_rng(seed).choice(n, size=params.train_size, replace=False))
+    return np.arange(n)
+
+
+def train_index(index: faiss.Index, sample: np.ndarray, params: IndexParams) -> None:
+    try:
+        index.train(sample)
+    except RuntimeError as exc:
+        raise IndexBuildError(f"FAISS could not train {params.factory_string()} on {len(sample):,} vectors: "
+                              f"{exc}") from exc
 
 
 def add_to_index(index: faiss.Index, vectors: np.ndarray) -> None:
@@ -365,41 +222,25 @@ def add_to_index(index: faiss.Index, vectors: np.ndarray) -> None:
         index.add(vectors[start : start + 65_536])
 
 
-REMOVABLE_TYPES = ("flat", "ivf-flat", "ivf-pq")
-
-
 def remove_from_index(index: faiss.Index, params: IndexParams, rows: np.ndarray) -> None:
     """Remove rows `rows` (sorted, unique) in place; the remaining rows are renumbered 0..N'-1 in order.
 
-    Flat storage compacts itself; IVF lists keep explicit ids, which are shifted down here. HNSW graphs
-    (FAISS cannot delete from them) and refined indexes are refused with how to rebuild instead.
+    Types that cannot remove (FAISS cannot delete from HNSW graphs) and refined indexes are refused with
+    how to rebuild instead.
     """
-    if params.index_type not in REMOVABLE_TYPES or params.refine_factor > 0:
+    if not params.kind.removable or params.refine_factor > 0:
         kind = f"{params.index_type} with refinement" if params.refine_factor > 0 else params.index_type
+        removable = [t.name for t in INDEX_TYPES.values() if t.removable]
         raise IndexBuildError(
-            f"a {kind} index cannot remove items (FAISS supports removal for {', '.join(REMOVABLE_TYPES)}); "
+            f"a {kind} index cannot remove items (FAISS supports removal for {', '.join(removable)}); "
             "rebuild the index without them: `retrieval index --dataset ... --out DIR` over a dataset that no "
-            "longer lists them, or with --index-type flat/ivf-flat, which support --remove"
+            f"longer lists them, or with --index-type {'/'.join(removable)}, which support --remove"
         )
     rows = np.asarray(rows, dtype=np.int64)
     if len(rows) == 0:
         return
     n_before = index.ntotal
-    selector = faiss.IDSelectorBatch(rows)
-    if params.index_type == "flat":
-        index.remove_ids(selector)
-    else:
-        ivf = faiss.extract_index_ivf(index)
-        ivf.remove_ids(selector)
-        lists = ivf.invlists
-        for list_no in range(ivf.nlist):
-            size = lists.list_size(list_no)
-            if size == 0:
-                continue
-            ids = faiss.rev_swig_ptr(lists.get_ids(list_no), size).copy()
-            new_ids = np.ascontiguousarray(ids - np.searchsorted(rows, ids), dtype=np.int64)  # shift past removed rows
-            codes = faiss.rev_swig_ptr(lists.get_codes(list_no), size * lists.code_size).copy()
-            lists.update_entries(list_no, 0, size, faiss.swig_ptr(new_ids), faiss.swig_ptr(codes))
+    params.kind.remove(index, faiss.IDSelectorBatch(rows), rows)
     if index.ntotal != n_before - len(rows):
         raise IndexBuildError(f"removal left {index.ntotal} vectors, expected {n_before - len(rows)}; rebuild the index")
 
@@ -416,20 +257,10 @@ def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
 
 def exact_vectors(index: faiss.Index, params: IndexParams) -> np.ndarray | None:
     """The stored float32 vectors (N, D) when the index keeps them exactly, else None (IVF-PQ without refinement)."""
-    n = index.ntotal
     down = faiss.downcast_index(index)
     if isinstance(down, faiss.IndexRefine):
-        return faiss.downcast_index(down.refine_index).reconstruct_n(0, n)
-    if params.index_type == "ivf-pq":
-        return None
-    if params.index_type == "ivf-flat":
-        ivf = faiss.extract_index_ivf(down)
-        ivf.make_direct_map()
-        try:
-            return ivf.reconstruct_n(0, n)
-        finally:
-            ivf.set_direct_map_type(faiss.DirectMap.NoMap)
-    return down.reconstruct_n(0, n)
+        return faiss.downcast_index(down.refine_index).reconstruct_n(0, index.ntotal)
+    return params.kind.stored_vectors(down, index.ntotal)
 
 
 def write_index(index: faiss.Index, path: Path) -> None:

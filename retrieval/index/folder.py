@@ -2,15 +2,15 @@
 
     <dir>/index.faiss    the FAISS index (CPU form); row i is item i
     <dir>/items.json     {"paths": [...], "labels": [...], "item_ids": [...]} of the indexed gallery; paths inside
-                         meta["data_root"] are stored relative to it, so dataset + index can move together
+                         meta.json's data_root are stored relative to it, so dataset + index can move together
     <dir>/queries.npy    (Q, D) float32 query embeddings, for query/gallery datasets (evaluation needs no re-embedding)
     <dir>/queries.json   the queries' paths, labels and item ids
     <dir>/gallery.npy    (N, D) float32 gallery embeddings, only for lossy (IVF-PQ) indexes, so exact
                          evaluation stays possible
     <dir>/neighbours.npy, neighbour_scores.npy   (N, n) gallery neighbour lists for re-ranking (DBA), when
-                         built with --rerank-neighbours; meta["rerank"] records the index file they belong to
+                         built with --rerank-neighbours; meta.json's rerank records the index file they belong to
     <dir>/meta.json      written last: embedder fingerprint, index parameters, dataset, build facts, and the
-                         size and SHA-256 of every file above
+                         size and SHA-256 of every file above (`retrieval.index.meta.IndexMeta`)
 
 A save builds a complete sibling folder and swaps it in (old folder renamed aside, new one renamed in,
 old one deleted), so an interrupted build leaves the previous index in place. A load refuses a
@@ -20,12 +20,12 @@ naming the bad file. Nothing here uses pickle.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +43,8 @@ from retrieval.atomic import (
     swap_in_folder,
 )
 from retrieval.errors import UserError
+from retrieval.index.errors import IndexFileError
 from retrieval.index.faiss_index import (
-    IndexFileError,
-    IndexParams,
     add_to_index,
     remove_from_index,
     check_embeddings,
@@ -56,22 +55,17 @@ from retrieval.index.faiss_index import (
     to_search_device,
     write_index,
 )
+from retrieval.index.meta import META_FILE, NORMALISATION, IndexMeta, now_iso, read_meta, write_meta
+from retrieval.index.types import IndexParams
 from retrieval.search.rerank import DEFAULT_NEIGHBOURS, NeighbourLists, RerankError, gallery_neighbours
 
-INDEX_FORMAT = "metrix-retrieval/index/1"
-NORMALISATION = "l2"
-METRIC = "inner_product"
-INDEX_FILE, ITEMS_FILE, META_FILE = "index.faiss", "items.json", "meta.json"
+INDEX_FILE, ITEMS_FILE = "index.faiss", "items.json"
 QUERIES_FILE, QUERY_ITEMS_FILE, GALLERY_FILE = "queries.npy", "queries.json", "gallery.npy"
 NEIGHBOURS_FILE, NEIGHBOUR_SCORES_FILE = "neighbours.npy", "neighbour_scores.npy"
 
 
 class EmbedderMismatchError(UserError, ValueError):
     """An index was opened with an embedder other than the one that built it."""
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -200,7 +194,7 @@ class GalleryIndex:
         index: faiss.Index,
         params: IndexParams,
         items: ItemTable,
-        meta: dict[str, Any],
+        meta: IndexMeta,
         queries: StoredQueries | None = None,
         gallery_vectors: np.ndarray | None = None,
         use_gpu: bool = True,
@@ -212,7 +206,6 @@ class GalleryIndex:
         self.use_gpu = use_gpu
         self._searchable: Any = None
         self.search_device = "not yet used"
-        self.search_note = ""
         self.neighbours: NeighbourLists | None = None  # gallery neighbour lists for re-ranking, when built
         self.neighbours_problem = ""  # why there are none: never built, or stale (set by load)
         self._configure_search()
@@ -230,7 +223,7 @@ class GalleryIndex:
 
     @property
     def fingerprint(self) -> str:
-        return str(self.meta.get("fingerprint", ""))
+        return self.meta.fingerprint
 
     @property
     def exact(self) -> bool:
@@ -244,11 +237,11 @@ class GalleryIndex:
             problems.append(f"fingerprint {fingerprint} != {self.fingerprint}")
         if int(embedding_size) != self.embedding_size:
             problems.append(f"embedding size {embedding_size} != {self.embedding_size}")
-        index_norm = self.meta.get("normalisation", NORMALISATION)
+        index_norm = self.meta.normalisation
         if normalisation != index_norm:
             problems.append(f"normalisation {normalisation} != {index_norm}")
         if problems:
-            source = self.meta.get("embedder_source", {})
+            source = self.meta.embedder_source
             hint = ""
             if source.get("kind") == "checkpoint":
                 hint = f" (built from checkpoint {source.get('path')})"
@@ -257,7 +250,7 @@ class GalleryIndex:
             elif source.get("kind") == "untrained":
                 hint = " (built with an untrained embedder, --untrained)"
             raise EmbedderMismatchError(
-                f"{what} does not match index {self.meta.get('folder', '')}: " + "; ".join(problems) + ". "
+                f"{what} does not match index {self.meta.folder}: " + "; ".join(problems) + ". "
                 f"The index was built with embedder {self.fingerprint}{hint}, {self.embedding_size}-d, {index_norm}; "
                 f"{what} is {fingerprint}, {embedding_size}-d. Its results would be meaningless: pass the checkpoint "
                 "or model the index was built with, or rebuild the index with this embedder (`retrieval index`)."
@@ -266,7 +259,7 @@ class GalleryIndex:
     # -- search --------------------------------------------------------------------------------
     def _target(self) -> Any:
         if self._searchable is None:
-            self._searchable, self.search_device, self.search_note = to_search_device(
+            self._searchable, self.search_device = to_search_device(
                 self.index, self.params, self.use_gpu)
         return self._searchable
 
@@ -290,7 +283,7 @@ class GalleryIndex:
     def neighbour_lists(self) -> NeighbourLists:
         """The stored gallery neighbour lists, or RerankError saying how to build them."""
         if self.neighbours is None:
-            folder = self.meta.get("folder", "DIR")
+            folder = self.meta.folder or "DIR"
             why = self.neighbours_problem or "this index has no gallery neighbour lists"
             raise RerankError(f"{why}; build them with `retrieval index --out {folder} --rerank-neighbours "
                               f"{DEFAULT_NEIGHBOURS}` (or rebuild the index with that flag)")
@@ -323,7 +316,7 @@ class GalleryIndex:
             self.gallery_vectors = np.concatenate([np.asarray(self.gallery_vectors), vectors])
         self.items.extend(items)
         self._searchable = None
-        self.meta.setdefault("history", []).append({"action": "add", "items": len(items), "from": n_before, "at": now_iso()})
+        self.meta.history.append({"action": "add", "items": len(items), "from": n_before, "at": now_iso()})
         if self.neighbours is not None:
             self.build_neighbours(self.neighbours.width)
 
@@ -342,7 +335,7 @@ class GalleryIndex:
         if self.gallery_vectors is not None:
             self.gallery_vectors = np.asarray(self.gallery_vectors)[keep]
         self._searchable = None
-        self.meta.setdefault("history", []).append({"action": "remove", "items": int(len(drop)), "at": now_iso()})
+        self.meta.history.append({"action": "remove", "items": int(len(drop)), "at": now_iso()})
         if self.neighbours is not None:
             self.build_neighbours(self.neighbours.width)
 
@@ -351,11 +344,11 @@ class GalleryIndex:
         """Publish this index as `folder`, atomically (see module docstring)."""
         folder = Path(folder)
 
-        published: dict[str, Any] = {}
+        published: list[IndexMeta] = []
 
         def write(tmp: Path) -> None:
             names = self._write_index_files(tmp)
-            data_root = self.meta.get("data_root") or None
+            data_root = self.meta.data_root or None
             atomic_write_json(tmp / ITEMS_FILE, self.items.to_dict(data_root))
             names += [ITEMS_FILE]
             if self.queries is not None:
@@ -365,34 +358,21 @@ class GalleryIndex:
             if self.gallery_vectors is not None:
                 _write_npy(tmp / GALLERY_FILE, np.asarray(self.gallery_vectors))
                 names.append(GALLERY_FILE)
-            meta = dict(self.meta)
-            meta.pop("folder", None)
-            meta.pop("rerank", None)
+            rerank = None
             if self.neighbours is not None:
                 _write_array(tmp / NEIGHBOURS_FILE, self.neighbours.ids.astype(np.int64))
                 _write_array(tmp / NEIGHBOUR_SCORES_FILE, self.neighbours.scores.astype(np.float32))
                 names += [NEIGHBOURS_FILE, NEIGHBOUR_SCORES_FILE]
-                meta["rerank"] = {"neighbours": self.neighbours.width,
-                                  "index_sha256": file_digest(tmp / INDEX_FILE)["sha256"]}
-            meta.update({
-                "format": INDEX_FORMAT,
-                "n_items": len(self),
-                "embedding_size": self.embedding_size,
-                "normalisation": meta.get("normalisation", NORMALISATION),
-                "metric": METRIC,
-                "index_type": self.params.index_type,
-                "index_params": self.params.to_dict(),
-                "index_factory": self.params.factory_string(),
-                "n_queries": 0 if self.queries is None else len(self.queries.items),
-                "saved_at": now_iso(),
-                "files": {name: file_digest(tmp / name) for name in names},
-            })
-            atomic_write_json(tmp / META_FILE, meta)  # last: its presence marks a complete folder
-            published.update(meta)
+                rerank = {"neighbours": self.neighbours.width, "index_sha256": file_digest(tmp / INDEX_FILE)["sha256"]}
+            meta = dataclasses.replace(
+                self.meta, n_items=len(self), embedding_size=self.embedding_size, index_params=self.params,
+                n_queries=0 if self.queries is None else len(self.queries.items), saved_at=now_iso(),
+                files={name: file_digest(tmp / name) for name in names}, rerank=rerank, folder="")
+            write_meta(tmp / META_FILE, meta)  # last: its presence marks a complete folder
+            published.append(meta)
 
         publish_folder(folder, write)
-        self.meta = published
-        self.meta["folder"] = str(folder)
+        self.meta = dataclasses.replace(published[0], folder=str(folder))
         return folder
 
     def _write_index_files(self, tmp: Path) -> list[str]:
@@ -405,7 +385,7 @@ class GalleryIndex:
              data_root: str | os.PathLike[str] | None = None) -> "GalleryIndex":
         """Open an index folder, refusing missing, truncated or altered files with an error naming the file.
 
-        `data_root` says where the dataset is now when it moved since the build (default: meta["data_root"])."""
+        `data_root` says where the dataset is now when it moved since the build (default: meta.json's data_root)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise IndexFileError(_missing_folder_message(folder))
@@ -415,14 +395,9 @@ class GalleryIndex:
                 f"{meta_path} is missing: {folder} is not a complete index folder (an interrupted write, or not an "
                 "index); rebuild it with `retrieval index`"
             )
-        try:
-            meta = read_json(meta_path, "index metadata")
-        except ValueError as exc:
-            raise IndexFileError(str(exc)) from exc
-        if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
-            raise IndexFileError(f"{meta_path} is not metrix-retrieval index metadata (format {INDEX_FORMAT} expected)")
-        files = meta.get("files", {})
-        sharded = bool(meta.get("shards"))  # shard files listed in meta.json instead of one index.faiss
+        meta = read_meta(meta_path)
+        files = meta.files
+        sharded = bool(meta.shards)  # shard files listed in meta.json instead of one index.faiss
         for name in (ITEMS_FILE,) if sharded else (INDEX_FILE, ITEMS_FILE):
             if name not in files:
                 raise IndexFileError(f"{meta_path} records no {name}; rebuild the index")
@@ -430,8 +405,8 @@ class GalleryIndex:
             _verify_file(folder / name, expected, verify_checksums)
 
         if data_root is not None:
-            meta["data_root"] = os.path.abspath(data_root)
-        root = meta.get("data_root") or None
+            meta.data_root = os.path.abspath(data_root)
+        root = meta.data_root or None
         if sharded:
             from retrieval.index.shards import ShardedGalleryIndex, read_shard_set
 
@@ -440,30 +415,25 @@ class GalleryIndex:
             index = read_index(folder / INDEX_FILE)
         items_path = folder / ITEMS_FILE
         items = ItemTable.from_dict(_read_json_file(items_path, "item table"), items_path, root)
-        params = IndexParams.from_dict(meta.get("index_params", {"index_type": meta.get("index_type", "flat")}))
-        if index.ntotal != len(items) or index.ntotal != meta.get("n_items"):
+        params = meta.index_params
+        if params is None:
+            raise IndexFileError(f"{meta_path} records no index parameters; rebuild the index")
+        if index.ntotal != len(items) or index.ntotal != meta.n_items:
             raise IndexFileError(
                 f"{folder / INDEX_FILE} holds {index.ntotal} vectors, {items_path} {len(items)} items, meta.json says "
-                f"{meta.get('n_items')}; the folder is inconsistent, rebuild the index"
+                f"{meta.n_items}; the folder is inconsistent, rebuild the index"
             )
-        if index.d != meta.get("embedding_size"):
+        if index.d != meta.embedding_size:
             raise IndexFileError(f"{folder / INDEX_FILE} holds {index.d}-d vectors but meta.json says "
-                                 f"{meta.get('embedding_size')}; rebuild the index")
-        queries = None
-        if QUERIES_FILE in files:
-            emb = _read_npy(folder / QUERIES_FILE)
-            q_items_path = folder / QUERY_ITEMS_FILE
-            q_items = ItemTable.from_dict(_read_json_file(q_items_path, "query table"), q_items_path, root)
-            if emb.ndim != 2 or emb.shape != (len(q_items), index.d):
-                raise IndexFileError(f"{folder / QUERIES_FILE} has shape {emb.shape}, expected ({len(q_items)}, {index.d})")
-            queries = StoredQueries(emb.astype(np.float32, copy=False), q_items)
+                                 f"{meta.embedding_size}; rebuild the index")
+        queries = _load_queries(folder, index.d, root) if QUERIES_FILE in files else None
         gallery_vectors = None
         if GALLERY_FILE in files:
             gallery_vectors = _read_npy(folder / GALLERY_FILE, mmap=True)
             if gallery_vectors.shape != (index.ntotal, index.d):
                 raise IndexFileError(f"{folder / GALLERY_FILE} has shape {gallery_vectors.shape}, expected "
                                      f"({index.ntotal}, {index.d})")
-        meta["folder"] = str(folder)
+        meta.folder = str(folder)
         loaded = cls(index, params, items, meta, queries, gallery_vectors, use_gpu=use_gpu)
         loaded.neighbours, loaded.neighbours_problem = _load_neighbours(folder, meta, files, index.ntotal)
         return loaded
@@ -477,10 +447,19 @@ def _write_array(target: Path, arr: np.ndarray) -> None:
     atomic_write_with(target, writer)
 
 
-def _load_neighbours(folder: Path, meta: dict[str, Any], files: dict[str, Any],
+def _load_queries(folder: Path, d: int, data_root: str | None) -> StoredQueries:
+    emb = _read_npy(folder / QUERIES_FILE)
+    items_path = folder / QUERY_ITEMS_FILE
+    items = ItemTable.from_dict(_read_json_file(items_path, "query table"), items_path, data_root)
+    if emb.ndim != 2 or emb.shape != (len(items), d):
+        raise IndexFileError(f"{folder / QUERIES_FILE} has shape {emb.shape}, expected ({len(items)}, {d})")
+    return StoredQueries(emb.astype(np.float32, copy=False), items)
+
+
+def _load_neighbours(folder: Path, meta: IndexMeta, files: dict[str, Any],
                      n_items: int) -> tuple[NeighbourLists | None, str]:
     """The stored neighbour lists when they belong to this index file; else (None, why not)."""
-    record = meta.get("rerank")
+    record = meta.rerank
     if not isinstance(record, dict):
         return None, ""
     stale = f"the gallery neighbour lists in {folder} are stale (the index changed since they were built)"

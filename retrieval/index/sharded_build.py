@@ -21,7 +21,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,17 +31,20 @@ import numpy as np
 
 from retrieval.config import CalibrationConfig, IndexConfig
 from retrieval.errors import UsageError
+from retrieval.index.errors import IndexBuildError
 from retrieval.index.faiss_index import (
-    IndexBuildError,
-    IndexParams,
-    _new_cpu_index,
     add_to_index,
     configure_search,
     library_versions,
+    new_cpu_index,
     resolve_params,
+    train_index,
+    training_rows,
     write_index,
 )
-from retrieval.index.folder import GalleryIndex, ItemTable, StoredQueries, now_iso
+from retrieval.index.types import IndexParams
+from retrieval.index.folder import GalleryIndex, ItemTable, StoredQueries
+from retrieval.index.meta import IndexMeta, now_iso
 from retrieval.embed.parts import EmbeddingsFolder, PartItems, absolute_paths, part_paths
 from retrieval.atomic import atomic_write_with, read_json
 
@@ -115,12 +118,9 @@ def split_parts(names: Sequence[str], counts: Sequence[int], shards: int) -> lis
 
 def train_on_sample(folder: EmbeddingsFolder, params: IndexParams, n: int, seed: int, verify: bool = True) -> bytes:
     """The trained, empty index (serialised), trained on the same seeded sample `build_faiss_index` would draw."""
-    index = _new_cpu_index(params, folder.embedding_size)
+    index = new_cpu_index(params, folder.embedding_size)
     if not index.is_trained:
-        if params.train_size < n:
-            rows = np.sort(np.random.default_rng(seed).choice(n, size=params.train_size, replace=False))
-        else:
-            rows = np.arange(n)
+        rows = training_rows(n, params, seed)
         sample = np.empty((len(rows), folder.embedding_size), np.float32)
         start = filled = 0
         for _, emb, _items in folder.iter_parts("gallery", verify=verify):
@@ -129,11 +129,7 @@ def train_on_sample(folder: EmbeddingsFolder, params: IndexParams, n: int, seed:
             sample[filled : filled + hi - lo] = emb[rows[lo:hi] - start]
             filled += hi - lo
             start = stop
-        try:
-            index.train(sample)
-        except RuntimeError as exc:
-            raise IndexBuildError(f"FAISS could not train {params.factory_string()} on {len(sample):,} vectors: "
-                                  f"{exc}") from exc
+        train_index(index, sample, params)
     return bytes(faiss.serialize_index(index))
 
 
@@ -230,120 +226,126 @@ def build_from_parts(parts_dir: str | os.PathLike[str], out_dir: str | os.PathLi
         raise IndexBuildError(f"{folder.folder}: no gallery image could be embedded ({manifest.get('n_bad', 0)} "
                               "unreadable); nothing to index")
     params = resolve_params(cfg, n, d)
-    sharded = opts.shards > 1
-    if sharded:
-        if params.refine_factor > 0:
-            raise IndexBuildError("--refine-factor is not supported with --shards; build one index instead")
-        if opts.merge and params.index_type == "hnsw":
-            raise IndexBuildError("HNSW shards cannot be merged into one graph; drop --merge to keep them as shards")
-        if opts.shards > len(folder.part_names("gallery")):
-            raise IndexBuildError(f"--shards {opts.shards} exceeds the {len(folder.part_names('gallery'))} gallery "
-                                  "parts; use fewer shards or re-embed with a smaller --part-size")
-    data_root = folder.data_root
+    if opts.shards > 1:
+        _check_sharding(params, opts, len(folder.part_names("gallery")))
     g_items = _items_of(folder, "gallery")
+    items = _item_table(g_items, folder.data_root)
     queries = None
     if "query" in folder.roles():
         q_emb, q_items = folder.load_role("query", verify=verify)
-        queries = StoredQueries(q_emb, _item_table(q_items, data_root))
-    lossy = params.index_type == "ivf-pq" and params.refine_factor == 0
-    device, note = "cpu", ""
-    gallery_vectors = None
+        queries = StoredQueries(q_emb, _item_table(q_items, folder.data_root))
 
-    if not sharded:
-        if opts.engine == "ray":
-            note = "one index: built in this process (pass --shards N to build shards on Ray)"
-        from retrieval.index.calibrate import build_calibrated
+    def publish(index: GalleryIndex, device: str, note: str, **calibration: Any) -> GalleryIndex:
+        index.meta = _meta(manifest, folder, cfg, opts, report, device, note, g_items, t_start, **calibration)
+        index.save(out_dir)
+        return index
 
-        gallery_emb, _ = folder.load_role("gallery", verify=verify)
-        result = build_calibrated(gallery_emb, cfg, calib, seed=seed, progress=progress)  # as `retrieval index` does
-        built = result.built
-        params = built.params
-        lossy = params.index_type == "ivf-pq" and params.refine_factor == 0
-        report.train_seconds, report.shard_seconds = built.train_seconds, built.add_seconds
-        device, note = built.device, built.note or note
-        index: GalleryIndex = GalleryIndex(built.index, params, _item_table(g_items, data_root), {}, queries,
-                                           gallery_emb if lossy else None, use_gpu=cfg.use_gpu)
-        calibration_meta = result.meta()
-    else:
-        from retrieval.index.shards import ShardedGalleryIndex, ShardSet, shard_file_name
-
-        t0 = time.perf_counter()
-        # the sample is read unverified: every part is verified by the shard build that adds it, and a bad part
-        # fails that build before anything is published
-        trained = train_on_sample(folder, params, n, seed, verify=False)
-        report.train_seconds = time.perf_counter() - t0
-        names = folder.part_names("gallery")
-        groups = split_parts(names, [int(folder.marker(p)["n"]) for p in names], opts.shards)
-        out_dir = Path(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.shards-", dir=out_dir.parent))
-        try:
-            files = [str(staging / shard_file_name(j)) for j in range(opts.shards)]
-            t0 = time.perf_counter()
-            run = _run_shards_ray if opts.engine == "ray" else _run_shards_local
-            extra = (ray_options,) if opts.engine == "ray" else ()
-            report.shards = run(str(folder.folder.resolve()), groups, trained, params.to_dict(), files, verify,
-                                progress, *extra)
-            report.shard_seconds = time.perf_counter() - t0
-            shard_set = ShardSet.from_files([Path(f) for f in files], [r.n_items for r in report.shards], d)
-            if lossy:
-                gallery_vectors, _ = folder.load_role("gallery", verify=False)
-            items = _item_table(g_items, data_root)
-            if opts.merge:
-                t0 = time.perf_counter()
-                merged = shard_set.merged(params)
-                report.merge_seconds = time.perf_counter() - t0
-                index = GalleryIndex(merged, params, items, {}, queries, gallery_vectors, use_gpu=cfg.use_gpu)
-            else:
-                index = ShardedGalleryIndex(shard_set, params, items, {}, queries, gallery_vectors,
-                                            use_gpu=cfg.use_gpu)
-            index.meta = _meta(manifest, folder, params, cfg, opts, report, device, note, g_items, t_start)
-            index.save(out_dir)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    if opts.shards > 1:
+        index = _build_shards(folder, params, opts, report, items, queries, Path(out_dir), publish, use_gpu=cfg.use_gpu,
+                              seed=seed, verify=verify, progress=progress, ray_options=ray_options)
         report.total_seconds = time.perf_counter() - t_start
-        index.meta["build_seconds"] = round(report.total_seconds, 3)
+        index.meta.build_seconds = round(report.total_seconds, 3)
         return index, report
+    # one index, built and calibrated as `retrieval index` does (the same training sample for the same seed)
+    from retrieval.index.calibrate import build_calibrated
 
-    index.meta = _meta(manifest, folder, params, cfg, opts, report, device, note, g_items, t_start)
-    index.meta.update(calibration_meta)
-    index.save(out_dir)
+    gallery_emb, _ = folder.load_role("gallery", verify=verify)
+    result = build_calibrated(gallery_emb, cfg, calib, seed=seed, progress=progress)
+    built = result.built
+    report.train_seconds, report.shard_seconds = built.train_seconds, built.add_seconds
+    note = "one index: built in this process (pass --shards N to build shards on Ray)" if opts.engine == "ray" else ""
+    index = GalleryIndex(built.index, built.params, items, IndexMeta(), queries,
+                         None if built.params.stores_exact_vectors else gallery_emb, use_gpu=cfg.use_gpu)
+    publish(index, built.device, built.note or note, **result.meta())
     report.total_seconds = time.perf_counter() - t_start
     return index, report
 
 
-def _meta(manifest: dict[str, Any], folder: EmbeddingsFolder, params: IndexParams, cfg: IndexConfig,
-          opts: ShardOptions, report: BuildReport, device: str, note: str, g_items: PartItems,
-          t_start: float) -> dict[str, Any]:
+def _check_sharding(params: IndexParams, opts: ShardOptions, n_parts: int) -> None:
+    if params.refine_factor > 0:
+        raise IndexBuildError("--refine-factor is not supported with --shards; build one index instead")
+    if opts.merge and not params.kind.mergeable:
+        raise IndexBuildError(f"{params.index_type} shards cannot be merged into one index; drop --merge to keep "
+                              "them as shards")
+    if opts.shards > n_parts:
+        raise IndexBuildError(f"--shards {opts.shards} exceeds the {n_parts} gallery parts; use fewer shards or "
+                              "re-embed with a smaller --part-size")
+
+
+def _build_shards(folder: EmbeddingsFolder, params: IndexParams, opts: ShardOptions, report: BuildReport,
+                  items: ItemTable, queries: StoredQueries | None, out_dir: Path,
+                  publish: Callable[[GalleryIndex, str, str], GalleryIndex], *, use_gpu: bool, seed: int,
+                  verify: bool, progress: bool, ray_options: Any) -> GalleryIndex:
+    """Train once here, build the shard files (locally or on Ray) into a staging folder beside `out_dir`, and
+    publish them as shards or merged into one index."""
+    from retrieval.index.shards import ShardedGalleryIndex, ShardSet, shard_file_name
+
+    t0 = time.perf_counter()
+    # the sample is read unverified: every part is verified by the shard build that adds it, and a bad part
+    # fails that build before anything is published
+    trained = train_on_sample(folder, params, folder.count("gallery"), seed, verify=False)
+    report.train_seconds = time.perf_counter() - t0
+    names = folder.part_names("gallery")
+    groups = split_parts(names, [int(folder.marker(p)["n"]) for p in names], opts.shards)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.shards-", dir=out_dir.parent))
+    try:
+        files = [str(staging / shard_file_name(j)) for j in range(opts.shards)]
+        t0 = time.perf_counter()
+        run = _run_shards_ray if opts.engine == "ray" else _run_shards_local
+        extra = (ray_options,) if opts.engine == "ray" else ()
+        report.shards = run(str(folder.folder.resolve()), groups, trained, params.to_dict(), files, verify,
+                            progress, *extra)
+        report.shard_seconds = time.perf_counter() - t0
+        shard_set = ShardSet.from_files([Path(f) for f in files], [r.n_items for r in report.shards],
+                                        folder.embedding_size)
+        gallery_vectors = None if params.stores_exact_vectors else folder.load_role("gallery", verify=False)[0]
+        index: GalleryIndex
+        if opts.merge:
+            t0 = time.perf_counter()
+            merged = shard_set.merged(params)
+            report.merge_seconds = time.perf_counter() - t0
+            index = GalleryIndex(merged, params, items, IndexMeta(), queries, gallery_vectors, use_gpu=use_gpu)
+        else:
+            index = ShardedGalleryIndex(shard_set, params, items, IndexMeta(), queries, gallery_vectors,
+                                        use_gpu=use_gpu)
+        return publish(index, "cpu", "")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _meta(manifest: dict[str, Any], folder: EmbeddingsFolder, cfg: IndexConfig, opts: ShardOptions,
+          report: BuildReport, device: str, note: str, g_items: PartItems, t_start: float,
+          **calibration: Any) -> IndexMeta:
     """The same metadata `retrieval index` records, plus where the embeddings came from and how it was built."""
     src = manifest.get("source", {})
     versions = dict(manifest.get("versions") or {})
     versions.update(library_versions())
-    return {
-        "dataset": src.get("dataset", "images"),
-        "data_root": manifest.get("data_root"),
-        "split": manifest["splits"]["gallery"]["split"],
-        "protocol": src.get("protocol", "all-vs-all"),
-        "recall_ks": [int(k) for k in src.get("recall_ks") or []],
-        "fingerprint": manifest["fingerprint"],
-        "embedding_size": int(manifest["embedding_size"]),
-        "normalisation": manifest.get("normalisation", "l2"),
-        "preprocessing": manifest["preprocessing"],
-        "backend": manifest.get("backend"),
-        "embed_device": "parts",
-        "embedder_source": manifest.get("embedder_source", {}),
-        "index_device": device,
-        "index_note": note,
-        "index_config": {"memory_budget_gb": cfg.memory_budget_gb, "requested_type": cfg.index_type},
-        "embed_seconds": 0.0,
-        "train_seconds": round(report.train_seconds, 3),
-        "add_seconds": round(report.shard_seconds, 3),
-        "build_seconds": round(time.perf_counter() - t_start, 3),
-        "built_from": {"embeddings": str(folder.folder.resolve()), "dtype": manifest.get("dtype"),
-                       "engine": opts.engine, "shards": max(1, opts.shards), "merged": opts.merge,
-                       "unreadable_images": len(g_items.bad),
-                       "shard_builds": [r.__dict__ for r in report.shards]},
-        "created_at": now_iso(),
-        "versions": versions,
-        "history": [{"action": "build", "items": len(g_items.rows), "at": now_iso(), "from": "embeddings"}],
-    }
+    return IndexMeta(
+        dataset=src.get("dataset", "images"),
+        data_root=manifest.get("data_root"),
+        split=manifest["splits"]["gallery"]["split"],
+        protocol=src.get("protocol", "all-vs-all"),
+        recall_ks=[int(k) for k in src.get("recall_ks") or []],
+        fingerprint=manifest["fingerprint"],
+        embedding_size=int(manifest["embedding_size"]),
+        normalisation=manifest.get("normalisation", "l2"),
+        preprocessing=manifest["preprocessing"],
+        backend=manifest.get("backend"),
+        embed_device="parts",
+        embedder_source=manifest.get("embedder_source", {}),
+        index_device=device,
+        index_note=note,
+        index_config={"memory_budget_gb": cfg.memory_budget_gb, "requested_type": cfg.index_type},
+        train_seconds=round(report.train_seconds, 3),
+        add_seconds=round(report.shard_seconds, 3),
+        build_seconds=round(time.perf_counter() - t_start, 3),
+        built_from={"embeddings": str(folder.folder.resolve()), "dtype": manifest.get("dtype"),
+                    "engine": opts.engine, "shards": max(1, opts.shards), "merged": opts.merge,
+                    "unreadable_images": len(g_items.bad),
+                    "shard_builds": [r.__dict__ for r in report.shards]},
+        created_at=now_iso(),
+        versions=versions,
+        history=[{"action": "build", "items": len(g_items.rows), "at": now_iso(), "from": "embeddings"}],
+        **calibration,
+    )

@@ -20,9 +20,11 @@ from typing import Any
 import faiss
 import numpy as np
 
-from retrieval.index.faiss_index import IndexBuildError, IndexFileError, IndexParams, configure_search, exact_vectors, read_index
-from retrieval.index.faiss_index import write_index
+from retrieval.index.errors import IndexBuildError, IndexFileError
+from retrieval.index.faiss_index import check_embeddings, configure_search, exact_vectors, read_index, write_index
+from retrieval.index.types import IndexParams
 from retrieval.index.folder import GalleryIndex
+from retrieval.index.meta import META_FILE, IndexMeta
 
 
 def shard_file_name(number: int) -> str:
@@ -145,15 +147,13 @@ class ShardSet:
 
 
 def merge_shards(shards: Sequence[faiss.Index], params: IndexParams) -> faiss.Index:
-    """Merge shard indexes (consecutive id ranges, one trained quantizer) into one; refuses HNSW graphs."""
-    if params.index_type == "hnsw":
-        raise IndexBuildError("HNSW shards cannot be merged into one graph; keep them as shards (no --merge)")
+    """Merge shard indexes (consecutive id ranges, one trained quantizer) into one; refuses types that cannot merge."""
+    if not params.kind.mergeable:
+        raise IndexBuildError(f"{params.index_type} shards cannot be merged into one index; keep them as shards "
+                              "(no --merge)")
     merged = faiss.clone_index(shards[0])
     for shard in shards[1:]:
-        if params.index_type in ("ivf-flat", "ivf-pq"):
-            merged.merge_from(faiss.clone_index(shard), merged.ntotal)  # shard-local ids shifted to global ids
-        else:
-            merged.merge_from(faiss.clone_index(shard), 0)  # flat rows append in order
+        params.kind.merge(merged, faiss.clone_index(shard))
     configure_search(merged, params)
     return merged
 
@@ -171,7 +171,6 @@ class ShardedGalleryIndex(GalleryIndex):
             self.index.configure(self.params)
             self._searchable = self.index
             self.search_device = f"cpu ({len(self.index)} shards in parallel)"
-            self.search_note = "sharded indexes are searched on the CPU"
         return self._searchable
 
     def exact_gallery_vectors(self) -> np.ndarray:
@@ -202,7 +201,6 @@ class ShardedGalleryIndex(GalleryIndex):
         """Like `search`, restricted to the rows `ids`: each shard searches its own rows (an ID selector inside
         FAISS), the results are merged like an unrestricted search's."""
         from retrieval.search.filters import filtered_search
-        from retrieval.index.faiss_index import check_embeddings
 
         queries = check_embeddings(queries, self.embedding_size, "query embeddings")
         ids = np.asarray(ids, dtype=np.int64)
@@ -235,7 +233,7 @@ class ShardedGalleryIndex(GalleryIndex):
                 write_index(self.index.shard(j), tmp / name)
             names.append(name)
             record.append({"file": name, "n_items": self.index.ntotals[j], "first_id": int(self.index.offsets[j])})
-        self.meta["shards"] = record
+        self.meta.shards = record
         return names
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
@@ -246,18 +244,18 @@ class ShardedGalleryIndex(GalleryIndex):
 
 def _is_published(path: Path) -> bool:
     """A shard file inside a published index folder (copied on re-save) rather than a build's staging file."""
-    return (path.parent / "meta.json").is_file()
+    return (path.parent / META_FILE).is_file()
 
 
-def read_shard_set(folder: Path, meta: dict[str, Any]) -> ShardSet:
+def read_shard_set(folder: Path, meta: IndexMeta) -> ShardSet:
     """The shards listed in a sharded folder's meta.json (files already verified against their checksums)."""
-    record = meta.get("shards") or []
+    record = meta.shards or []
     try:
         files = [folder / str(r["file"]) for r in record]
         ntotals = [int(r["n_items"]) for r in record]
     except (KeyError, TypeError, ValueError) as exc:
-        raise IndexFileError(f"{folder / 'meta.json'} has an unreadable shard list ({exc}); rebuild the index") from exc
-    shards = ShardSet.from_files(files, ntotals, int(meta.get("embedding_size", 0)))
+        raise IndexFileError(f"{folder / META_FILE} has an unreadable shard list ({exc}); rebuild the index") from exc
+    shards = ShardSet.from_files(files, ntotals, meta.embedding_size)
     for j in range(len(shards)):
         shards.shard(j)
     return shards

@@ -24,7 +24,8 @@ import numpy as np
 from retrieval.config import CalibrationConfig, IndexConfig
 from retrieval.errors import InputError
 from retrieval.index.faiss_index import NORM_TOLERANCE, library_versions
-from retrieval.index.folder import GalleryIndex, ItemTable, now_iso
+from retrieval.index.folder import GalleryIndex, ItemTable
+from retrieval.index.meta import IndexMeta, now_iso
 
 CHECK_CHUNK = 65_536  # rows checked / copied at a time
 LISTED_ROWS = 10  # row numbers quoted in an error before "and N more"
@@ -166,31 +167,29 @@ def build_from_vectors(
         raise ValueError(f"{n:,} vectors but {len(ids):,} ids and {len(labels):,} labels")
     result = build_calibrated(vectors, cfg, calib, seed=seed, progress=progress)
     built = result.built
-    lossy = built.params.index_type == "ivf-pq" and built.params.refine_factor == 0
     source = source or {"kind": "vectors"}
-    meta: dict[str, Any] = {
-        "dataset": "embeddings",
-        "data_root": "",
-        "split": Path(str(source.get("path", "vectors"))).name,
-        "protocol": "all-vs-all",
-        "fingerprint": f"vectors:{source.get('sha256', '')[:16]}",
-        "embedding_size": d,
-        "normalisation": "l2",
-        "embedder_source": source,
-        "index_device": built.device,
-        "index_note": built.note,
-        "index_config": {"memory_budget_gb": cfg.memory_budget_gb, "requested_type": cfg.index_type},
-        "embed_seconds": 0.0,
-        "train_seconds": round(built.train_seconds, 3),
-        "add_seconds": round(built.add_seconds, 3),
-        "build_seconds": round(time.perf_counter() - t_start, 3),
-        "created_at": now_iso(),
-        "versions": library_versions(),
-        "history": [{"action": "build", "items": n, "at": now_iso()}],
+    meta = IndexMeta(
+        dataset="embeddings",
+        data_root="",
+        split=Path(str(source.get("path", "vectors"))).name,
+        protocol="all-vs-all",
+        fingerprint=f"vectors:{source.get('sha256', '')[:16]}",
+        embedding_size=d,
+        embedder_source=source,
+        index_device=built.device,
+        index_note=built.note,
+        index_config={"memory_budget_gb": cfg.memory_budget_gb, "requested_type": cfg.index_type},
+        train_seconds=round(built.train_seconds, 3),
+        add_seconds=round(built.add_seconds, 3),
+        build_seconds=round(time.perf_counter() - t_start, 3),
+        created_at=now_iso(),
+        versions=library_versions(),
+        history=[{"action": "build", "items": n, "at": now_iso()}],
         **result.meta(),
-    }
+    )
     items = ItemTable(list(ids), [int(v) for v in labels], list(ids))
-    index = GalleryIndex(built.index, built.params, items, meta, None, vectors if lossy else None, use_gpu=cfg.use_gpu)
+    index = GalleryIndex(built.index, built.params, items, meta, None,
+                         None if built.params.stores_exact_vectors else vectors, use_gpu=cfg.use_gpu)
     index.save(out_dir)
     return index, result
 

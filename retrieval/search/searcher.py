@@ -81,19 +81,20 @@ class Searcher:
     # -- facts ----------------------------------------------------------------------------------
     @property
     def meta(self) -> dict[str, Any]:
-        """Index metadata: dataset, n_items, embedding_size, index_type, fingerprint, build_seconds, created_at, ..."""
-        return self.index.meta
+        """Index metadata as meta.json records it (dataset, n_items, index_type, fingerprint, created_at, ...), for
+        display and cache keys; typed: `self.index.meta`."""
+        return self.index.meta.to_dict()
 
     @property
     def index_dir(self) -> Path | None:
         """The index folder this searcher was opened from (None for an index never saved)."""
-        folder = self.meta.get("folder")
+        folder = self.index.meta.folder
         return Path(folder) if folder else None
 
     @property
     def recall_ks(self) -> tuple[int, ...]:
         """The K of Recall@K the dataset's protocol reports (those `evaluate` computes by default)."""
-        return tuple(int(k) for k in (self.meta.get("recall_ks") or DEFAULT_RECALL_KS))
+        return tuple(int(k) for k in (self.index.meta.recall_ks or DEFAULT_RECALL_KS))
 
     # Item columns below are the index's own lists, row i = gallery (or stored query) i: read, don't mutate.
     @property
@@ -135,7 +136,7 @@ class Searcher:
     def backend(self) -> EmbeddingBackend:
         """The embedder (opened from the index's record on first use, then checked)."""
         if self._backend is None:
-            self._attach(open_recorded(self.meta.get("embedder_source", {}), self.device))
+            self._attach(open_recorded(self.index.meta.embedder_source, self.device))
         assert self._backend is not None
         return self._backend
 
@@ -222,7 +223,7 @@ class Searcher:
     def relative_path(self, gallery_index: int) -> str:
         """Gallery item's path relative to the dataset folder (absolute when outside it)."""
         path = self.index.items.paths[int(gallery_index)]
-        root = self.meta.get("data_root")
+        root = self.index.meta.data_root
         if root and path.startswith(os.path.join(root, "")):
             return Path(path[len(os.path.join(root, "")):]).as_posix()
         return path
@@ -239,9 +240,9 @@ class Searcher:
         method = check_method(rerank)
         ks = tuple(int(k) for k in ks) if ks else self.recall_ks
         gallery_labels = np.asarray(self.index.items.labels, dtype=np.int64)
-        if self.meta.get("protocol") == "query-gallery":
+        if self.index.meta.protocol == "query-gallery":
             if self.index.queries is None:
-                raise InputError(f"index {self.meta.get('folder')} stores no query embeddings; rebuild it to evaluate")
+                raise InputError(f"index {self.index.meta.folder} stores no query embeddings; rebuild it to evaluate")
             q_emb = self.index.queries.emb
             q_labels = np.asarray(self.index.queries.items.labels, dtype=np.int64)
             self_ids = None

@@ -1,0 +1,357 @@
+"""The index types, each declared once: how it is built, what it costs, how it searches and what it can do.
+
+Build, search, calibration, removal, shard merging, the `--index-type` help and IndexConfig validation
+all read INDEX_TYPES, so adding a type is one IndexType subclass registered there (and a test).
+
+    flat      IndexFlatIP: exact; the default up to a few hundred thousand items.
+    ivf-flat  IVF with full vectors in the lists; `nprobe` of `nlist` lists scanned per query.
+    ivf-pq    IVF with product-quantised codes (pq_m bytes per vector at 8 bits): for galleries that
+              do not fit the memory budget as float32.
+    hnsw      IndexHNSWFlat graph; `ef_search` trades speed for recall. Stays on the CPU (FAISS has no
+              GPU HNSW).
+
+Any approximate type takes `refine_factor` > 0 to re-rank k * factor candidates exactly (IndexRefineFlat,
+which keeps the float32 vectors as well). All types use METRIC_INNER_PRODUCT over L2-normalised vectors.
+
+FAISS and NumPy are imported inside the methods: the command line reads names and help from this
+module and must start without loading them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from retrieval.errors import UsageError
+from retrieval.index.errors import IndexBuildError
+
+if TYPE_CHECKING:
+    import faiss
+    import numpy as np
+
+    from retrieval.config import IndexConfig
+
+MIN_POINTS_PER_CENTROID = 39  # below this FAISS k-means gives poor centroids (its own warning threshold)
+TRAIN_POINTS_PER_LIST = 64  # default IVF training sample per list (FAISS itself subsamples above 256)
+MAX_AUTO_NLIST = 65_536
+EF_LADDER = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclass(frozen=True)
+class SearchKnob:
+    """A search-time setting that trades speed for recall: the IndexParams field, its flag and its name."""
+
+    field: str
+    flag: str
+    label: str
+    applies_to: str  # which indexes have it, for people
+
+
+NPROBE = SearchKnob("nprobe", "--nprobe", "nprobe", "IVF indexes")
+EF_SEARCH = SearchKnob("ef_search", "--ef-search", "efSearch", "HNSW indexes")
+REFINE = SearchKnob("refine_factor", "--refine-factor", "refine factor", "approximate indexes")
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """Concrete parameters of one built index (no "auto" left); stored in the index metadata."""
+
+    index_type: str
+    nlist: int = 0
+    nprobe: int = 0
+    pq_m: int = 0
+    pq_nbits: int = 0
+    hnsw_m: int = 0
+    ef_construction: int = 0
+    ef_search: int = 0
+    refine_factor: int = 0
+    train_size: int = 0
+
+    @property
+    def kind(self) -> "IndexType":
+        return index_type(self.index_type)
+
+    @property
+    def exact(self) -> bool:
+        return self.kind.exact
+
+    @property
+    def stores_exact_vectors(self) -> bool:
+        """Whether the exact float32 vectors can be read back from the index (else a folder keeps gallery.npy)."""
+        return self.refine_factor > 0 or self.kind.stores_vectors
+
+    def factory_string(self) -> str:
+        """The faiss.index_factory description of this index."""
+        return self.kind.factory(self) + (",RFlat" if self.refine_factor > 0 else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "IndexParams":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+class IndexType:
+    """One index type. Subclasses override what differs; the defaults describe an exact, GPU-capable type."""
+
+    name: ClassVar[str]
+    exact: ClassVar[bool] = False
+    knob: ClassVar[SearchKnob | None] = None  # the setting calibration sweeps and --nprobe/--ef-search override
+    sweeps_refine: ClassVar[bool] = False  # with refinement, calibration sweeps the refine factor under the knob
+    held_out_calibration: ClassVar[bool] = False  # calibrated with queries it does not hold (graphs)
+    gpu_unsupported: ClassVar[str] = ""  # why FAISS cannot run it on a GPU ("" = it can)
+    removable: ClassVar[bool] = False
+    mergeable: ClassVar[bool] = True  # shards can be merged into one index
+    stores_vectors: ClassVar[bool] = True  # exact vectors can be read back without refinement
+
+    def resolve(self, cfg: IndexConfig, n: int, d: int) -> IndexParams:
+        """Concrete parameters for `n` vectors of size `d`, or IndexBuildError saying what to change."""
+        raise NotImplementedError
+
+    def factory(self, params: IndexParams) -> str:
+        """The faiss.index_factory description, without refinement."""
+        raise NotImplementedError
+
+    def memory_bytes(self, n: int, d: int, cfg: IndexConfig) -> int:
+        """Rough resident size of `n` vectors of dimension `d` (vectors + ids + graph/lists)."""
+        return n * d * 4
+
+    def prepare(self, index: faiss.Index, params: IndexParams) -> None:
+        """Build-time settings of a new, empty index."""
+
+    def apply_search(self, index: faiss.Index, params: IndexParams) -> None:
+        """Apply the knob's value in `params` to a built index."""
+
+    def ladder(self, params: IndexParams, k: int, n: int) -> list[int]:
+        """The knob values calibration tries, cheapest first, for top-`k` over `n` vectors."""
+        return []
+
+    def check_knob(self, params: IndexParams, value: int) -> None:
+        """Refuse a knob value this index cannot search with (UsageError naming the flag)."""
+
+    def gpu_options(self, options: Any) -> None:
+        """Adjust the GpuClonerOptions a GPU copy of this index is made with."""
+
+    def remove(self, index: faiss.Index, selector: Any, rows: np.ndarray) -> None:
+        """Remove the sorted rows `rows` (also as an IDSelector); later rows move up (removable types only)."""
+        raise IndexBuildError(f"a {self.name} index cannot remove items")
+
+    def stored_vectors(self, index: faiss.Index, n: int) -> np.ndarray | None:
+        """The stored float32 vectors (n, D) of an unrefined index, or None when it keeps codes only."""
+        return index.reconstruct_n(0, n)
+
+    def merge(self, merged: faiss.Index, shard: faiss.Index) -> None:
+        """Append `shard` (the next id range) to `merged`."""
+        merged.merge_from(shard, 0)  # flat rows append in order
+
+
+class Flat(IndexType):
+    name = "flat"
+    exact = True
+    removable = True
+
+    def resolve(self, cfg: IndexConfig, n: int, d: int) -> IndexParams:
+        return IndexParams(self.name)
+
+    def factory(self, params: IndexParams) -> str:
+        return "Flat"
+
+    def remove(self, index: faiss.Index, selector: Any, rows: np.ndarray) -> None:
+        index.remove_ids(selector)
+
+
+def default_nlist(n: int) -> int:
+    """About 4 * sqrt(N) lists, never more than the vectors can train (39 per centroid)."""
+    return int(max(1, min(round(4 * math.sqrt(n)), n // MIN_POINTS_PER_CENTROID, MAX_AUTO_NLIST)))
+
+
+class Ivf(IndexType):
+    """Inverted lists over a k-means coarse quantizer; `nprobe` lists are scanned per query."""
+
+    knob = NPROBE
+    sweeps_refine = True  # nprobe sets the cost; re-ranking k x factor candidates is small beside it
+    removable = True
+
+    def _nlist(self, cfg: IndexConfig, n: int) -> int:
+        if cfg.nlist <= 0:
+            if n < MIN_POINTS_PER_CENTROID:
+                raise IndexBuildError(
+                    f"{self.name} needs at least {MIN_POINTS_PER_CENTROID} vectors to train its lists; the gallery "
+                    f"has {n}. Use --index-type flat."
+                )
+            return default_nlist(n)
+        if n < MIN_POINTS_PER_CENTROID * cfg.nlist:
+            raise IndexBuildError(
+                f"{self.name} with nlist={cfg.nlist} needs at least {MIN_POINTS_PER_CENTROID * cfg.nlist:,} vectors "
+                f"to train ({MIN_POINTS_PER_CENTROID} per list); the gallery has {n:,}. Lower --nlist "
+                f"(at most {max(1, n // MIN_POINTS_PER_CENTROID)}) or use --index-type flat."
+            )
+        return cfg.nlist
+
+    def _params(self, cfg: IndexConfig, n: int, nlist: int, **codes: int) -> IndexParams:
+        """IVF parameters with a training sample large enough for the lists and the codes' centroids."""
+        pq_nbits = codes.get("pq_nbits", 0)
+        floor = MIN_POINTS_PER_CENTROID * max(nlist, 2**pq_nbits if pq_nbits else 0)
+        train_size = cfg.train_size if cfg.train_size > 0 else max(TRAIN_POINTS_PER_LIST * nlist, floor)
+        train_size = int(min(n, max(train_size, floor)))
+        return IndexParams(self.name, nlist=nlist, nprobe=max(1, min(cfg.nprobe, nlist)),
+                           refine_factor=cfg.refine_factor, train_size=train_size, **codes)
+
+    def resolve(self, cfg: IndexConfig, n: int, d: int) -> IndexParams:
+        return self._params(cfg, n, self._nlist(cfg, n))
+
+    def apply_search(self, index: faiss.Index, params: IndexParams) -> None:
+        import faiss
+
+        faiss.extract_index_ivf(index).nprobe = params.nprobe
+
+    def ladder(self, params: IndexParams, k: int, n: int) -> list[int]:
+        return [p for p in (2**i for i in range(0, 20)) if p < params.nlist] + [params.nlist]
+
+    def check_knob(self, params: IndexParams, value: int) -> None:
+        if not 1 <= value <= params.nlist:
+            raise UsageError(f"--nprobe must be in 1..{params.nlist} (the index has {params.nlist} lists)")
+
+    def remove(self, index: faiss.Index, selector: Any, rows: np.ndarray) -> None:
+        """IVF lists keep explicit ids: after removal the remaining ids are shifted down past the removed rows."""
+        import faiss
+        import numpy as np
+
+        ivf = faiss.extract_index_ivf(index)
+        ivf.remove_ids(selector)
+        lists = ivf.invlists
+        for list_no in range(ivf.nlist):
+            size = lists.list_size(list_no)
+            if size == 0:
+                continue
+            ids = faiss.rev_swig_ptr(lists.get_ids(list_no), size).copy()
+            new_ids = np.ascontiguousarray(ids - np.searchsorted(rows, ids), dtype=np.int64)
+            codes = faiss.rev_swig_ptr(lists.get_codes(list_no), size * lists.code_size).copy()
+            lists.update_entries(list_no, 0, size, faiss.swig_ptr(new_ids), faiss.swig_ptr(codes))
+
+    def merge(self, merged: faiss.Index, shard: faiss.Index) -> None:
+        merged.merge_from(shard, merged.ntotal)  # shard-local ids shifted to global ids
+
+
+class IvfFlat(Ivf):
+    name = "ivf-flat"
+
+    def factory(self, params: IndexParams) -> str:
+        return f"IVF{params.nlist},Flat"
+
+    def memory_bytes(self, n: int, d: int, cfg: IndexConfig) -> int:
+        return n * d * 4 + n * 8
+
+    def stored_vectors(self, index: faiss.Index, n: int) -> np.ndarray | None:
+        import faiss
+
+        ivf = faiss.extract_index_ivf(index)
+        ivf.make_direct_map()
+        try:
+            return ivf.reconstruct_n(0, n)
+        finally:
+            ivf.set_direct_map_type(faiss.DirectMap.NoMap)
+
+
+class IvfPq(Ivf):
+    name = "ivf-pq"
+    stores_vectors = False
+
+    def resolve(self, cfg: IndexConfig, n: int, d: int) -> IndexParams:
+        nlist = self._nlist(cfg, n)
+        pq_m, pq_nbits = cfg.pq_m, cfg.pq_nbits
+        if pq_m <= 0 or d % pq_m != 0:
+            hint = ", ".join(str(m) for m in (8, 16, 32, 48, 64, 96, 128) if d % m == 0) or "1"
+            raise IndexBuildError(f"pq_m={pq_m} must divide the embedding size {d}; try {hint}")
+        if not 1 <= pq_nbits <= 16:
+            raise IndexBuildError(f"pq_nbits must be in 1..16, got {pq_nbits}")
+        needed = MIN_POINTS_PER_CENTROID * 2**pq_nbits
+        if n < needed:
+            raise IndexBuildError(
+                f"ivf-pq with {pq_nbits}-bit codes needs at least {needed:,} vectors to train its "
+                f"{2**pq_nbits} centroids per sub-quantizer; the gallery has {n:,}. Lower --pq-nbits "
+                "or use --index-type ivf-flat / flat."
+            )
+        return self._params(cfg, n, nlist, pq_m=pq_m, pq_nbits=pq_nbits)
+
+    def factory(self, params: IndexParams) -> str:
+        return f"IVF{params.nlist},PQ{params.pq_m}x{params.pq_nbits}np"  # np: skip polysemous training (unused, slow)
+
+    def memory_bytes(self, n: int, d: int, cfg: IndexConfig) -> int:
+        return n * (cfg.pq_m * cfg.pq_nbits // 8 + 8) + (n * d * 4 if cfg.refine_factor > 0 else 0)
+
+    def gpu_options(self, options: Any) -> None:
+        options.useFloat16 = True  # large pq_m needs half-precision lookup tables on the GPU
+
+    def stored_vectors(self, index: faiss.Index, n: int) -> np.ndarray | None:
+        return None
+
+
+class Hnsw(IndexType):
+    name = "hnsw"
+    knob = EF_SEARCH
+    held_out_calibration = True  # a graph finds points it already holds far more easily than new queries
+    gpu_unsupported = "FAISS has no GPU HNSW; it runs on the CPU"
+    mergeable = False
+
+    def resolve(self, cfg: IndexConfig, n: int, d: int) -> IndexParams:
+        if cfg.hnsw_m < 2:
+            raise IndexBuildError(f"hnsw_m must be >= 2, got {cfg.hnsw_m}")
+        return IndexParams(self.name, hnsw_m=cfg.hnsw_m, ef_construction=max(cfg.ef_construction, cfg.hnsw_m),
+                           ef_search=cfg.ef_search, refine_factor=cfg.refine_factor)
+
+    def factory(self, params: IndexParams) -> str:
+        return f"HNSW{params.hnsw_m}"
+
+    def memory_bytes(self, n: int, d: int, cfg: IndexConfig) -> int:
+        return int(n * d * 4 + n * cfg.hnsw_m * 2 * 4 * 1.1)
+
+    def prepare(self, index: faiss.Index, params: IndexParams) -> None:
+        _graph_of(index).efConstruction = params.ef_construction
+
+    def apply_search(self, index: faiss.Index, params: IndexParams) -> None:
+        _graph_of(index).efSearch = params.ef_search
+
+    def ladder(self, params: IndexParams, k: int, n: int) -> list[int]:
+        """efSearch values from k upwards, ending at the first one that covers the whole gallery."""
+        ladder: list[int] = []
+        for ef in EF_LADDER:
+            if ef >= k:
+                ladder.append(ef)
+                if ef >= n:
+                    break
+        return ladder or [k]
+
+    def check_knob(self, params: IndexParams, value: int) -> None:
+        if value < 1:
+            raise UsageError("--ef-search must be >= 1")
+
+
+def _graph_of(index: faiss.Index) -> Any:
+    """The HNSW graph of an HNSW index, refined or not."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexRefine):
+        index = faiss.downcast_index(index.base_index)
+    return index.hnsw
+
+
+INDEX_TYPES: dict[str, IndexType] = {t.name: t for t in (Flat(), IvfFlat(), IvfPq(), Hnsw())}
+
+
+def index_type(name: str) -> IndexType:
+    """The registered type called `name`, or IndexBuildError listing the choices."""
+    try:
+        return INDEX_TYPES[name]
+    except KeyError:
+        raise IndexBuildError(f"unknown index type {name!r}; choose auto or one of {', '.join(INDEX_TYPES)}") from None
+
+
+def knob_label(field: str) -> str:
+    """How people call a search setting (IndexParams field name -> "efSearch", "refine factor", ...)."""
+    return next((k.label for k in (NPROBE, EF_SEARCH, REFINE) if k.field == field), field)
