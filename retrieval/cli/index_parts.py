@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 def index_from_parts(parts_dir: Path, out: Path | None, cfg: Any, calib: Any, engine: str, shards: int, merge: bool,
                      address: str | None, workers: int, seed: int) -> None:
     """Build from the parts in `parts_dir` (a folder; see retrieval.index.sharded_build) and print a summary."""
