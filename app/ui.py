@@ -121,7 +121,7 @@ class SearchApp:
         self.searcher = searcher
         self._worker = worker
         self._worker_lock = threading.Lock()
-        self.meta: dict[str, Any] = dict(searcher.meta)
+        self.meta = searcher.index.meta  # typed (retrieval.index.meta.IndexMeta)
         index_dir = index_dir if index_dir is not None else searcher.index_dir
         if index_dir is None:
             raise ValueError("the searcher's index was never saved to a folder; pass index_dir "
@@ -145,7 +145,7 @@ class SearchApp:
             _sha256(self.example_thumbnails.path_for(i).read_bytes()): q for i, q in enumerate(self.examples)
         }
         self.recall_ks = tuple(searcher.recall_ks)
-        identity = {k: v for k, v in self.meta.items() if k != "folder"}  # moving the folder keeps its cache
+        identity = {k: v for k, v in self.meta.to_dict().items() if k != "folder"}  # moving the folder keeps its cache
         key = index_cache_key(identity, self.backend.fingerprint, self.backend.name)
         self.evaluation_cache = EvaluationCache(self.index_dir, key, searcher.evaluate)
         values = searcher.attribute_values
@@ -420,22 +420,23 @@ class SearchApp:
         return pd.DataFrame({"K": [k for k, _ in points], "Recall@K (%)": [round(v, 2) for _, v in points]})
 
     def facts(self) -> list[tuple[str, str]]:
+        from retrieval.index.calibrate import search_setting_text
+
         m = self.meta
-        params = m.get("index_params") if isinstance(m.get("index_params"), Mapping) else {}
         rows = [
-            ("Dataset", _first(m, "dataset")),
-            ("Protocol", _first(m, "protocol")),
-            ("Split indexed", _first(m, "split")),
+            ("Dataset", m.dataset),
+            ("Protocol", m.protocol),
+            ("Split indexed", m.split),
             ("Gallery size", f"{self.gallery_size:,}"),
-            ("Stored queries", _first(m, "n_queries")),
-            ("Embedding size", _first(m, "embedding_size")),
-            ("Index type", _first(m, "index_type") or _first(params, "index_type")),
-            ("FAISS factory", _first(m, "index_factory")),
-            ("Search setting", _search_setting(m)),
-            ("Embedder fingerprint", _first(m, "fingerprint", "model_fingerprint")),
-            ("Built", _first(m, "created_at")),
-            ("Updated", _first(m, "updated_at")),
-            ("Built with", _first(m, "backend")),
+            ("Stored queries", str(m.n_queries)),
+            ("Embedding size", str(m.embedding_size)),
+            ("Index type", m.index_type),
+            ("FAISS factory", m.index_factory),
+            ("Search setting", search_setting_text(m) if m.index_params is not None else ""),
+            ("Embedder fingerprint", m.fingerprint),
+            ("Built", m.created_at),
+            ("Updated", m.updated_at or ""),
+            ("Built with", m.backend or ""),
             ("Serving", self.devices_text()),
             ("Index", self.index_dir.name),  # never the server's absolute paths
         ]
@@ -464,7 +465,7 @@ class SearchApp:
         return text
 
     def header_markdown(self) -> str:
-        dataset = _first(self.meta, "dataset") or "index"
+        dataset = self.meta.dataset or "index"
         return (
             f"## Search by photo · {dataset}\n"
             f"{self.gallery_size:,} gallery images · embedder `{self.backend.fingerprint}` · "
@@ -577,25 +578,6 @@ def ordered_metrics(metrics: Mapping[str, float], recall_ks: Sequence[int]) -> l
     out += [(n, v) for n, v in metrics.items() if not _is_recall_key(n) and n != "MAP@R"]
     names = {"RP": "R-precision"}
     return [(("Recall@" + n[2:]) if _is_recall_key(n) else names.get(n, n), float(v)) for n, v in out]
-
-
-def _first(mapping: Mapping[str, Any], *keys: str) -> str:
-    for key in keys:
-        value = mapping.get(key)
-        if value not in (None, ""):
-            return str(value)
-    return ""
-
-
-def _search_setting(meta: Mapping[str, Any]) -> str:
-    """The calibrated search setting and its measured recall/speed (or why auto built flat)."""
-    from retrieval.index.calibrate import search_setting_text
-    from retrieval.index.meta import IndexMeta
-
-    try:
-        return search_setting_text(IndexMeta.from_dict(dict(meta)))
-    except (TypeError, ValueError, KeyError):  # metadata written by an older version
-        return ""
 
 
 def stored_queries(searcher: Any) -> list[StoredQuery]:

@@ -84,8 +84,8 @@ def test_health_info_and_openapi_schema(http: httpx.Client, searcher: Any) -> No
     info = http.get("api/v1/info").json()
     meta = searcher.meta
     assert info["index_type"] == "flat" and info["n_items"] == len(searcher.gallery_paths)
-    assert info["embedding_size"] == 32 and info["fingerprint"] == searcher.backend.fingerprint == meta["fingerprint"]
-    assert info["backend"] == "torch" and info["device"] == "cpu" and info["built_at"] == meta["created_at"]
+    assert info["embedding_size"] == 32 and info["fingerprint"] == searcher.backend.fingerprint == meta.fingerprint
+    assert info["backend"] == "torch" and info["device"] == "cpu" and info["built_at"] == meta.created_at
     assert info["filters"]["category"] == sorted({a["category"] for a in searcher.index.items.attributes})
     assert info["rerank"] == ["none", "qe", "dba", "kreciprocal"]
     schema = http.get("openapi.json").json()

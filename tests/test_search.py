@@ -226,7 +226,7 @@ def test_all_vs_all_dataset_indexes_test_split_and_excludes_self(tmp_path, backe
     out = tmp_path / "idx"
     build_index(ds, emb_backend, out, IndexConfig(use_gpu=False), progress=False)
     searcher = Searcher.open(out, device="cpu")
-    assert searcher.meta["protocol"] == "all-vs-all" and searcher.meta["n_queries"] == 0
+    assert searcher.meta.protocol == "all-vs-all" and searcher.meta.n_queries == 0
     g = emb_backend.embed_paths(list(ds.test.paths), progress=False)
     ref = evaluate_embeddings(g, np.asarray(ds.test.labels), ks=ds.recall_ks[:2], use_gpu=False)
     result = searcher.evaluate(ks=ds.recall_ks[:2])
@@ -299,7 +299,7 @@ def test_checkpoint_embedder_is_recorded_and_reopened(inshop, tmp_path):
     out = tmp_path / "idx"
     build_index(load_dataset("inshop", inshop), torch_backend, out, IndexConfig(use_gpu=False), progress=False)
     searcher = Searcher.open(out, device="cpu")
-    assert searcher.backend.fingerprint == torch_backend.fingerprint == searcher.meta["fingerprint"]
+    assert searcher.backend.fingerprint == torch_backend.fingerprint == searcher.meta.fingerprint
     ckpt.rename(tmp_path / "moved.pt")
     with pytest.raises(FileNotFoundError, match="pass the embedder with --checkpoint"):
         _ = Searcher.open(out, device="cpu").backend

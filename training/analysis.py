@@ -149,10 +149,10 @@ def analyse_index(
     model, cfg, prep, fingerprint = embedder_from_checkpoint(checkpoint)
     searcher.index.check_embedder(fingerprint, model.embedding_size, "l2", what=f"checkpoint {checkpoint}")
     meta = searcher.meta
-    root = data_root or meta.get("data_root")
+    root = data_root or meta.data_root
     if not root:
         raise UsageError("the index records no dataset folder; pass --data-root")
-    dataset = load_dataset(meta["dataset"], root)
+    dataset = load_dataset(meta.dataset, root)
     level = mix_level or (cfg.mixup.level if cfg.mixup.level != "none" else "feature")
     run_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                               ("cpu" if device == "auto" else device))

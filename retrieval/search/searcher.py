@@ -26,6 +26,7 @@ from retrieval.errors import InputError
 from retrieval.metrics import neighbour_metrics
 from retrieval.search.filters import Where, attribute_values, matching_ids, parse_where
 from retrieval.index.folder import GalleryIndex
+from retrieval.index.meta import IndexMeta
 from retrieval.search.rerank import Reranker, RerankConfig, check_method
 
 DEFAULT_RECALL_KS = (1, 2, 4, 8)  # when an index records no protocol ks (e.g. a folder of images)
@@ -80,10 +81,9 @@ class Searcher:
 
     # -- facts ----------------------------------------------------------------------------------
     @property
-    def meta(self) -> dict[str, Any]:
-        """Index metadata as meta.json records it (dataset, n_items, index_type, fingerprint, created_at, ...), for
-        display and cache keys; typed: `self.index.meta`."""
-        return self.index.meta.to_dict()
+    def meta(self) -> IndexMeta:
+        """The index folder's metadata (dataset, n_items, index_type, fingerprint, created_at, ...)."""
+        return self.index.meta
 
     @property
     def index_dir(self) -> Path | None:
