@@ -27,6 +27,8 @@ from typing import Literal
 
 import numpy as np
 
+from retrieval.devices import faiss_gpu_available
+
 logger = logging.getLogger(__name__)
 
 Metric = Literal["ip", "l2"]
@@ -53,16 +55,9 @@ def as_float32_matrix(x: np.ndarray, what: str) -> np.ndarray:
     return arr
 
 
-def gpu_available() -> bool:
-    try:
-        return _faiss().get_num_gpus() > 0
-    except Exception:  # a CPU-only FAISS build may lack the GPU symbols
-        return False
-
-
 def knn_device(use_gpu: bool = True, k: int = 1) -> str:
     """The device a search for k neighbours (self included) will run on, as a human-readable string."""
-    if use_gpu and k + 1 <= GPU_MAX_K and gpu_available():
+    if use_gpu and k + 1 <= GPU_MAX_K and faiss_gpu_available():
         return "cuda:0 (faiss GPU flat index)"
     return f"cpu (faiss flat index, {_faiss().omp_get_max_threads()} threads)"
 
@@ -85,7 +80,7 @@ class FlatSearcher:
         self._cpu_index = None
         self.index = None
         # +1: one extra neighbour is always fetched to detect ties at the cut-off
-        if use_gpu and max_k + 1 <= GPU_MAX_K and gpu_available():
+        if use_gpu and max_k + 1 <= GPU_MAX_K and faiss_gpu_available():
             try:
                 self._gpu_res = faiss.StandardGpuResources()
                 cls = faiss.GpuIndexFlatIP if metric == "ip" else faiss.GpuIndexFlatL2
@@ -95,7 +90,7 @@ class FlatSearcher:
             except Exception as exc:  # out of memory, driver mismatch, ...
                 logger.warning("FAISS GPU search unavailable (%s); searching on CPU instead", exc)
                 self.index, self._gpu_res = None, None
-        elif use_gpu and max_k + 1 > GPU_MAX_K and gpu_available():
+        elif use_gpu and max_k + 1 > GPU_MAX_K and faiss_gpu_available():
             logger.info("k=%d exceeds the FAISS GPU limit of %d; searching on CPU", max_k, GPU_MAX_K)
         if self.index is None:
             self.index = faiss.IndexFlatIP(self.dim) if metric == "ip" else faiss.IndexFlatL2(self.dim)

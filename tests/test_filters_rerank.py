@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from retrieval.config import IndexConfig
-from retrieval.search.filters import FilterError, parse_where, split_attributes
+from retrieval.search.filters import FilterError, parse_where
 from retrieval.index.errors import IndexBuildError
 from retrieval.index.faiss_index import build_faiss_index, resolve_params
 from retrieval.index.meta import IndexMeta
@@ -54,16 +54,16 @@ def gallery_index(vectors: np.ndarray, labels: np.ndarray, cfg: IndexConfig, cat
 
 
 def test_each_dataset_gives_its_items_attributes(tmp_path: Path) -> None:
-    from retrieval.data import load_dataset
+    from retrieval.data import item_attributes, load_dataset
 
     inshop = load_dataset("inshop", make_fake_inshop(tmp_path / "inshop", 1, 2, 2))
-    assert split_attributes("inshop", inshop.root, inshop.gallery)[0] == {"gender": "WOMEN", "category": "Dresses"}
+    assert item_attributes(inshop, inshop.gallery)[0] == {"gender": "WOMEN", "category": "Dresses"}
     sop = load_dataset("sop", make_fake_sop(tmp_path / "sop", 2, 3, 2))
-    assert {a["super_category"] for a in split_attributes("sop", sop.root, sop.test)} <= {"bicycle", "chair", "mug"}
+    assert {a["super_category"] for a in item_attributes(sop, sop.test)} <= {"bicycle", "chair", "mug"}
     folder = load_dataset("folder", make_image_folder(tmp_path / "folder", 4, 2))
-    assert split_attributes("folder", folder.root, folder.test)[0] == {"folder": "class_02"}
+    assert item_attributes(folder, folder.test)[0] == {"folder": "class_02"}
     cub = load_dataset("cub", make_fake_cub(tmp_path / "cub", 2, 2, 2))
-    assert split_attributes("cub", cub.root, cub.test)[0] == {"class": cub.test.item_id(0)}
+    assert item_attributes(cub, cub.test)[0] == {"class": cub.test.item_id(0)}
 
 
 def test_item_tables_written_before_attributes_still_open(tmp_path: Path) -> None:

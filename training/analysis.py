@@ -145,6 +145,7 @@ def analyse_index(
 
     from retrieval.checkpoint import embedder_from_checkpoint
     from retrieval.data import load_dataset
+    from retrieval.devices import torch_device
 
     model, cfg, prep, fingerprint = embedder_from_checkpoint(checkpoint)
     searcher.index.check_embedder(fingerprint, model.embedding_size, "l2", what=f"checkpoint {checkpoint}")
@@ -154,8 +155,7 @@ def analyse_index(
         raise UsageError("the index records no dataset folder; pass --data-root")
     dataset = load_dataset(meta.dataset, root)
     level = mix_level or (cfg.mixup.level if cfg.mixup.level != "none" else "feature")
-    run_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                              ("cpu" if device == "auto" else device))
+    run_device = torch_device(device)
     train = embed_training_split(
         model, dataset.train, level=level, image_size=prep.image_size, resize_size=prep.resize_size,
         alpha=cfg.mixup.alpha, batch_size=batch_size, seed=seed, device=run_device, progress=progress,

@@ -17,7 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retrieval.data import cars, cub, folder, inshop, sop
-from retrieval.data.base import DatasetLayoutError, Protocol, RetrievalDataset, Split
+from retrieval.data.base import (
+    AttributeRule,
+    DatasetLayoutError,
+    Protocol,
+    RetrievalDataset,
+    Split,
+    class_attribute,
+    split_attributes,
+)
 from retrieval.errors import UsageError
 
 Loader = Callable[[str | os.PathLike[str]], RetrievalDataset]
@@ -33,6 +41,7 @@ class DatasetSpec:
     recall_ks: tuple[int, ...]
     layout: str
     load: Loader
+    attributes: AttributeRule | None = None  # the items' filterable attributes (retrieval.search.filters)
 
 
 _DEMO_LAYOUT = """\
@@ -53,12 +62,12 @@ def _load_demo(root: str | os.PathLike[str]) -> RetrievalDataset:
 
 
 DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
-    DatasetSpec("cub", "CUB-200-2011 (birds; classes 1-100 train, 101-200 test)", "all-vs-all", cub.RECALL_KS, cub.LAYOUT, cub.load_cub),
-    DatasetSpec("cars", "Cars196 (car models; classes 1-98 train, 99-196 test)", "all-vs-all", cars.RECALL_KS, cars.LAYOUT, cars.load_cars),
-    DatasetSpec("sop", "Stanford Online Products (11,318 train / 11,316 test products)", "all-vs-all", sop.RECALL_KS, sop.LAYOUT, sop.load_sop),
-    DatasetSpec("inshop", "In-Shop Clothes Retrieval (train items; query vs gallery)", "query-gallery", inshop.RECALL_KS, inshop.LAYOUT, inshop.load_inshop),
-    DatasetSpec("folder", "Your images, one folder per class (first half of classes by name train)", "all-vs-all", folder.RECALL_KS, folder.LAYOUT, folder.load_folder),
-    DatasetSpec("demo", "Embedded demo: procedurally drawn products (In-Shop layout)", "query-gallery", inshop.RECALL_KS, _DEMO_LAYOUT, _load_demo),
+    DatasetSpec("cub", "CUB-200-2011 (birds; classes 1-100 train, 101-200 test)", "all-vs-all", cub.RECALL_KS, cub.LAYOUT, cub.load_cub, class_attribute),
+    DatasetSpec("cars", "Cars196 (car models; classes 1-98 train, 99-196 test)", "all-vs-all", cars.RECALL_KS, cars.LAYOUT, cars.load_cars, class_attribute),
+    DatasetSpec("sop", "Stanford Online Products (11,318 train / 11,316 test products)", "all-vs-all", sop.RECALL_KS, sop.LAYOUT, sop.load_sop, sop.item_attributes),
+    DatasetSpec("inshop", "In-Shop Clothes Retrieval (train items; query vs gallery)", "query-gallery", inshop.RECALL_KS, inshop.LAYOUT, inshop.load_inshop, inshop.item_attributes),
+    DatasetSpec("folder", "Your images, one folder per class (first half of classes by name train)", "all-vs-all", folder.RECALL_KS, folder.LAYOUT, folder.load_folder, folder.item_attributes),
+    DatasetSpec("demo", "Embedded demo: procedurally drawn products (In-Shop layout)", "query-gallery", inshop.RECALL_KS, _DEMO_LAYOUT, _load_demo, inshop.item_attributes),
 )}  # fmt: skip
 
 
@@ -74,6 +83,12 @@ def dataset_spec(name: str) -> DatasetSpec:
     if spec is None:
         raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     return spec
+
+
+def item_attributes(dataset: RetrievalDataset, split: Split) -> list[dict[str, str]]:
+    """The filterable attributes of each image of one of `dataset`'s splits, by its registry entry's rule."""
+    spec = DATASETS.get(dataset.name)
+    return split_attributes(spec.attributes if spec else None, dataset.root, split)
 
 
 def load_dataset(name: str, root: str | os.PathLike[str]) -> RetrievalDataset:
@@ -92,5 +107,6 @@ __all__ = [
     "Split",
     "dataset_choices",
     "dataset_spec",
+    "item_attributes",
     "load_dataset",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -9,6 +11,29 @@ from typing import Literal
 from retrieval.errors import UserError
 
 Protocol = Literal["all-vs-all", "query-gallery"]
+AttributeRule = Callable[[Sequence[str], str], dict[str, str]]
+"""(path parts relative to the dataset root, item id) -> the item's filterable string attributes."""
+
+
+def class_attribute(parts: Sequence[str], item_id: str) -> dict[str, str]:
+    """For datasets whose only attribute is the class (CUB, Cars)."""
+    return {"class": item_id}
+
+
+def split_attributes(rule: AttributeRule | None, root: str | os.PathLike[str], split: "Split") -> list[dict[str, str]]:
+    """Attributes of each image of `split` by a dataset's rule; {} for every image without a rule."""
+    if rule is None:
+        return [{} for _ in split.paths]
+    base = Path(os.path.abspath(root))
+    out = []
+    for i, path in enumerate(split.paths):
+        path = Path(os.path.abspath(path))
+        try:
+            parts = path.relative_to(base).parts
+        except ValueError:  # outside the root (a moved dataset): the last folders still say enough
+            parts = path.parts[-4:]
+        out.append(rule(parts, split.item_id(i)))
+    return out
 
 
 class DatasetLayoutError(UserError, FileNotFoundError):

@@ -9,6 +9,7 @@ are 0..C-1 within each split, and the class folder name is the item id.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from retrieval.data._files import layout_error
@@ -23,6 +24,11 @@ LAYOUT = f"""\
   <class B>/...                           ({" ".join(IMAGE_EXTENSIONS)})
   split: classes sorted by name, the first ceil(C/2) train, the rest test
 """
+
+
+def item_attributes(parts: Sequence[str], item_id: str) -> dict[str, str]:
+    """folder: the sub-folder path of the image (class_a, class_a/sub, ...)."""
+    return {"folder": "/".join(parts[:-1])} if len(parts) >= 2 else {}
 
 
 def _images_in(folder: Path) -> list[Path]:

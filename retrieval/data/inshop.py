@@ -10,6 +10,7 @@ The demo dataset is written in this same layout and read by this loader.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from retrieval.data._files import check_images_exist, dense_labels, layout_error, read_lines, resolve_root
@@ -27,6 +28,17 @@ LAYOUT = """\
               (evaluation_status is train, query or gallery)
   Img/img/WOMEN/Dresses/id_00000002/02_1_front.jpg ...   (image_name under Img/)
 """
+
+
+def item_attributes(parts: Sequence[str], item_id: str) -> dict[str, str]:
+    """gender and category from the image path: Img/img/WOMEN/Dresses/id_00000002/02_1_front.jpg
+    (the demo: img/DEMO/<family>/<item>/...)."""
+    if "img" in parts:
+        i = len(parts) - 1 - parts[::-1].index("img")
+        rest = parts[i + 1 :]
+        if len(rest) >= 3:
+            return {"gender": rest[0], "category": rest[1]}
+    return {}
 
 
 def _read_partition(part_file: Path, name: str) -> dict[str, list[tuple[str, str]]]:

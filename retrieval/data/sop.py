@@ -8,6 +8,7 @@ the class id is kept as the item id.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from retrieval.data._files import check_images_exist, dense_labels, layout_error, read_lines, resolve_root
 from retrieval.data.base import RetrievalDataset, Split
@@ -21,6 +22,11 @@ LAYOUT = """\
   Ebay_test.txt              rows:   1 1 1 bicycle_final/111085122871_0.JPG
   bicycle_final/111085122871_0.JPG ...   (paths relative to <root>)
 """
+
+
+def item_attributes(parts: Sequence[str], item_id: str) -> dict[str, str]:
+    """super_category from the image folder (bicycle_final/... -> bicycle)."""
+    return {"super_category": parts[0].removesuffix("_final")} if len(parts) >= 2 else {}
 
 
 def _read_split(base, file_name: str, split_name: str) -> Split:

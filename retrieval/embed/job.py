@@ -91,11 +91,10 @@ class EmbedSource:
 def source_from_dataset(ds: Any) -> EmbedSource:
     """What `retrieval index` embeds: the gallery (test split for all-vs-all) and, for query/gallery datasets,
     the stored queries, so an index built from the parts evaluates like one built directly."""
-
-    from retrieval.search.filters import split_attributes
+    from retrieval.data import item_attributes
 
     def role(name: str, split: Any) -> RoleItems:
-        attributes = split_attributes(ds.name, ds.root, split)
+        attributes = item_attributes(ds, split)
         return RoleItems(name, split.name, [os.path.abspath(p) for p in split.paths], [int(v) for v in split.labels],
                          [split.item_id(i) for i in range(len(split.paths))], attributes if any(attributes) else None)
 

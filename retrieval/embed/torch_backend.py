@@ -11,18 +11,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from retrieval.devices import torch_device
 from retrieval.images import open_image
 from retrieval.model import Embedder, model_fingerprint
 from retrieval.embed.preprocess import Preprocessing, preprocess_batch, preprocess_eval
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """The device named, or for "auto" the first CUDA device when there is one, else the CPU."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class _EvalImages(Dataset):
@@ -57,7 +49,7 @@ class TorchBackend:
         amp_dtype: torch.dtype | str | None = "auto",
         channels_last: bool = False,
     ) -> None:
-        self.torch_device = resolve_device(device)
+        self.torch_device = torch_device(device)
         self.model = model.to(self.torch_device).eval()
         self.preprocessing = preprocessing
         self._fingerprint = fingerprint

@@ -195,10 +195,10 @@ def add_images(
 
 
 def _items_with_attributes(dataset: Any, split: Any) -> ItemTable:
-    from retrieval.search.filters import split_attributes
+    from retrieval.data import item_attributes
 
     items = ItemTable.from_split(split)
-    items.attributes = split_attributes(dataset.name, dataset.root, split)
+    items.attributes = item_attributes(dataset, split)
     return items
 
 

@@ -20,6 +20,7 @@ import faiss
 import numpy as np
 
 from retrieval.config import IndexConfig
+from retrieval.devices import faiss_gpu_available
 from retrieval.index.errors import IndexBuildError, IndexFileError
 from retrieval.index.types import INDEX_TYPES, MIN_POINTS_PER_CENTROID, IndexParams, index_type
 
@@ -103,13 +104,6 @@ def configure_search(index: faiss.Index, params: IndexParams) -> None:
             down.k_factor = float(params.refine_factor)
 
 
-def gpu_available() -> bool:
-    try:
-        return faiss.get_num_gpus() > 0
-    except AttributeError:  # a CPU-only FAISS build
-        return False
-
-
 def _gpu_supported(params: IndexParams) -> tuple[bool, str]:
     if params.kind.gpu_unsupported:
         return False, params.kind.gpu_unsupported
@@ -146,7 +140,7 @@ def to_search_device(cpu_index: faiss.Index, params: IndexParams, use_gpu: bool)
     The returned object has `.search(x, k)`; for GPU clones it keeps its resources alive.
     """
     configure_search(cpu_index, params)
-    if not use_gpu or not gpu_available() or not _gpu_supported(params)[0]:
+    if not use_gpu or not faiss_gpu_available() or not _gpu_supported(params)[0]:
         return cpu_index, "cpu"
     try:
         gpu = GpuIndex(cpu_index, params)
@@ -171,7 +165,7 @@ def build_faiss_index(
     work = cpu_index
     if cpu_index.is_trained:
         pass  # flat / HNSW: nothing to train, adding is a copy (HNSW has no GPU version)
-    elif use_gpu and gpu_available():
+    elif use_gpu and faiss_gpu_available():
         ok, why = _gpu_supported(params)
         if ok:
             try:

@@ -1,6 +1,7 @@
 """Item attributes and exact metadata filters inside the FAISS search.
 
-Items carry string attributes from their dataset, stored in the index folder's item table:
+Items carry string attributes from their dataset (each dataset's rule in the retrieval.data registry),
+stored in the index folder's item table:
 
     inshop, demo   gender, category      from the image path (img/WOMEN/Dresses/id_.../...)
     sop            super_category        from the image folder (bicycle_final/... -> bicycle)
@@ -16,9 +17,7 @@ from an unfiltered result). Filtered searches run on the CPU index: FAISS GPU in
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import faiss
@@ -33,51 +32,7 @@ class FilterError(UsageError):
     """A filter that cannot be applied (bad syntax, unknown attribute); the message says what exists."""
 
 
-# --- attributes of a dataset's items ----------------------------------------------------------------
-
-
-def _inshop(parts: Sequence[str], item_id: str) -> dict[str, str]:
-    # <root>/Img/img/WOMEN/Dresses/id_00000002/02_1_front.jpg (demo: img/DEMO/<family>/<item>/...)
-    if "img" in parts:
-        i = len(parts) - 1 - parts[::-1].index("img")
-        rest = parts[i + 1 :]
-        if len(rest) >= 3:
-            return {"gender": rest[0], "category": rest[1]}
-    return {}
-
-
-def _sop(parts: Sequence[str], item_id: str) -> dict[str, str]:
-    return {"super_category": parts[0].removesuffix("_final")} if len(parts) >= 2 else {}
-
-
-def _folder(parts: Sequence[str], item_id: str) -> dict[str, str]:
-    return {"folder": "/".join(parts[:-1])} if len(parts) >= 2 else {}
-
-
-def _class(parts: Sequence[str], item_id: str) -> dict[str, str]:
-    return {"class": item_id}
-
-
-ATTRIBUTE_RULES = {"inshop": _inshop, "demo": _inshop, "sop": _sop, "folder": _folder, "cub": _class, "cars": _class}
-
-
-def split_attributes(dataset_name: str, root: str | os.PathLike[str], split: Any) -> list[dict[str, str]]:
-    """Attributes of each image of `split` (a retrieval.data Split) by the dataset's rule; {} where none."""
-    rule = ATTRIBUTE_RULES.get(dataset_name)
-    if rule is None:
-        return [{} for _ in split.paths]
-    base = Path(os.path.abspath(root))
-    out = []
-    for i, path in enumerate(split.paths):
-        path = Path(os.path.abspath(path))
-        try:
-            parts = path.relative_to(base).parts
-        except ValueError:
-            parts = path.parts[-4:]
-        if dataset_name in ("inshop", "demo") and parts[:1] == ("Img",):
-            parts = parts[1:]
-        out.append(rule(parts, split.item_id(i)))
-    return out
+# --- attribute values --------------------------------------------------------------------------------
 
 
 def attribute_values(attributes: Sequence[Mapping[str, str]]) -> dict[str, list[str]]:
