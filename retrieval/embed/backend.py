@@ -30,6 +30,10 @@ class EmbeddingBackend(Protocol):
         """RGB PIL images -> (N, D) float32, L2-normalised."""
         ...
 
+    def runtime_versions(self) -> dict[str, str]:
+        """The runtime's library versions ({"torch": ...}), recorded with what it embeds."""
+        ...
+
     def embed_paths(
         self, paths: Sequence[str | os.PathLike[str]], batch_size: int = 64, progress: bool = True
     ) -> np.ndarray:

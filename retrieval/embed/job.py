@@ -27,6 +27,7 @@ from retrieval.embed.backend import EmbeddingBackend
 from retrieval.embed.spec import embedder_record
 from retrieval.errors import UsageError
 from retrieval.images import ImageLoadError, open_image
+from retrieval.versions import software_versions
 from retrieval.embed.parts import (
     DTYPES,
     MANIFEST_FILE,
@@ -171,12 +172,6 @@ def _plan_hash(r: RoleItems, data_root: str | None) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _backend_versions(backend: EmbeddingBackend) -> dict[str, str]:
-    from retrieval.index.build import _versions
-
-    return _versions(backend)
-
-
 def open_job(out: str | os.PathLike[str], source: EmbedSource, backend: EmbeddingBackend,
              options: EmbedOptions) -> EmbeddingsFolder:
     """Write the manifest of a new job, or check that the folder's job is this one (resume).
@@ -201,7 +196,7 @@ def open_job(out: str | os.PathLike[str], source: EmbedSource, backend: Embeddin
         "source": source.describe(),
         "data_root": source.data_root,
         "splits": splits,
-        "versions": _backend_versions(backend),
+        "versions": {**software_versions(), **backend.runtime_versions()},
         "complete": False,
     }
     if (out / MANIFEST_FILE).is_file():

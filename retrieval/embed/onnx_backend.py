@@ -228,6 +228,11 @@ class OnnxBackend:
         self.batch_size: int | None = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
         self.workers = max(0, int(workers))
 
+    def runtime_versions(self) -> dict[str, str]:
+        import onnxruntime
+
+        return {"onnxruntime": onnxruntime.__version__}
+
     def __repr__(self) -> str:
         return f"OnnxBackend({str(self.model_path)!r}, device={self.device!r}, fingerprint={self.fingerprint!r})"
 

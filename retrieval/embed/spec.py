@@ -76,7 +76,7 @@ class EmbedderSpec:
                 return None
             backend = "onnx" if model is not None else "torch"
         kind = next(k for k in KINDS.values() if k.takes_path and k.backend == backend)
-        path = model if kind.name == "onnx" else checkpoint
+        path = {"checkpoint": checkpoint, "model": model}[kind.option]
         if path is None:
             raise UsageError(f"the {backend} backend needs {kind.needs}")
         return cls(kind.name, str(Path(path).expanduser().resolve()))
@@ -111,7 +111,9 @@ class EmbedderSpec:
         return {"kind": self.kind, "path": self.path}
 
     def describe(self) -> str:
-        return f"untrained {self.arch} (seed {self.seed})" if self.kind == "untrained" else f"{self.kind} {self.path}"
+        """What an index was built from, as messages say it: "checkpoint /runs/x/best.pt"."""
+        kind = KINDS[self.kind]
+        return f"{kind.label} {self.path}" if kind.takes_path else f"{kind.label} ({kind.flag})"
 
 
 def open_embedder(spec: EmbedderSpec, device: str = "auto", providers: Sequence[object] | None = None) -> EmbeddingBackend:
@@ -181,6 +183,8 @@ class EmbedderKind:
     name: str  # the record's "kind"
     backend: str  # what runs it ("torch" | "onnx"): the value of --backend
     takes_path: bool
+    option: str  # the command-line value that carries its path ("checkpoint" | "model"; "" without a path)
+    label: str  # what it is, in messages
     flag: str  # how a user passes it
     needs: str  # what --backend BACKEND without its file is told
     open: Callable[[EmbedderSpec, str, Sequence[object] | None], EmbeddingBackend]
@@ -188,12 +192,13 @@ class EmbedderKind:
 
 KINDS: dict[str, EmbedderKind] = {
     "checkpoint": EmbedderKind(
-        "checkpoint", "torch", True, "--checkpoint CKPT",
+        "checkpoint", "torch", True, "checkpoint", "checkpoint", "--checkpoint CKPT",
         "--checkpoint PATH (or use --backend onnx --model PATH.onnx)", _open_checkpoint),
     "onnx": EmbedderKind(
-        "onnx", "onnx", True, "--backend onnx --model MODEL.onnx",
+        "onnx", "onnx", True, "model", "ONNX model", "--backend onnx --model MODEL.onnx",
         "--model PATH.onnx (create one with `retrieval export --checkpoint CKPT --out model.onnx`)", _open_onnx),
-    "untrained": EmbedderKind("untrained", "torch", False, "--untrained", "--untrained", _open_untrained),
+    "untrained": EmbedderKind("untrained", "torch", False, "", "an untrained embedder", "--untrained", "--untrained",
+                              _open_untrained),
 }
 
 # values of --backend: "auto" plus every backend that runs a file

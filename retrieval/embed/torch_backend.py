@@ -75,6 +75,9 @@ class TorchBackend:
         model, _cfg, prep, fp = embedder_from_checkpoint(path)
         return cls(model, prep, device=device, fingerprint=fp, workers=workers)
 
+    def runtime_versions(self) -> dict[str, str]:
+        return {"torch": torch.__version__}
+
     @torch.inference_mode()
     def embed_tensor(self, batch: torch.Tensor) -> np.ndarray:
         """batch (B, 3, S, S) normalised -> (B, D) float32, L2-normalised."""

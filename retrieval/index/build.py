@@ -45,17 +45,9 @@ def list_images(sources: Sequence[str | os.PathLike[str]]) -> list[Path]:
     return found
 
 
-def _versions(backend: EmbeddingBackend) -> dict[str, str]:
-    versions = library_versions()
-    if backend.name == "torch":
-        import torch
-
-        versions["torch"] = torch.__version__
-    elif backend.name == "onnx":
-        import onnxruntime
-
-        versions["onnxruntime"] = onnxruntime.__version__
-    return versions
+def build_versions(backend: EmbeddingBackend) -> dict[str, str]:
+    """What an index or embeddings folder records about the software that made it."""
+    return {**library_versions(), **backend.runtime_versions()}
 
 
 # -- build / add -----------------------------------------------------------------------------------
@@ -121,7 +113,7 @@ def build_index(
         add_seconds=round(built.add_seconds, 3),
         build_seconds=round(time.perf_counter() - t_start, 3),
         created_at=now_iso(),
-        versions=_versions(backend),
+        versions=build_versions(backend),
         history=[{"action": "build", "items": len(gallery), "at": now_iso()}],
         **result.meta(),
         bad_images=bad_images,

@@ -21,6 +21,7 @@ import numpy as np
 
 from retrieval.config import IndexConfig
 from retrieval.devices import faiss_gpu_available
+from retrieval.versions import software_versions
 from retrieval.index.errors import IndexBuildError, IndexFileError
 from retrieval.index.types import INDEX_TYPES, MIN_POINTS_PER_CENTROID, IndexParams, index_type
 
@@ -281,9 +282,5 @@ def read_index(path: Path) -> faiss.Index:
 
 
 def library_versions() -> dict[str, str]:
-    import platform
-
-    import retrieval
-
-    return {"faiss": faiss.__version__, "numpy": np.__version__, "python": platform.python_version(),
-            "metrix-retrieval": retrieval.__version__}
+    """What an index records about the software that built it (the embedder's runtime is added by the build)."""
+    return software_versions("faiss")

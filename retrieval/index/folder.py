@@ -42,6 +42,7 @@ from retrieval.atomic import (
     read_json,
     swap_in_folder,
 )
+from retrieval.embed.spec import EmbedderSpec
 from retrieval.errors import UserError
 from retrieval.index.errors import IndexFileError
 from retrieval.index.faiss_index import (
@@ -241,14 +242,10 @@ class GalleryIndex:
         if normalisation != index_norm:
             problems.append(f"normalisation {normalisation} != {index_norm}")
         if problems:
-            source = self.meta.embedder_source
-            hint = ""
-            if source.get("kind") == "checkpoint":
-                hint = f" (built from checkpoint {source.get('path')})"
-            elif source.get("kind") == "onnx":
-                hint = f" (built from ONNX model {source.get('path')})"
-            elif source.get("kind") == "untrained":
-                hint = " (built with an untrained embedder, --untrained)"
+            try:
+                hint = f" (built from {EmbedderSpec.from_record(self.meta.embedder_source).describe()})"
+            except (ValueError, KeyError):  # built from vectors: no embedder recorded
+                hint = ""
             raise EmbedderMismatchError(
                 f"{what} does not match index {self.meta.folder}: " + "; ".join(problems) + ". "
                 f"The index was built with embedder {self.fingerprint}{hint}, {self.embedding_size}-d, {index_norm}; "
