@@ -7,16 +7,7 @@ from typing import Optional
 
 import typer
 
-from retrieval.cli.embedder_options import (
-    arch_option,
-    backend_option,
-    checkpoint_option,
-    embedder_spec,
-    embedding_size_option,
-    image_size_option,
-    model_option,
-    untrained_option,
-)
+from retrieval.cli import embedder_options as opts
 from retrieval.embed import ENGINES
 
 
@@ -27,13 +18,13 @@ def register(app: typer.Typer) -> None:
         dataset: Optional[str] = typer.Option(None, "--dataset", help="cub | cars | sop | inshop | folder | demo."),
         data_root: Optional[Path] = typer.Option(None, "--data-root", help="The dataset's folder (official layout)."),
         out: Path = typer.Option(..., "--out", help="Embeddings folder (created, or resumed when it exists)."),
-        checkpoint: Optional[Path] = checkpoint_option(),
-        backend: str = backend_option(),
-        model: Optional[Path] = model_option(),
-        untrained: bool = untrained_option(),
-        arch: str = arch_option(),
-        embedding_size: int = embedding_size_option(),
-        image_size: int = image_size_option(),
+        checkpoint: Optional[Path] = opts.checkpoint_option(),
+        backend: str = opts.backend_option(),
+        model: Optional[Path] = opts.model_option(),
+        untrained: bool = opts.untrained_option(),
+        arch: str = opts.arch_option(),
+        embedding_size: int = opts.embedding_size_option(),
+        image_size: int = opts.image_size_option(),
         seed: int = typer.Option(0, "--seed", help="With --untrained: initialisation seed."),
         device: str = typer.Option("auto", "--device", help="Local engine: auto | cpu | cuda[:N]."),
         batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
@@ -67,7 +58,7 @@ def register(app: typer.Typer) -> None:
             fail("pass either --dataset NAME --data-root PATH or image files/folders, not both")
         if dataset is not None and data_root is None:
             fail("--dataset needs --data-root PATH")
-        spec = embedder_spec(backend, checkpoint, model, untrained=untrained, arch=arch,
+        spec = opts.embedder_spec(backend, checkpoint, model, untrained=untrained, arch=arch,
                              embedding_size=embedding_size, image_size=image_size, seed=seed)
         assert spec is not None
         from retrieval.embed.spec import open_embedder

@@ -7,16 +7,7 @@ from typing import Optional
 
 import typer
 
-from retrieval.cli.embedder_options import (
-    arch_option,
-    backend_option,
-    checkpoint_option,
-    embedder_spec,
-    embedding_size_option,
-    image_size_option,
-    model_option,
-    untrained_option,
-)
+from retrieval.cli import embedder_options as opts
 from retrieval.index.types import INDEX_TYPES
 
 
@@ -40,13 +31,13 @@ def register(app: typer.Typer) -> None:
             help="Also store each gallery item's N nearest neighbours (needed by --rerank dba); with only --out, "
                  "add them to an existing index.",
         ),
-        checkpoint: Optional[Path] = checkpoint_option(),
-        backend: str = backend_option(),
-        model: Optional[Path] = model_option(),
-        untrained: bool = untrained_option(),
-        arch: str = arch_option(),
-        embedding_size: int = embedding_size_option(),
-        image_size: int = image_size_option(),
+        checkpoint: Optional[Path] = opts.checkpoint_option(),
+        backend: str = opts.backend_option(),
+        model: Optional[Path] = opts.model_option(),
+        untrained: bool = opts.untrained_option(),
+        arch: str = opts.arch_option(),
+        embedding_size: int = opts.embedding_size_option(),
+        image_size: int = opts.image_size_option(),
         seed: int = typer.Option(0, "--seed", help="With --untrained: initialisation seed; also IVF training sample."),
         index_type: str = typer.Option("auto", "--index-type", help=f"auto | {' | '.join(INDEX_TYPES)}."),
         nlist: int = typer.Option(0, "--nlist", min=0, help="IVF lists (0 = about 4 sqrt(N))."),
@@ -116,7 +107,7 @@ def register(app: typer.Typer) -> None:
             if out is None:
                 fail("--add needs --out DIR (the index to add to)")
             assert out is not None
-            _add(console, out, add, embedder_spec(backend, checkpoint, model, required=False), device, batch_size,
+            _add(console, out, add, opts.embedder_spec(backend, checkpoint, model, required=False), device, batch_size,
                  strict, max_bad_fraction)
             return
         cfg = IndexConfig(index_type=index_type, nlist=nlist, pq_m=pq_m, pq_nbits=pq_nbits, hnsw_m=hnsw_m,
@@ -139,7 +130,7 @@ def register(app: typer.Typer) -> None:
         if dataset is None or data_root is None:
             fail("pass --dataset and --data-root (or --add IMAGES --out DIR to extend an index)")
         assert dataset is not None and data_root is not None
-        spec = embedder_spec(backend, checkpoint, model, untrained=untrained, arch=arch,
+        spec = opts.embedder_spec(backend, checkpoint, model, untrained=untrained, arch=arch,
                              embedding_size=embedding_size, image_size=image_size, seed=seed)
         assert spec is not None
         out = out or Path("indexes") / dataset

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from retrieval.cli.embedder_options import backend_option, checkpoint_option, embedder_spec, model_option
+from retrieval.cli import embedder_options as opts
 
 
 def register(app: typer.Typer) -> None:
@@ -17,9 +17,9 @@ def register(app: typer.Typer) -> None:
         index: Path = typer.Option(..., "--index", help="Index folder written by `retrieval index`."),
         k: int = typer.Option(10, "-k", "--k", min=1, help="Results per query."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
-        checkpoint: Optional[Path] = checkpoint_option(recorded=True),
-        backend: str = backend_option(),
-        model: Optional[Path] = model_option(),
+        checkpoint: Optional[Path] = opts.checkpoint_option(recorded=True),
+        backend: str = opts.backend_option(),
+        model: Optional[Path] = opts.model_option(),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N] (embedding and FAISS)."),
         data_root: Optional[Path] = typer.Option(
             None, "--data-root", help="Where the dataset is now, if it moved since the index was built."
@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
         from retrieval.search.searcher import Searcher, hits_as_json
 
         console = Console()
-        spec = embedder_spec(backend, checkpoint, model, required=False)
+        spec = opts.embedder_spec(backend, checkpoint, model, required=False)
         searcher = Searcher.open(index, spec, device=device, data_root=data_root)
         from retrieval.index.calibrate import override_search_params
         from retrieval.errors import UsageError

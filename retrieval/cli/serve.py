@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from retrieval.cli.embedder_options import backend_option, checkpoint_option, embedder_spec, model_option
+from retrieval.cli import embedder_options as opts
 
 
 def register(app: typer.Typer) -> None:
@@ -17,9 +17,9 @@ def register(app: typer.Typer) -> None:
         host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; 0.0.0.0 exposes the app to your network."),
         port: Optional[int] = typer.Option(None, "--port", help="TCP port (default 7860, or a free one if taken)."),
         share: bool = typer.Option(False, "--share", help="Also open a public gradio.live link (off by default)."),
-        backend: Optional[str] = backend_option(default=None),
-        model: Optional[Path] = model_option(),
-        checkpoint: Optional[Path] = checkpoint_option(recorded=True),
+        backend: Optional[str] = opts.backend_option(default=None),
+        model: Optional[Path] = opts.model_option(),
+        checkpoint: Optional[Path] = opts.checkpoint_option(recorded=True),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         data_root: Optional[Path] = typer.Option(
             None, "--data-root", help="Where the dataset is now, if it moved since the index was built."
@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
         from retrieval.search.searcher import Searcher
 
         console = Console()
-        spec = embedder_spec(backend, checkpoint, model, required=False)
+        spec = opts.embedder_spec(backend, checkpoint, model, required=False)
         searcher = Searcher.open(index, spec, device=device, data_root=data_root)
         embedder = searcher.backend
         running = launch(searcher, host=host, port=port, share=share, block=False, index_dir=index,
