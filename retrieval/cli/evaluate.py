@@ -41,7 +41,6 @@ def register(app: typer.Typer) -> None:
 
         from rich.console import Console
         from rich.markup import escape
-        from rich.table import Table
 
         from retrieval.errors import UsageError
         from retrieval.search.searcher import Searcher
@@ -90,27 +89,35 @@ def register(app: typer.Typer) -> None:
                 payload["analysis"] = report
             typer.echo(json.dumps(payload, indent=2))
             return
-        names = [key for key in result if not key.startswith(("exact ", "diff "))]
-        approximate = any(key.startswith("exact ") for key in result)
-        table = Table(title=f"{escape(str(index))}: {meta.dataset} ({meta.protocol}), "
-                            f"{meta.n_items:,} items, {meta.index_factory}", title_justify="left")
-        table.add_column("metric")
-        table.add_column("index %", justify="right")
-        if approximate:
-            table.add_column("exact %", justify="right")
-            table.add_column("diff (points)", justify="right")
-        for key in names:
-            row = [key, f"{100 * result[key]:.2f}"]
-            if approximate:
-                row += [f"{100 * result['exact ' + key]:.2f}", f"{100 * result['diff ' + key]:+.2f}"]
-            table.add_row(*row)
-        console.print(table)
+        _print_metrics_table(console, index, meta, result)
         console.print(f"search on {escape(searcher.devices['index'])}")
         console.print(f"search setting: {escape(search_setting_text(meta, searcher.index.params))}")
         if report is not None:
             from retrieval.cli.analysis_table import analysis_table
 
             console.print(analysis_table(report))
+
+
+def _print_metrics_table(console, index, meta, result) -> None:  # type: ignore[no-untyped-def]
+    """Index metrics, and for approximate indexes the exact search's and the difference beside them."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    names = [key for key in result if not key.startswith(("exact ", "diff "))]
+    approximate = any(key.startswith("exact ") for key in result)
+    table = Table(title=f"{escape(str(index))}: {meta.dataset} ({meta.protocol}), "
+                        f"{meta.n_items:,} items, {meta.index_factory}", title_justify="left")
+    table.add_column("metric")
+    table.add_column("index %", justify="right")
+    if approximate:
+        table.add_column("exact %", justify="right")
+        table.add_column("diff (points)", justify="right")
+    for key in names:
+        row = [key, f"{100 * result[key]:.2f}"]
+        if approximate:
+            row += [f"{100 * result['exact ' + key]:.2f}", f"{100 * result['diff ' + key]:+.2f}"]
+        table.add_row(*row)
+    console.print(table)
 
 
 def _print_rerank_table(console, index, meta, method, before, after) -> None:  # type: ignore[no-untyped-def]
