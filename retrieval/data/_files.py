@@ -7,10 +7,10 @@ expected layout, so a user can fix the folder without reading the code.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from retrieval.data.base import DatasetLayoutError
+from retrieval.data.base import DatasetLayoutError, RetrievalDataset, Split
 
 
 def layout_error(dataset: str, problem: str, layout: str) -> DatasetLayoutError:
@@ -70,3 +70,30 @@ def dense_labels(raw: Sequence[int | str]) -> tuple[tuple[int, ...], list[int | 
     classes = sorted(set(raw))
     index = {c: i for i, c in enumerate(classes)}
     return tuple(index[r] for r in raw), classes
+
+
+def split_by_class(
+    name: str,
+    base: Path,
+    images: Iterator[tuple[Path, int, str]],
+    num_train_classes: int,
+    num_classes: int,
+    layout: str,
+    recall_ks: tuple[int, ...],
+    where: str = "",
+) -> RetrievalDataset:
+    """CUB and Cars: (path, class 1..num_classes, item id) -> classes 1..num_train_classes train, the rest test,
+    evaluated all-vs-all. `where` prefixes the message when a split is empty (the annotation file)."""
+    parts: dict[str, tuple[list[Path], list[int], list[str]]] = {"train": ([], [], []), "test": ([], [], [])}
+    for path, cls, item in images:
+        paths, raw, items = parts["train" if cls <= num_train_classes else "test"]
+        paths.append(path)
+        raw.append(cls)
+        items.append(item)
+    ranges = {"train": f"1-{num_train_classes}", "test": f"{num_train_classes + 1}-{num_classes}"}
+    for split_name, (paths, _, _) in parts.items():
+        if not paths:
+            raise layout_error(name, f"{where}no {split_name} images (classes {ranges[split_name]})", layout)
+    check_images_exist((p for paths, _, _ in parts.values() for p in paths), name, layout)
+    splits = {s: Split(s, tuple(p), dense_labels(r)[0], tuple(i)) for s, (p, r, i) in parts.items()}
+    return RetrievalDataset(name, base, splits["train"], "all-vs-all", recall_ks, test=splits["test"])

@@ -9,12 +9,14 @@ model name from `class_names` (or the class number) is kept as the item id.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from retrieval.data._files import check_images_exist, dense_labels, layout_error, require_file, resolve_root
-from retrieval.data.base import RetrievalDataset, Split
+from retrieval.data._files import layout_error, require_file, resolve_root, split_by_class
+from retrieval.data.base import RetrievalDataset
 
 RECALL_KS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 NUM_TRAIN_CLASSES = 98  # classes 1..98 train, 99..196 test
@@ -60,22 +62,16 @@ def load_cars(root: str | os.PathLike[str]) -> RetrievalDataset:
                 class_names[i] = str(_scalar(cell))
             except ValueError:
                 pass
-    parts: dict[str, tuple[list, list[int], list[str]]] = {"train": ([], [], []), "test": ([], [], [])}
-    for i, record in enumerate(ann.reshape(-1)):
-        try:
-            rel = str(_scalar(record["relative_im_path"]))
-            cls = int(_scalar(record["class"]))
-        except (ValueError, TypeError) as exc:
-            raise layout_error(name, f"{mat_path}: annotation {i} is malformed ({exc})", LAYOUT) from exc
-        if not 1 <= cls <= 196:
-            raise layout_error(name, f"{mat_path}: annotation {i} has class {cls}, outside 1..196", LAYOUT)
-        paths, raw, items = parts["train" if cls <= NUM_TRAIN_CLASSES else "test"]
-        paths.append(base / rel)
-        raw.append(cls)
-        items.append(class_names.get(cls, str(cls)))
-    for split_name, (paths, _, _) in parts.items():
-        if not paths:
-            raise layout_error(name, f"{mat_path}: no {split_name} images (classes {'1-98' if split_name == 'train' else '99-196'})", LAYOUT)
-    check_images_exist((p for paths, _, _ in parts.values() for p in paths), name, LAYOUT)
-    splits = {s: Split(s, tuple(p), dense_labels(r)[0], tuple(i)) for s, (p, r, i) in parts.items()}
-    return RetrievalDataset(name, base, splits["train"], "all-vs-all", RECALL_KS, test=splits["test"])
+
+    def labelled() -> Iterator[tuple[Path, int, str]]:
+        for i, record in enumerate(ann.reshape(-1)):
+            try:
+                rel = str(_scalar(record["relative_im_path"]))
+                cls = int(_scalar(record["class"]))
+            except (ValueError, TypeError) as exc:
+                raise layout_error(name, f"{mat_path}: annotation {i} is malformed ({exc})", LAYOUT) from exc
+            if not 1 <= cls <= 196:
+                raise layout_error(name, f"{mat_path}: annotation {i} has class {cls}, outside 1..196", LAYOUT)
+            yield base / rel, cls, class_names.get(cls, str(cls))
+
+    return split_by_class(name, base, labelled(), NUM_TRAIN_CLASSES, 196, LAYOUT, RECALL_KS, where=f"{mat_path}: ")

@@ -8,9 +8,11 @@ folder name (e.g. `001.Black_footed_Albatross`) is kept as the item id for displ
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
-from retrieval.data._files import check_images_exist, dense_labels, layout_error, read_lines, resolve_root
-from retrieval.data.base import RetrievalDataset, Split
+from retrieval.data._files import layout_error, read_lines, resolve_root, split_by_class
+from retrieval.data.base import RetrievalDataset
 
 RECALL_KS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 NUM_TRAIN_CLASSES = 100  # classes 1..100 train, 101..200 test
@@ -41,23 +43,17 @@ def load_cub(root: str | os.PathLike[str]) -> RetrievalDataset:
     images = _two_columns(base / "images.txt", name)
     class_file = base / "image_class_labels.txt"
     classes = _two_columns(class_file, name)
-    parts: dict[str, tuple[list, list[int], list[str]]] = {"train": ([], [], []), "test": ([], [], [])}
-    for image_id, rel in images.items():
-        if image_id not in classes:
-            raise layout_error(name, f"{class_file} has no class for image id {image_id} ({rel})", LAYOUT)
-        try:
-            cls = int(classes[image_id])
-        except ValueError:
-            raise layout_error(name, f"{class_file}: class of image {image_id} is not a number", LAYOUT) from None
-        if not 1 <= cls <= 200:
-            raise layout_error(name, f"{class_file}: class {cls} of image {image_id} is outside 1..200", LAYOUT)
-        paths, raw, items = parts["train" if cls <= NUM_TRAIN_CLASSES else "test"]
-        paths.append(base / "images" / rel)
-        raw.append(cls)
-        items.append(rel.split("/")[0] if "/" in rel else str(cls))
-    for split_name, (paths, _, _) in parts.items():
-        if not paths:
-            raise layout_error(name, f"no {split_name} images (classes {'1-100' if split_name == 'train' else '101-200'})", LAYOUT)
-    check_images_exist((p for paths, _, _ in parts.values() for p in paths), name, LAYOUT)
-    splits = {s: Split(s, tuple(p), dense_labels(r)[0], tuple(i)) for s, (p, r, i) in parts.items()}
-    return RetrievalDataset(name, base, splits["train"], "all-vs-all", RECALL_KS, test=splits["test"])
+
+    def labelled() -> Iterator[tuple[Path, int, str]]:
+        for image_id, rel in images.items():
+            if image_id not in classes:
+                raise layout_error(name, f"{class_file} has no class for image id {image_id} ({rel})", LAYOUT)
+            try:
+                cls = int(classes[image_id])
+            except ValueError:
+                raise layout_error(name, f"{class_file}: class of image {image_id} is not a number", LAYOUT) from None
+            if not 1 <= cls <= 200:
+                raise layout_error(name, f"{class_file}: class {cls} of image {image_id} is outside 1..200", LAYOUT)
+            yield base / "images" / rel, cls, rel.split("/")[0] if "/" in rel else str(cls)
+
+    return split_by_class(name, base, labelled(), NUM_TRAIN_CLASSES, 200, LAYOUT, RECALL_KS)
