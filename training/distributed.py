@@ -11,7 +11,8 @@ the same global batch (tests/test_ddp.py checks it).
 
 Input-level Metrix mixes images, and an image can only be embedded by the rank that holds it, so at that
 level nothing is gathered: every rank computes the clean and mixed loss of its own share and DDP averages
-the gradients (documented in REPRODUCE.md).
+the gradients (documented in REPRODUCE.md). Each level's catalog entry says which it is (`global_batch` in
+training/catalog.py); the objective exposes it as `gathers_global_batch`.
 """
 
 from __future__ import annotations
@@ -186,11 +187,6 @@ class GatheredEmbedder(nn.Module):
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         """The embedding layer alone (feature-level Metrix projects pooled mixes with it)."""
         return self.model.project(pooled)  # type: ignore[operator]
-
-
-def gathers_global_batch(mixup_level: str) -> bool:
-    """Whether the loss sees the global batch in a multi-process run (every level but `input`)."""
-    return mixup_level != "input"
 
 
 def wrap_for_step(
