@@ -53,13 +53,14 @@ def run_ours(emb: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 
 def run_pml(emb: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    import torch
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    from retrieval.devices import torch_device
 
     calc = AccuracyCalculator(
         include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
         k="max_bin_count",
-        device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+        device=torch_device("auto"),
     )
     return calc.get_accuracy(emb, labels)
 

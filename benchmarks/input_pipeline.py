@@ -34,8 +34,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval.config import LossConfig, MixupConfig, ModelConfig, RunConfig  # noqa: E402
+from retrieval.devices import torch_device  # noqa: E402
 from retrieval.data.base import Split  # noqa: E402
 from retrieval.model import Embedder  # noqa: E402
+from training import catalog  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,7 +258,7 @@ def main(argv: Iterable[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds (median reported)")
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="DataLoader workers / cache writers")
     parser.add_argument("--decode-threads", type=int, default=4, help="file-reading threads of the GPU-decode loader")
-    parser.add_argument("--mixup", default="none", help="mixup level of the training step (none/embedding/feature/input)")
+    parser.add_argument("--mixup", default="none", help=f"mixup level of the training step ({'/'.join(catalog.level_names())})")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--keep", type=Path, default=None, help="write the dataset and cache here instead of a temp folder")
     parser.add_argument("--skip-train", action="store_true", help="measure input rates only")
@@ -268,7 +270,7 @@ def main(argv: Iterable[str] | None = None) -> None:
     from retrieval.data.cache.writer import prepare_split
 
     console = Console(width=max(Console().width, 132))
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = torch_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     tmp = tempfile.TemporaryDirectory(prefix="input-pipeline-") if args.keep is None else None

@@ -29,12 +29,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval.config import LossConfig, MixupConfig, ModelConfig, RunConfig  # noqa: E402
+from retrieval.devices import torch_device  # noqa: E402
 from retrieval.model import Embedder  # noqa: E402
+from training import catalog  # noqa: E402
 from training.metrix import resolve_max_pairs  # noqa: E402
 from training.objective import build_objective  # noqa: E402
 from training.step import GRAPH_WARMUP_STEPS, StepParts, build_step, set_optimizer_for_graphs  # noqa: E402
 
-LEVELS = ("none", "embedding", "feature", "input")
+LEVELS = catalog.level_names()
 VARIANTS = (*LEVELS, "feature:torch")  # feature:torch = feature level with the PyTorch pooling path
 TARGETS = {"embedding": 0.95, "feature": 0.90, "feature:torch": 0.90}
 MODES = ("eager", "compiled", "graphs", "both")
@@ -84,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant and round")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant before the first round")
     parser.add_argument("--rounds", type=int, default=1, help="alternate the variants this many times; report the median")
-    parser.add_argument("--loss", default="ms", choices=["contrastive", "ms", "pa", "all"])
+    parser.add_argument("--loss", default=catalog.DEFAULT_LOSS, choices=[*catalog.loss_names(), "all"])
     parser.add_argument("--levels", default=",".join(LEVELS),
-                        help="comma-separated subset of none,embedding,feature,input,feature:torch (the feature "
+                        help=f"comma-separated subset of {','.join(VARIANTS)} (feature:torch: the feature "
                              "level with the PyTorch pooling instead of the fused kernels)")
     parser.add_argument("--classes", type=int, default=100, help="classes the synthetic labels are drawn from")
     parser.add_argument("--per-class", type=int, default=0, help="0: random labels; K > 0: class-balanced batches of K per class")
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     args = parser.parse_args(argv)
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = torch_device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     for lv in levels:
         if lv not in VARIANTS:
             parser.error(f"unknown level {lv!r}; choose from {VARIANTS}")
-    losses = ["contrastive", "ms", "pa"] if args.loss == "all" else [args.loss]
+    losses = list(catalog.loss_names()) if args.loss == "all" else [args.loss]
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name} | torch {torch.__version__} | {args.arch} batch {args.batch} at {args.size}px | "

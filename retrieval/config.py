@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Callable, Literal, TypeVar
 
-from retrieval.errors import ConfigError, UsageError
-
-LossName = Literal["contrastive", "ms", "pa"]
-MixupLevel = Literal["none", "input", "feature", "embedding"]
+from retrieval.errors import ConfigError
+from training import catalog
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -56,7 +54,7 @@ class ModelConfig:
 class LossConfig:
     """Which pair loss and its hyper-parameters (defaults: the values behind the paper's numbers)."""
 
-    name: str = "ms"
+    name: str = catalog.DEFAULT_LOSS  # a name from training.catalog.LOSSES
     # contrastive
     pos_margin: float = 0.0
     neg_margin: float = 0.5
@@ -74,7 +72,7 @@ class LossConfig:
 class MixupConfig:
     """Metrix: what is mixed, how strongly, and how much it weighs in the objective."""
 
-    level: str = "none"  # none | input | feature | embedding
+    level: str = "none"  # a name from training.catalog.LEVELS
     alpha: float = 2.0  # lam ~ Beta(alpha, alpha)
     weight: float = 0.4  # w in  E = clean + w * mixed
     lam_per: Literal["batch", "pair"] = "batch"
@@ -214,29 +212,44 @@ def paper_train_preset(dataset: str, loss: str, mixup_level: str = "none") -> Tr
 
     Each value is the official README command's (or, where a flag is absent, main.py's default); REPRODUCE.md
     lists the source of every cell. Metrix cells of MS/PA other than CUB use their baseline's values, as the
-    README says.
+    README says. A cell without published values (folder, demo, a loss without a recipe) gets a short schedule.
     """
-    mixed = mixup_level != "none"
-    if loss == "contrastive":
-        if dataset in _SMALL:
-            return TrainConfig(epochs=60, lr=1e-4, lr_step=10, lr_gamma=0.1, warmup_epochs=5, freeze_bn=True)
-        if dataset == "sop":  # the Metrix command drops --bn_freeze 0: BatchNorm frozen there
-            return TrainConfig(epochs=60, lr=3e-5, lr_step=10, lr_gamma=0.25, warmup_epochs=5, freeze_bn=mixed)
-        if dataset == "inshop" and not mixed:
-            return TrainConfig(epochs=60, lr=3e-5, lr_step=5, lr_gamma=0.25, warmup_epochs=1, freeze_bn=False)
-        if dataset == "inshop":
-            return TrainConfig(epochs=60, lr=1e-4, lr_step=10, lr_gamma=0.25, warmup_epochs=5, freeze_bn=True)
-    elif loss in ("ms", "pa"):
-        if dataset == "cub" and mixed:
-            return TrainConfig(epochs=100, lr=1e-4, lr_step=10, lr_gamma=0.5, warmup_epochs=5, freeze_bn=True)
-        if dataset in _SMALL:
-            return TrainConfig(epochs=60, lr=1e-4, lr_step=5, lr_gamma=0.5, warmup_epochs=5, freeze_bn=True)
-        if dataset in _LARGE:
-            return TrainConfig(epochs=60, lr=6e-4, lr_step=20, lr_gamma=0.25, warmup_epochs=1, freeze_bn=False)
-    else:
-        raise UsageError(f"unknown loss {loss!r}; choose contrastive, ms or pa")
+    catalog.loss(loss)  # refuses a loss the catalog does not list
+    recipe = _PAPER_TRAIN_RECIPES.get(loss)
+    cell = recipe(dataset, catalog.level(mixup_level).mixes) if recipe is not None else None
     # folder / demo: a short schedule that suits small custom data and trains the BN statistics.
-    return TrainConfig(epochs=20, lr=1e-4, lr_step=10, lr_gamma=0.5, warmup_epochs=1, freeze_bn=False)
+    return cell or TrainConfig(epochs=20, lr=1e-4, lr_step=10, lr_gamma=0.5, warmup_epochs=1, freeze_bn=False)
+
+
+def _contrastive_recipe(dataset: str, mixed: bool) -> TrainConfig | None:
+    if dataset in _SMALL:
+        return TrainConfig(epochs=60, lr=1e-4, lr_step=10, lr_gamma=0.1, warmup_epochs=5, freeze_bn=True)
+    if dataset == "sop":  # the Metrix command drops --bn_freeze 0: BatchNorm frozen there
+        return TrainConfig(epochs=60, lr=3e-5, lr_step=10, lr_gamma=0.25, warmup_epochs=5, freeze_bn=mixed)
+    if dataset == "inshop" and not mixed:
+        return TrainConfig(epochs=60, lr=3e-5, lr_step=5, lr_gamma=0.25, warmup_epochs=1, freeze_bn=False)
+    if dataset == "inshop":
+        return TrainConfig(epochs=60, lr=1e-4, lr_step=10, lr_gamma=0.25, warmup_epochs=5, freeze_bn=True)
+    return None
+
+
+def _similarity_recipe(dataset: str, mixed: bool) -> TrainConfig | None:
+    """Multi-similarity and proxy-anchor share their recipe."""
+    if dataset == "cub" and mixed:
+        return TrainConfig(epochs=100, lr=1e-4, lr_step=10, lr_gamma=0.5, warmup_epochs=5, freeze_bn=True)
+    if dataset in _SMALL:
+        return TrainConfig(epochs=60, lr=1e-4, lr_step=5, lr_gamma=0.5, warmup_epochs=5, freeze_bn=True)
+    if dataset in _LARGE:
+        return TrainConfig(epochs=60, lr=6e-4, lr_step=20, lr_gamma=0.25, warmup_epochs=1, freeze_bn=False)
+    return None
+
+
+# The published recipes, per loss of training.catalog.LOSSES that has one: (dataset, mixes) -> values or None.
+_PAPER_TRAIN_RECIPES: dict[str, Callable[[str, bool], TrainConfig | None]] = {
+    "contrastive": _contrastive_recipe,
+    "ms": _similarity_recipe,
+    "pa": _similarity_recipe,
+}
 
 
 def paper_mixup_preset(dataset: str, loss: str, mixup_level: str) -> MixupConfig:
@@ -270,7 +283,7 @@ def demo_run_config() -> RunConfig:
     )
 
 
-def preset(dataset: str, loss: str = "ms", mixup_level: str = "none") -> RunConfig:
+def preset(dataset: str, loss: str = catalog.DEFAULT_LOSS, mixup_level: str = "none") -> RunConfig:
     """The full run configuration for a dataset x loss x mixup cell."""
     if dataset == "demo":
         cfg = demo_run_config()

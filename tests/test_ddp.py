@@ -62,7 +62,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
-    from training.distributed import all_gather_no_grad, cleanup_distributed, gathers_global_batch, init_distributed
+    from training.distributed import all_gather_no_grad, cleanup_distributed, init_distributed
     from training.distributed import wrap_for_step
 
     info = init_distributed("cpu")
@@ -72,7 +72,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             cfg, model, objective, images, labels = _case_setup(loss, level)
             share = GLOBAL_BATCH // WORLD
             local_images, local_labels = images[rank * share:(rank + 1) * share], labels[rank * share:(rank + 1) * share]
-            gather = gathers_global_batch(level)
+            gather = objective.gathers_global_batch
             step_model = wrap_for_step(model, objective, info, gather=gather)
             loss_labels = all_gather_no_grad(local_labels) if gather else local_labels
             out = objective(step_model, local_images, loss_labels, generator=torch.Generator().manual_seed(0))

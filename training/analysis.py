@@ -16,7 +16,7 @@ random image of another class of the same batch, lam ~ Beta(alpha, alpha) per pa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -25,9 +25,8 @@ from torch.utils.data import DataLoader
 from retrieval.data.base import Split
 from retrieval.errors import UsageError
 from retrieval.metrics import embedding_geometry, utilization
+from training import catalog
 from training.metrix import MixedTargets, mix_embeddings, mix_images, mixed_pool, sample_beta
-
-MIX_LEVELS = ("input", "feature", "embedding")
 
 
 @dataclass
@@ -37,6 +36,31 @@ class TrainingEmbeddings:
     clean: np.ndarray
     mixed: np.ndarray
     level: str
+
+
+def _mixed_features(model: torch.nn.Module, images: torch.Tensor, fmap: torch.Tensor, emb: torch.Tensor,
+                    targets: MixedTargets) -> torch.Tensor:
+    return model.project(mixed_pool(fmap, targets, fused=False))
+
+
+def _mixed_embeddings(model: torch.nn.Module, images: torch.Tensor, fmap: torch.Tensor, emb: torch.Tensor,
+                      targets: MixedTargets) -> torch.Tensor:
+    return mix_embeddings(emb, targets)
+
+
+def _mixed_images(model: torch.nn.Module, images: torch.Tensor, fmap: torch.Tensor, emb: torch.Tensor,
+                  targets: MixedTargets) -> torch.Tensor:
+    return model(mix_images(images, targets))
+
+
+# The embeddings of a batch's mixes, per level that mixes in training.catalog.LEVELS, from the model, the
+# images, their feature maps and clean embeddings (tests/test_catalog.py checks they match).
+TRAINING_MIXES: dict[str, Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, MixedTargets],
+                                   torch.Tensor]] = {
+    "input": _mixed_images,
+    "feature": _mixed_features,
+    "embedding": _mixed_embeddings,
+}
 
 
 def _collate(items: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,8 +94,9 @@ def embed_training_split(
     from retrieval.data.loading import ImageDataset
     from retrieval.data.transforms import eval_transform
 
-    if level not in MIX_LEVELS:
-        raise UsageError(f"--mix-level {level!r}: choose one of {', '.join(MIX_LEVELS)}")
+    if level not in TRAINING_MIXES:
+        raise UsageError(f"--mix-level {level!r}: choose one of {', '.join(catalog.mixing_level_names())}")
+    mixed_embeddings = TRAINING_MIXES[level]
     device = torch.device(device)
     order = torch.Generator().manual_seed(seed)
     loader = DataLoader(ImageDataset(split, eval_transform(resize_size, image_size)), batch_size=batch_size,
@@ -92,12 +117,7 @@ def embed_training_split(
         clean.append(emb.float().cpu())
         if not len(first):
             continue
-        if level == "feature":
-            mixed.append(model.project(mixed_pool(fmap, targets, fused=False)).float().cpu())
-        elif level == "embedding":
-            mixed.append(mix_embeddings(emb, targets).float().cpu())
-        else:
-            mixed.append(model(mix_images(images, targets)).float().cpu())
+        mixed.append(mixed_embeddings(model, images, fmap, emb, targets).float().cpu())
     dim = model.embedding_size
     as_array = lambda parts: torch.cat(parts).numpy() if parts else np.zeros((0, dim), np.float32)  # noqa: E731
     return TrainingEmbeddings(as_array(clean), as_array(mixed), level)
@@ -154,7 +174,7 @@ def analyse_index(
     if not root:
         raise UsageError("the index records no dataset folder; pass --data-root")
     dataset = load_dataset(meta.dataset, root)
-    level = mix_level or (cfg.mixup.level if cfg.mixup.level != "none" else "feature")
+    level = mix_level or (cfg.mixup.level if catalog.level(cfg.mixup.level).mixes else catalog.DEFAULT_LEVEL)
     run_device = torch_device(device)
     train = embed_training_split(
         model, dataset.train, level=level, image_size=prep.image_size, resize_size=prep.resize_size,
@@ -168,4 +188,4 @@ def analyse_index(
 
 
 __all__ = ["TrainingEmbeddings", "embed_training_split", "utilization_report", "index_test_embeddings",
-           "analyse_index", "other_class_partners", "MIX_LEVELS"]
+           "analyse_index", "other_class_partners", "TRAINING_MIXES"]

@@ -11,7 +11,8 @@ the same global batch (tests/test_ddp.py checks it).
 
 Input-level Metrix mixes images, and an image can only be embedded by the rank that holds it, so at that
 level nothing is gathered: every rank computes the clean and mixed loss of its own share and DDP averages
-the gradients (documented in REPRODUCE.md).
+the gradients (documented in REPRODUCE.md). Each level's catalog entry says which it is (`global_batch` in
+training/catalog.py); the objective exposes it as `gathers_global_batch`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from retrieval.devices import torch_device
 
 
 @dataclass(frozen=True)
@@ -46,25 +49,12 @@ class DistInfo:
         return self.rank == 0
 
 
-def resolve_train_device(device: str, local_rank: int = 0) -> torch.device:
-    """'auto' -> this rank's GPU when CUDA is available, else CPU; an explicit 'cuda' picks the local GPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} requested but CUDA is not available; pass --device cpu")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank)
-    return dev
-
-
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group torchrun describes in the environment (NCCL on GPU, gloo on CPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_train_device(device, local_rank)
+    dev = torch_device(device, local_rank)  # a plain 'cuda' is this rank's GPU
     if dev.type == "cuda":
         torch.cuda.set_device(dev)  # the "current" GPU that default-device calls (RNG state, caches) refer to
     if world_size <= 1:
@@ -186,11 +176,6 @@ class GatheredEmbedder(nn.Module):
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         """The embedding layer alone (feature-level Metrix projects pooled mixes with it)."""
         return self.model.project(pooled)  # type: ignore[operator]
-
-
-def gathers_global_batch(mixup_level: str) -> bool:
-    """Whether the loss sees the global batch in a multi-process run (every level but `input`)."""
-    return mixup_level != "input"
 
 
 def wrap_for_step(

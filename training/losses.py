@@ -36,9 +36,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.miners import multi_similarity_mask
-
 from retrieval.errors import UsageError
+from training import catalog
+from training.miners import multi_similarity_mask
 
 if TYPE_CHECKING:  # pragma: no cover
     from retrieval.config import LossConfig
@@ -233,22 +233,35 @@ class PairLoss(nn.Module):
             return generic_pair_loss(self.form, measure, y, valid)
 
 
+def _contrastive(cfg: "LossConfig", num_classes: int, embedding_size: int) -> PairLoss:
+    return PairLoss(contrastive_form(cfg.pos_margin, cfg.neg_margin))
+
+
+def _multi_similarity(cfg: "LossConfig", num_classes: int, embedding_size: int) -> PairLoss:
+    return PairLoss(multi_similarity_form(cfg.ms_alpha, cfg.ms_beta, cfg.ms_base), miner_epsilon=cfg.ms_miner_epsilon)
+
+
+def _proxy_anchor(cfg: "LossConfig", num_classes: int, embedding_size: int) -> PairLoss:
+    if num_classes < 1 or embedding_size < 1:
+        raise UsageError(f"proxy-anchor needs num_classes >= 1 and embedding_size >= 1, got {num_classes}, {embedding_size}")
+    return PairLoss(proxy_anchor_form(cfg.pa_alpha, cfg.pa_margin), num_proxies=num_classes,
+                    embedding_size=embedding_size)
+
+
+# One builder per loss of training.catalog.LOSSES (tests/test_catalog.py checks they match).
+LOSS_BUILDERS: dict[str, Callable[["LossConfig", int, int], PairLoss]] = {
+    "contrastive": _contrastive,
+    "ms": _multi_similarity,
+    "pa": _proxy_anchor,
+}
+
+
 def build_loss(cfg: "LossConfig", num_classes: int, embedding_size: int) -> PairLoss:
     """The configured loss.  num_classes / embedding_size size the proxies of proxy-anchor."""
-    if cfg.name == "contrastive":
-        return PairLoss(contrastive_form(cfg.pos_margin, cfg.neg_margin))
-    if cfg.name == "ms":
-        return PairLoss(multi_similarity_form(cfg.ms_alpha, cfg.ms_beta, cfg.ms_base),
-                        miner_epsilon=cfg.ms_miner_epsilon)
-    if cfg.name == "pa":
-        if num_classes < 1 or embedding_size < 1:
-            raise UsageError(f"proxy-anchor needs num_classes >= 1 and embedding_size >= 1, got {num_classes}, {embedding_size}")
-        return PairLoss(proxy_anchor_form(cfg.pa_alpha, cfg.pa_margin), num_proxies=num_classes,
-                        embedding_size=embedding_size)
-    raise UsageError(f"unknown loss {cfg.name!r}; choose contrastive, ms or pa")
+    return LOSS_BUILDERS[catalog.loss(cfg.name).name](cfg, num_classes, embedding_size)
 
 
 __all__ = [
-    "LossForm", "PairLoss", "build_loss", "generic_pair_loss", "measure_matrix",
+    "LOSS_BUILDERS", "LossForm", "PairLoss", "build_loss", "generic_pair_loss", "measure_matrix",
     "contrastive_form", "multi_similarity_form", "proxy_anchor_form",
 ]

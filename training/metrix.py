@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from training import fused_pool
 
 PAIR_KINDS = ("random", "positive", "anchor", "both")
-LEVELS = ("none", "input", "feature", "embedding")
 DEFAULT_CHUNK_ELEMENTS = 1 << 26  # elements of mixed feature maps held at once (128 MiB in bf16)
 
 
@@ -367,5 +366,5 @@ def mixed_pool(fmap: torch.Tensor, targets: MixedTargets, chunk_elements: int = 
 
 __all__ = [
     "MixedTargets", "plan_pairs", "plan_hardest_pairs", "hardest_negatives", "sample_beta", "sample_gamma", "resolve_max_pairs",
-    "mix_images", "mix_embeddings", "mixed_pool", "PAIR_KINDS", "LEVELS",
+    "mix_images", "mix_embeddings", "mixed_pool", "PAIR_KINDS",
 ]

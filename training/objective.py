@@ -16,18 +16,18 @@ No step synchronises with the host: every count, choice and draw stays on the de
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 import torch.nn as nn
 
+from retrieval.errors import UsageError
+from training import catalog
 from training.losses import PairLoss, build_loss
 from training.metrix import (
-    DEFAULT_CHUNK_ELEMENTS, LEVELS, MixedTargets, mix_embeddings, mix_images, mixed_pool, plan_hardest_pairs,
-    plan_pairs, resolve_max_pairs,
+    DEFAULT_CHUNK_ELEMENTS, MixedTargets, mix_embeddings, mix_images, mixed_pool, plan_hardest_pairs, plan_pairs,
+    resolve_max_pairs,
 )
-
-from retrieval.errors import UsageError
 
 INPUT_PAIRS = ("hardest", "random")
 
@@ -59,8 +59,7 @@ class Objective(nn.Module):
         """positives_per_image: how many in-batch positives an image has (K - 1 on P x K batches, about 1
         on random batches); sizes the default input-level budget of hardest-negative mixes."""
         super().__init__()
-        if mixup.level not in LEVELS:
-            raise UsageError(f"unknown mixup level {mixup.level!r}; choose one of {LEVELS}")
+        self.gathers_global_batch = catalog.level(mixup.level).global_batch  # under DDP (training/distributed.py)
         if mixup.alpha <= 0:
             raise UsageError(f"mixup alpha must be > 0, got {mixup.alpha}")
         if mixup.input_pairs not in INPUT_PAIRS:
@@ -130,10 +129,7 @@ class Objective(nn.Module):
 
         def mixed_images(clean_emb: torch.Tensor) -> torch.Tensor:
             planned.append(self.plan_hardest(labels, clean_emb, generator))
-            mixed = mix_images(images, planned[0])
-            if images.dim() == 4 and not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last):
-                mixed = mixed.contiguous(memory_format=torch.channels_last)
-            return mixed
+            return _like_memory_format(mix_images(images, planned[0]), images)
 
         emb, mixed_emb = model(images, follow_up=mixed_images)
         return emb, mixed_emb, planned[0]
@@ -143,34 +139,63 @@ class Objective(nn.Module):
         """model: an Embedder (possibly wrapped by DDP or torch.compile); images (B, 3, H, W); labels (B,)
         int64 on the images' device; generator: a torch.Generator on that device for the mixing draws
         (None: the device's default generator)."""
-        if self.level == "none":
-            emb = model(images)
-            clean = self._clean_term(emb, labels)
-            return ObjectiveOutput(clean, clean.detach(), torch.zeros((), device=clean.device, dtype=clean.dtype))
-        if self.level == "input" and self.input_pairs == "hardest":
-            emb, mixed_emb, targets = self._embed_with_hardest_mixes(model, images, labels, generator)
-            mixed = self._mixed_term(emb, labels, mixed_emb, targets)
-            clean = self._clean_term(emb, labels)
-            loss = clean + self.weight * mixed
-            return ObjectiveOutput(loss, clean.detach(), mixed.detach())
-        targets = self.plan(labels, generator)
-        if self.level == "embedding":
-            emb = model(images)
-            mixed = self._embedding_term(emb, labels, targets)
-        else:
-            if self.level == "feature":
-                fmap, emb = model(images, return_maps=True)
-                mixed_emb = _unwrap(model).project(mixed_pool(fmap, targets, self.chunk_elements, self.fused_pool))
-            else:  # input
-                both = torch.cat([images, mix_images(images, targets)])
-                if images.dim() == 4 and not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last):
-                    both = both.contiguous(memory_format=torch.channels_last)
-                out = model(both)
-                emb, mixed_emb = out[: images.shape[0]], out[images.shape[0]:]
-            mixed = self._mixed_term(emb, labels, mixed_emb, targets)
+        emb, mixed = LEVEL_TERMS[self.level](self, model, images, labels, generator)
         clean = self._clean_term(emb, labels)
+        if mixed is None:
+            return ObjectiveOutput(clean, clean.detach(), torch.zeros((), device=clean.device, dtype=clean.dtype))
         loss = clean + self.weight * mixed
         return ObjectiveOutput(loss, clean.detach(), mixed.detach())
+
+    # Each level's forward: the clean embeddings of the batch and its Metrix term (None without mixing).
+
+    def _no_mixing(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return model(images), None
+
+    def _mix_inputs(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                    generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.input_pairs == "hardest":
+            emb, mixed_emb, targets = self._embed_with_hardest_mixes(model, images, labels, generator)
+            return emb, self._mixed_term(emb, labels, mixed_emb, targets)
+        targets = self.plan(labels, generator)
+        both = _like_memory_format(torch.cat([images, mix_images(images, targets)]), images)
+        out = model(both)
+        emb, mixed_emb = out[: images.shape[0]], out[images.shape[0]:]
+        return emb, self._mixed_term(emb, labels, mixed_emb, targets)
+
+    def _mix_features(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                      generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        targets = self.plan(labels, generator)
+        fmap, emb = model(images, return_maps=True)
+        mixed_emb = _unwrap(model).project(mixed_pool(fmap, targets, self.chunk_elements, self.fused_pool))
+        return emb, self._mixed_term(emb, labels, mixed_emb, targets)
+
+    def _mix_embeddings(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                        generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        targets = self.plan(labels, generator)
+        emb = model(images)
+        return emb, self._embedding_term(emb, labels, targets)
+
+
+LevelTerm = Callable[
+    [Objective, nn.Module, torch.Tensor, torch.Tensor, "torch.Generator | None"],
+    tuple[torch.Tensor, "torch.Tensor | None"],
+]
+
+# One forward per level of training.catalog.LEVELS (tests/test_catalog.py checks they match).
+LEVEL_TERMS: dict[str, LevelTerm] = {
+    "none": Objective._no_mixing,
+    "input": Objective._mix_inputs,
+    "feature": Objective._mix_features,
+    "embedding": Objective._mix_embeddings,
+}
+
+
+def _like_memory_format(mixed: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Mixed images in the batch's memory format (channels_last stays channels_last)."""
+    if images.dim() == 4 and not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last):
+        return mixed.contiguous(memory_format=torch.channels_last)
+    return mixed
 
 
 def build_objective(cfg: "RunConfig", num_classes: int, embedding_size: int) -> Objective:
@@ -181,4 +206,4 @@ def build_objective(cfg: "RunConfig", num_classes: int, embedding_size: int) -> 
     return objective.compile_losses() if cfg.train.compile_loss else objective
 
 
-__all__ = ["Objective", "ObjectiveOutput", "build_objective"]
+__all__ = ["LEVEL_TERMS", "Objective", "ObjectiveOutput", "build_objective"]

@@ -9,9 +9,8 @@ torch.compile, the whole step replayed from a CUDA graph where it qualifies (tra
 host-device synchronisation inside a step: losses are summed on the device and read once every
 `SYNC_EVERY` steps for the progress bar.
 
-Resume: a checkpoint holds the optimiser, scheduler, loss parameters and every RNG state (torch CPU/CUDA,
-numpy, python, the mixing generator; per rank), and batches are a function of (seed, epoch), so a run
-resumed at epoch e continues exactly as the uninterrupted run would.
+Resume: last.pt holds the whole training state, every rank's RNGs included, so a run resumed after epoch e
+continues exactly as the uninterrupted run would (training/checkpointing.py).
 
 Multi-GPU: run under `torchrun`; see training/distributed.py for how the loss sees the global batch.
 """
@@ -33,12 +32,23 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from retrieval.atomic import atomic_write_json, clean_stale_leftovers
-from retrieval.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from retrieval.checkpoint import load_checkpoint
 from retrieval.config import RunConfig
 from retrieval.data.base import RetrievalDataset
 from retrieval.errors import ConfigError, UsageError
 from retrieval.model import Embedder, freeze_batchnorm
 from training.batches import TrainBatches, build_train_batches
+from training.checkpointing import (
+    BEST_CHECKPOINT,
+    LAST_CHECKPOINT,
+    Progress,
+    TrainingState,
+    load_training_state,
+    resume_checkpoint,
+    resume_state,
+    rng_state,
+    save_run_checkpoints,
+)
 from training.determinism import deterministic_mode
 from training.distributed import (
     DistInfo,
@@ -48,7 +58,6 @@ from training.distributed import (
     broadcast_object,
     cleanup_distributed,
     gather_objects,
-    gathers_global_batch,
     init_distributed,
     wrap_for_step,
 )
@@ -59,9 +68,8 @@ from training.step import StepParts, build_step, graph_blocker, learning_rate, s
 
 DEFAULT_DEMO_ROOT = Path("data/demo")
 SYNC_EVERY = 20  # steps between reads of the running loss (the only host-device syncs of an epoch)
-LAST_CHECKPOINT = "last.pt"
-BEST_CHECKPOINT = "best.pt"
 RUN_FILES = (LAST_CHECKPOINT, BEST_CHECKPOINT, "config.json", "summary.json", "metrics.jsonl", "metrics.csv")
+StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -172,34 +180,98 @@ def bn_affine_trains(t: Any, epoch: int) -> bool:
     return bool(t.bn_affine_after_warmup) and t.warmup_epochs > 0 and epoch >= t.warmup_epochs
 
 
-def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    """Every RNG this process draws from, as tensors and plain lists (loadable with weights_only=True)."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        # only this process's GPU: touching every GPU would create a CUDA context on each from each rank
-        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
-        "numpy": {
-            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "python": {"version": int(py_state[0]), "state": list(py_state[1]), "gauss_next": py_state[2]},
-        "mix_generator": generator.get_state(),
-    }
+def configure_cuda(device: torch.device, deterministic: bool) -> None:
+    """Fast kernels for fixed shapes, TF32 matmuls; no autotuning when runs must be bit-identical."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic  # shapes are fixed per step
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
-def restore_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"][0])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
-    generator.set_state(state["mix_generator"])
+@dataclass
+class Run:
+    """A run's parts, built once before the first epoch; `cfg` names the dataset root actually used."""
+
+    cfg: RunConfig
+    info: DistInfo
+    dataset: RetrievalDataset
+    batches: TrainBatches
+    num_classes: int
+    state: TrainingState
+    amp_dtype: torch.dtype | None
+    channels_last: bool  # channels_last memory format (GPU only)
+    gather: bool  # the objective sees the global batch, so every rank's labels are gathered too
+    graph_reason: str | None  # why the step cannot be a CUDA graph; None when it qualifies
+
+    @property
+    def use_graphs(self) -> bool:
+        return self.cfg.train.cuda_graphs and self.graph_reason is None
+
+
+def build_run(cfg: RunConfig, info: DistInfo, say: Callable[[str], None]) -> Run:
+    """Data, model, objective and optimiser, seeded so that every rank starts from identical weights."""
+    device, t = info.device, cfg.train
+    configure_cuda(device, t.deterministic)
+    amp_dtype = resolve_amp(t.amp, device)
+    if device.type != "cuda" and t.amp in ("bf16", "fp16"):
+        say(f"note: --amp {t.amp} applies to CUDA only; training in float32 on {device}")
+    seed_everything(t.seed)
+    dataset, cfg = load_run_dataset(cfg, info)
+    t = cfg.train
+    batches = build_train_batches(cfg, dataset.train, device, info.rank, info.world_size)
+    model = Embedder(cfg.model).to(device)
+    if info.enabled and device.type == "cuda" and not t.freeze_bn:
+        # BatchNorm statistics over the global batch, as a single-GPU run of the recipe computes them
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if t.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    num_classes = len(set(dataset.train.labels))
+    objective = build_objective(cfg, num_classes, model.embedding_size).to(device)
+    optimizer = build_optimizer(cfg, model, objective)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.lr_step, gamma=t.lr_gamma)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(t.seed)  # same on every rank: the mixing of the global batch agrees
+    if info.rank > 0:
+        torch.manual_seed(t.seed + info.rank)  # but each rank augments its share differently
+    return Run(
+        cfg, info, dataset, batches, num_classes, TrainingState(model, objective, optimizer, scheduler, scaler, generator),
+        amp_dtype, channels_last=t.channels_last and device.type == "cuda",
+        gather=info.enabled and objective.gathers_global_batch,
+        graph_reason=graph_blocker(device, distributed=info.enabled, amp_dtype=amp_dtype, compile_model=t.compile),
+    )
+
+
+def describe_run(run: Run) -> str:
+    """What is trained on what, how, in two lines."""
+    cfg, info, amp_dtype = run.cfg, run.info, run.amp_dtype
+    step = "whole-step CUDA graph" if run.use_graphs else \
+        f"eager ({'--no-cuda-graphs' if run.graph_reason is None else run.graph_reason})"
+    return (
+        f"training {cfg.model.arch} d={cfg.model.embedding_size} on {run.dataset.name} "
+        f"({len(run.dataset.train)} images, {run.num_classes} classes) | loss {cfg.loss.name}, "
+        f"mixup {cfg.mixup.level} | device {info.device}{' x' + str(info.world_size) if info.enabled else ''}, "
+        f"{'float32' if amp_dtype is None else str(amp_dtype).replace('torch.', '') + ' autocast'} | "
+        f"batches from {run.batches.source} | {len(run.batches)} steps/epoch | train crop {cfg.data.image_size} px, "
+        f"test: resize short side {cfg.data.resize_size} px, centre crop {cfg.data.image_size} px\n"
+        f"step: {step}"
+    )
+
+
+def phase_of(t: Any, epoch: int) -> str:
+    """'warmup' (only the embedding layer and loss parameters train) or 'full'."""
+    return "warmup" if epoch < t.warmup_epochs else "full"
+
+
+def start_phase(run: Run, epoch: int) -> StepFn:
+    """Make the phase's parameters trainable and build its step: a new runner per phase, since the trainable
+    parameters (and so DDP's bookkeeping and a captured graph) change."""
+    t, s = run.cfg.train, run.state
+    warm = phase_of(t, epoch) == "warmup"
+    set_trunk_trainable(s.model, trainable=not warm, freeze_bn=t.freeze_bn, bn_affine=bn_affine_trains(t, epoch))
+    step_model = wrap_for_step(s.model, s.objective, run.info, gather=run.gather, compile_model=t.compile)
+    parts = StepParts(step_model, s.objective, s.optimizer, s.scaler, s.generator, run.amp_dtype, t.grad_clip)
+    return build_step(parts, run.use_graphs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,12 +279,30 @@ def restore_rng_state(state: dict[str, Any], generator: torch.Generator) -> None
 # ----------------------------------------------------------------------------------------------
 
 
+def run_epoch(run: Run, step_fn: StepFn, epoch: int, progress: bool) -> dict[str, float]:
+    """Train epoch `epoch` (0-based) and step the schedule; returns its learning rate and training statistics."""
+    t, s = run.cfg.train, run.state
+    s.model.train()
+    if t.freeze_bn:
+        freeze_batchnorm(s.model, train_affine=bn_affine_trains(t, epoch))
+    run.batches.set_epoch(epoch)
+    lr = learning_rate(s.optimizer)
+    stats = train_one_epoch(
+        step_fn, run.batches, run.info, batch_size=run.cfg.data.batch_size, channels_last=run.channels_last,
+        gather_labels=run.gather, max_steps=t.max_steps_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}",
+        progress=progress,
+    )
+    s.scheduler.step()
+    return {"lr": lr, **stats}
+
+
 def train_one_epoch(
-    step_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    step_fn: StepFn,
     batches: TrainBatches,
-    *,
-    cfg: RunConfig,
     info: DistInfo,
+    *,
+    batch_size: int,
+    channels_last: bool,
     gather_labels: bool,
     max_steps: int,
     desc: str,
@@ -220,7 +310,6 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """Train for one epoch; returns mean loss/clean/mixed over steps and ranks, images/s, time."""
     device = info.device
-    channels_last = cfg.train.channels_last and device.type == "cuda"
     sums = torch.zeros(3, device=device)  # running loss, clean, mixed: read only every SYNC_EVERY steps
     steps = min(len(batches), max_steps) if max_steps > 0 else len(batches)
     bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False, dynamic_ncols=True)
@@ -239,31 +328,119 @@ def train_one_epoch(
         images_seen += images.shape[0] * info.world_size
         if step % SYNC_EVERY == 0 or step == steps:
             loss = sums[0].item() / step  # the one host sync every SYNC_EVERY steps
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"{desc}: the loss became {loss} at step {step}; lower the learning rate (--lr) "
-                    "or train in full precision (--amp none)"
-                )
+            _check_finite(loss, desc, step)
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_seen / (time.perf_counter() - start):.0f}")
         bar.update(1)
     bar.close()
     if step == 0:
         raise ConfigError(
-            f"the training split yields no batch of {cfg.data.batch_size} images; lower --batch-size "
+            f"the training split yields no batch of {batch_size} images; lower --batch-size "
             "(or --images-per-class for balanced batches)"
         )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
     means = all_reduce_mean(sums / step, info).tolist()
-    return {
-        "loss": means[0],
-        "clean": means[1],
-        "mixed": means[2],
-        "steps": step,
-        "images_per_s": images_seen / elapsed,
-        "epoch_time_s": elapsed,
-    }
+    return {"loss": means[0], "clean": means[1], "mixed": means[2], "steps": step,
+            "images_per_s": images_seen / elapsed, "epoch_time_s": elapsed}
+
+
+def _check_finite(loss: float, desc: str, step: int) -> None:
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"{desc}: the loss became {loss} at step {step}; lower the learning rate (--lr) "
+            "or train in full precision (--amp none)"
+        )
+
+
+def evaluate(run: Run, progress: bool) -> dict[str, float]:
+    """The test metrics of the model (computed by the main process, returned on every rank)."""
+    metrics: dict[str, float] = {}
+    if run.info.is_main:
+        started = time.perf_counter()
+        metrics = evaluate_model(
+            run.state.model, run.dataset, image_size=run.cfg.data.image_size, resize_size=run.cfg.data.resize_size,
+            device=run.info.device, batch_size=max(run.cfg.data.batch_size, 64), workers=run.cfg.data.workers,
+            amp_dtype=run.amp_dtype, channels_last=run.channels_last, progress=progress,
+        )
+        metrics["eval_time_s"] = time.perf_counter() - started
+    return broadcast_object(metrics, run.info)
+
+
+def evaluates_after(t: Any, epoch: int) -> bool:
+    """Whether epoch `epoch` (0-based) ends with an evaluation: every `eval_every` epochs, and the last."""
+    return epoch + 1 == t.epochs or (t.eval_every > 0 and (epoch + 1) % t.eval_every == 0)
+
+
+def epoch_line(row: dict[str, Any], epochs: int) -> str:
+    return (
+        f"epoch {row['epoch']}/{epochs} [{row['phase']}] loss {row['loss']:.4f} (clean {row['clean']:.4f}, "
+        f"mixed {row['mixed']:.4f}) | {row['images_per_s']:.0f} img/s | {format_metrics(row)}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The run folder
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunRecord:
+    """What the run folder receives. Only the main process writes; other ranks keep no rows."""
+
+    log: MetricsLog | None
+    history: list[dict[str, Any]]
+    timings: dict[str, float] = field(default_factory=lambda: {"setup_time_s": 0.0, "checkpoint_time_s": 0.0})
+
+    @classmethod
+    def open(cls, cfg: RunConfig, info: DistInfo, resumed_epoch: int | None) -> "RunRecord":
+        """Create the run folder with config.json, and its metrics log (keeping rows up to a resumed epoch)."""
+        if not info.is_main:
+            return cls(None, [])
+        out_dir = Path(cfg.train.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        clean_stale_leftovers(out_dir, RUN_FILES)  # says what it removes (a killed run's temporary files)
+        atomic_write_json(out_dir / "config.json", cfg.to_dict())
+        log = MetricsLog(out_dir, keep_up_to_epoch=resumed_epoch)
+        return cls(log, list(log.rows))
+
+    def append(self, row: dict[str, Any]) -> None:
+        if self.log is not None:
+            self.log.append(row)
+            self.history.append(row)
+
+
+def run_result(run: Run, done: Progress, last_epoch: int, last_metrics: dict[str, float],
+               initial_metrics: dict[str, float] | None, history: list[dict[str, Any]]) -> TrainResult:
+    out_dir, info = Path(run.cfg.train.out_dir), run.info
+    return TrainResult(
+        out_dir=out_dir,
+        last_checkpoint=out_dir / LAST_CHECKPOINT,
+        best_checkpoint=out_dir / BEST_CHECKPOINT if done.best_epoch is not None else None,
+        last_epoch=last_epoch,
+        last_metrics=last_metrics,
+        best_epoch=done.best_epoch,
+        best_metrics=done.best_metrics,
+        initial_metrics=initial_metrics,
+        history=history,
+        device=str(info.device) + (f" x{info.world_size}" if info.enabled else ""),
+    )
+
+
+def write_summary(result: TrainResult, timings: dict[str, float]) -> None:
+    """summary.json: last and best epoch, and where the run's wall time went."""
+    atomic_write_json(
+        result.out_dir / "summary.json",
+        {
+            "last_epoch": result.last_epoch,
+            "last_metrics": result.last_metrics,
+            "best_epoch": result.best_epoch,
+            "best_metrics": result.best_metrics,
+            "initial_metrics": result.initial_metrics,
+            **timings,
+            "note": "last = the model at the end of training (report this); best = highest test R@1 (optimistic)",
+        },
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,243 +478,53 @@ def _train(
     resume: str | Path | None,
     evaluate_before: bool,
 ) -> TrainResult:
-    device = info.device
-    say = (lambda msg: tqdm.write(msg)) if progress else (lambda msg: None)
-    t = cfg.train
+    say = tqdm.write if progress else (lambda msg: None)
     run_started = time.perf_counter()
-    timings = {"setup_time_s": 0.0, "checkpoint_time_s": 0.0}  # for summary.json: where a run's wall time goes
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not t.deterministic  # shapes are fixed per step
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    amp_dtype = resolve_amp(t.amp, device)
-    if device.type != "cuda" and t.amp in ("bf16", "fp16"):
-        say(f"note: --amp {t.amp} applies to CUDA only; training in float32 on {device}")
-
-    # Data
-    seed_everything(t.seed)
-    dataset, cfg = load_run_dataset(cfg, info)
-    t = cfg.train
-    out_dir = Path(t.out_dir)
-    batches = build_train_batches(cfg, dataset.train, device, info.rank, info.world_size)
-    num_classes = len(set(dataset.train.labels))
-
-    # Model, objective, optimiser (identical initial weights on every rank: same seed)
-    model = Embedder(cfg.model).to(device)
-    if info.enabled and device.type == "cuda" and not t.freeze_bn:
-        # BatchNorm statistics over the global batch, as a single-GPU run of the recipe computes them
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if t.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    objective = build_objective(cfg, num_classes, model.embedding_size).to(device)
-    optimizer = build_optimizer(cfg, model, objective)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.lr_step, gamma=t.lr_gamma)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(t.seed)  # same on every rank: the mixing of the global batch agrees
-    if info.rank > 0:
-        torch.manual_seed(t.seed + info.rank)  # but each rank augments its share differently
-
-    # Resume
-    start_epoch, best_epoch, best_metrics = 0, None, {}
+    run = build_run(cfg, info, say)
+    cfg, t, state = run.cfg, run.cfg.train, run.state
+    done = Progress()
     if resume is not None:
-        resume = Path(resume) / LAST_CHECKPOINT if Path(resume).is_dir() else Path(resume)
-        start_epoch, best_epoch, best_metrics = _load_training_state(
-            resume, cfg, info, model, objective, optimizer, scheduler, scaler, generator
-        )
-        say(f"resumed from {resume} after epoch {start_epoch}")
-    graph_reason = graph_blocker(device, distributed=info.enabled, amp_dtype=amp_dtype, compile_model=t.compile)
-    use_graphs = t.cuda_graphs and graph_reason is None
-    set_optimizer_for_graphs(optimizer, capturable=use_graphs)  # after resume: a checkpoint carries its run's form
+        resume = resume_checkpoint(resume)
+        done = load_training_state(resume, cfg, info, state)
+        say(f"resumed from {resume} after epoch {done.epoch}")
+    set_optimizer_for_graphs(state.optimizer, capturable=run.use_graphs)  # after resume: a checkpoint carries its run's form
+    start_epoch = done.epoch
     if start_epoch >= t.epochs:
         warnings.warn(f"the checkpoint already completed {start_epoch} of {t.epochs} epochs; nothing to train")
-
-    log = None
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        clean_stale_leftovers(out_dir, RUN_FILES)  # says what it removes (a killed run's temporary files)
-        atomic_write_json(out_dir / "config.json", cfg.to_dict())
-        log = MetricsLog(out_dir, keep_up_to_epoch=start_epoch if resume is not None else None)
-    history: list[dict[str, Any]] = list(log.rows) if log is not None else []
-
-    gather = info.enabled and gathers_global_batch(cfg.mixup.level)
-    eval_kw = dict(
-        image_size=cfg.data.image_size,
-        resize_size=cfg.data.resize_size,
-        device=device,
-        batch_size=max(cfg.data.batch_size, 64),
-        workers=cfg.data.workers,
-        amp_dtype=amp_dtype,
-        channels_last=t.channels_last and device.type == "cuda",
-        progress=progress,
-    )
-    say(
-        f"training {cfg.model.arch} d={cfg.model.embedding_size} on {dataset.name} "
-        f"({len(dataset.train)} images, {num_classes} classes) | loss {cfg.loss.name}, mixup {cfg.mixup.level} | "
-        f"device {device}{' x' + str(info.world_size) if info.enabled else ''}, "
-        f"{'float32' if amp_dtype is None else str(amp_dtype).replace('torch.', '') + ' autocast'} | "
-        f"batches from {batches.source} | {len(batches)} steps/epoch | train crop {cfg.data.image_size} px, "
-        f"test: resize short side {cfg.data.resize_size} px, centre crop {cfg.data.image_size} px"
-    )
-    say("step: whole-step CUDA graph" if use_graphs else
-        f"step: eager ({'--no-cuda-graphs' if graph_reason is None else graph_reason})")
-
-    def run_eval() -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        if info.is_main:
-            started = time.perf_counter()
-            metrics = evaluate_model(model, dataset, **eval_kw)  # type: ignore[arg-type]
-            metrics["eval_time_s"] = time.perf_counter() - started
-        return broadcast_object(metrics, info)
-
+    record = RunRecord.open(cfg, info, resumed_epoch=start_epoch if resume is not None else None)
+    say(describe_run(run))
     initial_metrics = None
     if evaluate_before and resume is None:
-        initial_metrics = run_eval()
-        if log is not None:
-            row = {"epoch": 0, "phase": "untrained", **initial_metrics}
-            log.append(row)
-            history.append(row)
+        initial_metrics = evaluate(run, progress)
+        record.append({"epoch": 0, "phase": "untrained", **initial_metrics})
         say(f"untrained: {format_metrics(initial_metrics)}")
 
     last_metrics: dict[str, float] = {}
-    phase = None
-    step_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-    timings["setup_time_s"] = time.perf_counter() - run_started
+    phase: str | None = None
+    step_fn: StepFn | None = None
+    record.timings["setup_time_s"] = time.perf_counter() - run_started
     for epoch in range(start_epoch, t.epochs):
-        warm = epoch < t.warmup_epochs
-        if phase != ("warmup" if warm else "full"):
-            phase = "warmup" if warm else "full"
-            set_trunk_trainable(model, trainable=not warm, freeze_bn=t.freeze_bn, bn_affine=bn_affine_trains(t, epoch))
-            step_model = wrap_for_step(model, objective, info, gather=gather, compile_model=t.compile)
-            # a new runner per phase: the trainable parameters (and so the captured graph) change
-            step_fn = build_step(StepParts(step_model, objective, optimizer, scaler, generator, amp_dtype, t.grad_clip),
-                                 use_graphs)
-        model.train()
-        if t.freeze_bn:
-            freeze_batchnorm(model, train_affine=bn_affine_trains(t, epoch))
-        batches.set_epoch(epoch)
-        lr = learning_rate(optimizer)
+        if phase != phase_of(t, epoch):
+            phase, step_fn = phase_of(t, epoch), start_phase(run, epoch)
         assert step_fn is not None
-        stats = train_one_epoch(
-            step_fn, batches, cfg=cfg, info=info, gather_labels=gather,
-            max_steps=t.max_steps_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}", progress=progress,
-        )  # fmt: skip
-        scheduler.step()
-
-        row: dict[str, Any] = {"epoch": epoch + 1, "phase": phase, "lr": lr, **stats}
-        is_last = epoch + 1 == t.epochs
-        if is_last or (t.eval_every > 0 and (epoch + 1) % t.eval_every == 0):
-            row.update(run_eval())
-        say(
-            f"epoch {epoch + 1}/{t.epochs} [{phase}] loss {stats['loss']:.4f} (clean {stats['clean']:.4f}, "
-            f"mixed {stats['mixed']:.4f}) | {stats['images_per_s']:.0f} img/s | {format_metrics(row)}"
-        )
+        row: dict[str, Any] = {"epoch": epoch + 1, "phase": phase, **run_epoch(run, step_fn, epoch, progress)}
+        if evaluates_after(t, epoch):
+            row.update(evaluate(run, progress))
+        say(epoch_line(row, t.epochs))
         last_metrics = {k: float(v) for k, v in row.items() if isinstance(v, (int, float))}
-        improved = "R@1" in row and (best_epoch is None or row["R@1"] > best_metrics.get("R@1", -1.0))
-        if improved:
-            best_epoch, best_metrics = epoch + 1, dict(last_metrics)
-
-        # Checkpoints: every rank contributes its RNG state; rank 0 writes.
-        rng_states = gather_objects(rng_state(generator), info)
-        if log is not None:
+        improved = done.record(epoch + 1, last_metrics)
+        rng_states = gather_objects(rng_state(state.generator), info)  # every rank's, for last.pt
+        if record.log is not None:
             checkpoint_started = time.perf_counter()
-            log.append(row)
-            history.append(row)
-            extra = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "objective": objective.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": rng_states,
-                "sampler_seed": t.seed,
-                "epoch": epoch + 1,
-                "world_size": info.world_size,
-                "best_epoch": -1 if best_epoch is None else best_epoch,
-                "best_metrics": best_metrics,
-            }
-            save_checkpoint(out_dir / LAST_CHECKPOINT, model, cfg, epoch=epoch + 1, metrics=last_metrics, extra=extra)
-            if improved:
-                save_checkpoint(
-                    out_dir / BEST_CHECKPOINT, model, cfg, epoch=epoch + 1, metrics=last_metrics,
-                    extra={"objective": objective.state_dict(), "epoch": epoch + 1},
-                )  # fmt: skip
-            timings["checkpoint_time_s"] += time.perf_counter() - checkpoint_started
+            record.append(row)
+            extra = resume_state(state, rng_states, seed=t.seed, world_size=info.world_size, progress=done)
+            save_run_checkpoints(Path(t.out_dir), state, cfg, last_metrics, extra, improved)
+            record.timings["checkpoint_time_s"] += time.perf_counter() - checkpoint_started
         barrier(info)
 
     if not last_metrics and resume is not None:  # nothing left to train: report what the checkpoint holds
         last_metrics = load_checkpoint(resume)["metrics"]
-    result = TrainResult(
-        out_dir=out_dir,
-        last_checkpoint=out_dir / LAST_CHECKPOINT,
-        best_checkpoint=out_dir / BEST_CHECKPOINT if best_epoch is not None else None,
-        last_epoch=max(t.epochs, start_epoch),
-        last_metrics=last_metrics,
-        best_epoch=best_epoch,
-        best_metrics=best_metrics,
-        initial_metrics=initial_metrics,
-        history=history,
-        device=str(device) + (f" x{info.world_size}" if info.enabled else ""),
-    )
+    result = run_result(run, done, max(t.epochs, start_epoch), last_metrics, initial_metrics, record.history)
     if info.is_main:
-        atomic_write_json(
-            out_dir / "summary.json",
-            {
-                "last_epoch": result.last_epoch,
-                "last_metrics": result.last_metrics,
-                "best_epoch": result.best_epoch,
-                "best_metrics": result.best_metrics,
-                "initial_metrics": result.initial_metrics,
-                **timings,
-                "note": "last = the model at the end of training (report this); best = highest test R@1 (optimistic)",
-            },
-        )
+        write_summary(result, record.timings)
     return result
-
-
-def _load_training_state(
-    path: Path,
-    cfg: RunConfig,
-    info: DistInfo,
-    model: Embedder,
-    objective: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: torch.amp.GradScaler,
-    generator: torch.Generator,
-) -> tuple[int, int | None, dict[str, float]]:
-    """Restore everything a checkpoint holds; returns (epochs completed, best epoch, best metrics)."""
-    payload = load_checkpoint(path)
-    extra = payload.get("extra") or {}
-    if "optimizer" not in extra:
-        raise CheckpointError(
-            f"{path} holds weights only (no optimiser/RNG state); resume from the run's {LAST_CHECKPOINT}"
-        )
-    saved = payload["config"]
-    for section, key in (("model", "arch"), ("model", "embedding_size"), ("loss", "name"), ("data", "dataset")):
-        if saved[section][key] != getattr(getattr(cfg, section), key):
-            raise CheckpointError(
-                f"{path} was trained with {section}.{key}={saved[section][key]!r}, "
-                f"but this run asks for {getattr(getattr(cfg, section), key)!r}; resume with the same setting"
-            )
-    try:
-        model.load_state_dict(payload["model"])
-        objective.load_state_dict(extra["objective"])
-        optimizer.load_state_dict(extra["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{path} does not fit this run's model/loss/optimiser: {exc}") from exc
-    scheduler.load_state_dict(extra["scheduler"])
-    if extra.get("scaler"):
-        scaler.load_state_dict(extra["scaler"])
-    states = extra["rng"]
-    if len(states) == info.world_size:
-        restore_rng_state(states[info.rank], generator)
-    else:
-        warnings.warn(
-            f"{path} was written by {len(states)} process(es), this run has {info.world_size}: batches are the same "
-            "(they depend on seed and epoch) but augmentation and mixing draws will differ from the original run"
-        )
-        restore_rng_state(states[0], generator)
-        if info.rank > 0:
-            torch.manual_seed(cfg.train.seed + info.rank + 1_000 * int(extra["epoch"]))
-    best_epoch = int(extra.get("best_epoch", -1))
-    return int(extra["epoch"]), (None if best_epoch < 0 else best_epoch), dict(extra.get("best_metrics", {}))

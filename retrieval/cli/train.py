@@ -17,13 +17,12 @@ import typer
 
 from retrieval.data import DATASETS, dataset_choices
 from retrieval.errors import ConfigError
+from training import catalog
 
-LOSSES = ("contrastive", "ms", "pa")
-MIXUP_LEVELS = ("none", "input", "feature", "embedding")
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": tuple(DATASETS),
-    "loss.name": LOSSES,
-    "mixup.level": MIXUP_LEVELS,
+    "loss.name": catalog.loss_names(),
+    "mixup.level": catalog.level_names(),
     "data.sampler": ("random", "balanced"),
     "train.amp": ("auto", "bf16", "fp16", "none"),
     "mixup.lam_per": ("batch", "pair"),
@@ -139,11 +138,12 @@ def resolve_config(
         dataset = dataset or file_cfg.get("data", {}).get("dataset")
         if not dataset:
             raise ConfigError(f"pass --dataset ({dataset_choices()})")
-        loss = loss or file_cfg.get("loss", {}).get("name") or "ms"
-        mixup = mixup or file_cfg.get("mixup", {}).get("level") or "feature"
-        for what, value, allowed in (("dataset", dataset, DATASETS), ("loss", loss, LOSSES), ("mixup", mixup, MIXUP_LEVELS)):
-            if value not in allowed:
-                raise ConfigError(f"--{what} {value!r} is not one of {', '.join(allowed)}")
+        loss = loss or file_cfg.get("loss", {}).get("name") or catalog.DEFAULT_LOSS
+        mixup = mixup or file_cfg.get("mixup", {}).get("level") or catalog.DEFAULT_LEVEL
+        for what, key, value in (("dataset", "data.dataset", dataset), ("loss", "loss.name", loss),
+                                 ("mixup", "mixup.level", mixup)):
+            if value not in CHOICES[key]:
+                raise ConfigError(f"--{what} {value!r} is not one of {', '.join(CHOICES[key])}")
         base = preset(dataset, loss, mixup).to_dict()
     raw = _merge(base, file_cfg, str(config_file)) if file_cfg else {k: dict(v) for k, v in base.items()}
     top = {"data": {"dataset": dataset}, "loss": {"name": loss}, "mixup": {"level": mixup}}
@@ -162,13 +162,13 @@ def resolve_config(
 
 def _resume_path(resume: str, out_dir: str | None) -> Path:
     """--resume PATH (a checkpoint), DIR (its last.pt), or 'last' (the run folder's last.pt)."""
+    from training.checkpointing import LAST_CHECKPOINT, resume_checkpoint
+
     if resume in ("last", "auto"):
         if not out_dir:
             raise ConfigError("--resume last needs --out (the run folder holding last.pt)")
-        path = Path(out_dir) / "last.pt"
-    else:
-        path = Path(resume)
-    path = path / "last.pt" if path.is_dir() else path
+        resume = str(Path(out_dir) / LAST_CHECKPOINT)
+    path = resume_checkpoint(resume)
     if not path.is_file():
         raise ConfigError(f"--resume: checkpoint not found: {path}; pass a checkpoint, a run folder or 'last' with --out")
     return path
@@ -181,8 +181,12 @@ def register(app: typer.Typer) -> None:
         data_root: Optional[str] = typer.Option(
             None, "--data-root", help="Dataset folder in its official layout (demo: generated into data/demo if left out)."
         ),
-        loss: Optional[str] = typer.Option(None, "--loss", help="contrastive, ms (multi-similarity) or pa (proxy-anchor). Default ms."),
-        mixup: Optional[str] = typer.Option(None, "--mixup", help="Metrix level: none, input, feature or embedding. Default feature."),
+        loss: Optional[str] = typer.Option(
+            None, "--loss", help=f"{catalog.described(catalog.LOSSES)}. Default {catalog.DEFAULT_LOSS}."
+        ),
+        mixup: Optional[str] = typer.Option(
+            None, "--mixup", help=f"Metrix level: {catalog.described(catalog.LEVELS)}. Default {catalog.DEFAULT_LEVEL}."
+        ),
         config_file: Optional[Path] = typer.Option(None, "--config", help="JSON file shaped like the printed config; flags override it."),
         epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
         lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate of trunk and embedding layer."),

@@ -1,0 +1,76 @@
+"""The catalog of losses and mixing levels: every implementation covers exactly its entries, and the command
+line, the config presets and the objective read their choices from it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from retrieval.cli.train import CHOICES
+from retrieval.config import paper_train_preset
+from retrieval.errors import UsageError
+from training import catalog
+
+
+def test_each_loss_of_the_catalog_has_exactly_one_builder() -> None:
+    from training.losses import LOSS_BUILDERS
+
+    assert set(LOSS_BUILDERS) == set(catalog.loss_names())
+
+
+def test_each_level_of_the_catalog_has_exactly_one_objective_forward() -> None:
+    from training.objective import LEVEL_TERMS
+
+    assert set(LEVEL_TERMS) == set(catalog.level_names())
+
+
+def test_each_mixing_level_has_exactly_one_analysis_mix() -> None:
+    from training.analysis import TRAINING_MIXES
+
+    assert set(TRAINING_MIXES) == set(catalog.mixing_level_names()) == set(catalog.level_names()) - {"none"}
+
+
+def test_the_objective_says_whether_its_level_needs_the_global_batch() -> None:
+    from retrieval.config import preset
+    from training.objective import build_objective
+
+    for level in catalog.LEVELS:
+        objective = build_objective(preset("demo", "ms", level.name), 4, 8)
+        assert objective.gathers_global_batch is level.global_batch
+    assert [lv.name for lv in catalog.LEVELS if not lv.global_batch] == ["input"]  # images stay on their rank
+
+
+def test_defaults_and_names_are_catalog_entries() -> None:
+    assert catalog.DEFAULT_LOSS in catalog.loss_names() and catalog.DEFAULT_LEVEL in catalog.mixing_level_names()
+    assert len(set(catalog.loss_names())) == len(catalog.LOSSES) and len(set(catalog.level_names())) == len(catalog.LEVELS)
+    assert CHOICES["loss.name"] == catalog.loss_names() and CHOICES["mixup.level"] == catalog.level_names()
+
+
+def test_unknown_names_are_refused_with_the_choices() -> None:
+    with pytest.raises(UsageError, match="unknown loss 'triplet'; choose contrastive, ms or pa"):
+        catalog.loss("triplet")
+    with pytest.raises(UsageError, match="unknown mixup level 'pixels'; choose none, input, feature or embedding"):
+        catalog.level("pixels")
+    with pytest.raises(UsageError, match="unknown loss"):
+        paper_train_preset("cub", "triplet")
+
+
+def test_cli_help_lists_every_choice_with_its_help() -> None:
+    from typer.testing import CliRunner
+
+    from retrieval.cli import app
+
+    out = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "400"}).output
+    for choice in catalog.LOSSES + catalog.LEVELS:
+        assert f"{choice.name} ({choice.help})" in out
+
+
+def test_the_catalog_and_the_cli_start_without_torch() -> None:
+    code = ("import sys, training.catalog, retrieval.config, retrieval.cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "[]"
