@@ -96,14 +96,15 @@ def test_logged_geometry_equals_the_definitions_on_the_checkpoints_test_embeddin
         demo_root: Path, two_runs: dict[str, Path]) -> None:
     from retrieval.checkpoint import embedder_from_checkpoint
     from retrieval.data import load_dataset
-    from training.evaluation import embed_split
+    from retrieval.embed.torch_backend import TorchBackend
 
     run = two_runs["metrix"]
     model, cfg, prep, _ = embedder_from_checkpoint(run / "last.pt")
     dataset = load_dataset("demo", demo_root)
     queries, gallery = dataset.eval_splits()
-    kw = dict(image_size=prep.image_size, resize_size=prep.resize_size, device=torch.device("cpu"))
-    emb = np.concatenate([embed_split(model, queries, **kw), embed_split(model, gallery, **kw)])
+    backend = TorchBackend(model, prep, device="cpu", amp_dtype=None)  # what training evaluation embeds with
+    emb = np.concatenate([backend.embed_paths(queries.paths, progress=False),
+                          backend.embed_paths(gallery.paths, progress=False)])
     labels = np.concatenate([queries.labels, gallery.labels])
     last = read_metrics(run)[-1]
     assert last["alignment"] == pytest.approx(_direct_alignment(emb, labels), rel=1e-4)

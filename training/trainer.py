@@ -35,6 +35,8 @@ from retrieval.atomic import atomic_write_json, clean_stale_leftovers
 from retrieval.checkpoint import load_checkpoint
 from retrieval.config import RunConfig
 from retrieval.data.base import RetrievalDataset
+from retrieval.embed.preprocess import Preprocessing
+from retrieval.embed.torch_backend import TorchBackend
 from retrieval.errors import ConfigError, UsageError
 from retrieval.model import Embedder, freeze_batchnorm
 from training.batches import TrainBatches, build_train_batches
@@ -358,11 +360,10 @@ def evaluate(run: Run, progress: bool) -> dict[str, float]:
     metrics: dict[str, float] = {}
     if run.info.is_main:
         started = time.perf_counter()
-        metrics = evaluate_model(
-            run.state.model, run.dataset, image_size=run.cfg.data.image_size, resize_size=run.cfg.data.resize_size,
-            device=run.info.device, batch_size=max(run.cfg.data.batch_size, 64), workers=run.cfg.data.workers,
-            amp_dtype=run.amp_dtype, channels_last=run.channels_last, progress=progress,
-        )
+        prep = Preprocessing(image_size=run.cfg.data.image_size, resize_size=run.cfg.data.resize_size)
+        backend = TorchBackend(run.state.model, prep, device=run.info.device, workers=run.cfg.data.workers,
+                               amp_dtype=run.amp_dtype, channels_last=run.channels_last)
+        metrics = evaluate_model(backend, run.dataset, batch_size=max(run.cfg.data.batch_size, 64), progress=progress)
         metrics["eval_time_s"] = time.perf_counter() - started
     return broadcast_object(metrics, run.info)
 
