@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", type=int, default=100, help="classes the synthetic labels are drawn from")
     parser.add_argument("--per-class", type=int, default=0, help="0: random labels; K > 0: class-balanced batches of K per class")
     parser.add_argument("--max-pairs", type=int, default=0, help="0: every (positive, negative) pair (input level: one mix per image)")
-    parser.add_argument("--pair-kind", default="random", choices=["random", "positive", "anchor", "both"])
-    parser.add_argument("--lam-per", default="batch", choices=["batch", "pair"])
+    parser.add_argument("--pair-kind", default="random", choices=catalog.PAIR_KINDS)
+    parser.add_argument("--lam-per", default="batch", choices=catalog.LAMBDA_PER)
     parser.add_argument("--chunk-elements", type=int, default=0,
                         help="feature level: mixed-map elements held at once (0: the product default)")
     parser.add_argument("--device", default="auto")

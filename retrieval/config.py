@@ -75,16 +75,16 @@ class MixupConfig:
     level: str = "none"  # a name from training.catalog.LEVELS
     alpha: float = 2.0  # lam ~ Beta(alpha, alpha)
     weight: float = 0.4  # w in  E = clean + w * mixed
-    lam_per: Literal["batch", "pair"] = "batch"
+    lam_per: str = "batch"  # training.catalog.LAMBDA_PER
     # "both": V(a) as the paper defines it (positive-negative mixes, and anchor-negative mixes for anchors
     # without an in-batch positive). "random": the official code's one kind per step, probability 1/2
     # each (the table presets); a kind with no valid pair in the batch gives way to the other, so
     # class-balanced batches (no anchor lacks a positive) mix positive-negative pairs at every step.
-    pair_kind: Literal["random", "positive", "anchor", "both"] = "both"
+    pair_kind: str = "both"  # training.catalog.PAIR_KINDS
     max_pairs: int = 0  # 0 = every (positive, negative) combination; > 0 = fixed budget per batch
     # Input level only: "hardest" mixes each (anchor, positive) pair's positive with the anchor's
     # `hard_negatives` closest negatives, as the official input mode; "random" draws valid pairs at random.
-    input_pairs: Literal["hardest", "random"] = "hardest"
+    input_pairs: str = "hardest"  # training.catalog.INPUT_PAIRS
     hard_negatives: int = 1
 
 
@@ -105,7 +105,7 @@ class TrainConfig:
     proxy_lr_mult: float = 100.0
     grad_clip: float = 10.0
     seed: int = 1
-    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
+    amp: str = "auto"  # training.catalog.AMP_MODES
     channels_last: bool = True
     compile: bool = False
     compile_loss: bool = False  # torch.compile the loss terms and embedding-level mixing (fewer launches)

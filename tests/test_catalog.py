@@ -49,6 +49,38 @@ def test_defaults_and_names_are_catalog_entries() -> None:
     assert CHOICES["loss.name"] == catalog.loss_names() and CHOICES["mixup.level"] == catalog.level_names()
 
 
+def test_every_value_of_the_smaller_settings_is_accepted_and_no_other(tmp_path: Path) -> None:
+    """Pair kinds, input pairs, the mixing-ratio mode and amp: the CLI validates against the catalog, and every
+    catalog value is one the behaviour accepts."""
+    import json
+
+    import torch
+
+    from retrieval.cli.train import resolve_config
+    from retrieval.config import preset
+    from retrieval.errors import ConfigError
+    from training.metrix import plan_pairs
+    from training.objective import build_objective
+    from training.trainer import resolve_amp
+
+    assert CHOICES["mixup.pair_kind"] == catalog.PAIR_KINDS and CHOICES["mixup.input_pairs"] == catalog.INPUT_PAIRS
+    assert CHOICES["mixup.lam_per"] == catalog.LAMBDA_PER and CHOICES["train.amp"] == catalog.AMP_MODES
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    for kind in catalog.PAIR_KINDS:
+        for lam_per in catalog.LAMBDA_PER:
+            plan_pairs(labels, pair_kind=kind, lam_per=lam_per, generator=torch.Generator().manual_seed(0))
+    for mode in catalog.INPUT_PAIRS:
+        cfg = preset("demo", "ms", "input")
+        cfg.mixup.input_pairs = mode
+        build_objective(cfg, 4, 8)
+    for amp in catalog.AMP_MODES:
+        resolve_amp(amp, torch.device("cpu"))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"mixup": {"pair_kind": "diagonal"}}))
+    with pytest.raises(ConfigError, match="diagonal"):
+        resolve_config(dataset="demo", loss=None, mixup=None, config_file=bad)
+
+
 def test_unknown_names_are_refused_with_the_choices() -> None:
     with pytest.raises(UsageError, match="unknown loss 'triplet'; choose contrastive, ms or pa"):
         catalog.loss("triplet")

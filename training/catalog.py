@@ -51,6 +51,12 @@ LEVELS: tuple[MixingLevel, ...] = (
     MixingLevel("embedding", "mixes of embeddings", global_batch=True),
 )
 
+# The smaller settings of a recipe, each listed once; the behaviour that reads them is named beside it.
+PAIR_KINDS: tuple[str, ...] = ("random", "positive", "anchor", "both")  # which mixes a batch forms (metrix.plan_pairs)
+INPUT_PAIRS: tuple[str, ...] = ("hardest", "random")  # how input mixing picks partners (objective.Objective)
+LAMBDA_PER: tuple[str, ...] = ("batch", "pair")  # one mixing ratio per batch or per mix (metrix.plan_pairs)
+AMP_MODES: tuple[str, ...] = ("auto", "bf16", "fp16", "none")  # autocast dtype of training (trainer.resolve_amp)
+
 DEFAULT_LOSS = "ms"
 DEFAULT_LEVEL = "feature"  # the headline recipe; also the level analyses mix at for a baseline embedder
 
@@ -98,6 +104,7 @@ def level(name: str) -> MixingLevel:
 
 
 __all__ = [
-    "DEFAULT_LEVEL", "DEFAULT_LOSS", "LEVELS", "LOSSES", "Loss", "MixingLevel", "described", "level",
+    "AMP_MODES", "DEFAULT_LEVEL", "DEFAULT_LOSS", "INPUT_PAIRS", "LAMBDA_PER", "LEVELS", "LOSSES", "Loss",
+    "MixingLevel", "PAIR_KINDS", "described", "level",
     "level_names", "loss", "loss_names", "mixing_level_names", "one_of",
 ]

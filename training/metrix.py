@@ -32,8 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from training import fused_pool
-
-PAIR_KINDS = ("random", "positive", "anchor", "both")
+from training.catalog import LAMBDA_PER, PAIR_KINDS
 DEFAULT_CHUNK_ELEMENTS = 1 << 26  # elements of mixed feature maps held at once (128 MiB in bf16)
 
 
@@ -171,8 +170,8 @@ def _draw_lam(alpha: float, lam_per: str, count: int, device: torch.device,
 def _check_plan_args(pair_kind: str, lam_per: str) -> None:
     if pair_kind not in PAIR_KINDS:
         raise ValueError(f"unknown pair kind {pair_kind!r}; choose one of {PAIR_KINDS}")
-    if lam_per not in ("batch", "pair"):
-        raise ValueError(f"lam_per must be 'batch' or 'pair', got {lam_per!r}")
+    if lam_per not in LAMBDA_PER:
+        raise ValueError(f"lam_per must be one of {LAMBDA_PER}, got {lam_per!r}")
 
 
 def plan_pairs(labels: torch.Tensor, *, pair_kind: str = "random", alpha: float = 2.0, lam_per: str = "batch",
@@ -366,5 +365,5 @@ def mixed_pool(fmap: torch.Tensor, targets: MixedTargets, chunk_elements: int = 
 
 __all__ = [
     "MixedTargets", "plan_pairs", "plan_hardest_pairs", "hardest_negatives", "sample_beta", "sample_gamma", "resolve_max_pairs",
-    "mix_images", "mix_embeddings", "mixed_pool", "PAIR_KINDS",
+    "mix_images", "mix_embeddings", "mixed_pool",
 ]

@@ -29,8 +29,6 @@ from training.metrix import (
     resolve_max_pairs,
 )
 
-INPUT_PAIRS = ("hardest", "random")
-
 if TYPE_CHECKING:  # pragma: no cover
     from retrieval.config import MixupConfig, RunConfig
 
@@ -62,8 +60,8 @@ class Objective(nn.Module):
         self.gathers_global_batch = catalog.level(mixup.level).global_batch  # under DDP (training/distributed.py)
         if mixup.alpha <= 0:
             raise UsageError(f"mixup alpha must be > 0, got {mixup.alpha}")
-        if mixup.input_pairs not in INPUT_PAIRS:
-            raise UsageError(f"unknown input pairs {mixup.input_pairs!r}; choose one of {INPUT_PAIRS}")
+        if mixup.input_pairs not in catalog.INPUT_PAIRS:
+            raise UsageError(f"unknown input pairs {mixup.input_pairs!r}; choose one of {catalog.INPUT_PAIRS}")
         if mixup.hard_negatives < 1:
             raise UsageError(f"hard_negatives must be >= 1, got {mixup.hard_negatives}")
         self.input_pairs = mixup.input_pairs

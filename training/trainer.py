@@ -39,6 +39,7 @@ from retrieval.embed.preprocess import Preprocessing
 from retrieval.embed.torch_backend import TorchBackend
 from retrieval.errors import ConfigError, UsageError
 from retrieval.model import Embedder, freeze_batchnorm
+from training import catalog
 from training.batches import TrainBatches, build_train_batches
 from training.checkpointing import (
     BEST_CHECKPOINT,
@@ -123,8 +124,8 @@ def seed_everything(seed: int) -> None:
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype, or None for full precision. CPU always trains in float32."""
-    if amp not in ("auto", "bf16", "fp16", "none"):
-        raise UsageError(f"unknown amp setting {amp!r}; choose auto, bf16, fp16 or none")
+    if amp not in catalog.AMP_MODES:
+        raise UsageError(f"unknown amp setting {amp!r}; choose {catalog.one_of(catalog.AMP_MODES)}")
     if device.type != "cuda" or amp == "none":
         return None
     if amp == "fp16":

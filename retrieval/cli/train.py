@@ -24,10 +24,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.name": catalog.loss_names(),
     "mixup.level": catalog.level_names(),
     "data.sampler": ("random", "balanced"),
-    "train.amp": ("auto", "bf16", "fp16", "none"),
-    "mixup.lam_per": ("batch", "pair"),
-    "mixup.pair_kind": ("random", "positive", "anchor", "both"),
-    "mixup.input_pairs": ("hardest", "random"),
+    "train.amp": catalog.AMP_MODES,
+    "mixup.lam_per": catalog.LAMBDA_PER,
+    "mixup.pair_kind": catalog.PAIR_KINDS,
+    "mixup.input_pairs": catalog.INPUT_PAIRS,
 }
 SECTIONS = ("data", "model", "loss", "mixup", "train")
 
