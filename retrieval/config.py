@@ -35,7 +35,7 @@ class DataConfig:
     resize_size: int = 256  # test-time short-side resize before the centre crop (default_resize_size)
     batch_size: int = 100
     crop_scale_min: float = 0.08  # RandomResizedCrop area range (min, 1); 0.08 is torchvision's and the paper's
-    sampler: Literal["random", "balanced"] = "random"
+    sampler: str = "random"  # training.catalog.SAMPLERS
     images_per_class: int = 5  # K of a P x K balanced batch; P = batch_size // K
     workers: int = 4
     cache: str | None = None  # decoded-image cache folder written by `retrieval prepare`
@@ -263,7 +263,7 @@ def paper_mixup_preset(dataset: str, loss: str, mixup_level: str) -> MixupConfig
 
 def paper_data_preset(dataset: str) -> DataConfig:
     """Random batches on CUB/Cars, class-balanced 20 x 5 on SOP/In-Shop (as the official code)."""
-    sampler: Literal["random", "balanced"] = "balanced" if dataset in _LARGE else "random"
+    sampler = "balanced" if dataset in _LARGE else "random"
     return DataConfig(dataset=dataset, sampler=sampler, batch_size=100, images_per_class=5)
 
 

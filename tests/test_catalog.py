@@ -65,6 +65,7 @@ def test_every_value_of_the_smaller_settings_is_accepted_and_no_other(tmp_path: 
 
     assert CHOICES["mixup.pair_kind"] == catalog.PAIR_KINDS and CHOICES["mixup.input_pairs"] == catalog.INPUT_PAIRS
     assert CHOICES["mixup.lam_per"] == catalog.LAMBDA_PER and CHOICES["train.amp"] == catalog.AMP_MODES
+    assert CHOICES["data.sampler"] == catalog.SAMPLERS
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     for kind in catalog.PAIR_KINDS:
         for lam_per in catalog.LAMBDA_PER:
@@ -75,6 +76,12 @@ def test_every_value_of_the_smaller_settings_is_accepted_and_no_other(tmp_path: 
         build_objective(cfg, 4, 8)
     for amp in catalog.AMP_MODES:
         resolve_amp(amp, torch.device("cpu"))
+    from training.batches import build_batch_sampler
+
+    for sampler in catalog.SAMPLERS:
+        cfg = preset("demo", "ms", "feature")
+        cfg.data.sampler = sampler
+        assert len(build_batch_sampler(cfg, tuple(i % 30 for i in range(300)))) > 0
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"mixup": {"pair_kind": "diagonal"}}))
     with pytest.raises(ConfigError, match="diagonal"):

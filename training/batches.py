@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from retrieval.config import RunConfig
 from retrieval.data.base import Split
 from retrieval.errors import ConfigError, UsageError
+from training import catalog
 
 
 def contiguous_labels(split: Split) -> tuple[Split, dict[int, int]]:
@@ -45,7 +46,7 @@ def build_batch_sampler(cfg: RunConfig, labels: tuple[int, ...], rank: int = 0, 
         return RandomBatchSampler(
             len(labels), d.batch_size, seed=cfg.train.seed, drop_last=True, rank=rank, world_size=world_size
         )
-    raise UsageError(f"unknown sampler {d.sampler!r}; choose random or balanced")
+    raise UsageError(f"unknown sampler {d.sampler!r}; choose {catalog.one_of(catalog.SAMPLERS)}")
 
 
 def _seed_for(seed: int, epoch: int, rank: int) -> int:

@@ -56,6 +56,7 @@ PAIR_KINDS: tuple[str, ...] = ("random", "positive", "anchor", "both")  # which 
 INPUT_PAIRS: tuple[str, ...] = ("hardest", "random")  # how input mixing picks partners (objective.Objective)
 LAMBDA_PER: tuple[str, ...] = ("batch", "pair")  # one mixing ratio per batch or per mix (metrix.plan_pairs)
 AMP_MODES: tuple[str, ...] = ("auto", "bf16", "fp16", "none")  # autocast dtype of training (trainer.resolve_amp)
+SAMPLERS: tuple[str, ...] = ("random", "balanced")  # how training batches are drawn (batches.build_batch_sampler)
 
 DEFAULT_LOSS = "ms"
 DEFAULT_LEVEL = "feature"  # the headline recipe; also the level analyses mix at for a baseline embedder
@@ -105,6 +106,6 @@ def level(name: str) -> MixingLevel:
 
 __all__ = [
     "AMP_MODES", "DEFAULT_LEVEL", "DEFAULT_LOSS", "INPUT_PAIRS", "LAMBDA_PER", "LEVELS", "LOSSES", "Loss",
-    "MixingLevel", "PAIR_KINDS", "described", "level",
+    "MixingLevel", "PAIR_KINDS", "SAMPLERS", "described", "level",
     "level_names", "loss", "loss_names", "mixing_level_names", "one_of",
 ]

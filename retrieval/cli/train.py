@@ -23,7 +23,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": tuple(DATASETS),
     "loss.name": catalog.loss_names(),
     "mixup.level": catalog.level_names(),
-    "data.sampler": ("random", "balanced"),
+    "data.sampler": catalog.SAMPLERS,
     "train.amp": catalog.AMP_MODES,
     "mixup.lam_per": catalog.LAMBDA_PER,
     "mixup.pair_kind": catalog.PAIR_KINDS,
