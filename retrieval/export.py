@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from retrieval.atomic import fsync_file
 from retrieval.embed.onnx_backend import CPU, INPUT_NAME, OUTPUT_NAME, OnnxBackend, build_metadata
 from retrieval.errors import UsageError, UserError
-from retrieval.images import IMAGE_EXTENSIONS, ImageLoadError, open_image
+from retrieval.image_files import image_files
+from retrieval.images import ImageLoadError, open_image
 from retrieval.model import Embedder
 from retrieval.embed.preprocess import Preprocessing, preprocess_eval
 
@@ -227,10 +228,6 @@ class ParityReport:
         )
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
 def _evenly(items: Sequence[Any], count: int) -> list[Any]:
     if len(items) <= count:
         return list(items)
@@ -267,7 +264,7 @@ def parity_images(
         folder = Path(folder)
         if not folder.is_dir():
             raise ExportError(f"parity image folder not found: {folder}")
-        batch = _load_batch(_evenly(_image_files(folder), count), prep)
+        batch = _load_batch(_evenly(image_files(folder), count), prep)
         if len(batch):
             return batch, f"{len(batch)} images from {folder}"
         note = f"no readable images in {folder}"

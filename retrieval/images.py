@@ -27,8 +27,6 @@ from retrieval.errors import UserError
 
 DEFAULT_MAX_PIXELS = 64_000_000  # ~ 8000 x 8000; larger inputs are refused before decoding
 DEFAULT_MAX_ASPECT_RATIO = 64.0  # long side / short side; a resize to short side S then makes <= 64 S^2 pixels
-# What counts as an image when a folder is scanned (dataset folders, galleries, export samples).
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 class ImageLoadError(UserError, ValueError):

@@ -113,3 +113,12 @@ def test_the_catalog_and_the_cli_start_without_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout
     assert out.strip() == "[]"
+
+
+def test_the_cli_starts_without_numpy_or_pillow() -> None:
+    """Registering every command (help texts from the registries) loads no array or image library."""
+    code = ("import sys, retrieval.cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('numpy', 'PIL', 'faiss', 'scipy')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "[]"

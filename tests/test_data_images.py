@@ -75,3 +75,15 @@ def test_huge_image_refused_before_decoding(nasty):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ImageLoadError, match="not found"):
         open_image(tmp_path / "nope.jpg")
+
+
+def test_folder_scans_list_images_and_skip_hidden_entries(tmp_path: Path) -> None:
+    from retrieval.image_files import image_files
+    from retrieval.index.build import list_images
+
+    for rel in ("b/2.JPG", "a/1.png", ".cache/3.jpg", "a/.4.jpg", "a/notes.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    expected = [tmp_path / "a/1.png", tmp_path / "b/2.JPG"]
+    assert image_files(tmp_path) == expected
+    assert list_images([tmp_path]) == expected

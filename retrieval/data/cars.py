@@ -13,8 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from retrieval.data._files import layout_error, require_file, resolve_root, split_by_class
 from retrieval.data.base import RetrievalDataset
 
@@ -31,6 +29,8 @@ LAYOUT = """\
 
 def _scalar(value: Any) -> Any:
     """MATLAB cells arrive as nested 1x1 arrays; unwrap to the Python value."""
+    import numpy as np
+
     arr = np.asarray(value)
     while arr.dtype == object and arr.size == 1:
         arr = np.asarray(arr.reshape(-1)[0])
@@ -40,6 +40,7 @@ def _scalar(value: Any) -> Any:
 
 
 def load_cars(root: str | os.PathLike[str]) -> RetrievalDataset:
+    import numpy as np
     from scipy.io import loadmat  # scipy is slow to import; only this loader needs it
 
     name = "cars"

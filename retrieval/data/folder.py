@@ -14,7 +14,7 @@ from pathlib import Path
 
 from retrieval.data._files import layout_error
 from retrieval.data.base import RetrievalDataset, Split
-from retrieval.images import IMAGE_EXTENSIONS
+from retrieval.image_files import IMAGE_EXTENSIONS, image_files
 
 RECALL_KS: tuple[int, ...] = (1, 2, 4, 8)
 
@@ -31,21 +31,13 @@ def item_attributes(parts: Sequence[str], item_id: str) -> dict[str, str]:
     return {"folder": "/".join(parts[:-1])} if len(parts) >= 2 else {}
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )  # fmt: skip
-
-
 def load_folder(root: str | os.PathLike[str]) -> RetrievalDataset:
     name = "folder"
     base = Path(root).expanduser()
     if not base.is_dir():
         raise layout_error(name, f"dataset folder not found: {base}", LAYOUT)
     class_dirs = sorted(d for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
-    members = [(d.name, _images_in(d)) for d in class_dirs]
+    members = [(d.name, image_files(d)) for d in class_dirs]
     empty = [n for n, imgs in members if not imgs]
     if empty:
         raise layout_error(name, f"class folder {base / empty[0]} holds no images", LAYOUT)

@@ -13,10 +13,12 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from retrieval.embed.backend import EmbeddingBackend
 from retrieval.errors import InputError, UsageError
+
+if TYPE_CHECKING:
+    from retrieval.embed.backend import EmbeddingBackend
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from retrieval.config import CalibrationConfig, IndexConfig
 from retrieval.embed.backend import EmbeddingBackend
 from retrieval.embed.spec import embedder_record
 from retrieval.errors import InputError
-from retrieval.images import IMAGE_EXTENSIONS
+from retrieval.image_files import IMAGE_EXTENSIONS, image_files
 from retrieval.index.faiss_index import library_versions, resolve_params
 from retrieval.index.folder import GalleryIndex, ItemTable, StoredQueries, items_from_paths
 from retrieval.index.meta import IndexMeta, now_iso
@@ -34,7 +34,7 @@ def list_images(sources: Sequence[str | os.PathLike[str]]) -> list[Path]:
     for src in sources:
         path = Path(src)
         if path.is_dir():
-            inside = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            inside = image_files(path)
             if not inside:
                 raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {path}")
             found += inside
