@@ -10,7 +10,7 @@ one entry in `KINDS` plus its backend module.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,11 +45,11 @@ class EmbedderSpec:
     # -- constructors ----------------------------------------------------------------------------
     @classmethod
     def checkpoint(cls, path: str | os.PathLike[str]) -> "EmbedderSpec":
-        return cls("checkpoint", str(Path(path).expanduser().resolve()))
+        return cls("checkpoint", _absolute(path))
 
     @classmethod
     def onnx(cls, path: str | os.PathLike[str]) -> "EmbedderSpec":
-        return cls("onnx", str(Path(path).expanduser().resolve()))
+        return cls("onnx", _absolute(path))
 
     @classmethod
     def untrained(cls, arch: str = "resnet18", embedding_size: int = 128, image_size: int = 224,
@@ -81,7 +81,7 @@ class EmbedderSpec:
         path = {"checkpoint": checkpoint, "model": model}[kind.option]
         if path is None:
             raise UsageError(f"the {backend} backend needs {kind.needs}")
-        return cls(kind.name, str(Path(path).expanduser().resolve()))
+        return cls(kind.name, _absolute(path))
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "EmbedderSpec":
@@ -100,11 +100,6 @@ class EmbedderSpec:
         return cls(kind, str(record["path"]))
 
     # -- facts -------------------------------------------------------------------------------------
-    @property
-    def backend(self) -> str:
-        """The backend that runs it: "torch" or "onnx"."""
-        return KINDS[self.kind].backend
-
     def to_record(self) -> dict[str, Any]:
         """The JSON record stored in meta.json / manifest.json (read back by `from_record`)."""
         if self.kind == "untrained":
@@ -118,13 +113,18 @@ class EmbedderSpec:
         return f"{kind.label} {self.path}" if kind.takes_path else f"{kind.label} ({kind.flag})"
 
 
-def open_embedder(spec: EmbedderSpec, device: str = "auto", providers: Sequence[object] | None = None) -> EmbeddingBackend:
+def _absolute(path: str | os.PathLike[str]) -> str:
+    """Recorded paths are absolute, so an index re-opens its embedder from any working directory."""
+    return str(Path(path).expanduser().resolve())
+
+
+def open_embedder(spec: EmbedderSpec, device: str = "auto") -> "EmbeddingBackend":
     """The backend for `spec` on `device` ("auto", "cpu", "cuda[:N]"); it keeps the spec as `backend.spec`.
 
-    The backend module is imported here, so an ONNX embedder never imports torch. For ONNX, `providers`
-    overrides the onnxruntime providers `device` selects; the backend's `device` reports what runs.
+    The backend module is imported here, so an ONNX embedder never imports torch; for ONNX, `device`
+    selects the onnxruntime providers and the backend's `device` reports what runs.
     """
-    backend = KINDS[spec.kind].open(spec, device, providers)
+    backend = KINDS[spec.kind].open(spec, device)
     backend.spec = spec  # type: ignore[attr-defined]
     return backend
 
@@ -150,19 +150,19 @@ def open_recorded(record: dict[str, Any], device: str = "auto") -> EmbeddingBack
 # -- the kinds ---------------------------------------------------------------------------------------
 
 
-def _open_checkpoint(spec: EmbedderSpec, device: str, providers: Sequence[object] | None) -> EmbeddingBackend:
+def _open_checkpoint(spec: EmbedderSpec, device: str) -> "EmbeddingBackend":
     from retrieval.embed.torch_backend import TorchBackend
 
     return TorchBackend.from_checkpoint(spec.path, device=device)  # type: ignore[arg-type]
 
 
-def _open_onnx(spec: EmbedderSpec, device: str, providers: Sequence[object] | None) -> EmbeddingBackend:
+def _open_onnx(spec: EmbedderSpec, device: str) -> "EmbeddingBackend":
     from retrieval.embed.onnx_backend import OnnxBackend, providers_for_device
 
-    return OnnxBackend(spec.path, providers=providers or providers_for_device(device))  # type: ignore[arg-type]
+    return OnnxBackend(spec.path, providers=providers_for_device(device))  # type: ignore[arg-type]
 
 
-def _open_untrained(spec: EmbedderSpec, device: str, providers: Sequence[object] | None) -> EmbeddingBackend:
+def _open_untrained(spec: EmbedderSpec, device: str) -> "EmbeddingBackend":
     """Seeded, so that search re-creates the very network the index was built with."""
     import torch
 
@@ -189,7 +189,7 @@ class EmbedderKind:
     label: str  # what it is, in messages
     flag: str  # how a user passes it
     needs: str  # what --backend BACKEND without its file is told
-    open: Callable[[EmbedderSpec, str, Sequence[object] | None], EmbeddingBackend]
+    open: Callable[[EmbedderSpec, str], "EmbeddingBackend"]
 
 
 KINDS: dict[str, EmbedderKind] = {

@@ -59,7 +59,7 @@ class TorchBackend:
             amp_dtype = torch.bfloat16 if self.torch_device.type == "cuda" else None
         self.amp_dtype: torch.dtype | None = amp_dtype  # type: ignore[assignment]
         self.channels_last = channels_last
-        precision = str(self.amp_dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float16", "fp16")
+        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, str(self.amp_dtype))
         self.device = f"{self.torch_device} ({precision} autocast)" if self.amp_dtype else str(self.torch_device)
 
     @property
