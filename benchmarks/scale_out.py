@@ -70,18 +70,25 @@ def write_jpegs(folder: Path, n: int, size: int, seed: int = 0) -> None:
         Image.fromarray(img).save(path, quality=90)
 
 
+def _start_ray(a: argparse.Namespace) -> float:
+    """Seconds to start (or join) Ray when the engine is Ray, timed apart from the work; 0 otherwise."""
+    if a.engine != "ray":
+        return 0.0
+    from retrieval.embed.ray_engine import RayOptions, connect
+
+    t0 = time.perf_counter()
+    connect(RayOptions(workers=a.workers))
+    return time.perf_counter() - t0
+
+
 def child_embed(a: argparse.Namespace) -> dict:
     """One engine over the image folder; Ray (if used) is started before the clock and reported apart."""
     from retrieval.embed.job import EmbedOptions, embed_to_parts, source_from_images
     from retrieval.embed.spec import EmbedderSpec, open_embedder
     from retrieval.embed.parts import EmbeddingsFolder
-    from retrieval.embed.ray_engine import RayOptions, connect
+    from retrieval.embed.ray_engine import RayOptions
 
-    ray_init = 0.0
-    if a.engine == "ray":
-        t0 = time.perf_counter()
-        connect(RayOptions(workers=a.workers))
-        ray_init = time.perf_counter() - t0
+    ray_init = _start_ray(a)
     if a.threads:
         import torch
 
@@ -173,14 +180,10 @@ def child_make_parts(a: argparse.Namespace) -> dict:
 
 def child_build(a: argparse.Namespace) -> dict:
     from retrieval.config import CalibrationConfig, IndexConfig
-    from retrieval.embed.ray_engine import RayOptions, connect
+    from retrieval.embed.ray_engine import RayOptions
     from retrieval.index.sharded_build import ShardOptions, build_from_parts
 
-    ray_init = 0.0
-    if a.engine == "ray":
-        t0 = time.perf_counter()
-        connect(RayOptions(workers=a.workers))
-        ray_init = time.perf_counter() - t0
+    ray_init = _start_ray(a)
     cfg = IndexConfig(index_type=a.index_type, nlist=a.nlist, nprobe=a.nprobe, use_gpu=False)
     t0 = time.perf_counter()
     index, report = build_from_parts(a.parts, a.out, cfg, ShardOptions(shards=a.shards, engine=a.engine),
