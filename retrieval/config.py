@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, TypeVar
 
 from retrieval.errors import ConfigError
+from retrieval.index.knobs import knob_fields
+from retrieval.index.types import index_type
 from training import catalog
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -118,26 +120,20 @@ class TrainConfig:
 
 
 @dataclass
+@knob_fields(lambda knob: knob.default, after="index_type")
 class IndexConfig:
-    """How a gallery is indexed."""
+    """How a gallery is indexed.
+
+    After `index_type`, one int field per knob of retrieval.index.knobs.INDEX_KNOBS (nlist, nprobe, pq_m,
+    pq_nbits, hnsw_m, ef_construction, ef_search, refine_factor, train_size), defaulting as declared there.
+    """
 
     index_type: str = "auto"  # auto, or a type registered in retrieval.index.types.INDEX_TYPES
-    nlist: int = 0  # 0 = chosen from the gallery size
-    nprobe: int = 16
-    pq_m: int = 64
-    pq_nbits: int = 8  # bits per PQ sub-code (256 centroids at 8)
-    hnsw_m: int = 32
-    ef_construction: int = 80
-    ef_search: int = 128
-    refine_factor: int = 0  # > 0: re-rank k * factor approximate candidates with exact inner products
-    train_size: int = 0  # 0 = chosen from nlist; vectors sampled (seeded) to train IVF/PQ
     memory_budget_gb: float = 4.0
     use_gpu: bool = True
     flat_max_items: int = 300_000  # "auto" keeps exact search up to here when it fits the memory budget
 
     def __post_init__(self) -> None:
-        from retrieval.index.types import index_type  # the registry needs neither FAISS nor this module
-
         if self.index_type != "auto":
             index_type(self.index_type)  # IndexBuildError listing the registered types
 
