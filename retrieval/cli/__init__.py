@@ -48,13 +48,14 @@ def cli_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             sys.stdout.flush()
             raise typer.Exit(code=report(exc)) from None
 
+    run.reports_errors = True  # type: ignore[attr-defined]
     return run
 
 
 def handle_errors(typer_app: typer.Typer) -> typer.Typer:
     """Apply `cli_errors` to every command registered on `typer_app` (once each)."""
     for info in typer_app.registered_commands:
-        if info.callback is not None and not getattr(info.callback, "__wrapped__", None):
+        if info.callback is not None and not getattr(info.callback, "reports_errors", False):
             info.callback = cli_errors(info.callback)
     return typer_app
 
