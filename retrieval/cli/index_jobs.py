@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from retrieval.cli import embedder_options as opts
+from retrieval.config import CalibrationConfig, IndexConfig
 from retrieval.errors import UsageError
+from retrieval.index.knobs import INDEX_KNOBS
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class IndexArgs:
     image_size: int
     seed: int
     index_type: str
-    knobs: dict[str, Any]
+    knobs: dict[str, int | None]
     memory_budget_gb: float
     gpu: bool
     device: str
@@ -63,14 +65,11 @@ class IndexArgs:
     address: str | None
     workers: int
 
-    def index_settings(self) -> tuple[Any, Any]:
+    def index_settings(self) -> tuple[IndexConfig, CalibrationConfig]:
         """(IndexConfig, CalibrationConfig) of a build; an unknown --index-type is refused here.
 
         A calibrated knob given on the command line (--nprobe, --ef-search) fixes the search setting:
         calibration then measures it instead of sweeping."""
-        from retrieval.config import CalibrationConfig, IndexConfig
-        from retrieval.index.knobs import INDEX_KNOBS
-
         given = {name: value for name, value in self.knobs.items() if value is not None}
         cfg = IndexConfig(index_type=self.index_type, memory_budget_gb=self.memory_budget_gb, use_gpu=self.gpu,
                           **given)
@@ -165,23 +164,23 @@ def edit(args: IndexArgs) -> None:
     """--out DIR with --remove / --remove-path and/or --rerank-neighbours: change an existing index in place."""
     out = _existing_index(args, "--remove/--remove-path/--rerank-neighbours on an existing index need --out DIR")
     if args.remove or args.remove_path:
-        remove_items(out, args.remove or [], args.remove_path or [])
+        _remove(out, args.remove or [], args.remove_path or [])
     if args.rerank_neighbours:
-        store_neighbour_lists(out, args.rerank_neighbours)
+        _store_neighbour_lists(out, args.rerank_neighbours)
 
 
-def remove_items(out: Path, item_ids: list[str], paths: list[str]) -> None:
+def _remove(out: Path, item_ids: list[str], paths: list[str]) -> None:
     """Remove every gallery image of `item_ids` and the images `paths` from the index at `out`."""
     from rich.markup import escape
 
-    from retrieval.index.build import remove_items as remove
+    from retrieval.index.build import remove_items
 
-    updated, n_removed = remove(out, item_ids, paths)
+    updated, n_removed = remove_items(out, item_ids, paths)
     _console().print(f"[green]removed {n_removed:,} images[/green] from {escape(str(out))}; "
                      f"the index now holds {len(updated):,} items")
 
 
-def store_neighbour_lists(out: Path, width: int) -> None:
+def _store_neighbour_lists(out: Path, width: int) -> None:
     """Store each gallery item's `width` nearest neighbours in the index at `out` (for --rerank dba)."""
     from rich.markup import escape
 
