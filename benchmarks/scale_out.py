@@ -115,7 +115,7 @@ def measure_decode_per_core(folder: Path, n: int = 60) -> float:
     from PIL import Image
 
     from retrieval.images import open_image
-    from retrieval.embed.preprocess import Preprocessing, preprocess_eval
+    from retrieval.preprocess import Preprocessing, preprocess_eval
 
     rng = np.random.default_rng(1)
     path = folder / "photo.jpg"

@@ -391,7 +391,7 @@ def write_arrays(out: str | os.PathLike[str], roles: dict[str, tuple[np.ndarray,
     For synthetic benchmarks and for embeddings computed elsewhere; the items get placeholder paths
     ("<role>/<row>"). The result is a complete folder any index build accepts.
     """
-    from retrieval.embed.preprocess import Preprocessing
+    from retrieval.preprocess import Preprocessing
 
     out = Path(out)
     if (out / MANIFEST_FILE).exists():
