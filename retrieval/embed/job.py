@@ -26,8 +26,9 @@ from retrieval.atomic import atomic_write_json
 from retrieval.embed.backend import EmbeddingBackend
 from retrieval.embed.spec import embedder_record
 from retrieval.errors import UsageError
+from retrieval.image_files import list_images
 from retrieval.images import ImageLoadError, open_image
-from retrieval.versions import software_versions
+from retrieval.versions import now_iso, software_versions
 from retrieval.embed.parts import (
     DTYPES,
     MANIFEST_FILE,
@@ -109,8 +110,6 @@ def source_from_dataset(ds: Any) -> EmbedSource:
 
 def source_from_images(sources: Sequence[str | os.PathLike[str]]) -> EmbedSource:
     """Image files and folders (searched recursively): unlabelled items (label -1, id = parent folder name)."""
-    from retrieval.index.build import list_images
-
     paths = [str(p.resolve()) for p in list_images(sources)]
     root = os.path.commonpath([os.path.dirname(p) for p in paths])
     return EmbedSource("images", "images", root, "all-vs-all", [],
@@ -216,15 +215,9 @@ def open_job(out: str | os.PathLike[str], source: EmbedSource, backend: Embeddin
                              + ". Use another --out, or delete the folder to start over")
         return EmbeddingsFolder(out, existing)
     out.mkdir(parents=True, exist_ok=True)
-    manifest["created_at"] = _now()
+    manifest["created_at"] = now_iso()
     atomic_write_json(out / MANIFEST_FILE, manifest)
     return EmbeddingsFolder(out, manifest)
-
-
-def _now() -> str:
-    from retrieval.index.folder import now_iso
-
-    return now_iso()
 
 
 def embed_part(backend: EmbeddingBackend, task: PartTask, batch_size: int, decode_threads: int = 0,
@@ -326,7 +319,7 @@ def finalize(folder: EmbeddingsFolder) -> dict[str, Any]:
                 bad += [{"role": role, **b} for b in items.bad]
         embedded[role] = n
     manifest.update({"complete": True, "embedded": embedded, "n_bad": len(bad), "bad_images": bad,
-                     "completed_at": _now()})
+                     "completed_at": now_iso()})
     atomic_write_json(folder.folder / MANIFEST_FILE, manifest)
     folder.manifest = manifest
     return manifest
@@ -405,7 +398,7 @@ def write_arrays(out: str | os.PathLike[str], roles: dict[str, tuple[np.ndarray,
         "embedder_source": {"kind": "arrays"}, "dtype": dtype, "part_size": part_size,
         "source": {"kind": "arrays", "dataset": dataset, "protocol": "query-gallery" if "query" in roles
                    else "all-vs-all", "recall_ks": [1, 10], "splits": {r: r for r in roles}},
-        "data_root": None, "splits": splits, "versions": {}, "complete": False, "created_at": _now(),
+        "data_root": None, "splits": splits, "versions": {}, "complete": False, "created_at": now_iso(),
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / MANIFEST_FILE, manifest)

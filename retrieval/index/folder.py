@@ -56,9 +56,10 @@ from retrieval.index.faiss_index import (
     to_search_device,
     write_index,
 )
-from retrieval.index.meta import META_FILE, NORMALISATION, IndexMeta, now_iso, read_meta, write_meta
+from retrieval.index.meta import META_FILE, NORMALISATION, IndexMeta, read_meta, write_meta
 from retrieval.index.types import IndexParams
 from retrieval.search.rerank import DEFAULT_NEIGHBOURS, NeighbourLists, RerankError, gallery_neighbours
+from retrieval.versions import now_iso
 
 INDEX_FILE, ITEMS_FILE = "index.faiss", "items.json"
 QUERIES_FILE, QUERY_ITEMS_FILE, GALLERY_FILE = "queries.npy", "queries.json", "gallery.npy"

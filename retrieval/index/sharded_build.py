@@ -44,9 +44,10 @@ from retrieval.index.faiss_index import (
 )
 from retrieval.index.types import IndexParams
 from retrieval.index.folder import GalleryIndex, ItemTable, StoredQueries
-from retrieval.index.meta import IndexMeta, now_iso
+from retrieval.index.meta import IndexMeta
 from retrieval.embed.parts import EmbeddingsFolder, PartItems, absolute_paths, part_paths
 from retrieval.atomic import atomic_write_with, read_json
+from retrieval.versions import now_iso
 
 
 @dataclass(frozen=True)
