@@ -33,7 +33,7 @@ from fastapi import FastAPI, Request
 from PIL import Image, UnidentifiedImageError
 
 from app.batching import BatchingWorker, QueueFull
-from retrieval.search.filters import FilterError, format_where, parse_where
+from retrieval.index.filters import FilterError, format_where, parse_where
 from retrieval.images import DEFAULT_MAX_PIXELS, ImageLoadError, open_image
 from retrieval.search.rerank import RERANK_METHODS, RerankError
 

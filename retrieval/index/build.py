@@ -51,7 +51,7 @@ def build_index(
     """Embed `dataset.gallery_split()` (and the query split of query/gallery datasets), index it, publish `out_dir`.
 
     `dataset` is a retrieval.data RetrievalDataset. The previous folder at `out_dir` stays in place
-    until the new one is complete. Items carry the dataset's attributes (retrieval.search.filters);
+    until the new one is complete. Items carry the dataset's attributes (retrieval.index.filters);
     `rerank_neighbours` > 0 also stores gallery neighbour lists of that width (for DBA re-ranking).
     Images that cannot be used are skipped and listed in the metadata (`bad_images`), unless there are
     more than `max_bad_fraction` of them; `strict` stops at the first.
