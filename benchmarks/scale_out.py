@@ -83,7 +83,8 @@ def _start_ray(a: argparse.Namespace) -> float:
 
 def child_embed(a: argparse.Namespace) -> dict:
     """One engine over the image folder; Ray (if used) is started before the clock and reported apart."""
-    from retrieval.embed.job import EmbedOptions, embed_to_parts, source_from_images
+    from retrieval.embed.engines import embed_to_parts
+    from retrieval.embed.job import EmbedOptions, source_from_images
     from retrieval.embed.spec import EmbedderSpec, open_embedder
     from retrieval.embed.parts import EmbeddingsFolder
     from retrieval.embed.ray_engine import RayOptions
