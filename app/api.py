@@ -33,8 +33,8 @@ from fastapi import FastAPI, Request
 
 from app.batching import BatchingWorker, QueueFull
 from app.schemas import ErrorBody, Health, InfoResponse, SearchResponse
+from retrieval.index.filters import FilterError, format_where, parse_where
 from retrieval.query_intake import QueryIntake, QueryLimits, QueryRejected
-from retrieval.search.filters import FilterError, format_where, parse_where
 from retrieval.search.rerank import RERANK_METHODS, RerankError
 
 log = logging.getLogger(__name__)

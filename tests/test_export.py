@@ -32,7 +32,7 @@ from retrieval.export import (
     torch_reference,
 )
 from retrieval.model import Embedder
-from retrieval.embed.preprocess import preprocess_eval
+from retrieval.preprocess import preprocess_eval
 
 GALLERY_SIZE = 20
 

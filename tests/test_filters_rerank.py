@@ -15,9 +15,9 @@ import pytest
 from typer.testing import CliRunner
 
 from retrieval.config import IndexConfig
-from retrieval.search.filters import FilterError, parse_where
 from retrieval.index.errors import IndexBuildError
 from retrieval.index.faiss_index import build_faiss_index, resolve_params
+from retrieval.index.filters import FilterError, parse_where
 from retrieval.index.meta import IndexMeta
 from retrieval.index.folder import GalleryIndex, ItemTable, StoredQueries
 from retrieval.search.rerank import RerankError

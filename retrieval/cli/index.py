@@ -156,7 +156,8 @@ def _add(console, out, add, spec, device, batch_size, strict, max_bad_fraction) 
     from rich.markup import escape
 
     from retrieval.embed.spec import open_embedder, open_recorded
-    from retrieval.index.build import add_images, list_images
+    from retrieval.image_files import list_images
+    from retrieval.index.build import add_images
     from retrieval.index.folder import GalleryIndex
 
     n_listed = len(list_images(add))  # refuse missing files before any work

@@ -22,10 +22,10 @@ from PIL import Image
 from retrieval.embed.backend import EmbeddingBackend
 from retrieval.embed.spec import EmbedderSpec, open_embedder, open_recorded
 from retrieval.errors import InputError
-from retrieval.metrics import neighbour_metrics
-from retrieval.search.filters import Where, attribute_values, matching_ids, parse_where
+from retrieval.index.filters import Where, attribute_values, matching_ids, parse_where
 from retrieval.index.folder import GalleryIndex
 from retrieval.index.meta import IndexMeta
+from retrieval.metrics import neighbour_metrics
 from retrieval.search.hits import Hit, dataset_relative
 from retrieval.search.rerank import Reranker, RerankConfig, check_method
 
