@@ -11,30 +11,30 @@
 
 Errors are JSON {"error": code, "message": text} with a stable code and status: 400 bad_request,
 401 unauthorized, 413 too_large, 415 not_an_image, 422 undecodable_image, 503 queue_full, 500 internal
-(never a traceback). The server never fetches a URL on a client's behalf. Upload sizes are checked on
-the encoded bytes (request length, then the file) before anything is decoded.
+(never a traceback). The server never fetches a URL on a client's behalf. Images are taken in by the
+query intake the UI and `retrieval search` use too (retrieval.query_intake: one set of limits, one
+size rule, the same refusals); sizes are checked on the encoded bytes (request length, then the file
+or the base64 text) before anything is decoded. Answers have response models (app.schemas), so
+/openapi.json documents their fields.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hmac
-import io
 import logging
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
-from PIL import Image, UnidentifiedImageError
 
 from app.batching import BatchingWorker, QueueFull
-from retrieval.search.filters import FilterError, format_where, parse_where
-from retrieval.images import DEFAULT_MAX_PIXELS, ImageLoadError, open_image
+from app.schemas import ErrorBody, Health, InfoResponse, SearchResponse
+from retrieval.index.filters import FilterError, format_where, parse_where
+from retrieval.query_intake import QueryIntake, QueryLimits, QueryRejected
 from retrieval.search.rerank import RERANK_METHODS, RerankError
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,9 @@ API_PREFIX = "/api/v1"
 TOKEN_ENV = "RETRIEVAL_API_TOKEN"
 DEFAULT_K, MAX_K = 10, 100
 MULTIPART_OVERHEAD = 64 * 1024  # form boundaries and fields on top of the image itself
+UPLOAD = "the upload"  # how messages name a multipart upload; a JSON body's image is "`image`"
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "default": {"model": ErrorBody, "description": "An error: its stable code and a one-line message."}}
 
 
 class ApiError(Exception):
@@ -55,54 +58,16 @@ class ApiError(Exception):
 
 @dataclass(frozen=True)
 class ApiSettings:
-    max_upload_bytes: int = 25 * 1024 * 1024
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    limits: QueryLimits = field(default_factory=QueryLimits)  # query images: the UI's limits too
     max_k: int = MAX_K
     token: str | None = None  # when set, every route but /health needs "Authorization: Bearer <token>"
 
-
-# --- input checks (shared with the UI) ---------------------------------------------------------------
-
-
-def decode_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Encoded bytes -> upright RGB image, or ApiError 415 (not an image), 413 (too many pixels), 422 (broken)."""
-    try:
-        with Image.open(io.BytesIO(data)) as probe:  # reads the header only
-            width, height = probe.size
-    except UnidentifiedImageError:
-        raise ApiError(415, "not_an_image", "the upload is not an image format the server can read "
-                                            "(JPEG, PNG, WebP, GIF, BMP, TIFF)") from None
-    except Exception as exc:
-        raise ApiError(422, "undecodable_image", f"the image header is corrupt ({type(exc).__name__})") from None
-    if width * height > max_pixels:
-        raise ApiError(413, "too_large", f"the image is {width}x{height} pixels, over the limit of {max_pixels:,}; "
-                                         "downscale it first")
-    try:
-        return open_image(data, max_pixels=max_pixels)
-    except ImageLoadError as exc:
-        raise ApiError(422, "undecodable_image", str(exc).removeprefix("<bytes>: ")) from None
-    except Exception as exc:  # a decoder bug must not take the server down
-        log.exception("unexpected error decoding an upload")
-        raise ApiError(422, "undecodable_image", f"the image could not be decoded ({type(exc).__name__})") from None
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.limits.max_bytes
 
 
-_DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
-
-
-def decode_base64_image(text: Any, max_bytes: int) -> bytes:
-    """A base64 string (or data: URL) -> bytes, size-checked before decoding; URLs are refused, never fetched."""
-    if not isinstance(text, str) or not text:
-        raise ApiError(400, "bad_request", "`image` must be base64-encoded image bytes (or a data: URL)")
-    if re.match(r"^\s*(https?|ftp|file)://", text, re.IGNORECASE):
-        raise ApiError(400, "bad_request", "the server never fetches URLs; send the image bytes "
-                                           "(multipart field `image`, or base64 in JSON)")
-    body = _DATA_URL.sub("", text, count=1).strip()
-    if len(body) * 3 // 4 > max_bytes + 2:
-        raise ApiError(413, "too_large", f"the image is over the {max_bytes / 2**20:.0f} MB upload limit")
-    try:
-        return base64.b64decode(body, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, "bad_request", "`image` is not valid base64") from None
+# --- request checks (images are checked by retrieval.query_intake) ------------------------------------
 
 
 def parse_k(value: Any, max_k: int) -> int:
@@ -162,6 +127,7 @@ class SearchApi:
 
     def __init__(self, searcher: Any, worker: BatchingWorker, thumbnails: Any, settings: ApiSettings) -> None:
         self.searcher, self.worker, self.thumbnails, self.settings = searcher, worker, thumbnails, settings
+        self.intake = QueryIntake(settings.limits)
         self.max_k = max(1, min(settings.max_k, len(searcher.gallery_paths)))
 
     def rerank_methods(self) -> list[str]:
@@ -192,18 +158,16 @@ class SearchApi:
                          "queue_size": self.worker.queue_size},
         }
 
-    async def search(self, data: bytes, k: Any, filter_: Any, rerank: Any) -> dict[str, Any]:
+    async def search(self, data: bytes, k: Any, filter_: Any, rerank: Any, subject: str = UPLOAD) -> dict[str, Any]:
+        """The search answer (app.schemas.SearchResponse) for encoded image bytes; `subject` names the image
+        in refusals."""
         t0 = time.perf_counter()
-        if len(data) > self.settings.max_upload_bytes:
-            raise ApiError(413, "too_large", f"the upload is {len(data) / 2**20:.1f} MB, over the "
-                                             f"{self.settings.max_upload_bytes / 2**20:.0f} MB limit")
-        if not data:
-            raise ApiError(400, "bad_request", "no image: send the form field `image` (or `image` in JSON)")
+        self.intake.check_bytes(data, subject)
         k = parse_k(k, self.max_k)
         method = parse_rerank(rerank, self.rerank_methods())
         where = parse_filter(filter_, self.searcher)
         loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(self.worker.pool, self._prepare, data)
+        prepared = await loop.run_in_executor(self.worker.pool, self._prepare, data, subject)
         try:
             future = self.worker.submit(prepared.pixels, k, where, method)
         except QueueFull as exc:
@@ -228,17 +192,14 @@ class SearchApi:
             "fingerprint": self.searcher.backend.fingerprint,
         }
 
-    def _prepare(self, data: bytes) -> Any:
+    def _prepare(self, data: bytes, subject: str) -> Any:
         t0 = time.perf_counter()
-        image = decode_image_bytes(data, self.settings.max_pixels)
+        image = self.intake.decode(data, subject)
         return self.worker.prepare(image, time.perf_counter() - t0)
 
     def _hit(self, hit: Any) -> dict[str, Any]:
-        i = int(hit.gallery_index)
-        return {"rank": hit.rank, "gallery_index": i, "item_id": hit.item_id, "label": hit.label,
-                "path": self.searcher.relative_path(i), "score": round(float(hit.score), 6),
-                "attributes": self.searcher.index.items.attributes[i],
-                "thumbnail_url": f"{API_PREFIX}/thumbnails/{i}.jpg"}
+        """The search hit record (retrieval.search.hits.Hit) plus its thumbnail's URL."""
+        return {**hit.to_json(), "thumbnail_url": f"{API_PREFIX}/thumbnails/{int(hit.gallery_index)}.jpg"}
 
 
 def build_api(search_api: SearchApi) -> FastAPI:
@@ -251,29 +212,32 @@ def build_api(search_api: SearchApi) -> FastAPI:
     api = FastAPI(title="metrix-retrieval search API", version="1",
                   description="Search a gallery index by photo. Errors: {\"error\": code, \"message\": text}.")
 
-    def error(status: int, code: str, message: str) -> JSONResponse:
-        return JSONResponse({"error": code, "message": message}, status_code=status)
-
     @api.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error(exc.status, exc.code, exc.message)
+        return error_response(exc.status, exc.code, exc.message)
+
+    @api.exception_handler(QueryRejected)
+    async def _rejected(request: Request, exc: QueryRejected) -> JSONResponse:
+        return error_response(exc.status, exc.code, str(exc))
 
     @api.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
-        return error(400, "bad_request", f"{'.'.join(str(p) for p in first.get('loc', []))}: {first.get('msg', 'invalid')}")
+        where = ".".join(str(p) for p in first.get("loc", []))
+        return error_response(400, "bad_request", f"{where}: {first.get('msg', 'invalid')}")
 
     api.add_middleware(ApiGuard, settings=settings)
 
-    @api.get(f"{API_PREFIX}/health")
+    @api.get(f"{API_PREFIX}/health", response_model=Health, responses=ERROR_RESPONSES)
     async def health() -> dict[str, Any]:
         return {"status": "ok"}
 
-    @api.get(f"{API_PREFIX}/info")
+    @api.get(f"{API_PREFIX}/info", response_model=InfoResponse, responses=ERROR_RESPONSES)
     async def info() -> dict[str, Any]:
         return search_api.info()
 
-    @api.post(f"{API_PREFIX}/search", openapi_extra={"requestBody": {"content": {
+    @api.post(f"{API_PREFIX}/search", response_model=SearchResponse, responses=ERROR_RESPONSES,
+              openapi_extra={"requestBody": {"content": {
         "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
             "image": {"type": "string", "format": "binary"}, "k": {"type": "integer", "default": DEFAULT_K},
             "filter": {"type": "string", "description": "key=value; several joined by ';'"},
@@ -292,20 +256,20 @@ def build_api(search_api: SearchApi) -> FastAPI:
                 raise ApiError(400, "bad_request", "the request body is not valid JSON") from None
             if not isinstance(body, dict):
                 raise ApiError(400, "bad_request", "the JSON body must be an object with `image`")
-            data = decode_base64_image(body.get("image"), settings.max_upload_bytes)
-            return await search_api.search(data, body.get("k"), body.get("filter"), body.get("rerank"))
+            data = search_api.intake.base64_bytes(body.get("image"), subject="`image`")
+            return await search_api.search(data, body.get("k"), body.get("filter"), body.get("rerank"),
+                                           subject="`image`")
         if kind != "multipart/form-data":
             raise ApiError(400, "bad_request", "send multipart/form-data with the field `image`, or JSON")
         form = await request.form(max_files=1, max_fields=16)
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
-            if isinstance(upload, str) and re.match(r"^\s*(https?|ftp|file)://", upload, re.IGNORECASE):
-                raise ApiError(400, "bad_request", "the server never fetches URLs; upload the image bytes")
+            if isinstance(upload, str):
+                search_api.intake.refuse_url(upload, UPLOAD)
             raise ApiError(400, "bad_request", "no image: send the file in the form field `image`")
         size = getattr(upload, "size", None)
-        if size is not None and size > settings.max_upload_bytes:
-            raise ApiError(413, "too_large", f"the upload is {size / 2**20:.1f} MB, over the "
-                                             f"{settings.max_upload_bytes / 2**20:.0f} MB limit")
+        if size is not None:
+            search_api.intake.check_encoded_size(size, UPLOAD)
         data = await upload.read(settings.max_upload_bytes + 1)
         filters = form.getlist("filter")
         return await search_api.search(data, form.get("k"), ";".join(str(f) for f in filters) or None,
@@ -330,7 +294,7 @@ def build_api(search_api: SearchApi) -> FastAPI:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Any:
         if request.url.path.startswith(API_PREFIX):
             code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
-            return error(exc.status_code, code, str(exc.detail))
+            return error_response(exc.status_code, code, str(exc.detail))
         from fastapi.exception_handlers import http_exception_handler
 
         return await http_exception_handler(request, exc)
@@ -351,19 +315,17 @@ class ApiGuard:
         if scope.get("type") != "http" or not path.startswith(API_PREFIX):
             await self.app(scope, receive, send)
             return
-        from fastapi.responses import JSONResponse
-
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         try:
             if path != f"{API_PREFIX}/health":
                 check_token(headers.get("authorization"), self.settings.token)
             length = headers.get("content-length", "")
-            limit = self.settings.max_upload_bytes * 4 // 3 + MULTIPART_OVERHEAD  # base64 JSON is 4/3 larger
+            limit = self.settings.limits.max_base64_chars + MULTIPART_OVERHEAD  # base64 JSON is 4/3 larger
             if length.isdigit() and int(length) > limit:
                 raise ApiError(413, "too_large", f"the request is {int(length) / 2**20:.1f} MB, over the "
                                                  f"{self.settings.max_upload_bytes / 2**20:.0f} MB upload limit")
         except ApiError as exc:
-            await JSONResponse({"error": exc.code, "message": exc.message}, status_code=exc.status)(scope, receive, send)
+            await error_response(exc.status, exc.code, exc.message)(scope, receive, send)
             return
         started = False
 
@@ -378,10 +340,17 @@ class ApiGuard:
         except Exception:
             log.exception("API request failed")
             if not started:
-                body = {"error": "internal", "message": "the server failed to answer this request; it keeps running"}
-                await JSONResponse(body, status_code=500)(scope, receive, send)
+                message = "the server failed to answer this request; it keeps running"
+                await error_response(500, "internal", message)(scope, receive, send)
 
 
 def token_from_env(token: str | None) -> str | None:
     """The --api-token value, else the RETRIEVAL_API_TOKEN environment variable, else None (no token)."""
     return token or os.environ.get(TOKEN_ENV) or None
+
+
+def error_response(status: int, code: str, message: str) -> Any:
+    """The JSON error answer (app.schemas.ErrorBody) with its status."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(ErrorBody(error=code, message=message).model_dump(), status_code=status)

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from retrieval.embed.preprocess import preprocess_eval
+from retrieval.preprocess import preprocess_eval
 
 CPU_MAX_BATCH, CPU_MAX_WAIT_MS = 16, 2.0  # a CPU forward pass grows ~linearly with the batch: small batches
 GPU_MAX_BATCH, GPU_MAX_WAIT_MS = 64, 5.0  # a GPU pass of 64 costs little more than one of 1

@@ -172,8 +172,7 @@ def launch(
             _, local_url, _ = demo.launch(prevent_thread_lock=True, **launch_settings(search_app, host, port, share))
             running = RunningApp(demo, search_app, local_url.rstrip("/") + "/", host, port, worker)
         else:
-            settings = ApiSettings(max_upload_bytes=search_app.max_upload_bytes, max_pixels=search_app.max_pixels,
-                                   token=token_from_env(api_token))
+            settings = ApiSettings(limits=search_app.limits, token=token_from_env(api_token))  # the UI's limits
             api = build_api(SearchApi(searcher, worker, search_app.thumbnails, settings))
             api.add_middleware(EventBodyLimit)  # before Gradio reads an event body (app/event_limit.py)
             running = _serve_mounted(api, demo, search_app, worker, host, port)

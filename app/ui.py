@@ -8,8 +8,10 @@ Two tabs:
                 the facts of the index and embedder; computed once and cached beside the index.
 
 Robustness: the image input hands over the uploaded file untouched (`preprocess=False`), so Gradio
-never decodes it; `retrieval.images.open_image` does, and every failure becomes a message in the
-status line of that query, never an exception (an exception would fail every query of a batch).
+never decodes it; the query intake the JSON API and `retrieval search` use (retrieval.query_intake:
+same limits, same size rule) reads, bounds and decodes it, and every refusal becomes a message in the
+status line of that query ("Cannot use <name>: <reason>."), never an exception (an exception would
+fail every query of a batch).
 
 Throughput: search events hand their decoded query to the server's batching worker (app.batching),
 which embeds queries that wait together, UI and API alike, in one forward pass.
@@ -21,8 +23,6 @@ index's first attribute) and a choice of re-ranking applies retrieval.search.rer
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import logging
 import os
@@ -39,6 +39,7 @@ from PIL import Image
 from app.eval_cache import EvaluationCache, EvaluationResult, index_cache_key
 from app.thumbnails import ThumbnailStore
 from retrieval.images import DEFAULT_MAX_PIXELS, ImageLoadError, open_image
+from retrieval.query_intake import DEFAULT_MAX_BYTES, QueryIntake, QueryLimits, QueryRejected
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ DEFAULT_K = 10
 MAX_K = 50
 MAX_BATCH_SIZE = 16  # queued queries embedded in one forward pass
 MAX_DECODE_THREADS = 8  # uploads of one batch decoded in parallel
-MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # also passed to launch(max_file_size=...)
+MAX_UPLOAD_BYTES = DEFAULT_MAX_BYTES  # also passed to launch(max_file_size=...)
 NUM_EXAMPLES = 12
 SEARCH_API = "search"
 EVALUATION_API = "evaluation"
@@ -131,8 +132,7 @@ class SearchApp:
         self.max_k = max(1, min(int(max_k), self.gallery_size))
         self.default_k = _clamp_k(default_k, self.max_k)
         self.max_batch_size = int(max_batch_size)
-        self.max_pixels = int(max_pixels)
-        self.max_upload_bytes = int(max_upload_bytes)
+        self.intake = QueryIntake(QueryLimits(max_bytes=int(max_upload_bytes), max_pixels=int(max_pixels)))
         self.thumbnails = thumbnails or ThumbnailStore(searcher.gallery_paths)
         self.backend = searcher.backend
         self.examples = self._pick_examples(num_examples)
@@ -152,6 +152,19 @@ class SearchApp:
         self.filter_key = next((k for k in FILTER_KEYS if k in values), next(iter(values), None))
         self.filter_choices = [ALL_VALUES] + (values[self.filter_key] if self.filter_key else [])
         self.rerank_choices = ["none", "qe"] + (["dba"] if searcher.index.neighbours is not None else []) + ["kreciprocal"]
+
+    @property
+    def limits(self) -> QueryLimits:
+        """The query images' limits (the server's JSON API is given the same)."""
+        return self.intake.limits
+
+    @property
+    def max_pixels(self) -> int:
+        return self.limits.max_pixels
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.limits.max_bytes
 
     @property
     def worker(self) -> Any:
@@ -181,22 +194,29 @@ class SearchApp:
 
     def _decode(self, payload: Any) -> DecodedQuery:
         """Gradio's raw file payload (or a path) -> RGB image, or QueryError with a readable reason."""
+        try:
+            return self._take_in(payload)
+        except QueryRejected as exc:
+            raise QueryError(f"Cannot use {exc.subject}: {exc.reason}.") from None
+
+    def _take_in(self, payload: Any) -> DecodedQuery:
+        """The query behind a payload, through the query intake (QueryRejected when refused)."""
         if payload is None or payload == "":
             raise QueryError(NO_QUERY_MESSAGE)
         name = "the uploaded file"
-        data: bytes | None = None
         if isinstance(payload, Mapping):
             name = str(payload.get("orig_name") or name)
             path, url = payload.get("path"), payload.get("url")
             if path:
-                data = self._read_upload(Path(str(path)), name)
-            elif isinstance(url, str) and url.startswith("data:"):
-                data = self._decode_data_url(url)
+                data = self.intake.read_file(Path(str(path)), name)
+            elif isinstance(url, str) and url:
+                name = "the pasted image"
+                data = self.intake.base64_bytes(url, name)  # a data: URL; other URLs are refused, never fetched
             else:
                 raise QueryError(NO_QUERY_MESSAGE)
         elif isinstance(payload, (str, os.PathLike)):
             name = Path(payload).name
-            data = self._read_upload(Path(payload), name)
+            data = self.intake.read_file(Path(payload), name)
         else:
             raise QueryError(f"unexpected input of type {type(payload).__name__}; upload an image file")
         gallery_query = self._gallery_query(payload)
@@ -206,16 +226,8 @@ class SearchApp:
         known = self._example_by_hash.get(digest)
         if known is None and digest in self._example_by_thumbnail_hash:
             known = self._example_by_thumbnail_hash[digest]
-            data = self._read_upload(known.path, name)
-        try:
-            image = open_image(data, max_pixels=self.max_pixels)
-        except ImageLoadError as exc:
-            reason = str(exc).removeprefix("<bytes>: ")
-            raise QueryError(f"Cannot use {name}: {reason}.") from None
-        except Exception as exc:  # a decoder bug must not take the server down
-            log.exception("unexpected error decoding %s", name)
-            raise QueryError(f"Cannot use {name}: it could not be decoded ({type(exc).__name__}).") from None
-        return DecodedQuery(image, known, name)
+            data = self.intake.read_file(known.path, name)
+        return DecodedQuery(self.intake.decode(data, name), known, name)
 
     def _gallery_query(self, payload: Any) -> DecodedQuery | None:
         """A result tile put back in the query box ("more like this"): the gallery image behind it, label known."""
@@ -251,30 +263,6 @@ class SearchApp:
             return [self._decode_or_error(p) for p in payloads]
         with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
             return list(pool.map(self._decode_or_error, payloads))
-
-    def _read_upload(self, path: Path, name: str) -> bytes:
-        try:
-            size = path.stat().st_size
-            if size > self.max_upload_bytes:
-                raise QueryError(
-                    f"Cannot use {name}: {size / 2**20:.1f} MB is over the {self.max_upload_bytes / 2**20:.0f} MB limit."
-                )
-            return path.read_bytes()
-        except OSError:
-            raise QueryError(f"Cannot use {name}: the upload could not be read; please upload it again.") from None
-
-    def _decode_data_url(self, url: str) -> bytes:
-        # The size check comes first, on the encoded length (4 characters per 3 bytes): decoding an
-        # oversized payload would cost its decoded size in memory before it could be refused.
-        if len(url) > base64_limit(self.max_upload_bytes):
-            raise QueryError("Cannot use the pasted image: it is over the upload size limit.")
-        try:
-            data = base64.b64decode(url.split(",", 1)[1], validate=False)
-        except (IndexError, binascii.Error, ValueError):
-            raise QueryError("Cannot use the pasted image: it is not valid base64 image data.") from None
-        if len(data) > self.max_upload_bytes:
-            raise QueryError("Cannot use the pasted image: it is over the upload size limit.")
-        return data
 
     def search_batch(self, images: Sequence[Any], ks: Sequence[Any], filter_value: Any = None,
                      rerank: Any = None) -> tuple[list[list[tuple[str, str]]], list[str]]:
@@ -557,11 +545,6 @@ class SearchApp:
 
 
 # --- helpers shared with the tests / CLI ------------------------------------------------------------
-
-
-def base64_limit(max_bytes: int, header: int = 256) -> int:
-    """Longest data URL (base64 text plus a `data:<type>;base64,` header) that can hold `max_bytes` bytes."""
-    return 4 * ((int(max_bytes) + 2) // 3) + header
 
 
 def _is_recall_key(name: str) -> bool:

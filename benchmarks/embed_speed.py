@@ -29,7 +29,7 @@ from retrieval.config import ModelConfig  # noqa: E402
 from retrieval.embed.onnx_backend import CPU, OnnxBackend, physical_cores  # noqa: E402
 from retrieval.export import export_embedder, parity_images  # noqa: E402
 from retrieval.model import Embedder, model_fingerprint  # noqa: E402
-from retrieval.embed.preprocess import Preprocessing  # noqa: E402
+from retrieval.preprocess import Preprocessing  # noqa: E402
 
 
 def images_per_second(fn: Callable[[], object], batch: int, iters: int) -> float:

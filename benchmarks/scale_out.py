@@ -83,7 +83,8 @@ def _start_ray(a: argparse.Namespace) -> float:
 
 def child_embed(a: argparse.Namespace) -> dict:
     """One engine over the image folder; Ray (if used) is started before the clock and reported apart."""
-    from retrieval.embed.job import EmbedOptions, embed_to_parts, source_from_images
+    from retrieval.embed.engines import embed_to_parts
+    from retrieval.embed.job import EmbedOptions, source_from_images
     from retrieval.embed.spec import EmbedderSpec, open_embedder
     from retrieval.embed.parts import EmbeddingsFolder
     from retrieval.embed.ray_engine import RayOptions
@@ -115,7 +116,7 @@ def measure_decode_per_core(folder: Path, n: int = 60) -> float:
     from PIL import Image
 
     from retrieval.images import open_image
-    from retrieval.embed.preprocess import Preprocessing, preprocess_eval
+    from retrieval.preprocess import Preprocessing, preprocess_eval
 
     rng = np.random.default_rng(1)
     path = folder / "photo.jpg"

@@ -22,7 +22,7 @@ from retrieval.atomic import atomic_write_with
 from retrieval.config import ModelConfig, RunConfig
 from retrieval.errors import UserError
 from retrieval.model import Embedder, fingerprint_state, model_fingerprint
-from retrieval.embed.preprocess import Preprocessing
+from retrieval.preprocess import Preprocessing
 
 CHECKPOINT_FORMAT = "metrix-retrieval/checkpoint/1"
 

@@ -31,7 +31,7 @@ from retrieval.errors import UsageError, UserError
 from retrieval.image_files import image_files
 from retrieval.images import ImageLoadError, open_image
 from retrieval.model import Embedder
-from retrieval.embed.preprocess import Preprocessing, preprocess_eval
+from retrieval.preprocess import Preprocessing, preprocess_eval
 
 DEFAULT_OPSET = 18
 DYNAMO_MIN_OPSET = 18  # lower opsets go through the TorchScript exporter

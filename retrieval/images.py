@@ -53,28 +53,37 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def not_a_file_reason(path: str | os.PathLike[str]) -> str | None:
-    """Why `path` cannot be read as an image file (missing, a folder, a FIFO, a device), or None.
+_NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                (lambda m: stat.S_ISCHR(m) or stat.S_ISBLK(m), "a device node"), (stat.S_ISSOCK, "a socket"))
+
+
+def file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why `path` cannot be read as an image file, without naming it (callers say which file), or None.
 
     Checked without opening it: opening a FIFO would block until someone writes to it.
     """
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        return f"image file not found: {path}"
+        return "file not found"
     except OSError as exc:
-        return f"{path}: cannot be read ({exc.strerror or exc})"
+        return f"cannot be read ({exc.strerror or exc})"
     if stat.S_ISREG(mode):
         return None
-    if stat.S_ISDIR(mode):
-        return f"{path} is a directory, not an image file"
-    if stat.S_ISFIFO(mode):
-        return f"{path} is a FIFO (named pipe), not an image file"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return f"{path} is a device node, not an image file"
-    if stat.S_ISSOCK(mode):
-        return f"{path} is a socket, not an image file"
-    return f"{path} is not a regular file"
+    for is_kind, kind in _NOT_REGULAR:
+        if is_kind(mode):
+            return f"is {kind}, not an image file"
+    return "is not a regular file"
+
+
+def not_a_file_reason(path: str | os.PathLike[str]) -> str | None:
+    """Why `path` cannot be read as an image file (missing, a folder, a FIFO, a device), naming it, or None."""
+    problem = file_problem(path)
+    if problem is None:
+        return None
+    if problem == "file not found":
+        return f"image file not found: {path}"
+    return f"{path}: {problem}" if problem.startswith("cannot") else f"{path} {problem}"
 
 
 def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -84,24 +93,32 @@ def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return int(short_side * width / height), short_side
 
 
-def check_size(name: str, width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-               max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> None:
-    """Refuse, naming the image, sizes whose decoding or short-side resize would cost unbounded memory."""
+def size_problem(width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> tuple[str, str] | None:
+    """(kind, reason) when a size would cost unbounded memory to decode or resize, else None.
+
+    kind: "empty" (zero size), "pixels" (over `max_pixels`) or "aspect" (over `max_aspect_ratio`); the
+    reason does not name the image, so each caller can say which one it means."""
     if width <= 0 or height <= 0:
-        raise ImageLoadError(f"{name}: image has zero size")
+        return "empty", "image has zero size"
     if width * height > max_pixels:
-        raise ImageLoadError(
-            f"{name}: {width}x{height} pixels exceeds the limit of {max_pixels:,}; "
-            "downscale the image before using it"
-        )
+        return "pixels", (f"{width}x{height} pixels exceeds the limit of {max_pixels:,}; "
+                          "downscale the image before using it")
     ratio = max(width, height) / min(width, height)
     if ratio > max_aspect_ratio:
         w, h = resized_size(width, height, 256)
-        raise ImageLoadError(
-            f"{name}: {width}x{height} pixels has an aspect ratio of {ratio:,.0f}:1, above the limit of "
-            f"{max_aspect_ratio:g}:1 (resizing its short side to 256 px would make {w:,}x{h:,} pixels); "
-            "crop it to the part to search for"
-        )
+        return "aspect", (f"{width}x{height} pixels has an aspect ratio of {ratio:,.0f}:1, above the limit of "
+                          f"{max_aspect_ratio:g}:1 (resizing its short side to 256 px would make {w:,}x{h:,} "
+                          "pixels); crop it to the part to search for")
+    return None
+
+
+def check_size(name: str, width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> None:
+    """Refuse, naming the image, sizes whose decoding or short-side resize would cost unbounded memory."""
+    problem = size_problem(width, height, max_pixels, max_aspect_ratio)
+    if problem is not None:
+        raise ImageLoadError(f"{name}: {problem[1]}")
 
 
 def check_resize(width: int, height: int, short_side: int, max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,

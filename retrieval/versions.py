@@ -1,8 +1,10 @@
-"""The software versions an artifact records (index folders, embeddings folders), so results can be traced."""
+"""What an artifact (index folder, embeddings folder) records about how and when it was made, so results can be
+traced: the software versions and UTC timestamps."""
 
 from __future__ import annotations
 
 import platform
+from datetime import datetime, timezone
 
 
 def software_versions(*modules: str) -> dict[str, str]:
@@ -17,3 +19,8 @@ def software_versions(*modules: str) -> dict[str, str]:
     for name in modules:
         versions[name] = str(getattr(importlib.import_module(name), "__version__", "unknown"))
     return versions
+
+
+def now_iso() -> str:
+    """The current UTC time to the second, ISO 8601 ("2025-01-31T12:00:00+00:00"): every recorded timestamp."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -21,7 +21,7 @@ from retrieval.embed.spec import EmbedderSpec, open_embedder
 from retrieval.config import IndexConfig
 from retrieval.data import load_dataset
 from retrieval.images import DEFAULT_MAX_ASPECT_RATIO, ImageLoadError, open_image
-from retrieval.embed.preprocess import Preprocessing, preprocess_eval, resize_short_side
+from retrieval.preprocess import Preprocessing, preprocess_eval, resize_short_side
 from tests.fakes import make_fake_inshop
 
 TINY = dict(arch="resnet18", embedding_size=16, image_size=64, seed=0)

@@ -16,8 +16,8 @@ from retrieval.data.cache.layout import CACHE_FORMAT_VERSION, CacheError, defaul
 from retrieval.data.cache.loader import CacheTrainLoader
 from retrieval.data.cache.reader import CachedSplit, has_cache
 from retrieval.data.cache.writer import prepare_split
-from retrieval.embed.preprocess import resize_short_side
 from retrieval.images import open_image
+from retrieval.preprocess import resize_short_side
 
 SHORT = 32
 

@@ -78,8 +78,7 @@ def test_missing_file_is_named(tmp_path):
 
 
 def test_folder_scans_list_images_and_skip_hidden_entries(tmp_path: Path) -> None:
-    from retrieval.image_files import image_files
-    from retrieval.index.build import list_images
+    from retrieval.image_files import image_files, list_images
 
     for rel in ("b/2.JPG", "a/1.png", ".cache/3.jpg", "a/.4.jpg", "a/notes.txt"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)

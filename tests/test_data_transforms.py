@@ -11,7 +11,7 @@ from retrieval.data.base import Split
 from retrieval.data.loading import ImageDataset
 from retrieval.data.transforms import eval_transform, eval_transform_for, train_transform
 from retrieval.images import ImageLoadError, open_image
-from retrieval.embed.preprocess import Preprocessing, preprocess_eval
+from retrieval.preprocess import Preprocessing, preprocess_eval
 from tests.fakes import write_image, write_nasty_images
 
 
@@ -34,7 +34,7 @@ def test_pixel_normalisation_is_bit_identical_to_torchvision() -> None:
     """Query embeddings must match gallery embeddings computed through torchvision's ToTensor + Normalize."""
     import torchvision.transforms.functional as TF
 
-    from retrieval.embed.preprocess import to_chw_float
+    from retrieval.preprocess import to_chw_float
 
     prep = Preprocessing(image_size=40, resize_size=40)
     img = _photo(40, 40, seed=3)

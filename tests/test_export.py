@@ -32,7 +32,7 @@ from retrieval.export import (
     torch_reference,
 )
 from retrieval.model import Embedder
-from retrieval.embed.preprocess import preprocess_eval
+from retrieval.preprocess import preprocess_eval
 
 GALLERY_SIZE = 20
 
@@ -240,7 +240,8 @@ def torch_built_index(workspace: dict) -> dict:
     g = backend.embed_paths(list(dataset.gallery.paths), progress=False)
     q = backend.embed_paths([query], progress=False)
     expected = np.argsort(-(q @ g.T)[0], kind="stable").tolist()  # torch ranking of the whole gallery
-    return {"index": index_dir, "query": query, "expected": expected, "gallery": [str(p) for p in dataset.gallery.paths]}
+    return {"index": index_dir, "query": query, "expected": expected, "gallery": [str(p) for p in dataset.gallery.paths],
+            "data_root": data_root}
 
 
 def run_torch_free(code: str) -> str:
@@ -271,7 +272,9 @@ def test_cli_search_with_onnx_never_imports_torch(workspace: dict, torch_built_i
     hits = payload["results"][0]["hits"]
     assert payload["devices"]["embedding"].startswith("onnxruntime")
     assert [h["gallery_index"] for h in hits] == torch_built_index["expected"]  # same ranking as torch
-    assert [h["path"] for h in hits] == [torch_built_index["gallery"][i] for i in torch_built_index["expected"]]
+    gallery, root = torch_built_index["gallery"], torch_built_index["data_root"]
+    assert [h["path"] for h in hits] == [Path(gallery[i]).relative_to(root).as_posix()  # as the search API names them
+                                         for i in torch_built_index["expected"]]
 
 
 def test_app_with_onnx_never_imports_torch(workspace: dict, torch_built_index: dict) -> None:

@@ -34,7 +34,7 @@ from retrieval.embed.onnx_backend import (
     physical_cores,
     providers_for_device,
 )
-from retrieval.embed.preprocess import Preprocessing, preprocess_eval
+from retrieval.preprocess import Preprocessing, preprocess_eval
 
 SIZE, DIM = 32, 8
 PREP = Preprocessing(image_size=SIZE, resize_size=36, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
@@ -222,7 +222,7 @@ TORCH_FREE_SNIPPETS = [
     pytest.param(
         """
         import retrieval.embed.backend, retrieval.embed.onnx_backend, retrieval.embed.spec, retrieval.images
-        import retrieval.embed.preprocess, retrieval.search.searcher, retrieval.cli.embedder_options
+        import retrieval.preprocess, retrieval.search.searcher, retrieval.cli.embedder_options
         """,
         id="import-backend-modules",
     ),

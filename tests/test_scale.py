@@ -25,7 +25,8 @@ from retrieval.cli import app
 from retrieval.config import CalibrationConfig, IndexConfig
 from retrieval.data import load_dataset
 from retrieval.index.folder import GalleryIndex
-from retrieval.embed.job import EmbedOptions, embed_to_parts, source_from_dataset, source_from_images, write_arrays
+from retrieval.embed.engines import embed_to_parts
+from retrieval.embed.job import EmbedOptions, source_from_dataset, source_from_images, write_arrays
 from retrieval.embed.parts import EmbeddingsFolder, PartsError, part_paths
 from retrieval.index.sharded_build import ShardOptions, build_from_parts
 from retrieval.index.shards import ShardSet, merge_results

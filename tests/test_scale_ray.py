@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from retrieval.config import IndexConfig
-from retrieval.embed.job import EmbedOptions, embed_to_parts, source_from_images, write_arrays
+from retrieval.embed.engines import embed_to_parts
+from retrieval.embed.job import EmbedOptions, source_from_images, write_arrays
 from retrieval.embed.parts import EmbeddingsFolder
 from retrieval.embed.ray_engine import RayOptions
 from retrieval.index.sharded_build import ShardOptions, build_from_parts

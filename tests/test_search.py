@@ -78,7 +78,8 @@ def test_search_paths_equals_numpy_brute_force_ranking(built, inshop, backend):
         assert [h.gallery_index for h in hits] == expected[row].tolist()
         assert [h.rank for h in hits] == list(range(1, 13))
         top = hits[0]
-        assert top.path == str(ds.gallery.paths[top.gallery_index])
+        assert searcher.gallery_paths[top.gallery_index] == str(ds.gallery.paths[top.gallery_index])
+        assert top.path == Path(ds.gallery.paths[top.gallery_index]).relative_to(inshop).as_posix()  # as clients see it
         assert top.label == ds.gallery.labels[top.gallery_index] and top.item_id == ds.gallery.item_id(top.gallery_index)
         assert top.score == pytest.approx(float(q[row] @ g[top.gallery_index]), abs=1e-5)
     # the PIL entry point gives the same ranking
@@ -190,7 +191,9 @@ def test_index_and_dataset_moved_together_work_with_a_data_root_override(built, 
     assert searcher.gallery_paths[:12] == [str(p) for p in ds.gallery.paths]
     assert searcher.gallery_paths[12] == stored[-1] and searcher.query_paths == [str(p) for p in ds.query.paths]
     hit = searcher.search_paths([ds.gallery.paths[3]], k=1)[0][0]
-    assert hit.gallery_index == 3 and Path(hit.path).is_file() and hit.path.startswith(str(moved / "data"))
+    found = searcher.gallery_paths[hit.gallery_index]
+    assert hit.gallery_index == 3 and Path(found).is_file() and found.startswith(str(moved / "data"))
+    assert hit.path == Path(ds.gallery.paths[3]).relative_to(moved / "data").as_posix()  # the same before the move
 
     # the same from the command line, and for the web UI's searcher (whose thumbnails read the gallery files)
     res = CliRunner().invoke(app, ["search", str(ds.gallery.paths[3]), "--index", str(moved / "index"), "-k", "1",
@@ -247,12 +250,15 @@ def test_cli_index_search_evaluate(inshop, tmp_path):
     assert "12 items, Flat (flat) built on cpu" in text and "12 stored queries" in text
 
     query = str(next((inshop / "Img").rglob("01_1_front.jpg")))
+    searcher_paths = Searcher.open(out, device="cpu").gallery_paths
     res = runner.invoke(app, ["search", query, "--index", str(out), "-k", "3", "--json", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     payload = json.loads(res.output)
     hits = payload["results"][0]["hits"]
     assert payload["results"][0]["query"] == query and [h["rank"] for h in hits] == [1, 2, 3]
-    assert set(hits[0]) == {"rank", "score", "path", "label", "item_id", "gallery_index"}
+    assert list(hits[0]) == ["rank", "gallery_index", "item_id", "label", "path", "score", "attributes"]
+    assert [h["path"] for h in hits] == [Path(searcher_paths[h["gallery_index"]]).relative_to(inshop).as_posix()
+                                         for h in hits]  # relative to the dataset root, as the API answers
     assert payload["devices"]["embedding"] == "cpu"
 
     res = runner.invoke(app, ["search", query, "--index", str(out), "-k", "2", "--device", "cpu"])

@@ -35,10 +35,10 @@ from retrieval.atomic import atomic_write_json, clean_stale_leftovers
 from retrieval.checkpoint import load_checkpoint
 from retrieval.config import RunConfig
 from retrieval.data.base import RetrievalDataset
-from retrieval.embed.preprocess import Preprocessing
 from retrieval.embed.torch_backend import TorchBackend
 from retrieval.errors import ConfigError, UsageError
 from retrieval.model import Embedder, freeze_batchnorm
+from retrieval.preprocess import Preprocessing
 from training import catalog
 from training.batches import TrainBatches, build_train_batches
 from training.checkpointing import (

@@ -62,7 +62,8 @@ def register(app: typer.Typer) -> None:
                              embedding_size=embedding_size, image_size=image_size, seed=seed)
         assert spec is not None
         from retrieval.embed.spec import open_embedder
-        from retrieval.embed.job import EmbedOptions, embed_to_parts, source_from_dataset, source_from_images
+        from retrieval.embed.engines import embed_to_parts
+        from retrieval.embed.job import EmbedOptions, source_from_dataset, source_from_images
         from retrieval.embed.ray_engine import RayOptions
 
         options = EmbedOptions(part_size=part_size, dtype=dtype, batch_size=batch_size)

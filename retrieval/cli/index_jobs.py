@@ -139,7 +139,8 @@ def add(args: IndexArgs) -> None:
     from rich.markup import escape
 
     from retrieval.embed.spec import open_embedder, open_recorded
-    from retrieval.index.build import add_images, list_images
+    from retrieval.image_files import list_images
+    from retrieval.index.build import add_images
     from retrieval.index.folder import GalleryIndex
 
     out = _existing_index(args, "--add needs --out DIR (the index to add to)")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from retrieval.cli import embedder_options as opts
+
+QUERY_CHUNK = 8  # query images decoded (at full size) and embedded together
 
 
 def register(app: typer.Typer) -> None:
@@ -38,7 +40,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Search an index by photo: rank, cosine score, label / item id and path of the k nearest items.
 
-        The embedder must be the one that built the index (same fingerprint); another is refused.
+        The embedder must be the one that built the index (same fingerprint); another is refused. Query
+        images are checked like the server's uploads (size, pixels, aspect ratio) before decoding.
+        `--json` prints each hit as the search API does, its path relative to the dataset root.
         """
         import json
 
@@ -46,7 +50,8 @@ def register(app: typer.Typer) -> None:
         from rich.markup import escape
         from rich.table import Table
 
-        from retrieval.search.searcher import Searcher, hits_as_json
+        from retrieval.search.hits import hits_as_json
+        from retrieval.search.searcher import Searcher
 
         console = Console()
         spec = opts.embedder_spec(backend, checkpoint, model, required=False)
@@ -64,7 +69,7 @@ def register(app: typer.Typer) -> None:
             results = searcher.search_embeddings(q, k=k, where=where, rerank=rerank)
             images = [Path(f"{embeddings}#{i}") for i in range(len(q))]
         elif images:
-            results = searcher.search_paths(images, k=k, where=where, rerank=rerank)
+            results = search_files(searcher, images, k=k, where=where, rerank=rerank)
         else:
             raise UsageError("pass query images, or --embeddings QUERIES.npy")
 
@@ -85,5 +90,21 @@ def register(app: typer.Typer) -> None:
             table.add_column("item id")
             table.add_column("path", overflow="fold")
             for h in hits:
-                table.add_row(str(h.rank), f"{h.score:.4f}", str(h.label), escape(h.item_id), escape(h.path))
+                # the full path, for a human to open; --json has the record's dataset-relative one
+                full = searcher.gallery_paths[h.gallery_index]
+                table.add_row(str(h.rank), f"{h.score:.4f}", str(h.label), escape(h.item_id), escape(full))
             console.print(table)
+
+
+def search_files(searcher: Any, paths: list[Path], k: int, where: Any, rerank: str) -> list[list[Any]]:
+    """Query files -> hits per file, each file read and decoded by the query intake (as the server's
+    uploads are), a few at a time so that full-size decoded photos never pile up in memory."""
+    from retrieval.query_intake import QueryIntake
+
+    _ = searcher.backend  # an index that cannot embed images says so before any image is read
+    intake = QueryIntake()
+    results: list[list[Any]] = []
+    for start in range(0, len(paths), QUERY_CHUNK):
+        images = [intake.open_file(p) for p in paths[start:start + QUERY_CHUNK]]
+        results += searcher.search_images(images, k=k, where=where, rerank=rerank)
+    return results

@@ -41,7 +41,7 @@ class DatasetSpec:
     recall_ks: tuple[int, ...]
     layout: str
     load: Loader
-    attributes: AttributeRule | None = None  # the items' filterable attributes (retrieval.search.filters)
+    attributes: AttributeRule | None = None  # the items' filterable attributes (retrieval.index.filters)
 
 
 _DEMO_LAYOUT = """\

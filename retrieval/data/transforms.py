@@ -2,7 +2,7 @@
 
 train: RandomResizedCrop(image_size) + horizontal flip + ImageNet normalisation.
 eval:  Resize(resize_size, short side) + CenterCrop(image_size) + normalisation; pixel-identical to the
-torch-free `retrieval.embed.preprocess.preprocess_eval`, so ONNX serving sees what the torch model saw.
+torch-free `retrieval.preprocess.preprocess_eval`, so ONNX serving sees what the torch model saw.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from torchvision import transforms as T
 
 from retrieval.config import IMAGENET_MEAN, IMAGENET_STD
-from retrieval.embed.preprocess import Preprocessing
+from retrieval.preprocess import Preprocessing
 
 
 def train_transform(

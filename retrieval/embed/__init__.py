@@ -4,11 +4,14 @@
     backend.py        the EmbeddingBackend interface every consumer talks to
     torch_backend.py  a checkpoint or an in-memory Embedder, run by torch
     onnx_backend.py   an exported model.onnx, run by onnxruntime (never imports torch)
-    preprocess.py     resize / crop / normalise, recorded with every embedder
     bad_images.py     embed a gallery, skipping and listing undecodable files
     parts.py          the embeddings folder (manifest + parts with completion markers)
-    job.py            bulk embedding into parts; the local engine
+    job.py            bulk embedding into parts: what to embed, the plan, one part's work; the local engine
     ray_engine.py     the same parts embedded by a Ray Data actor pool (optional extra `ray`)
+    engines.py        `embed_to_parts`: a job run on the chosen engine (the dispatcher above job and ray_engine)
+
+The preprocessing every backend applies (and every checkpoint records) is `retrieval.preprocess`,
+below both this package and retrieval.data, which shares it with the training transforms.
 
 Kept import-light: importing this package imports neither torch nor onnxruntime nor Ray.
 """

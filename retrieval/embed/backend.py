@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
-from retrieval.embed.preprocess import Preprocessing
+from retrieval.preprocess import Preprocessing
 
 
 @runtime_checkable

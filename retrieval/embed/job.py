@@ -3,8 +3,10 @@
 A job is (what: dataset roles or image files) x (embedder) x (options) -> an embeddings folder
 (retrieval.embed.parts). Opening a job writes the manifest, or checks that an existing folder was
 made by the same embedder from the same items; then only the parts without a completion marker are
-embedded, by this process (engine "local") or by a Ray actor pool (retrieval.embed.ray_engine).
-Both engines embed a part with `embed_part`, so they produce the same numbers.
+embedded, by this process (engine "local", `run_local`) or by a Ray actor pool (retrieval.embed.ray_engine).
+Both engines embed a part with `embed_part`, so they produce the same numbers. The choice between
+them is made one level up, in retrieval.embed.engines (`embed_to_parts`), so neither engine module
+imports the other's.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,9 @@ from retrieval.atomic import atomic_write_json
 from retrieval.embed.backend import EmbeddingBackend
 from retrieval.embed.spec import embedder_record
 from retrieval.errors import UsageError
+from retrieval.image_files import list_images
 from retrieval.images import ImageLoadError, open_image
-from retrieval.versions import software_versions
+from retrieval.versions import now_iso, software_versions
 from retrieval.embed.parts import (
     DTYPES,
     MANIFEST_FILE,
@@ -35,7 +38,6 @@ from retrieval.embed.parts import (
     EmbeddingsFolder,
     PartItems,
     PartsError,
-    part_is_done,
     part_name,
     write_part,
 )
@@ -109,8 +111,6 @@ def source_from_dataset(ds: Any) -> EmbedSource:
 
 def source_from_images(sources: Sequence[str | os.PathLike[str]]) -> EmbedSource:
     """Image files and folders (searched recursively): unlabelled items (label -1, id = parent folder name)."""
-    from retrieval.index.build import list_images
-
     paths = [str(p.resolve()) for p in list_images(sources)]
     root = os.path.commonpath([os.path.dirname(p) for p in paths])
     return EmbedSource("images", "images", root, "all-vs-all", [],
@@ -216,15 +216,9 @@ def open_job(out: str | os.PathLike[str], source: EmbedSource, backend: Embeddin
                              + ". Use another --out, or delete the folder to start over")
         return EmbeddingsFolder(out, existing)
     out.mkdir(parents=True, exist_ok=True)
-    manifest["created_at"] = _now()
+    manifest["created_at"] = now_iso()
     atomic_write_json(out / MANIFEST_FILE, manifest)
     return EmbeddingsFolder(out, manifest)
-
-
-def _now() -> str:
-    from retrieval.index.folder import now_iso
-
-    return now_iso()
 
 
 def embed_part(backend: EmbeddingBackend, task: PartTask, batch_size: int, decode_threads: int = 0,
@@ -326,61 +320,10 @@ def finalize(folder: EmbeddingsFolder) -> dict[str, Any]:
                 bad += [{"role": role, **b} for b in items.bad]
         embedded[role] = n
     manifest.update({"complete": True, "embedded": embedded, "n_bad": len(bad), "bad_images": bad,
-                     "completed_at": _now()})
+                     "completed_at": now_iso()})
     atomic_write_json(folder.folder / MANIFEST_FILE, manifest)
     folder.manifest = manifest
     return manifest
-
-
-@dataclass
-class EmbedReport:
-    """What one `retrieval embed` run did."""
-
-    folder: Path
-    parts_total: int
-    parts_done_before: int
-    results: list[PartResult] = field(default_factory=list)
-    seconds: float = 0.0
-    manifest: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def images(self) -> int:
-        return sum(r.n + r.n_bad for r in self.results)
-
-    @property
-    def images_per_second(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
-
-
-def embed_to_parts(out: str | os.PathLike[str], source: EmbedSource, backend: EmbeddingBackend,
-                   options: EmbedOptions | None = None, *, engine: str = "local",
-                   ray_options: Any = None, progress: bool = True,
-                   on_part: Callable[[PartResult], None] | None = None) -> EmbedReport:
-    """Embed `source` into parts under `out`, skipping parts already complete; finalize the manifest.
-
-    engine "local" embeds here with `backend`; "ray" hands the missing parts to a Ray actor pool
-    (each actor re-opens the backend's embedder once). A crash leaves every finished part
-    in place; running the same call again embeds only the missing ones.
-    """
-    from retrieval.embed import ENGINES
-
-    options = options or EmbedOptions()
-    if engine not in ENGINES:
-        raise UsageError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    t0 = time.perf_counter()
-    folder = open_job(out, source, backend, options)
-    tasks = plan_tasks(source, options.part_size)
-    missing = [t for t in tasks if not part_is_done(folder.folder, t.name)]
-    report = EmbedReport(folder.folder, len(tasks), len(tasks) - len(missing))
-    if engine == "local":
-        report.results = run_local(folder, backend, missing, options, progress, on_part)
-    else:
-        from retrieval.embed.ray_engine import RayOptions, run_ray
-
-        report.results = run_ray(folder, missing, options, ray_options or RayOptions(), progress, on_part)
-    report.seconds = time.perf_counter() - t0
-    report.manifest = finalize(folder)
-    return report
 
 
 def write_arrays(out: str | os.PathLike[str], roles: dict[str, tuple[np.ndarray, list[int], list[str]]], *,
@@ -391,7 +334,7 @@ def write_arrays(out: str | os.PathLike[str], roles: dict[str, tuple[np.ndarray,
     For synthetic benchmarks and for embeddings computed elsewhere; the items get placeholder paths
     ("<role>/<row>"). The result is a complete folder any index build accepts.
     """
-    from retrieval.embed.preprocess import Preprocessing
+    from retrieval.preprocess import Preprocessing
 
     out = Path(out)
     if (out / MANIFEST_FILE).exists():
@@ -405,7 +348,7 @@ def write_arrays(out: str | os.PathLike[str], roles: dict[str, tuple[np.ndarray,
         "embedder_source": {"kind": "arrays"}, "dtype": dtype, "part_size": part_size,
         "source": {"kind": "arrays", "dataset": dataset, "protocol": "query-gallery" if "query" in roles
                    else "all-vs-all", "recall_ks": [1, 10], "splits": {r: r for r in roles}},
-        "data_root": None, "splits": splits, "versions": {}, "complete": False, "created_at": _now(),
+        "data_root": None, "splits": splits, "versions": {}, "complete": False, "created_at": now_iso(),
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / MANIFEST_FILE, manifest)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from retrieval.errors import UsageError, UserError
 from retrieval.images import open_image
-from retrieval.embed.preprocess import Preprocessing, preprocess_batch, preprocess_eval
+from retrieval.preprocess import Preprocessing, preprocess_batch, preprocess_eval
 
 ONNX_FORMAT = "metrix-retrieval/onnx/1"
 INPUT_NAME = "images"  # (B, 3, S, S) float32, normalised

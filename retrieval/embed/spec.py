@@ -167,7 +167,7 @@ def _open_untrained(spec: EmbedderSpec, device: str) -> "EmbeddingBackend":
     import torch
 
     from retrieval.config import ModelConfig
-    from retrieval.embed.preprocess import Preprocessing
+    from retrieval.preprocess import Preprocessing
     from retrieval.embed.torch_backend import TorchBackend
     from retrieval.model import Embedder
 

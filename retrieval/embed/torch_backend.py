@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from retrieval.devices import torch_device
 from retrieval.images import open_image
 from retrieval.model import Embedder, model_fingerprint
-from retrieval.embed.preprocess import Preprocessing, preprocess_batch, preprocess_eval
+from retrieval.preprocess import Preprocessing, preprocess_batch, preprocess_eval
 
 
 class _EvalImages(Dataset):

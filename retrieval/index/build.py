@@ -19,30 +19,11 @@ from retrieval.config import CalibrationConfig, IndexConfig
 from retrieval.embed.backend import EmbeddingBackend
 from retrieval.embed.spec import embedder_record
 from retrieval.errors import InputError
-from retrieval.image_files import IMAGE_EXTENSIONS, image_files
+from retrieval.image_files import list_images
 from retrieval.index.faiss_index import library_versions, resolve_params
 from retrieval.index.folder import GalleryIndex, ItemTable, StoredQueries, items_from_paths
-from retrieval.index.meta import IndexMeta, now_iso
-
-
-# -- images ----------------------------------------------------------------------------------------
-
-
-def list_images(sources: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Image files named directly or found (recursively, sorted) in folders; refuses missing paths."""
-    found: list[Path] = []
-    for src in sources:
-        path = Path(src)
-        if path.is_dir():
-            inside = image_files(path)
-            if not inside:
-                raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {path}")
-            found += inside
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise FileNotFoundError(f"image or folder not found: {path}")
-    return found
+from retrieval.index.meta import IndexMeta
+from retrieval.versions import now_iso
 
 
 def build_versions(backend: EmbeddingBackend) -> dict[str, str]:
@@ -70,7 +51,7 @@ def build_index(
     """Embed `dataset.gallery_split()` (and the query split of query/gallery datasets), index it, publish `out_dir`.
 
     `dataset` is a retrieval.data RetrievalDataset. The previous folder at `out_dir` stays in place
-    until the new one is complete. Items carry the dataset's attributes (retrieval.search.filters);
+    until the new one is complete. Items carry the dataset's attributes (retrieval.index.filters);
     `rerank_neighbours` > 0 also stores gallery neighbour lists of that width (for DBA re-ranking).
     Images that cannot be used are skipped and listed in the metadata (`bad_images`), unless there are
     more than `max_bad_fraction` of them; `strict` stops at the first.

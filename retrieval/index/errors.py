@@ -1,8 +1,9 @@
-"""The two ways an index goes wrong for a user: it cannot be built as asked, or its files cannot be read."""
+"""The ways an index goes wrong for a user: it cannot be built as asked, its files cannot be read, or it
+holds nothing a requested re-ranking needs."""
 
 from __future__ import annotations
 
-from retrieval.errors import UserError
+from retrieval.errors import UsageError, UserError
 
 
 class IndexBuildError(UserError, ValueError):
@@ -11,3 +12,7 @@ class IndexBuildError(UserError, ValueError):
 
 class IndexFileError(UserError, ValueError):
     """An index file is missing, truncated, corrupt or unreadable; the message names the file."""
+
+
+class RerankError(UsageError):
+    """A re-ranking that cannot run on this index (unknown method, neighbour lists missing or stale)."""

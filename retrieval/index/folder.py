@@ -1,6 +1,8 @@
 """The index folder: FAISS index + item table + metadata (+ stored queries), published atomically, verified on load.
 
     <dir>/index.faiss    the FAISS index (CPU form); row i is item i
+    <dir>/shard-NNN.faiss  in a sharded folder, instead of index.faiss: the shards listed in meta.json
+                         (`ShardedGalleryIndex`; the shard store itself is retrieval.index.shards)
     <dir>/items.json     {"paths": [...], "labels": [...], "item_ids": [...]} of the indexed gallery; paths inside
                          meta.json's data_root are stored relative to it, so dataset + index can move together
     <dir>/queries.npy    (Q, D) float32 query embeddings, for query/gallery datasets (evaluation needs no re-embedding)
@@ -44,7 +46,7 @@ from retrieval.atomic import (
 )
 from retrieval.embed.spec import EmbedderSpec
 from retrieval.errors import UserError
-from retrieval.index.errors import IndexFileError
+from retrieval.index.errors import IndexBuildError, IndexFileError, RerankError
 from retrieval.index.faiss_index import (
     add_to_index,
     remove_from_index,
@@ -56,9 +58,12 @@ from retrieval.index.faiss_index import (
     to_search_device,
     write_index,
 )
-from retrieval.index.meta import META_FILE, NORMALISATION, IndexMeta, now_iso, read_meta, write_meta
+from retrieval.index.filters import filtered_search
+from retrieval.index.meta import META_FILE, NORMALISATION, IndexMeta, read_meta, write_meta
+from retrieval.index.neighbours import DEFAULT_NEIGHBOURS, NeighbourLists, gallery_neighbours
+from retrieval.index.shards import ShardSet, merge_results, read_shard_set, shard_file_name
 from retrieval.index.types import IndexParams
-from retrieval.search.rerank import DEFAULT_NEIGHBOURS, NeighbourLists, RerankError, gallery_neighbours
+from retrieval.versions import now_iso
 
 INDEX_FILE, ITEMS_FILE = "index.faiss", "items.json"
 QUERIES_FILE, QUERY_ITEMS_FILE, GALLERY_FILE = "queries.npy", "queries.json", "gallery.npy"
@@ -272,8 +277,6 @@ class GalleryIndex:
 
     def search_subset(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Like `search`, restricted to the rows `ids` inside FAISS (an ID selector on the CPU index)."""
-        from retrieval.search.filters import filtered_search
-
         queries = check_embeddings(queries, self.embedding_size, "query embeddings")
         return filtered_search(self.index, queries, k, ids)
 
@@ -405,8 +408,6 @@ class GalleryIndex:
             meta.data_root = os.path.abspath(data_root)
         root = meta.data_root or None
         if sharded:
-            from retrieval.index.shards import ShardedGalleryIndex, read_shard_set
-
             index, cls = read_shard_set(folder, meta), ShardedGalleryIndex  # type: ignore[assignment]
         else:
             index = read_index(folder / INDEX_FILE)
@@ -434,6 +435,91 @@ class GalleryIndex:
         loaded = cls(index, params, items, meta, queries, gallery_vectors, use_gpu=use_gpu)
         loaded.neighbours, loaded.neighbours_problem = _load_neighbours(folder, meta, files, index.ntotal)
         return loaded
+
+
+class ShardedGalleryIndex(GalleryIndex):
+    """A GalleryIndex whose vectors live in shards: searched in parallel in this process, published as shard files."""
+
+    index: ShardSet
+
+    def _configure_search(self) -> None:
+        self.index.configure(self.params)
+
+    def _target(self) -> Any:
+        if self._searchable is None:
+            self.index.configure(self.params)
+            self._searchable = self.index
+            self.search_device = f"cpu ({len(self.index)} shards in parallel)"
+        return self._searchable
+
+    def exact_gallery_vectors(self) -> np.ndarray:
+        if self.gallery_vectors is not None:
+            return np.asarray(self.gallery_vectors, dtype=np.float32)
+        vectors = self.index.exact_vectors(self.params)
+        if vectors is None:
+            raise IndexFileError(f"the {self.params.index_type} shards do not keep exact vectors and no gallery.npy "
+                                 "was stored; rebuild the index")
+        return vectors
+
+    def add(self, vectors: np.ndarray, items: Any) -> None:
+        self.index.add(vectors)
+
+    def remove(self, rows: Any) -> None:
+        raise IndexBuildError(
+            "a sharded index folder cannot remove items in place: rebuild it with `retrieval index --from-embeddings "
+            "DIR --shards N` from parts that no longer hold them, or merge the shards (--merge), which supports --remove"
+        )
+
+    def build_neighbours(self, n: int = 0) -> None:
+        raise RerankError("gallery neighbour lists (--rerank-neighbours) are not available for sharded index "
+                          "folders; build the index with --merge to re-rank with them")
+
+    def search_subset(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Like `search`, restricted to the rows `ids`: each shard searches its own rows (an ID selector inside
+        FAISS), the results are merged like an unrestricted search's."""
+        queries = check_embeddings(queries, self.embedding_size, "query embeddings")
+        ids = np.asarray(ids, dtype=np.int64)
+        shards = self.index
+        shards.configure(self.params)
+        scores, found = [], []
+        for j in range(len(shards)):
+            lo, hi = int(shards.offsets[j]), int(shards.offsets[j]) + shards.ntotals[j]
+            local = ids[(ids >= lo) & (ids < hi)] - lo
+            if len(local) == 0:
+                continue
+            s, i = filtered_search(shards.shard(j), queries, k, local)
+            scores.append(s)
+            found.append(np.where(i >= 0, i + lo, -1))
+        k_out = int(min(k, len(ids)))
+        if not scores:
+            return np.zeros((len(queries), k_out), np.float32), np.full((len(queries), k_out), -1, np.int64)
+        return merge_results(scores, found, k_out)
+
+    def _write_index_files(self, tmp: Path) -> list[str]:
+        names, record = [], []
+        for j in range(len(self.index)):
+            name = shard_file_name(j)
+            source = self.index.files[j]
+            if self.index._shards[j] is None and source is not None and _is_published(source):
+                shutil.copyfile(source, tmp / name)  # re-saving an opened folder: its files stay where they are
+            elif self.index._shards[j] is None and source is not None:
+                os.replace(source, tmp / name)  # a build's staged shard: moved in, never loaded here
+            else:
+                write_index(self.index.shard(j), tmp / name)
+            names.append(name)
+            record.append({"file": name, "n_items": self.index.ntotals[j], "first_id": int(self.index.offsets[j])})
+        self.meta.shards = record
+        return names
+
+    def save(self, folder: str | os.PathLike[str]) -> Path:
+        folder = super().save(folder)
+        self.index.files = [folder / shard_file_name(j) for j in range(len(self.index))]
+        return folder
+
+
+def _is_published(path: Path) -> bool:
+    """A shard file inside a published index folder (copied on re-save) rather than a build's staging file."""
+    return (path.parent / META_FILE).is_file()
 
 
 def _write_array(target: Path, arr: np.ndarray) -> None:

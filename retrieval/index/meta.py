@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +31,6 @@ METRIC = "inner_product"
 META_FILE = "meta.json"
 _DERIVED = ("format", "metric", "index_type", "index_factory", "n_bad_images")  # written from other fields
 _RUNTIME = ("folder", "extra")  # never written as keys of their own
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass

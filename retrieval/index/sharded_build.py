@@ -44,9 +44,10 @@ from retrieval.index.faiss_index import (
 )
 from retrieval.index.types import IndexParams
 from retrieval.index.folder import GalleryIndex, ItemTable, StoredQueries
-from retrieval.index.meta import IndexMeta, now_iso
+from retrieval.index.meta import IndexMeta
 from retrieval.embed.parts import EmbeddingsFolder, PartItems, absolute_paths, part_paths
 from retrieval.atomic import atomic_write_with, read_json
+from retrieval.versions import now_iso
 
 
 @dataclass(frozen=True)
@@ -278,7 +279,8 @@ def _build_shards(folder: EmbeddingsFolder, params: IndexParams, opts: ShardOpti
                   verify: bool, progress: bool, ray_options: Any) -> GalleryIndex:
     """Train once here, build the shard files (locally or on Ray) into a staging folder beside `out_dir`, and
     publish them as shards or merged into one index."""
-    from retrieval.index.shards import ShardedGalleryIndex, ShardSet, shard_file_name
+    from retrieval.index.folder import ShardedGalleryIndex
+    from retrieval.index.shards import ShardSet, shard_file_name
 
     t0 = time.perf_counter()
     # the sample is read unverified: every part is verified by the shard build that adds it, and a bad part

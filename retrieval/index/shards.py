@@ -1,8 +1,9 @@
 """Sharded indexes: N FAISS indexes over consecutive id ranges of one gallery, searched as one.
 
-A sharded index folder lists its shards in meta.json ("shards": file, items, first id) and, like any
-index file, each shard's size and SHA-256 ("files"), so `GalleryIndex.load` verifies them the same
-way. `ShardSet` searches every shard in parallel threads (FAISS releases the GIL) and merges the
+This module is the shard store only (it knows nothing of index folders); the folder form,
+`ShardedGalleryIndex`, lives in retrieval.index.folder, which opens either form. A sharded index folder
+lists its shards in meta.json ("shards": file, items, first id) and, like any index file, each shard's
+size and SHA-256 ("files"), so `GalleryIndex.load` verifies them the same way. `ShardSet` searches every shard in parallel threads (FAISS releases the GIL) and merges the
 per-shard top-k into the global top-k with FAISS's own rule for equal scores (the smaller id is
 kept, ties are listed larger id first). So for flat shards the merged results equal one flat index's exactly,
 and for IVF shards that share one trained quantizer (same lists probed) they equal the merged index's.
@@ -10,21 +11,17 @@ and for IVF shards that share one trained quantizer (same lists probed) they equ
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import faiss
 import numpy as np
 
 from retrieval.index.errors import IndexBuildError, IndexFileError
-from retrieval.index.faiss_index import check_embeddings, configure_search, exact_vectors, read_index, write_index
-from retrieval.index.types import IndexParams
-from retrieval.index.folder import GalleryIndex
+from retrieval.index.faiss_index import configure_search, exact_vectors, read_index
 from retrieval.index.meta import META_FILE, IndexMeta
+from retrieval.index.types import IndexParams
 
 
 def shard_file_name(number: int) -> str:
@@ -156,95 +153,6 @@ def merge_shards(shards: Sequence[faiss.Index], params: IndexParams) -> faiss.In
         params.kind.merge(merged, faiss.clone_index(shard))
     configure_search(merged, params)
     return merged
-
-
-class ShardedGalleryIndex(GalleryIndex):
-    """A GalleryIndex whose vectors live in shards: searched in parallel in this process, published as shard files."""
-
-    index: ShardSet
-
-    def _configure_search(self) -> None:
-        self.index.configure(self.params)
-
-    def _target(self) -> Any:
-        if self._searchable is None:
-            self.index.configure(self.params)
-            self._searchable = self.index
-            self.search_device = f"cpu ({len(self.index)} shards in parallel)"
-        return self._searchable
-
-    def exact_gallery_vectors(self) -> np.ndarray:
-        if self.gallery_vectors is not None:
-            return np.asarray(self.gallery_vectors, dtype=np.float32)
-        vectors = self.index.exact_vectors(self.params)
-        if vectors is None:
-            raise IndexFileError(f"the {self.params.index_type} shards do not keep exact vectors and no gallery.npy "
-                                 "was stored; rebuild the index")
-        return vectors
-
-    def add(self, vectors: np.ndarray, items: Any) -> None:
-        self.index.add(vectors)
-
-    def remove(self, rows: Any) -> None:
-        raise IndexBuildError(
-            "a sharded index folder cannot remove items in place: rebuild it with `retrieval index --from-embeddings "
-            "DIR --shards N` from parts that no longer hold them, or merge the shards (--merge), which supports --remove"
-        )
-
-    def build_neighbours(self, n: int = 0) -> None:
-        from retrieval.search.rerank import RerankError
-
-        raise RerankError("gallery neighbour lists (--rerank-neighbours) are not available for sharded index "
-                          "folders; build the index with --merge to re-rank with them")
-
-    def search_subset(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Like `search`, restricted to the rows `ids`: each shard searches its own rows (an ID selector inside
-        FAISS), the results are merged like an unrestricted search's."""
-        from retrieval.search.filters import filtered_search
-
-        queries = check_embeddings(queries, self.embedding_size, "query embeddings")
-        ids = np.asarray(ids, dtype=np.int64)
-        shards = self.index
-        shards.configure(self.params)
-        scores, found = [], []
-        for j in range(len(shards)):
-            lo, hi = int(shards.offsets[j]), int(shards.offsets[j]) + shards.ntotals[j]
-            local = ids[(ids >= lo) & (ids < hi)] - lo
-            if len(local) == 0:
-                continue
-            s, i = filtered_search(shards.shard(j), queries, k, local)
-            scores.append(s)
-            found.append(np.where(i >= 0, i + lo, -1))
-        k_out = int(min(k, len(ids)))
-        if not scores:
-            return np.zeros((len(queries), k_out), np.float32), np.full((len(queries), k_out), -1, np.int64)
-        return merge_results(scores, found, k_out)
-
-    def _write_index_files(self, tmp: Path) -> list[str]:
-        names, record = [], []
-        for j in range(len(self.index)):
-            name = shard_file_name(j)
-            source = self.index.files[j]
-            if self.index._shards[j] is None and source is not None and _is_published(source):
-                shutil.copyfile(source, tmp / name)  # re-saving an opened folder: its files stay where they are
-            elif self.index._shards[j] is None and source is not None:
-                os.replace(source, tmp / name)  # a build's staged shard: moved in, never loaded here
-            else:
-                write_index(self.index.shard(j), tmp / name)
-            names.append(name)
-            record.append({"file": name, "n_items": self.index.ntotals[j], "first_id": int(self.index.offsets[j])})
-        self.meta.shards = record
-        return names
-
-    def save(self, folder: str | os.PathLike[str]) -> Path:
-        folder = super().save(folder)
-        self.index.files = [folder / shard_file_name(j) for j in range(len(self.index))]
-        return folder
-
-
-def _is_published(path: Path) -> bool:
-    """A shard file inside a published index folder (copied on re-save) rather than a build's staging file."""
-    return (path.parent / META_FILE).is_file()
 
 
 def read_shard_set(folder: Path, meta: IndexMeta) -> ShardSet:

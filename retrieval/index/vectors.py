@@ -25,7 +25,8 @@ from retrieval.config import CalibrationConfig, IndexConfig
 from retrieval.errors import InputError
 from retrieval.index.faiss_index import NORM_TOLERANCE, library_versions
 from retrieval.index.folder import GalleryIndex, ItemTable
-from retrieval.index.meta import IndexMeta, now_iso
+from retrieval.index.meta import IndexMeta
+from retrieval.versions import now_iso
 
 CHECK_CHUNK = 65_536  # rows checked / copied at a time
 LISTED_ROWS = 10  # row numbers quoted in an error before "and N more"

@@ -1,6 +1,8 @@
 """Queries in, ranked gallery items out.
 
     searcher.py  Searcher: open an index folder and its embedder, search images or embeddings, evaluate
-    filters.py   attribute filters run inside FAISS with an ID selector
     rerank.py    query expansion, database-side augmentation, k-reciprocal re-ranking
+
+What runs inside the index store lives in retrieval.index: the metadata filters (index/filters.py)
+and the gallery neighbour lists DBA reads (index/neighbours.py).
 """

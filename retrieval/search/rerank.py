@@ -7,7 +7,8 @@ search, so it composes with any index type and filter and costs O(shortlist) per
                  query's top n candidates, candidates re-scored by q' . g.
     dba          database-side augmentation (the same weighting applied to every gallery vector with its
                  own n nearest gallery neighbours, itself first): candidates re-scored by q . g~.
-                 Needs the gallery neighbour lists built at index time (`retrieval index --rerank-neighbours`).
+                 Needs the gallery neighbour lists built at index time (`retrieval index --rerank-neighbours`,
+                 retrieval.index.neighbours).
     kreciprocal  k-reciprocal encoding (Zhong et al. 2017, the re-identification / In-Shop re-ranking):
                  Jaccard distance of k-reciprocal neighbour sets (k1, k2 local query expansion), mixed
                  with the original distance by lambda, computed over the query and its shortlist (the
@@ -23,14 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retrieval.errors import UsageError
+from retrieval.index.errors import RerankError
+from retrieval.index.neighbours import NeighbourLists
 
 RERANK_METHODS = ("none", "qe", "dba", "kreciprocal")
-DEFAULT_NEIGHBOURS = 10  # width of stored gallery neighbour lists (self included)
-
-
-class RerankError(UsageError):
-    """A re-ranking that cannot run on this index (unknown method, neighbour lists missing or stale)."""
 
 
 @dataclass(frozen=True)
@@ -51,27 +48,6 @@ def check_method(method: str | None) -> str:
     if method not in RERANK_METHODS:
         raise RerankError(f"unknown re-ranking {method!r}; choose one of {', '.join(RERANK_METHODS)}")
     return method
-
-
-@dataclass
-class NeighbourLists:
-    """Each gallery item's nearest gallery items (itself included), from exact search: ids (N, n), scores (N, n)."""
-
-    ids: np.ndarray
-    scores: np.ndarray
-
-    @property
-    def width(self) -> int:
-        return int(self.ids.shape[1])
-
-
-def gallery_neighbours(vectors: np.ndarray, n: int = DEFAULT_NEIGHBOURS, use_gpu: bool = True) -> NeighbourLists:
-    """Exact top-n neighbour lists of the gallery against itself (row i usually starts with i)."""
-    from retrieval.knn import exact_knn
-
-    n = int(min(n, len(vectors)))
-    scores, ids = exact_knn(vectors, vectors, n, use_gpu=use_gpu)
-    return NeighbourLists(ids.astype(np.int64), scores.astype(np.float32))
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:

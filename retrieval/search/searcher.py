@@ -1,7 +1,7 @@
 """Search an index folder by image, and evaluate it: the API behind `retrieval search`, `evaluate` and the app.
 
     searcher = Searcher.open("indexes/inshop")                # re-opens the embedder recorded in meta.json
-    hits = searcher.search_paths(["photo.jpg"], k=10)[0]      # [Hit(rank=1, score=0.93, path=..., ...), ...]
+    hits = searcher.search_paths(["photo.jpg"], k=10)[0]      # [Hit(rank=1, ..., path="img/x.jpg", score=0.93), ...]
     searcher.evaluate()                                       # {"R@1": ..., "MAP@R": ..., ...}
 
 The embedder is checked against the index (fingerprint, embedding size, normalisation) before any
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,29 +22,15 @@ from PIL import Image
 from retrieval.embed.backend import EmbeddingBackend
 from retrieval.embed.spec import EmbedderSpec, open_embedder, open_recorded
 from retrieval.errors import InputError
-from retrieval.metrics import neighbour_metrics
-from retrieval.search.filters import Where, attribute_values, matching_ids, parse_where
+from retrieval.index.filters import Where, attribute_values, matching_ids, parse_where
 from retrieval.index.folder import GalleryIndex
 from retrieval.index.meta import IndexMeta
+from retrieval.metrics import neighbour_metrics
+from retrieval.search.hits import Hit, dataset_relative
 from retrieval.search.rerank import Reranker, RerankConfig, check_method
 
 DEFAULT_RECALL_KS = (1, 2, 4, 8)  # when an index records no protocol ks (e.g. a folder of images)
 EVAL_CHUNK = 2048
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One search result: rank from 1, cosine similarity, and the gallery item."""
-
-    rank: int
-    score: float
-    path: str
-    label: int
-    item_id: str
-    gallery_index: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Searcher:
@@ -193,7 +178,7 @@ class Searcher:
         `where`: a filter ("category=Dresses" terms or {"category": "Dresses"}), exact inside FAISS;
         `rerank`: none | qe | dba | kreciprocal (see retrieval.search.rerank)."""
         scores, ids = self.search_raw(emb, k, where, rerank)
-        items = self.index.items
+        items, root = self.index.items, self.index.meta.data_root
         out: list[list[Hit]] = []
         for row_scores, row_ids in zip(scores, ids):
             hits = []
@@ -201,7 +186,9 @@ class Searcher:
                 if i < 0:
                     continue
                 i = int(i)
-                hits.append(Hit(len(hits) + 1, float(s), items.paths[i], items.labels[i], items.item_ids[i], i))
+                hits.append(Hit(rank=len(hits) + 1, gallery_index=i, item_id=items.item_ids[i], label=items.labels[i],
+                                path=dataset_relative(items.paths[i], root), score=float(s),
+                                attributes=items.attributes[i]))
             out.append(hits)
         return out
 
@@ -222,11 +209,7 @@ class Searcher:
 
     def relative_path(self, gallery_index: int) -> str:
         """Gallery item's path relative to the dataset folder (absolute when outside it)."""
-        path = self.index.items.paths[int(gallery_index)]
-        root = self.index.meta.data_root
-        if root and path.startswith(os.path.join(root, "")):
-            return Path(path[len(os.path.join(root, "")):]).as_posix()
-        return path
+        return dataset_relative(self.index.items.paths[int(gallery_index)], self.index.meta.data_root)
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, ks: Sequence[int] | None = None, exact: bool = True, rerank: str | None = None) -> dict[str, float]:
@@ -270,8 +253,3 @@ class Searcher:
             result[f"exact {key}"] = value
             result[f"diff {key}"] = result[key] - value
         return result
-
-
-def hits_as_json(paths: Sequence[str | os.PathLike[str]], results: Sequence[Sequence[Hit]]) -> list[dict[str, Any]]:
-    """[{"query": path, "hits": [Hit dicts]}] for `retrieval search --json`."""
-    return [{"query": str(Path(p)), "hits": [h.to_dict() for h in hits]} for p, hits in zip(paths, results)]

@@ -37,8 +37,8 @@ from retrieval.data.cache.layout import (
     split_dir,
 )
 from retrieval.data.cache.reader import cache_mismatch, has_cache
-from retrieval.embed.preprocess import resize_short_side
 from retrieval.images import ImageLoadError, open_image
+from retrieval.preprocess import resize_short_side
 
 _PROGRESS_FILE = "progress.json"
 _RECORDS_FILE = "records.i64"

@@ -2,6 +2,9 @@
 
 Bit-compatible with torchvision's Resize/CenterCrop on PIL images (both call Pillow's bilinear
 resize), so an ONNX deployment sees the same pixels as the torch pipeline.
+
+A base module (it needs only config and images): the embed backends, checkpoints, the training
+transforms (retrieval.data) and the cache writer all read it, so it sits below every stage.
 """
 
 from __future__ import annotations
