@@ -1,7 +1,9 @@
 """Configuration: one dataclass per concern, and the paper's presets in one place.
 
 Everything here is plain data (str/int/float/bool/tuple/None) so that a config can be stored in a
-checkpoint or index metadata as JSON and read back with `from_dict` without pickle.
+checkpoint or index metadata as JSON and read back with `from_dict` without pickle. An index build's
+IndexConfig lives with the index knobs it is made of (retrieval.index.config); merging a preset, a config
+file, flags and --set into a RunConfig is retrieval.config_resolve.
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, TypeVar
 
 from retrieval.errors import ConfigError
-from retrieval.index.knobs import knob_fields
-from retrieval.index.types import index_type
 from training import catalog
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -117,25 +117,6 @@ class TrainConfig:
     device: str = "auto"
     max_steps_per_epoch: int = 0  # 0 = full epoch; > 0 caps steps (smoke runs, demos)
     deterministic: bool = False  # bit-identical reruns and resumes (training/determinism.py); slower on GPU
-
-
-@dataclass
-@knob_fields(lambda knob: knob.default, after="index_type")
-class IndexConfig:
-    """How a gallery is indexed.
-
-    After `index_type`, one int field per knob of retrieval.index.knobs.INDEX_KNOBS (nlist, nprobe, pq_m,
-    pq_nbits, hnsw_m, ef_construction, ef_search, refine_factor, train_size), defaulting as declared there.
-    """
-
-    index_type: str = "auto"  # auto, or a type registered in retrieval.index.types.INDEX_TYPES
-    memory_budget_gb: float = 4.0
-    use_gpu: bool = True
-    flat_max_items: int = 300_000  # "auto" keeps exact search up to here when it fits the memory budget
-
-    def __post_init__(self) -> None:
-        if self.index_type != "auto":
-            index_type(self.index_type)  # IndexBuildError listing the registered types
 
 
 @dataclass

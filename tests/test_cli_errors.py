@@ -14,7 +14,7 @@ import pytest
 
 from retrieval.index.build import build_index
 from retrieval.embed.spec import EmbedderSpec, open_embedder
-from retrieval.config import IndexConfig
+from retrieval.index.config import IndexConfig
 from retrieval.data import load_dataset
 from retrieval.errors import EXIT_ERROR, EXIT_USAGE
 from tests.fakes import make_fake_inshop, make_image_folder, write_nasty_images

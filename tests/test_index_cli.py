@@ -3,7 +3,6 @@ the flags pick exactly one, with the precedence users rely on, and each job refu
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import numpy as np
@@ -58,15 +57,3 @@ def test_the_flags_pick_one_job(files, flags, status, words) -> None:
     assert res.exit_code == status, res.output
     assert words in " ".join(res.output.split()), res.output
 
-
-def test_the_registry_and_the_config_import_each_other_one_way_only() -> None:
-    """retrieval.config reads the index-type registry and its knobs (IndexConfig's fields and validation), so they
-    never import the config back, not even for type hints or inside a function."""
-    import retrieval.index.knobs
-    import retrieval.index.types
-
-    for module in (retrieval.index.knobs, retrieval.index.types):
-        tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
-        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-        assert not {name for name in imported if name.startswith("retrieval.config")}, module.__name__

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from retrieval.cli import app
 from retrieval.cli.index_options import with_knob_options
-from retrieval.config import IndexConfig
+from retrieval.index.config import IndexConfig
 from retrieval.index.errors import IndexBuildError
 from retrieval.index.faiss_index import build_faiss_index, exact_vectors, remove_from_index, resolve_params, search
 from retrieval.index.knobs import INDEX_KNOBS, Knob, knob_fields

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from retrieval.cli import embedder_options as opts
-from retrieval.config import CalibrationConfig, IndexConfig
+from retrieval.config import CalibrationConfig
 from retrieval.errors import UsageError
+from retrieval.index.config import IndexConfig
 from retrieval.index.knobs import INDEX_KNOBS
 
 

@@ -31,8 +31,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from retrieval.config import CalibrationConfig, IndexConfig
+from retrieval.config import CalibrationConfig
 from retrieval.errors import UsageError
+from retrieval.index.config import IndexConfig
 from retrieval.index.errors import IndexBuildError
 from retrieval.index.faiss_index import BuiltIndex, add_to_index, build_faiss_index, configure_search, resolve_params
 from retrieval.index.knobs import EF_SEARCH, NPROBE, knob_label

@@ -4,12 +4,12 @@ A knob is a number an index type is built or searched with (IVF lists, PQ code s
 search setting calibration picks, ...). Each IndexType in retrieval.index.types names the knobs it reads.
 From this declaration come
 
-    IndexConfig's knob fields (retrieval.config)   the requested values, defaults as declared here
+    IndexConfig's knob fields (retrieval.index.config)   the requested values, defaults as declared here
     IndexParams' knob fields (retrieval.index.types)   the concrete values of one built index, 0 = unused
     the `retrieval index` flags (retrieval.cli.index_options)   name, default, range and help as declared here
 
 so a new knob is one entry in INDEX_KNOBS (and its name in the knobs of the types that read it). This module
-imports nothing from the package: retrieval.config and the type registry both read it, and it reads neither.
+imports nothing from the package: IndexConfig and the type registry both read it, and it reads neither.
 """
 
 from __future__ import annotations

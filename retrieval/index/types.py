@@ -16,8 +16,8 @@ Any approximate type takes `refine_factor` > 0 to re-rank k * factor candidates 
 which keeps the float32 vectors as well). All types use METRIC_INNER_PRODUCT over L2-normalised vectors.
 
 FAISS and NumPy are imported inside the methods: the command line reads names and help from this
-module and must start without loading them. retrieval.config reads this registry (IndexConfig validates
-its type), so this module does not import config: `cfg` below is an IndexConfig, typed as IndexRequest.
+module and must start without loading them. IndexConfig (retrieval.index.config) checks its type against
+this registry, so this module does not import it: `cfg` below is an IndexConfig, typed as IndexRequest.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import faiss
     import numpy as np
 
-# An IndexConfig (retrieval.config): the requested type, a value for every knob of INDEX_KNOBS, the memory budget.
+# An IndexConfig (retrieval.index.config): the requested type, a value for every knob of INDEX_KNOBS, the memory budget.
 IndexRequest = Any
 
 MIN_POINTS_PER_CENTROID = 39  # below this FAISS k-means gives poor centroids (its own warning threshold)
