@@ -134,7 +134,8 @@ def _after(prefix: str, text: str, suffix: str = "") -> str:
 
 def _api_reason(response: httpx.Response, subject: str) -> tuple[int, str, str]:
     body = response.json()
-    assert set(body) == {"error", "message"} and "Traceback" not in response.text, body
+    assert set(body) == {"error", "message", "request_id"} and "Traceback" not in response.text, body
+    assert body["request_id"] == response.headers["x-request-id"]
     return response.status_code, body["error"], _after(f"{subject}: ", body["message"])
 
 
