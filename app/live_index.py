@@ -139,8 +139,9 @@ class LiveIndex:
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self.watch_interval = DEFAULT_WATCH_INTERVAL_S
-        self.released = threading.Event()  # set when the version replaced by the last swap has been let go
+        self.released = threading.Event()  # set when the release after the last swap has finished
         self.released.set()
+        self.release_ok = True  # whether it let the replaced version go (False: something still holds it)
 
     # -- facts ------------------------------------------------------------------------------------------
     @property
@@ -244,7 +245,8 @@ class LiveIndex:
         threading.Thread(target=self._release, args=(old, self.released), name="index-release", daemon=True).start()
 
     def _release(self, old: "weakref.ref[Any]", done: threading.Event) -> None:
-        if not release_memory(old):
+        self.release_ok = release_memory(old)
+        if not self.release_ok:
             log.warning("the previous index version is still referenced %.0f s after the swap; its memory is not "
                         "returned", RELEASE_WAIT_S)
         done.set()
@@ -292,15 +294,17 @@ def _warm_up(searcher: Any) -> None:
 
 def release_memory(old: "weakref.ref[Any]", wait_s: float = RELEASE_WAIT_S) -> bool:
     """Wait until nothing holds the old version's Searcher (its last batch finished), then hand freed memory
-    back; False when something still holds it after `wait_s`."""
+    back; False when something still holds it after `wait_s`.
+
+    A full garbage collection holds the interpreter lock for a while on a server's large heap (every
+    request waits), so it runs only when the version outlives its batches (a reference cycle)."""
     started = time.monotonic()
     collected = False
     while old() is not None and time.monotonic() - started < wait_s:
         time.sleep(0.02)
         if not collected and time.monotonic() - started > COLLECT_AFTER_S:
-            gc.collect()  # once: only a reference cycle outlives its last batch by this long
+            gc.collect()
             collected = True
-    gc.collect()
     _malloc_trim()
     return old() is None
 
