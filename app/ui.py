@@ -288,13 +288,14 @@ class SearchApp:
         i = int(match.group(1))  # type: ignore[union-attr]
         if not 0 <= i < len(store.gallery_paths):
             return None
-        searcher = self.searcher
+        served = self.live.current  # read once: a swap in between must not pair this version with another's rows
+        searcher = served.searcher
         try:
             image = open_image(store.gallery_paths[i], max_pixels=self.max_pixels)
         except ImageLoadError:
             image = open_image(path, max_pixels=self.max_pixels)  # the original moved: its thumbnail
         known = None
-        if version == self.live.version.id:
+        if version == served.version.id:
             label, item = int(searcher.gallery_labels[i]), str(searcher.gallery_item_ids[i])
             known = StoredQuery(Path(searcher.gallery_paths[i]), label, item, i) if label >= 0 else None
         return DecodedQuery(image, known, f"gallery image #{i}", "Gallery image")
