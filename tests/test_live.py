@@ -478,3 +478,19 @@ def test_serve_command_offers_the_service_flags_and_refuses_an_unknown_log_forma
         assert flag in help_text
     result = CliRunner().invoke(cli, ["serve", "--index", str(index_dir), "--log-format", "xml"])
     assert result.exit_code == 2 and "--log-format xml" in result.output
+
+
+def test_the_live_update_benchmark_finds_mixed_and_stale_answers() -> None:
+    from benchmarks.live_update import Answer, consistency
+
+    versions = {"v1": {"paths": ["a.jpg", "b.jpg"], "items": ["A", "B"], "item_set": {"A", "B"}},
+                "v2": {"paths": ["b.jpg"], "items": ["B"], "item_set": {"B"}}}
+    order = ["v1", "v2"]
+    good = [Answer(0, 0.0, 1.0, "v1", [(0, "a.jpg", "A"), (1, "b.jpg", "B")]),
+            Answer(0, 1.0, 2.0, "v2", [(0, "b.jpg", "B")])]
+    assert consistency(good, versions, order) == []
+    mixed = Answer(1, 0.5, 1.5, "v2", [(0, "b.jpg", "B"), (1, "b.jpg", "B")])  # a row v2 does not have
+    assert any("is not row 1 of v2" in p for p in consistency(good + [mixed], versions, order))
+    older = Answer(1, 2.5, 3.0, "v1", [(0, "a.jpg", "A")])  # sent after v2 answered, answered by v1
+    problems = consistency(good + [older], versions, order)
+    assert any("request sent after v2 answered got v1" in p for p in problems)
