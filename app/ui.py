@@ -344,6 +344,13 @@ class SearchApp:
         values = self.searcher.attribute_values
         return [ALL_VALUES] + (values.get(self.filter_key, []) if self.filter_key else [])
 
+    def filter_update(self) -> Any:
+        """On page load: the dropdown's values of the version served now, when they differ from the page's."""
+        import gradio as gr
+
+        choices = self.current_filter_choices()
+        return gr.update() if choices == self.filter_choices else gr.update(choices=choices)
+
     def _where(self, filter_value: Any) -> dict[str, list[str]] | None:
         if not filter_value or filter_value == ALL_VALUES or not self.filter_key:
             return None
@@ -606,8 +613,7 @@ class SearchApp:
                 recompute.click(lambda: self.evaluation(recompute=True), inputs=None, outputs=outputs,
                                 api_name=RECOMPUTE_API, concurrency_limit=1, concurrency_id="evaluation")
             if self.filter_key is not None:  # the index may have been republished since the page was built
-                demo.load(lambda: gr.update(choices=self.current_filter_choices()), inputs=None, outputs=[category],
-                          api_name=False, queue=False)
+                demo.load(self.filter_update, inputs=None, outputs=[category], api_name=False, queue=False)
         return demo
 
 
