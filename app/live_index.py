@@ -233,6 +233,7 @@ class LiveIndex:
         """The folder as a Searcher with the served embedder (checked against the index), fully verified."""
         from retrieval.search.searcher import Searcher
 
+        assert self.index_dir is not None
         served = self.current.searcher
         return Searcher.open(self.index_dir, served.backend, served.device, verify_checksums=True,
                              data_root=self.data_root)

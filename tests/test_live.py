@@ -351,7 +351,7 @@ def test_thumbnails_follow_the_version_that_answered(server: Any, client: Search
         shifted = next(i for i in range(len(new_paths)) if new_paths[i] != old_paths[i])
         now = http.get(f"api/v1/thumbnails/{shifted}.jpg")
         assert now.content == expected_jpeg(str(Path(first.meta.data_root) / new_paths[shifted]))
-        gone = http.get(f"api/v1/thumbnails/0.jpg?v=19700101T000000Z-00000000")
+        gone = http.get("api/v1/thumbnails/0.jpg?v=19700101T000000Z-00000000")
         assert gone.status_code == 404 and "no longer served" in gone.json()["message"]
 
 

@@ -40,10 +40,12 @@ def register(app: typer.Typer) -> None:
             help="Reload the index when its folder is republished (`retrieval index --out DIR --add/--remove`): "
                  "verified, loaded beside the served one and swapped in without a restart.",
         ),
-        watch_interval: float = typer.Option(1.0, "--watch-interval", min=0.05, help="Seconds between checks of the folder."),
+        watch_interval: float = typer.Option(1.0, "--watch-interval", min=0.05,
+                                             help="Seconds between checks of the folder."),
         metrics: bool = typer.Option(True, "--metrics/--no-metrics",
                                      help="Serve Prometheus metrics at /metrics (behind --api-token when set)."),
-        log_format: str = typer.Option("text", "--log-format", help="Access log on stderr, one line per request: text | json."),
+        log_format: str = typer.Option("text", "--log-format",
+                                       help="Access log on stderr, one line per request: text | json."),
     ) -> None:
         """Serve the search UI and the JSON API (/api/v1/search, /health, /ready, /info, /docs) on one port."""
         from rich.console import Console
