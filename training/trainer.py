@@ -5,7 +5,8 @@ which only the embedding layer and the loss parameters (proxies) train, BatchNor
 says so, proxies at `proxy_lr_mult` x the learning rate, gradient-value clipping, one seed.
 
 Speed: bf16 autocast and channels_last on GPU (fp16 + GradScaler on request, fp32 on CPU), optional
-torch.compile, the whole step replayed from a CUDA graph where it qualifies (training/step.py), and no
+torch.compile, on request (--cuda-graphs) the whole step replayed from a CUDA graph where it qualifies
+(training/step.py; it falls back to the eager step, saying why, if the graph fails), and no
 host-device synchronisation inside a step: losses are summed on the device and read once every
 `SYNC_EVERY` steps for the progress bar.
 
@@ -248,8 +249,12 @@ def build_run(cfg: RunConfig, info: DistInfo, say: Callable[[str], None]) -> Run
 def describe_run(run: Run) -> str:
     """What is trained on what, how, in two lines."""
     cfg, info, amp_dtype = run.cfg, run.info, run.amp_dtype
-    step = "whole-step CUDA graph" if run.use_graphs else \
-        f"eager ({'--no-cuda-graphs' if run.graph_reason is None else run.graph_reason})"
+    if run.use_graphs:
+        step = "whole-step CUDA graph (falls back to eager, saying why, if it fails)"
+    elif not cfg.train.cuda_graphs:
+        step = "eager" + (" (whole-step CUDA graphs are opt-in: --cuda-graphs)" if run.graph_reason is None else "")
+    else:
+        step = f"eager ({run.graph_reason})"
     return (
         f"training {cfg.model.arch} d={cfg.model.embedding_size} on {run.dataset.name} "
         f"({len(run.dataset.train)} images, {run.num_classes} classes) | loss {cfg.loss.name}, "
