@@ -205,7 +205,7 @@ class Run:
     amp_dtype: torch.dtype | None
     channels_last: bool  # channels_last memory format (GPU only)
     gather: bool  # the objective sees the global batch, so every rank's labels are gathered too
-    graph_reason: str | None  # why the step cannot be a CUDA graph; None when it qualifies
+    graph_reason: str | None  # why the step cannot be (or is no longer) a CUDA graph; None when it qualifies
 
     @property
     def use_graphs(self) -> bool:
@@ -271,15 +271,23 @@ def phase_of(t: Any, epoch: int) -> str:
     return "warmup" if epoch < t.warmup_epochs else "full"
 
 
-def start_phase(run: Run, epoch: int) -> StepFn:
+def start_phase(run: Run, epoch: int, say: Callable[[str], None]) -> StepFn:
     """Make the phase's parameters trainable and build its step: a new runner per phase, since the trainable
-    parameters (and so DDP's bookkeeping and a captured graph) change."""
+    parameters (and so DDP's bookkeeping and a captured graph) change.
+
+    If the CUDA graph fails, the runner continues eagerly (training/step.py); `say` prints why, once, and
+    the run stays eager in later phases (the optimiser is back in its eager form)."""
     t, s = run.cfg.train, run.state
     warm = phase_of(t, epoch) == "warmup"
     set_trunk_trainable(s.model, trainable=not warm, freeze_bn=t.freeze_bn, bn_affine=bn_affine_trains(t, epoch))
     step_model = wrap_for_step(s.model, s.objective, run.info, gather=run.gather, compile_model=t.compile)
     parts = StepParts(step_model, s.objective, s.optimizer, s.scaler, s.generator, run.amp_dtype, t.grad_clip)
-    return build_step(parts, run.use_graphs)
+
+    def graph_failed(reason: str) -> None:
+        run.graph_reason = reason
+        say(f"note: {reason}")
+
+    return build_step(parts, run.use_graphs, on_fallback=graph_failed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,7 +520,7 @@ def _train(
     record.timings["setup_time_s"] = time.perf_counter() - run_started
     for epoch in range(start_epoch, t.epochs):
         if phase != phase_of(t, epoch):
-            phase, step_fn = phase_of(t, epoch), start_phase(run, epoch)
+            phase, step_fn = phase_of(t, epoch), start_phase(run, epoch, say)
         assert step_fn is not None
         row: dict[str, Any] = {"epoch": epoch + 1, "phase": phase, **run_epoch(run, step_fn, epoch, progress)}
         if evaluates_after(t, epoch):
