@@ -342,8 +342,8 @@ def mixed_pool(fmap: torch.Tensor, targets: MixedTargets, chunk_elements: int = 
     batch, channels, height, width = fmap.shape
     positions = height * width
     flat = fmap.reshape(batch, channels, positions)
-    if fused is None:
-        fused = fused_pool.available(fmap.device)
+    if fused is None:  # the kernels where available, once a first use has run them (else the path below)
+        fused = fused_pool.ready(flat, targets.first, targets.second, targets.lam)
     if fused:
         return fused_pool.fused_mixed_pool(flat, targets.first, targets.second, targets.lam)
     lam = targets.lam.to(fmap.dtype)
