@@ -36,11 +36,11 @@ from retrieval.atomic import atomic_write_json, clean_stale_leftovers
 from retrieval.checkpoint import load_checkpoint
 from retrieval.config import RunConfig
 from retrieval.data.base import RetrievalDataset
+from retrieval.devices import resolve_amp
 from retrieval.embed.preprocess import Preprocessing
 from retrieval.embed.torch_backend import TorchBackend
 from retrieval.errors import ConfigError, UsageError
 from retrieval.model import Embedder, freeze_batchnorm
-from training import catalog
 from training.batches import TrainBatches, build_train_batches
 from training.checkpointing import (
     BEST_CHECKPOINT,
@@ -121,19 +121,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype, or None for full precision. CPU always trains in float32."""
-    if amp not in catalog.AMP_MODES:
-        raise UsageError(f"unknown amp setting {amp!r}; choose {catalog.one_of(catalog.AMP_MODES)}")
-    if device.type != "cuda" or amp == "none":
-        return None
-    if amp == "fp16":
-        return torch.float16
-    if amp == "auto" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
 
 
 def load_run_dataset(cfg: RunConfig, info: DistInfo | None = None) -> tuple[RetrievalDataset, RunConfig]:
