@@ -4,10 +4,18 @@
                              {"image": "<base64 or data: URL>", "k": 10, "filter": {"category": "Dresses"},
                              "rerank": "qe"} -> ranked results, timings and the embedder fingerprint
     GET  /api/v1/health      cheap liveness (never needs a token: load balancers call it)
+    GET  /api/v1/ready       readiness: 200 once a warm-up batch has run, 503 not_ready before, and while the
+                             folder holds a newer index version that was refused (the older one still answers)
     GET  /api/v1/info        index type and size, embedding size, backend and device, fingerprint, build date,
-                             filterable attributes, re-ranking methods available
-    GET  /api/v1/thumbnails/{i}.jpg   the downscaled gallery image of result i (originals are never served)
+                             filterable attributes, re-ranking methods available, the index version served
+    GET  /api/v1/thumbnails/{i}.jpg?v=VERSION   the downscaled gallery image of result i of that index version
+                             (originals are never served; without `v`, of the version served now)
+    POST /api/v1/admin/reload  load the index folder now if it was republished (as the watcher does)
+    GET  /metrics            Prometheus metrics (app.metrics), behind the same token as the API
     GET  /docs, /openapi.json         FastAPI's schema
+
+Every answer names the index version it came from (app.live_index) and carries an X-Request-ID header
+(the client's, or a generated one; error bodies name it too).
 
 Errors are JSON {"error": code, "message": text} with a stable code and status: 400 bad_request,
 401 unauthorized, 413 too_large, 415 not_an_image, 422 undecodable_image, 503 queue_full, 500 internal
@@ -27,12 +35,16 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from fastapi import FastAPI, Request
 
+from app import request_ids
 from app.batching import BatchingWorker, QueueFull
-from app.schemas import ErrorBody, Health, InfoResponse, SearchResponse
+from app.live_index import LiveIndex
+from app.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from app.metrics import ServerMetrics
+from app.schemas import ErrorBody, Health, InfoResponse, Ready, ReloadResponse, SearchResponse
 from retrieval.index.filters import FilterError, format_where, parse_where
 from retrieval.query_intake import QueryIntake, QueryLimits, QueryRejected
 from retrieval.search.rerank import RERANK_METHODS, RerankError
@@ -46,6 +58,11 @@ MULTIPART_OVERHEAD = 64 * 1024  # form boundaries and fields on top of the image
 UPLOAD = "the upload"  # how messages name a multipart upload; a JSON body's image is "`image`"
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     "default": {"model": ErrorBody, "description": "An error: its stable code and a one-line message."}}
+NOT_READY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    503: {"model": ErrorBody, "description": "Not ready (error `not_ready`): warming up, or the index folder "
+                                             "holds a newer version that was refused."}, **ERROR_RESPONSES}
+METRICS_PATH = "/metrics"
+OPEN_PATHS = (f"{API_PREFIX}/health", f"{API_PREFIX}/ready")  # probes: never a token (they reveal no data)
 
 
 class ApiError(Exception):
@@ -60,7 +77,8 @@ class ApiError(Exception):
 class ApiSettings:
     limits: QueryLimits = field(default_factory=QueryLimits)  # query images: the UI's limits too
     max_k: int = MAX_K
-    token: str | None = None  # when set, every route but /health needs "Authorization: Bearer <token>"
+    token: str | None = None  # when set, every route but /health and /ready needs "Authorization: Bearer <token>"
+    metrics: bool = True  # serve /metrics (behind the token when one is set)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -123,12 +141,33 @@ def check_token(header: str | None, token: str | None) -> None:
 
 
 class SearchApi:
-    """Routes of the API over one Searcher, its BatchingWorker and the thumbnail store."""
+    """Routes of the API over the served index (app.live_index), its BatchingWorker and the thumbnail stores."""
 
-    def __init__(self, searcher: Any, worker: BatchingWorker, thumbnails: Any, settings: ApiSettings) -> None:
-        self.searcher, self.worker, self.thumbnails, self.settings = searcher, worker, thumbnails, settings
+    def __init__(self, live: LiveIndex, worker: BatchingWorker, thumbnails: Any, settings: ApiSettings,
+                 metrics: ServerMetrics | None = None) -> None:
+        self.live, self.worker, self.thumbnails, self.settings = live, worker, thumbnails, settings
+        self.metrics = metrics
         self.intake = QueryIntake(settings.limits)
-        self.max_k = max(1, min(settings.max_k, len(searcher.gallery_paths)))
+
+    @property
+    def searcher(self) -> Any:
+        """The Searcher of the version served now (validation of a request; its batch may take a newer one)."""
+        return self.live.searcher
+
+    @property
+    def max_k(self) -> int:
+        return max(1, min(self.settings.max_k, len(self.searcher.gallery_paths)))
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why not): warm once the first batch has run; not ready while the served version is stale."""
+        if not self.worker.warmed.is_set():
+            return False, "warming up: the embedder's first batch has not run yet"
+        stale = self.live.stale
+        if stale is not None:
+            return False, (f"serving index version {stale.version}, older than the index folder, whose newer "
+                           "version was refused (the reason is in the server log and /api/v1/info); republish a "
+                           "good version. The older version keeps answering searches meanwhile")
+        return True, ""
 
     def rerank_methods(self) -> list[str]:
         methods = ["none", "qe", "kreciprocal"]
@@ -137,25 +176,32 @@ class SearchApi:
         return methods
 
     def info(self) -> dict[str, Any]:
-        meta, backend = self.searcher.index.meta, self.searcher.backend
+        searcher = self.searcher
+        meta, backend = searcher.index.meta, searcher.backend
         return {
             "dataset": meta.dataset,
             "index_type": meta.index_type,
             "index_factory": meta.index_factory,
-            "n_items": len(self.searcher.gallery_paths),
+            "n_items": len(searcher.gallery_paths),
             "embedding_size": meta.embedding_size,
             "backend": backend.name,
             "device": backend.device,
-            "search_device": self.searcher.devices.get("index"),
+            "search_device": searcher.devices.get("index"),
             "fingerprint": backend.fingerprint,
             "built_at": meta.created_at,
             "updated_at": meta.updated_at,
-            "filters": self.searcher.attribute_values,
+            "filters": searcher.attribute_values,
             "rerank": self.rerank_methods(),
             "max_k": self.max_k,
             "max_upload_bytes": self.settings.max_upload_bytes,
             "batching": {"max_batch": self.worker.max_batch, "max_wait_ms": self.worker.max_wait * 1000,
                          "queue_size": self.worker.queue_size},
+            "index_version": self.live.version.id,
+            "version": self.live.version.to_json(),
+            "reloading": {"watching": self.live.watching,
+                          "last_outcome": self.live.last.outcome if self.live.last else None,
+                          "last_message": self.live.last.message if self.live.last else None,
+                          "stale": self.live.stale is not None},
         }
 
     async def search(self, data: bytes, k: Any, filter_: Any, rerank: Any, subject: str = UPLOAD) -> dict[str, Any]:
@@ -178,28 +224,58 @@ class SearchApi:
             raise ApiError(400, "bad_request", str(exc)) from None
         except QueueFull as exc:
             raise ApiError(503, "queue_full", str(exc)) from None
+        version = result.served.version.id if result.served is not None else self.live.version.id
+        self._thumbnails_of(result.served)  # registers the version, so its thumbnail URLs resolve
+        timings = {"decode": round(prepared.decode_seconds * 1e3, 3), "embed": round(result.embed_seconds * 1e3, 3),
+                   "search": round(result.search_seconds * 1e3, 3),
+                   "total": round((time.perf_counter() - t0) * 1e3, 3)}
+        record = request_ids.current()
+        if record is not None:
+            record.note(batch=result.batch_size, k=k, filter=format_where(where) if where else "", rerank=method,
+                        index_version=version)
+        if self.metrics is not None:
+            self.metrics.observe_search(timings)
         return {
-            "results": [self._hit(h) for h in result.hits],
+            "results": [self._hit(h, version) for h in result.hits],
             "k": k,
             "filter": {key: sorted(v) for key, v in where.items()} if where else None,
             "filter_text": format_where(where) if where else "",
             "rerank": method,
             "batch_size": result.batch_size,
-            "timings_ms": {"decode": round(prepared.decode_seconds * 1e3, 3),
-                           "embed": round(result.embed_seconds * 1e3, 3),
-                           "search": round(result.search_seconds * 1e3, 3),
-                           "total": round((time.perf_counter() - t0) * 1e3, 3)},
+            "timings_ms": timings,
             "fingerprint": self.searcher.backend.fingerprint,
+            "index_version": version,
         }
+
+    def _thumbnails_of(self, served: Any) -> Any:
+        """The thumbnail store of the version that answered."""
+        if served is None:
+            served = self.live.current
+        return self.thumbnails.for_version(served.version.id, served.searcher.gallery_paths)
+
+    def thumbnail_path(self, gallery_index: int, version: str | None) -> Any:
+        """The thumbnail file of row `gallery_index` of `version` (default: the served one); ApiError 404 else."""
+        served = self.live.current
+        if version is None or version == served.version.id:
+            store = self.thumbnails.for_version(served.version.id, served.searcher.gallery_paths)
+        else:
+            store = self.thumbnails.for_version(version)
+        if store is None:
+            raise ApiError(404, "not_found", f"index version {version!r} is no longer served; search again "
+                                             f"(now serving {served.version.id})")
+        if not 0 <= gallery_index < len(store.gallery_paths):
+            raise ApiError(404, "not_found", f"no thumbnail {gallery_index}.jpg in index version "
+                                             f"{version or served.version.id}; use a result's thumbnail_url")
+        return store.path_for(gallery_index)
 
     def _prepare(self, data: bytes, subject: str) -> Any:
         t0 = time.perf_counter()
         image = self.intake.decode(data, subject)
         return self.worker.prepare(image, time.perf_counter() - t0)
 
-    def _hit(self, hit: Any) -> dict[str, Any]:
-        """The search hit record (retrieval.search.hits.Hit) plus its thumbnail's URL."""
-        return {**hit.to_json(), "thumbnail_url": f"{API_PREFIX}/thumbnails/{int(hit.gallery_index)}.jpg"}
+    def _hit(self, hit: Any, version: str) -> dict[str, Any]:
+        """The search hit record (retrieval.search.hits.Hit) plus the URL of its thumbnail in that index version."""
+        return {**hit.to_json(), "thumbnail_url": f"{API_PREFIX}/thumbnails/{int(hit.gallery_index)}.jpg?v={version}"}
 
 
 def build_api(search_api: SearchApi) -> FastAPI:
@@ -232,9 +308,27 @@ def build_api(search_api: SearchApi) -> FastAPI:
     async def health() -> dict[str, Any]:
         return {"status": "ok"}
 
+    @api.get(f"{API_PREFIX}/ready", response_model=Ready, responses=NOT_READY_RESPONSES)
+    async def ready() -> dict[str, Any]:
+        """Readiness: 503 `not_ready` while warming up, and while the folder holds a newer, refused version."""
+        ok, why = search_api.readiness()
+        if not ok:
+            raise ApiError(503, "not_ready", why)
+        return {"status": "ready", "index_version": search_api.live.version.id}
+
     @api.get(f"{API_PREFIX}/info", response_model=InfoResponse, responses=ERROR_RESPONSES)
     async def info() -> dict[str, Any]:
         return search_api.info()
+
+    @api.post(f"{API_PREFIX}/admin/reload", response_model=ReloadResponse, responses=ERROR_RESPONSES)
+    async def reload() -> dict[str, Any]:
+        """Load the index folder now if it was republished: verified, warmed up and swapped in between batches.
+        A version that fails verification is refused (outcome `refused`, the reason in `message`) and the
+        served one keeps answering."""
+        outcome = await asyncio.to_thread(search_api.live.reload, "request")
+        body = outcome.to_json()
+        body.pop("trigger")
+        return body
 
     @api.post(f"{API_PREFIX}/search", response_model=SearchResponse, responses=ERROR_RESPONSES,
               openapi_extra={"requestBody": {"content": {
@@ -276,13 +370,25 @@ def build_api(search_api: SearchApi) -> FastAPI:
                                        form.get("rerank"))
 
     @api.get(f"{API_PREFIX}/thumbnails/{{name}}")
-    async def thumbnail(name: str) -> Any:
+    async def thumbnail(name: str, v: Optional[str] = None) -> Any:
+        """The thumbnail of result `name` (`<gallery_index>.jpg`) of index version `v` (a result's thumbnail_url)."""
         match = re.fullmatch(r"(\d{1,12})\.jpg", name)
-        if not match or int(match.group(1)) >= len(search_api.searcher.gallery_paths):
+        if not match:
             raise ApiError(404, "not_found", f"no thumbnail {name!r}; use a result's thumbnail_url")
         loop = asyncio.get_running_loop()
-        path = await loop.run_in_executor(search_api.worker.pool, search_api.thumbnails.path_for, int(match.group(1)))
+        path = await loop.run_in_executor(search_api.worker.pool, search_api.thumbnail_path, int(match.group(1)), v)
         return FileResponse(path, media_type="image/jpeg")
+
+    if settings.metrics and search_api.metrics is not None:
+        metrics = search_api.metrics
+
+        @api.get(METRICS_PATH, include_in_schema=False)
+        async def metrics_route(request: Request) -> Any:
+            """Prometheus metrics (text format); the API token covers it when one is set."""
+            from fastapi.responses import Response
+
+            check_token(request.headers.get("authorization"), settings.token)
+            return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @api.api_route(f"{API_PREFIX}/{{rest:path}}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"],
                    include_in_schema=False)
@@ -317,7 +423,7 @@ class ApiGuard:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         try:
-            if path != f"{API_PREFIX}/health":
+            if path not in OPEN_PATHS:
                 check_token(headers.get("authorization"), self.settings.token)
             length = headers.get("content-length", "")
             limit = self.settings.limits.max_base64_chars + MULTIPART_OVERHEAD  # base64 JSON is 4/3 larger
@@ -350,7 +456,8 @@ def token_from_env(token: str | None) -> str | None:
 
 
 def error_response(status: int, code: str, message: str) -> Any:
-    """The JSON error answer (app.schemas.ErrorBody) with its status."""
+    """The JSON error answer (app.schemas.ErrorBody) with its status, naming the request's id."""
     from fastapi.responses import JSONResponse
 
-    return JSONResponse(ErrorBody(error=code, message=message).model_dump(), status_code=status)
+    body = ErrorBody(error=code, message=message, request_id=request_ids.current_id())
+    return JSONResponse(body.model_dump(), status_code=status)

@@ -5,15 +5,20 @@ worker thread takes whatever requests are waiting (up to `max_batch`, waiting at
 after the first for more), embeds them in one forward pass and searches them in one FAISS call per
 (filter, re-ranking) group. The queue is bounded: a request beyond `queue_size` waiting ones is
 refused at once (`QueueFull`, HTTP 503), never left to wait minutes.
+
+The index can be replaced while the server runs (app.live_index): the worker takes the served version
+once per batch, searches the whole batch with it and hands it back with each result, so a batch never
+mixes versions and every answer can name the version it came from.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -21,12 +26,15 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from app.live_index import LiveIndex, ServedIndex
 from retrieval.preprocess import preprocess_eval
 
 CPU_MAX_BATCH, CPU_MAX_WAIT_MS = 16, 2.0  # a CPU forward pass grows ~linearly with the batch: small batches
 GPU_MAX_BATCH, GPU_MAX_WAIT_MS = 64, 5.0  # a GPU pass of 64 costs little more than one of 1
 DEFAULT_QUEUE_SIZE = 256
 MAX_PREPARE_THREADS = 8
+
+log = logging.getLogger(__name__)
 
 
 class QueueFull(RuntimeError):
@@ -81,6 +89,11 @@ class BatchResult:
     embed_seconds: float
     search_seconds: float
     batch_size: int
+    served: ServedIndex | None = None  # the index version the batch searched
+
+    @property
+    def version(self) -> str:
+        return self.served.version.id if self.served is not None else ""
 
 
 @dataclass
@@ -105,10 +118,14 @@ def _where_key(where: Any) -> tuple:
 class BatchingWorker:
     """One thread that owns the embedder and the index; see the module docstring."""
 
-    def __init__(self, searcher: Any, *, max_batch: int | None = None, max_wait_ms: float | None = None,
-                 queue_size: int = DEFAULT_QUEUE_SIZE, engine: Engine | None = None) -> None:
-        self.searcher = searcher
-        self.engine: Engine = engine or SearcherEngine(searcher)
+    def __init__(self, index: Any, *, max_batch: int | None = None, max_wait_ms: float | None = None,
+                 queue_size: int = DEFAULT_QUEUE_SIZE, engine: Engine | None = None, warm_up: bool = False) -> None:
+        """`index`: the served LiveIndex (or one Searcher, served as the only version); `engine` replaces
+        embed + search for every version (tests and benchmarks); `warm_up`: first embed and search one blank
+        image with the real embedder and index (a server is ready only after that, see `warmed`)."""
+        self.live = index if isinstance(index, LiveIndex) else LiveIndex(index)
+        searcher = self.live.searcher
+        self._engine = engine
         device = str(getattr(searcher.backend, "device", "cpu"))
         default_batch, default_wait = default_batching(device)
         self.max_batch = int(max_batch or default_batch)
@@ -119,11 +136,28 @@ class BatchingWorker:
         self._pool = ThreadPoolExecutor(min(MAX_PREPARE_THREADS, os.cpu_count() or 1), thread_name_prefix="prepare")
         self.batches_run = 0
         self.batch_sizes: list[int] = []  # the last few hundred, for tests and statistics
+        self.warmed = threading.Event()  # set after the warm-up or the first batch (readiness)
+        self._warm_up = bool(warm_up)
+        self.on_batch: Callable[[int], None] | None = None  # called with each batch's size (metrics)
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="embedding-worker", daemon=True)
         self._thread.start()
 
     # -- callers ---------------------------------------------------------------------------------------
+    @property
+    def searcher(self) -> Any:
+        """The Searcher of the version served now (the next batch's)."""
+        return self.live.searcher
+
+    @property
+    def engine(self) -> Engine:
+        """What the next batch runs: the given engine, else the served version's embed + search."""
+        return self._engine or SearcherEngine(self.live.searcher)
+
+    def queue_depth(self) -> int:
+        """Queries waiting for a batch."""
+        return self._queue.qsize()
+
     @property
     def pool(self) -> ThreadPoolExecutor:
         """The thread pool callers decode and preprocess on (never the event loop)."""
@@ -189,7 +223,22 @@ class BatchingWorker:
             batch.append(request)
         return batch
 
+    def _warm(self) -> None:
+        """One blank image through the served version's embedder and index, before any query."""
+        served = self.live.current
+        try:
+            size = int(self.preprocessing.image_size)
+            pixels = preprocess_eval(Image.new("RGB", (size, size), (128, 128, 128)), self.preprocessing)
+            engine = SearcherEngine(served.searcher)
+            engine.search(engine.embed(pixels[None]), 1, None, "none")
+        except Exception:  # a broken embedder: the server stays not ready until a batch succeeds
+            log.exception("the warm-up batch failed")
+            return
+        self.warmed.set()
+
     def _loop(self) -> None:
+        if self._warm_up:
+            self._warm()
         while True:
             first = self._queue.get()
             if first is None:
@@ -197,13 +246,16 @@ class BatchingWorker:
             batch = [r for r in self._collect(first) if r.future.set_running_or_notify_cancel()]
             if batch:
                 self._run(batch)
+            first = batch = None  # type: ignore[assignment]  # hold no answered batch (nor its index version)
             if self._closed and self._queue.empty():
                 return
 
     def _run(self, batch: list[_Request]) -> None:
+        served = self.live.current  # once per batch: the whole batch searches this version
+        engine = self._engine or SearcherEngine(served.searcher)
         try:
             t0 = time.perf_counter()
-            emb = self.engine.embed(np.stack([r.pixels for r in batch]))
+            emb = engine.embed(np.stack([r.pixels for r in batch]))
             embed_seconds = time.perf_counter() - t0
         except Exception as exc:  # a failing forward pass fails these requests, not the worker
             for r in batch:
@@ -211,6 +263,8 @@ class BatchingWorker:
             return
         self.batches_run += 1
         self.batch_sizes = (self.batch_sizes + [len(batch)])[-512:]
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(batch):
             groups.setdefault((r.where_key, r.rerank), []).append(i)
@@ -218,7 +272,7 @@ class BatchingWorker:
             first = batch[rows[0]]
             try:
                 t1 = time.perf_counter()
-                results = self.engine.search(emb[rows], max(batch[i].k for i in rows), first.where, first.rerank)
+                results = engine.search(emb[rows], max(batch[i].k for i in rows), first.where, first.rerank)
                 search_seconds = time.perf_counter() - t1
             except Exception as exc:
                 for i in rows:
@@ -226,4 +280,5 @@ class BatchingWorker:
                 continue
             for i, hits in zip(rows, results):
                 batch[i].future.set_result(BatchResult(list(hits)[: batch[i].k], embed_seconds, search_seconds,
-                                                       len(batch)))
+                                                       len(batch), served))
+        self.warmed.set()

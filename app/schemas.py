@@ -19,8 +19,10 @@ class ErrorBody(BaseModel):
     """Every error answer: a stable code (e.g. too_large) and a one-line message for a human."""
 
     error: str = Field(description="stable error code: bad_request, unauthorized, not_found, too_large, "
-                                   "not_an_image, undecodable_image, queue_full, internal")
+                                   "not_an_image, undecodable_image, queue_full, not_ready, internal")
     message: str = Field(description="what went wrong and what to do, one line")
+    request_id: Optional[str] = Field(None, description="this request's id (also the X-Request-ID header): quote "
+                                                        "it to the operator, it is in the server's access log")
 
 
 class Health(BaseModel):
@@ -63,6 +65,47 @@ class SearchResponse(BaseModel):
     batch_size: int = Field(description="queries embedded in the same forward pass")
     timings_ms: Timings
     fingerprint: str = Field(description="the embedder's fingerprint (the one the index was built with)")
+    index_version: str = Field(description="the index version that answered (the whole batch searched it; see "
+                                           "/api/v1/info)")
+
+
+class Ready(BaseModel):
+    """Readiness: the embedder and index are loaded, a warm-up batch has run, and the served index is the
+    folder's current version. Not ready answers 503 with error `not_ready` and the reason."""
+
+    status: Literal["ready"]
+    index_version: str = Field(description="the index version being served")
+
+
+class ReloadResponse(BaseModel):
+    """What a reload did. `refused`: the folder's new version failed verification (`message` says why) and
+    the previous version keeps serving."""
+
+    outcome: Literal["reloaded", "unchanged", "refused"]
+    index_version: str = Field(description="the version served after this reload")
+    previous_version: str = Field(description="the version served before it")
+    message: str = Field(description="what happened, one line")
+    seconds: float = Field(description="how long verifying, loading and warming up took")
+
+
+class IndexVersionInfo(BaseModel):
+    """The served index version."""
+
+    id: str = Field(description="publish time and a short hash of the folder's file checksums")
+    built_at: str = Field(description="when the index was built")
+    updated_at: Optional[str] = Field(description="the last --add or --remove; null = never")
+    published_at: str = Field(description="when this copy of the folder was written")
+    n_items: int = Field(description="gallery items in this version")
+
+
+class Reloading(BaseModel):
+    """How the server follows its index folder."""
+
+    watching: bool = Field(description="the folder is watched and reloaded when republished (--watch)")
+    last_outcome: Optional[Literal["reloaded", "unchanged", "refused"]] = Field(
+        description="the last reload's outcome; null = none since start")
+    last_message: Optional[str] = Field(description="the last reload's message")
+    stale: bool = Field(description="the folder holds a newer version that was refused; the served one is older")
 
 
 class Batching(BaseModel):
@@ -92,3 +135,6 @@ class InfoResponse(BaseModel):
     max_k: int
     max_upload_bytes: int
     batching: Batching
+    index_version: str = Field(description="the index version served now")
+    version: IndexVersionInfo
+    reloading: Reloading

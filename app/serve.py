@@ -16,6 +16,11 @@
   each) and hashed and copied into Gradio's cache: at K=10 that file handling cost more CPU per
   query than a small embedder's forward pass, and under concurrent load it serialises on the
   server's one event loop. Static files are referenced in place.
+- A live service (app.live_index): the index folder is watched (`watch`, default on) and a republished
+  version is verified, loaded beside the served one with the same embedder and swapped in between
+  batches; `/api/v1/ready` is 503 until a warm-up batch has run; `/metrics` (`metrics`, app.metrics);
+  every answer carries an X-Request-ID, and every request is one line on the `retrieval.access` logger
+  (`log_format` text or json; app.access_log).
 """
 
 from __future__ import annotations
@@ -29,8 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.access_log import AccessLog
 from app.batching import DEFAULT_QUEUE_SIZE, BatchingWorker
 from app.event_limit import EventBodyLimit
+from app.live_index import DEFAULT_WATCH_INTERVAL_S, LiveIndex
+from app.metrics import ServerMetrics
+from app.request_middleware import RequestObserver
 from app.ui import MAX_UPLOAD_BYTES, SearchApp, build_app
 
 DEFAULT_HOST = "127.0.0.1"
@@ -63,6 +72,8 @@ class RunningApp:
     api: Any = None  # the FastAPI application (None with --share: UI only)
     _server: Any = field(default=None, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
+    live: LiveIndex | None = None  # the served index version (reloads, watching)
+    metrics: ServerMetrics | None = None  # None with metrics off
 
     @property
     def allowed_paths(self) -> list[str]:
@@ -84,6 +95,8 @@ class RunningApp:
             pass
 
     def close(self) -> None:
+        if self.live is not None:
+            self.live.stop()
         try:
             self.demo.close()  # stops Gradio's queue, which ends its open event streams
         except Exception:  # a mounted app has no server of its own to close
@@ -146,18 +159,27 @@ def launch(
     max_wait_ms: float | None = None,
     worker_queue_size: int = DEFAULT_QUEUE_SIZE,
     engine: Any = None,
+    watch: bool = True,
+    watch_interval_s: float = DEFAULT_WATCH_INTERVAL_S,
+    metrics: bool = True,
+    log_format: str = "text",
+    data_root: str | os.PathLike[str] | None = None,
     **app_kwargs: Any,
 ) -> RunningApp:
     """Build and start the API + UI for an open Searcher. `block=False` returns at once (tests, benchmarks).
 
     `max_batch_size`/`max_wait_ms`: the batching worker's limits (defaults suit the device);
-    `api_token`: Bearer token the API requires; `engine`: replaces embed+search (benchmarks' floor)."""
+    `api_token`: Bearer token the API requires; `engine`: replaces embed+search (benchmarks' floor);
+    `watch`: reload the index folder when it is republished (polled every `watch_interval_s`; `data_root`
+    as the searcher was opened with); `metrics`: serve /metrics; `log_format`: the access log's, text or json."""
     from app.api import ApiSettings, SearchApi, build_api, token_from_env
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     app_kwargs.setdefault("max_upload_bytes", MAX_UPLOAD_BYTES)
-    worker = BatchingWorker(searcher, max_batch=max_batch_size, max_wait_ms=max_wait_ms,
-                            queue_size=worker_queue_size, engine=engine)
+    access_log = AccessLog(log_format)  # refuses an unknown format before anything starts
+    live = LiveIndex(searcher, app_kwargs.get("index_dir"), data_root=data_root)
+    worker = BatchingWorker(live, max_batch=max_batch_size, max_wait_ms=max_wait_ms,
+                            queue_size=worker_queue_size, engine=engine, warm_up=True)
     try:
         demo, search_app = build_app(searcher, worker=worker, **app_kwargs)
     except BaseException:
@@ -172,14 +194,25 @@ def launch(
             _, local_url, _ = demo.launch(prevent_thread_lock=True, **launch_settings(search_app, host, port, share))
             running = RunningApp(demo, search_app, local_url.rstrip("/") + "/", host, port, worker)
         else:
-            settings = ApiSettings(limits=search_app.limits, token=token_from_env(api_token))  # the UI's limits
-            api = build_api(SearchApi(searcher, worker, search_app.thumbnails, settings))
+            settings = ApiSettings(limits=search_app.limits, token=token_from_env(api_token),  # the UI's limits
+                                   metrics=metrics)
+            server_metrics = ServerMetrics() if metrics else None
+            search_api = SearchApi(live, worker, search_app.thumbnails, settings, server_metrics)
+            api = build_api(search_api)
+            if server_metrics is not None:
+                server_metrics.bind(live, worker, lambda: search_api.readiness()[0])
             api.add_middleware(EventBodyLimit)  # before Gradio reads an event body (app/event_limit.py)
+            # outermost: ids, counts and the access log see every answer, refusals included
+            api.add_middleware(RequestObserver, routes_of=api.router, access_log=access_log, metrics=server_metrics)
             running = _serve_mounted(api, demo, search_app, worker, host, port)
+            running.metrics = server_metrics
     except BaseException:
         unregister_static_folder(search_app.thumbnails.folder)
         worker.close()
         raise
+    running.live = live
+    if watch:
+        live.start_watching(watch_interval_s)
     if block:
         try:
             running.block_thread()
@@ -246,4 +279,4 @@ def open_and_launch(
 
     searcher = Searcher.open(index_dir, embedder, device=device, data_root=data_root)
     return launch(searcher, host=host, port=port, share=share, block=block, index_dir=Path(index_dir),
-                  **launch_kwargs)
+                  data_root=data_root, **launch_kwargs)

@@ -19,6 +19,11 @@ which embeds queries that wait together, UI and API alike, in one forward pass.
 "More like this": clicking a result puts that gallery image in the query box and searches by it (its
 label is known, so correct matches are marked); a dropdown filters by the items' category (or the
 index's first attribute) and a choice of re-ranking applies retrieval.search.rerank.
+
+A live index: the served index can be replaced while the server runs (app.live_index). Each answer is
+rendered with the index version its batch searched (its thumbnails, its gallery size) and names it; the
+thumbnails live per version (app.thumbnails.VersionedThumbnails), so a result tile never shows another
+version's image; the evaluation is cached per version, and the facts describe the version served now.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ from typing import Any
 from PIL import Image
 
 from app.eval_cache import EvaluationCache, EvaluationResult, index_cache_key
-from app.thumbnails import ThumbnailStore
+from app.live_index import LiveIndex, ReloadOutcome, ServedIndex
+from app.thumbnails import ThumbnailStore, VersionedThumbnails
 from retrieval.images import DEFAULT_MAX_PIXELS, ImageLoadError, open_image
 from retrieval.query_intake import DEFAULT_MAX_BYTES, QueryIntake, QueryLimits, QueryRejected
 
@@ -113,27 +119,31 @@ class SearchApp:
         max_k: int = MAX_K,
         default_k: int = DEFAULT_K,
         num_examples: int = NUM_EXAMPLES,
-        thumbnails: ThumbnailStore | None = None,
+        thumbnails: ThumbnailStore | VersionedThumbnails | None = None,
         max_batch_size: int = MAX_BATCH_SIZE,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_upload_bytes: int = MAX_UPLOAD_BYTES,
         worker: Any = None,
+        live: LiveIndex | None = None,
     ) -> None:
-        self.searcher = searcher
+        """`live`: the served index (the worker's when a worker is given; else `searcher`, served as it is)."""
         self._worker = worker
         self._worker_lock = threading.Lock()
-        self.meta = searcher.index.meta  # typed (retrieval.index.meta.IndexMeta)
         index_dir = index_dir if index_dir is not None else searcher.index_dir
         if index_dir is None:
             raise ValueError("the searcher's index was never saved to a folder; pass index_dir "
                              "(evaluations are cached there)")
         self.index_dir = Path(index_dir)
-        self.gallery_size = len(searcher.gallery_paths)
+        self.live = live or (worker.live if worker is not None else LiveIndex(searcher, self.index_dir))
         self.max_k = max(1, min(int(max_k), self.gallery_size))
         self.default_k = _clamp_k(default_k, self.max_k)
         self.max_batch_size = int(max_batch_size)
         self.intake = QueryIntake(QueryLimits(max_bytes=int(max_upload_bytes), max_pixels=int(max_pixels)))
-        self.thumbnails = thumbnails or ThumbnailStore(searcher.gallery_paths)
+        if isinstance(thumbnails, ThumbnailStore):
+            thumbnails = VersionedThumbnails.from_store(thumbnails)
+        self.thumbnails = thumbnails or VersionedThumbnails()
+        self._follow(self.live.current)
+        self.live.on_reload(self._reloaded)
         self.backend = searcher.backend
         self.examples = self._pick_examples(num_examples)
         self._example_by_hash = {_sha256(q.path.read_bytes()): q for q in self.examples}
@@ -145,13 +155,47 @@ class SearchApp:
             _sha256(self.example_thumbnails.path_for(i).read_bytes()): q for i, q in enumerate(self.examples)
         }
         self.recall_ks = tuple(searcher.recall_ks)
-        identity = {k: v for k, v in self.meta.to_dict().items() if k != "folder"}  # moving the folder keeps its cache
-        key = index_cache_key(identity, self.backend.fingerprint, self.backend.name)
-        self.evaluation_cache = EvaluationCache(self.index_dir, key, searcher.evaluate)
+        self._evaluation_cache: tuple[str, EvaluationCache] | None = None  # (version id, its cache)
         values = searcher.attribute_values
         self.filter_key = next((k for k in FILTER_KEYS if k in values), next(iter(values), None))
         self.filter_choices = [ALL_VALUES] + (values[self.filter_key] if self.filter_key else [])
         self.rerank_choices = ["none", "qe"] + (["dba"] if searcher.index.neighbours is not None else []) + ["kreciprocal"]
+
+    # --- the served index version ---------------------------------------------------------------------
+
+    @property
+    def searcher(self) -> Any:
+        """The Searcher of the index version served now."""
+        return self.live.searcher
+
+    @property
+    def meta(self) -> Any:
+        """The served version's metadata (retrieval.index.meta.IndexMeta)."""
+        return self.live.searcher.index.meta
+
+    @property
+    def gallery_size(self) -> int:
+        return len(self.live.searcher.gallery_paths)
+
+    @property
+    def evaluation_cache(self) -> EvaluationCache:
+        """The evaluation of the served version (its identity keys the cache file beside the index)."""
+        served = self.live.current
+        cached = self._evaluation_cache
+        if cached is None or cached[0] != served.version.id:
+            identity = {k: v for k, v in served.searcher.index.meta.to_dict().items() if k != "folder"}
+            key = index_cache_key(identity, self.backend.fingerprint, self.backend.name)  # moving the folder keeps it
+            cached = (served.version.id, EvaluationCache(self.index_dir, key, served.searcher.evaluate))
+            self._evaluation_cache = cached
+        return cached[1]
+
+    def _follow(self, served: ServedIndex) -> None:
+        self.thumbnails.for_version(served.version.id, served.searcher.gallery_paths, current=True)
+
+    def _reloaded(self, outcome: ReloadOutcome) -> None:
+        if outcome.outcome == "reloaded":
+            self._follow(self.live.current)
+            self._evaluation_cache = None  # holds the old version's Searcher: let it go
 
     @property
     def limits(self) -> QueryLimits:
@@ -173,7 +217,7 @@ class SearchApp:
             if self._worker is None:
                 from app.batching import BatchingWorker
 
-                self._worker = BatchingWorker(self.searcher, max_batch=self.max_batch_size)
+                self._worker = BatchingWorker(self.live, max_batch=self.max_batch_size)
             return self._worker
 
     # --- example queries ------------------------------------------------------------------------
@@ -230,23 +274,30 @@ class SearchApp:
         return DecodedQuery(self.intake.decode(data, name), known, name)
 
     def _gallery_query(self, payload: Any) -> DecodedQuery | None:
-        """A result tile put back in the query box ("more like this"): the gallery image behind it, label known."""
+        """A result tile put back in the query box ("more like this"): the gallery image behind it, its label
+        known when the tile is of the version served now (a tile of an earlier version searches by its image)."""
         raw = payload.get("path") if isinstance(payload, Mapping) else payload
         if not raw:
             return None
         path = Path(str(raw))
         match = re.fullmatch(r"(\d+)\.jpg", path.name)
-        if not match or path.parent.resolve() != self.thumbnails.folder:
+        owner = self.thumbnails.owner_of(path) if match else None
+        if owner is None:
             return None
-        i = int(match.group(1))
-        if not 0 <= i < self.gallery_size:
+        version, store = owner
+        i = int(match.group(1))  # type: ignore[union-attr]
+        if not 0 <= i < len(store.gallery_paths):
             return None
-        label, item = int(self.searcher.gallery_labels[i]), str(self.searcher.gallery_item_ids[i])
+        served = self.live.current  # read once: a swap in between must not pair this version with another's rows
+        searcher = served.searcher
         try:
-            image = open_image(self.searcher.gallery_paths[i], max_pixels=self.max_pixels)
+            image = open_image(store.gallery_paths[i], max_pixels=self.max_pixels)
         except ImageLoadError:
             image = open_image(path, max_pixels=self.max_pixels)  # the original moved: its thumbnail
-        known = StoredQuery(Path(self.searcher.gallery_paths[i]), label, item, i) if label >= 0 else None
+        known = None
+        if version == served.version.id:
+            label, item = int(searcher.gallery_labels[i]), str(searcher.gallery_item_ids[i])
+            known = StoredQuery(Path(searcher.gallery_paths[i]), label, item, i) if label >= 0 else None
         return DecodedQuery(image, known, f"gallery image #{i}", "Gallery image")
 
     def _decode_or_error(self, payload: Any) -> DecodedQuery | QueryError:
@@ -271,13 +322,14 @@ class SearchApp:
         return galleries, statuses
 
     def search_one(self, image: Any, k: Any, filter_value: Any = None,
-                   rerank: Any = None) -> tuple[list[tuple[str, str]], str, list[int]]:
-        """The UI's search event: (result tiles, status, gallery rows shown, for "more like this")."""
+                   rerank: Any = None) -> tuple[list[tuple[str, str]], str, list[str]]:
+        """The UI's search event: (result tiles, status, the tiles' thumbnail files, for "more like this")."""
         galleries, statuses, shown = self._search([image], [k], filter_value, rerank)
         return galleries[0], statuses[0], shown[0]
 
-    def more_like_this(self, shown: Sequence[int] | None, evt: Any = None) -> Any:
-        """A click on result tile `evt.index`: that gallery image's thumbnail becomes the query."""
+    def more_like_this(self, shown: Sequence[str] | None, evt: Any = None) -> Any:
+        """A click on result tile `evt.index`: that gallery image's thumbnail (of the version that answered)
+        becomes the query."""
         import gradio as gr
 
         index = getattr(evt, "index", None)
@@ -285,7 +337,19 @@ class SearchApp:
             index = index[0] if index else None
         if index is None or not shown or not 0 <= int(index) < len(shown):
             return gr.update()
-        return str(self.thumbnails.path_for(int(shown[int(index)])))
+        return str(shown[int(index)])
+
+    def current_filter_choices(self) -> list[str]:
+        """The dropdown's values in the version served now (a page loaded after a reload offers these)."""
+        values = self.searcher.attribute_values
+        return [ALL_VALUES] + (values.get(self.filter_key, []) if self.filter_key else [])
+
+    def filter_update(self) -> Any:
+        """On page load: the dropdown's values of the version served now, when they differ from the page's."""
+        import gradio as gr
+
+        choices = self.current_filter_choices()
+        return gr.update() if choices == self.filter_choices else gr.update(choices=choices)
 
     def _where(self, filter_value: Any) -> dict[str, list[str]] | None:
         if not filter_value or filter_value == ALL_VALUES or not self.filter_key:
@@ -293,11 +357,11 @@ class SearchApp:
         return {self.filter_key: [str(filter_value)]}
 
     def _search(self, images: Sequence[Any], ks: Sequence[Any], filter_value: Any,
-                rerank: Any) -> tuple[list[list[tuple[str, str]]], list[str], list[list[int]]]:
+                rerank: Any) -> tuple[list[list[tuple[str, str]]], list[str], list[list[str]]]:
         n = len(images)
         galleries: list[list[tuple[str, str]]] = [[] for _ in range(n)]
         statuses = [""] * n
-        shown: list[list[int]] = [[] for _ in range(n)]
+        shown: list[list[str]] = [[] for _ in range(n)]
         ks_clamped = [_clamp_k(ks[i] if i < len(ks) else self.default_k, self.max_k) for i in range(n)]
         method = str(rerank or "none")
         if method not in self.rerank_choices:
@@ -328,8 +392,10 @@ class SearchApp:
             try:
                 hits = list(result.hits)[: ks_clamped[i]]
                 seconds = result.embed_seconds + result.search_seconds
-                galleries[i], statuses[i] = self._render(query, hits, seconds, result.batch_size, where, method)
-                shown[i] = [int(h.gallery_index) for h in hits]
+                served = result.served or self.live.current
+                galleries[i], statuses[i] = self._render(query, hits, seconds, result.batch_size, where, method,
+                                                         served)
+                shown[i] = [path for path, _ in galleries[i]]
             except Exception as exc:
                 log.exception("rendering results failed")
                 statuses[i] = f"⚠️ Could not show the results ({type(exc).__name__}: {exc})."
@@ -337,8 +403,11 @@ class SearchApp:
 
     def _render(
         self, query: DecodedQuery, hits: Sequence[Any], seconds: float, batch: int,
-        where: Mapping[str, Any] | None = None, rerank: str = "none",
+        where: Mapping[str, Any] | None = None, rerank: str = "none", served: ServedIndex | None = None,
     ) -> tuple[list[tuple[str, str]], str]:
+        served = served or self.live.current  # the version that answered: its thumbnails, its size
+        thumbnails = self.thumbnails.for_version(served.version.id, served.searcher.gallery_paths)
+        assert thumbnails is not None
         gallery: list[tuple[str, str]] = []
         correct_ranks: list[int] = []
         for hit in hits:
@@ -346,24 +415,25 @@ class SearchApp:
             correct = query.known is not None and int(hit.label) == query.known.label and not itself
             if correct:
                 correct_ranks.append(int(hit.rank))
-            thumb = self.thumbnails.path_for(int(hit.gallery_index))
+            thumb = thumbnails.path_for(int(hit.gallery_index))
             # the mark leads so it stays visible when a narrow tile truncates the caption
             caption = f"{CORRECT_MARK} " if correct else ""
             caption += f"#{hit.rank} · {float(hit.score):.3f} · {hit.item_id}"
             if itself:
                 caption += " (the query itself)"
-            if self.thumbnails.is_placeholder(int(hit.gallery_index)):
+            if thumbnails.is_placeholder(int(hit.gallery_index)):
                 caption += " (gallery file unreadable)"
             gallery.append((str(thumb), caption))
         timing = f"embed + search **{_fmt_ms(seconds)}**"
         if batch > 1:
             timing += f" (one batch of {batch} queued queries)"
-        scope = f"{self.gallery_size:,} gallery images"
+        scope = f"{len(served.searcher.gallery_paths):,} gallery images"
         if where:
             scope += " where " + " and ".join(f"{k} = {', '.join(v)}" for k, v in where.items())
         if rerank != "none":
             timing += f" · re-ranked ({rerank})"
-        lines = [f"**Top {len(hits)}** of {scope} · {timing} · {self.devices_text()}"]
+        lines = [f"**Top {len(hits)}** of {scope} · {timing} · {self.devices_text()} · "
+                 f"index version `{served.version.id}`"]
         if query.known is not None:
             item = query.known.item_id
             if correct_ranks:
@@ -424,6 +494,7 @@ class SearchApp:
             ("Embedder fingerprint", m.fingerprint),
             ("Built", m.created_at),
             ("Updated", m.updated_at or ""),
+            ("Index version", self.live.version.id),
             ("Built with", m.backend or ""),
             ("Serving", self.devices_text()),
             ("Index", self.index_dir.name),  # never the server's absolute paths
@@ -541,6 +612,8 @@ class SearchApp:
                           concurrency_limit=1, concurrency_id="evaluation")
                 recompute.click(lambda: self.evaluation(recompute=True), inputs=None, outputs=outputs,
                                 api_name=RECOMPUTE_API, concurrency_limit=1, concurrency_id="evaluation")
+            if self.filter_key is not None:  # the index may have been republished since the page was built
+                demo.load(self.filter_update, inputs=None, outputs=[category], api_name=False, queue=False)
         return demo
 
 

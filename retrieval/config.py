@@ -111,7 +111,9 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     compile_loss: bool = False  # torch.compile the loss terms and embedding-level mixing (fewer launches)
-    cuda_graphs: bool = True  # replay the whole step from a CUDA graph where it qualifies (training/step.py)
+    # Opt-in until benchmarks/gpu_checks.sh has validated it on a GPU: replay the whole step from a CUDA graph
+    # where it qualifies, falling back to the eager step (saying why) if the graph fails (training/step.py)
+    cuda_graphs: bool = False
     eval_every: int = 1
     out_dir: str = "runs/default"
     device: str = "auto"

@@ -45,6 +45,7 @@ MODULE_FLOORS = {
     "retrieval.knn": "base",
     "retrieval.metrics": "base",
     "retrieval.query_intake": "base",  # one intake for query images: the API, the UI and `retrieval search`
+    "retrieval.client": "serve",  # the Python client of the JSON API: hit records over HTTP, beside the server
     "retrieval.export": "serve",  # checkpoint -> model.onnx, beside the server
     "retrieval.demo_job": "cli",  # the body of `retrieval demo`: every stage in one call
     # the RunConfig one `retrieval train` means (preset, --config, flags, --set): reads the dataset registry and

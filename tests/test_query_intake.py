@@ -134,7 +134,8 @@ def _after(prefix: str, text: str, suffix: str = "") -> str:
 
 def _api_reason(response: httpx.Response, subject: str) -> tuple[int, str, str]:
     body = response.json()
-    assert set(body) == {"error", "message"} and "Traceback" not in response.text, body
+    assert set(body) == {"error", "message", "request_id"} and "Traceback" not in response.text, body
+    assert body["request_id"] == response.headers["x-request-id"]
     return response.status_code, body["error"], _after(f"{subject}: ", body["message"])
 
 
@@ -247,7 +248,9 @@ def test_the_api_and_search_json_answer_the_same_hit_record(
     api_hits = api.json()["results"]
     assert len(cli_hits) == 6 and list(cli_hits[0]) == list(HIT_FIELDS)
     assert [{k: v for k, v in h.items() if k != "thumbnail_url"} for h in api_hits] == cli_hits
-    assert all(h["thumbnail_url"] == f"/api/v1/thumbnails/{h['gallery_index']}.jpg" for h in api_hits)
+    version = api.json()["index_version"]  # thumbnails are per index version (app.live_index)
+    assert version and all(h["thumbnail_url"] == f"/api/v1/thumbnails/{h['gallery_index']}.jpg?v={version}"
+                           for h in api_hits)
     for hit in cli_hits:  # paths relative to the dataset root, attributes as the index holds them
         assert hit["path"] == Path(searcher.gallery_paths[hit["gallery_index"]]).relative_to(dataset).as_posix()
         assert hit["attributes"] == searcher.index.items.attributes[hit["gallery_index"]] and hit["attributes"]
@@ -285,4 +288,4 @@ def test_openapi_documents_the_search_info_health_and_error_answers(http: httpx.
     assert answer("/api/v1/health", "get")["properties"]["status"]["const"] == "ok"
     for path, method in (("/api/v1/search", "post"), ("/api/v1/info", "get"), ("/api/v1/health", "get")):
         error = answer(path, method, "default")
-        assert set(error["properties"]) == {"error", "message"} and error["required"] == ["error", "message"]
+        assert set(error["properties"]) == {"error", "message", "request_id"} and error["required"] == ["error", "message"]

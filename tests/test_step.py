@@ -1,14 +1,17 @@
 """The training step: eager runner, the building blocks of the whole-step CUDA graph, and (on CUDA) graph replay.
 
 CPU: static buffers, the device-tensor learning rate filled in place by the scheduler, the optimiser's
-conversion between graph and eager form (resume across them), and the reasons a graph is refused.
+conversion between graph and eager form (resume across them), the reasons a graph is refused, and the
+fall-back to the eager step when a capture or replay fails (failures injected through `capture`).
 CUDA only (skipped on CPU; run by benchmarks/gpu_checks.sh): replay equals eager, fresh draws per replay,
-no host sync, capturable Adam equals eager Adam, a smaller batch falls back to eager.
+no host sync, capturable Adam equals eager Adam, a smaller batch falls back to eager, a capture that breaks
+the rules falls back to eager, capture beside a thread allocating pinned memory, one side stream.
 """
 
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -18,7 +21,7 @@ from retrieval.config import LossConfig, MixupConfig, ModelConfig, RunConfig
 from retrieval.model import Embedder
 from training.objective import build_objective
 from training.step import (
-    EagerStep, GraphedStep, StaticBatch, StepParts, eager_step, graph_blocker, learning_rate,
+    EagerStep, GraphedStep, StaticBatch, StepParts, capture_cuda_graph, eager_step, graph_blocker, learning_rate,
     set_optimizer_for_graphs,
 )
 
@@ -134,6 +137,63 @@ def test_graphed_step_refuses_an_optimiser_not_prepared_for_capture(monkeypatch)
     parts = _metrix_parts(torch.device("cpu"), level="embedding")
     with pytest.raises(ValueError, match="set_optimizer_for_graphs"):
         GraphedStep(parts)
+
+
+def test_graphed_step_needs_a_warm_up_step_before_the_optimiser_has_state(monkeypatch) -> None:
+    """Adam creates its moments on its first step; created inside a capture, every replay would zero them."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    parts = _metrix_parts(torch.device("cpu"), level="embedding", capturable=True)
+    with pytest.raises(ValueError, match="warm-up"):
+        GraphedStep(parts, warmup_steps=0)
+    GraphedStep(parts, warmup_steps=1)
+
+
+def _capture_fails(record, generator, stream):
+    raise RuntimeError("CUDA error: operation not permitted when stream is capturing\n"
+                       "CUDA kernel errors might be asynchronously reported at some other API call")
+
+
+class _GraphThatFailsToReplay:
+    def replay(self) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nCompile with TORCH_USE_CUDA_DSA")
+
+
+def _capture_then_replay_fails(record, generator, stream):
+    return _GraphThatFailsToReplay(), torch.zeros(3)
+
+
+@pytest.mark.parametrize("stage,capture", [("capture", _capture_fails), ("replay", _capture_then_replay_fails)])
+def test_a_graph_that_fails_gives_way_to_the_eager_step_saying_why_once(monkeypatch, stage, capture) -> None:
+    """Training goes on with the eager step's losses and weights; the optimiser is back in eager form."""
+    cpu = torch.device("cpu")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # bit-identical CPU backward passes
+    try:
+        graphed = _metrix_parts(cpu, level="embedding")
+        eager = _metrix_parts(cpu, level="embedding")
+        batches = [_batch(cpu, seed=s) for s in range(3)]
+        for parts in (graphed, eager):  # Adam's state exists, so the capture may come first
+            eager_step(parts, *batches[0])
+            set_optimizer_for_graphs(parts.optimizer, capturable=True)  # lr becomes a float32 tensor
+        set_optimizer_for_graphs(eager.optimizer, capturable=False)  # the reference: the same lr, eagerly
+        said: list[str] = []
+        with monkeypatch.context() as m:
+            m.setattr(torch.cuda, "is_available", lambda: True)
+            runner = GraphedStep(graphed, warmup_steps=0, capture=capture, on_fallback=said.append)
+        for images, labels in batches[1:]:
+            assert torch.equal(runner(images, labels), eager_step(eager, images, labels))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert len(said) == 1 and said[0] == runner.fallback_reason, said
+    assert f"CUDA graph {stage} failed (RuntimeError: CUDA error" in said[0] and "\n" not in said[0]
+    assert said[0].endswith("training continues with the eager step")
+    assert runner.graph is None and runner.mode.startswith("eager")
+    for group in graphed.optimizer.param_groups:
+        assert group["capturable"] is False and isinstance(group["lr"], float)
+    assert all(state["step"].device.type == "cpu" for state in graphed.optimizer.state.values())
+    assert torch.equal(graphed.generator.get_state(), eager.generator.get_state())
+    for a, b in zip(graphed.params(), eager.params()):
+        assert torch.equal(a, b)
 
 
 def test_eager_step_equals_the_written_out_recipe_step() -> None:
@@ -273,3 +333,81 @@ def test_a_smaller_last_batch_runs_eagerly_and_replays_continue() -> None:
     assert runner.eager_batches == 1
     for p, q in zip(eager.model.parameters(), graphed.model.parameters()):
         torch.testing.assert_close(p, q, rtol=2e-3, atol=2e-4)
+
+
+class _SyncsOnTheHost(nn.Module):
+    """The objective plus a host read of the loss: harmless eagerly, forbidden inside a capture."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, model, images, labels, generator=None):
+        out = self.inner(model, images, labels, generator=generator)
+        out.loss.item()
+        return out
+
+
+@cuda_only
+def test_a_capture_that_breaks_the_graph_rules_falls_back_to_eager_training() -> None:
+    device = torch.device("cuda")
+    eager = _metrix_parts(device, "feature", capturable=False)
+    graphed = _metrix_parts(device, "feature", capturable=True)
+    graphed.objective = _SyncsOnTheHost(graphed.objective)
+    said: list[str] = []
+    runner = GraphedStep(graphed, warmup_steps=1, on_fallback=said.append)
+    for s in range(4):
+        images, labels = _batch(device, seed=s)
+        torch.testing.assert_close(runner(images, labels), eager_step(eager, images, labels), rtol=2e-3, atol=2e-4)
+    assert len(said) == 1 and "capture failed" in said[0], said
+    assert runner.graph is None
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()  # the failed capture left no stream set
+    for p, q in zip(eager.model.parameters(), graphed.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=2e-3, atol=2e-4)
+    assert eager.generator.get_offset() == graphed.generator.get_offset()
+
+
+@cuda_only
+def test_capture_succeeds_while_another_thread_allocates_pinned_memory() -> None:
+    """The loaders' pin-memory and producer threads allocate page-locked memory during capture."""
+    device = torch.device("cuda")
+    parts = _metrix_parts(device, "feature", capturable=True, amp_dtype=torch.bfloat16)
+    said: list[str] = []
+    runner = GraphedStep(parts, warmup_steps=1, on_fallback=said.append)
+    images, labels = _batch(device)
+    runner(images, labels)  # warm-up
+    stop, held = threading.Event(), []
+
+    def allocate() -> None:
+        while not stop.is_set() and len(held) < 2048:  # held blocks: each allocation is a new cudaHostAlloc
+            held.append(torch.empty(1 << 18, dtype=torch.uint8, pin_memory=True))
+
+    thread = threading.Thread(target=allocate, daemon=True)
+    thread.start()
+    try:
+        for _ in range(3):
+            runner(images, labels)  # capture, then replays
+    finally:
+        stop.set()
+        thread.join()
+    assert said == [] and runner.graph is not None and held
+
+
+@cuda_only
+def test_warm_up_and_capture_share_one_side_stream() -> None:
+    device = torch.device("cuda")
+    parts = _metrix_parts(device, "embedding", capturable=True)
+    capture_streams = []
+
+    def capture(record, generator, stream):
+        capture_streams.append(stream)
+        return capture_cuda_graph(record, generator, stream)
+
+    runner = GraphedStep(parts, warmup_steps=2, capture=capture)
+    images, labels = _batch(device)
+    runner(images, labels)
+    side = runner.side_stream
+    runner(images, labels)
+    assert runner.side_stream is side and side is not None and side != torch.cuda.current_stream()
+    runner(images, labels)
+    assert capture_streams == [side] and runner.graph is not None and runner.fallback_reason is None

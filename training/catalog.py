@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TypeVar
 
+from retrieval.devices import AMP_MODES  # precision is a device setting; listed here with the recipe's other choices
 from retrieval.errors import UsageError
 
 
@@ -55,7 +56,6 @@ LEVELS: tuple[MixingLevel, ...] = (
 PAIR_KINDS: tuple[str, ...] = ("random", "positive", "anchor", "both")  # which mixes a batch forms (metrix.plan_pairs)
 INPUT_PAIRS: tuple[str, ...] = ("hardest", "random")  # how input mixing picks partners (objective.Objective)
 LAMBDA_PER: tuple[str, ...] = ("batch", "pair")  # one mixing ratio per batch or per mix (metrix.plan_pairs)
-AMP_MODES: tuple[str, ...] = ("auto", "bf16", "fp16", "none")  # autocast dtype of training (trainer.resolve_amp)
 SAMPLERS: tuple[str, ...] = ("random", "balanced")  # how training batches are drawn (batches.build_batch_sampler)
 
 DEFAULT_LOSS = "ms"

@@ -15,9 +15,18 @@ pass of the same size: on a GPU it costs several times the mixing arithmetic.  H
 The gradient is exactly the one autograd gives through amax of the materialised mix, the first position
 winning ties.  Atomic float additions make the gradient's last bits depend on scheduling;
 `mixed_pool` keeps the PyTorch path when deterministic algorithms are requested.
+
+First use: Triton compiles a kernel per specialisation (dtype, channels, positions, strides) when it is first
+launched, and that can fail on a given GPU or installation (no C compiler for the launcher, a PTX version the
+driver rejects, too little shared memory).  `ready` runs each new specialisation once on a few of the real
+mixes, forward and backward, and compares with the plain formula; if that raises or disagrees, the device
+uses the PyTorch path for the rest of the process and one warning says why.
 """
 
 from __future__ import annotations
+
+import contextlib
+import logging
 
 import torch
 
@@ -29,9 +38,80 @@ except ImportError:  # pragma: no cover - exercised only where Triton is missing
     tl = None
 
 
+log = logging.getLogger(__name__)
+CHECK_MIXES = 8  # mixes a first-use check runs through the kernels
+_checked: set[tuple[object, ...]] = set()  # kernel specialisations that ran once and matched the formula
+_unusable: dict[str, str] = {}  # device -> why the kernels are not used there
+
+
 def available(device: torch.device) -> bool:
-    """Whether the fused kernels can run for tensors on `device`."""
-    return triton is not None and device.type == "cuda" and not torch.are_deterministic_algorithms_enabled()
+    """Whether the fused kernels may run for tensors on `device` (a failed first-use check rules them out)."""
+    return (triton is not None and device.type == "cuda" and not torch.are_deterministic_algorithms_enabled()
+            and str(device) not in _unusable)
+
+
+def fallback_reason(device: torch.device) -> str | None:
+    """Why a first-use check ruled the kernels out on `device`, or None."""
+    return _unusable.get(str(device))
+
+
+def ready(maps: torch.Tensor, first: torch.Tensor, second: torch.Tensor, lam: torch.Tensor) -> bool:
+    """Whether `mixed_pool` should use the fused kernels for these (B, C, P) maps: available on their device
+    and, for a new kernel specialisation, checked once (`checked`)."""
+    return available(maps.device) and checked(maps, first, second, lam)
+
+
+def checked(maps: torch.Tensor, first: torch.Tensor, second: torch.Tensor, lam: torch.Tensor) -> bool:
+    """Run a new kernel specialisation once on a few of these mixes and compare with the formula.
+
+    True when it matched now or before, or when it cannot be checked here (inside a CUDA graph capture,
+    where the check's host sync is not allowed: a failure there fails the capture, whose eager fallback
+    then checks). False when it raised or disagreed: the device is marked and one warning says why.
+    """
+    key = (str(maps.device), maps.dtype, tuple(maps.shape[1:]), tuple(maps.stride()))
+    if str(maps.device) in _unusable:
+        return False
+    if key in _checked or first.shape[0] == 0:
+        return True
+    if maps.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return True
+    try:
+        problem = _check_kernels(maps, first[:CHECK_MIXES], second[:CHECK_MIXES], lam[:CHECK_MIXES])
+    except Exception as exc:  # noqa: BLE001 - whatever stops the kernels, the PyTorch path still works
+        problem = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+    if problem is None:
+        _checked.add(key)
+        return True
+    _unusable[str(maps.device)] = problem
+    log.warning("the fused Metrix pooling kernels cannot run on %s (%s); using the PyTorch pooling path",
+                maps.device, problem)
+    return False
+
+
+def _check_kernels(maps: torch.Tensor, first: torch.Tensor, second: torch.Tensor, lam: torch.Tensor) -> str | None:
+    """Forward and backward of a few mixes against the plain formula; what disagrees, or None."""
+    # Copies (normal tensors even when the caller runs under inference_mode) keep the check off the step's graph.
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(maps.device.type, enabled=False):
+        source = maps.detach().clone().requires_grad_(True)
+        first, second, lam = first.clone(), second.clone(), lam.detach().clone()
+        pooled = FusedMixedPool.apply(source, first, second, lam)
+        pooled.backward(torch.ones_like(pooled))
+        pooled = pooled.detach()
+    with torch.no_grad():
+        a, b = maps[first].float(), maps[second].float()  # (k, C, P)
+        w = lam.float()[:, None]
+        mixed = b + w[:, :, None] * (a - b)
+        expected = (a.sum(2) * w + b.sum(2) * (1.0 - w)) / maps.shape[2] + mixed.amax(2)
+        if not torch.allclose(pooled, expected, rtol=1e-3, atol=1e-3):
+            return f"pooled values differ from the formula by up to {(pooled - expected).abs().max().item():.3g}"
+        # Per source map and channel, the gradient summed over positions does not depend on where the
+        # maximum is: 2 x (the mix weights it enters with), for an upstream gradient of ones.
+        weight = torch.zeros(maps.shape[0], device=maps.device, dtype=torch.float32)
+        weight.index_add_(0, first.long(), lam.float()).index_add_(0, second.long(), 1.0 - lam.float())
+        grad = source.grad.float().sum(2) if source.grad is not None else torch.zeros_like(weight)[:, None]
+        if not torch.allclose(grad, 2.0 * weight[:, None].expand_as(grad), rtol=2e-2, atol=1e-3):
+            return "gradients differ from the formula"
+    return None
 
 
 if triton is not None:
@@ -40,7 +120,7 @@ if triton is not None:
     def _pool_forward(maps, first, second, lam, out, argmax,
                       C, P, stride_b, stride_c, stride_p,
                       BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-        m = tl.program_id(0)
+        m = tl.program_id(0).to(tl.int64)  # m * C overflows int32 at large M * C
         cb = tl.program_id(1)
         c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         p = tl.arange(0, BLOCK_P)
@@ -63,7 +143,7 @@ if triton is not None:
     def _pool_backward_max(grad, first, second, lam, argmax, grad_maps,
                            C, stride_b, stride_c, stride_p,
                            BLOCK_C: tl.constexpr):
-        m = tl.program_id(0)
+        m = tl.program_id(0).to(tl.int64)
         cb = tl.program_id(1)
         c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = c < C
@@ -75,6 +155,11 @@ if triton is not None:
         offsets = c.to(tl.int64) * stride_c + p * stride_p
         tl.atomic_add(grad_maps + i * stride_b + offsets, g * w, mask=c_ok)
         tl.atomic_add(grad_maps + j * stride_b + offsets, g * (1.0 - w), mask=c_ok)
+
+
+def _on(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """Triton launches on the current CUDA device: make it the tensors' own (cuda:1 under torchrun, say)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _launch_shape(channels: int, positions: int) -> tuple[int, int]:
@@ -99,8 +184,9 @@ class FusedMixedPool(torch.autograd.Function):
         block_c, block_p = _launch_shape(channels, positions)
         if count > 0:
             grid = (count, triton.cdiv(channels, block_c))
-            _pool_forward[grid](maps, first, second, lam, out, argmax, channels, positions,
-                                *maps.stride(), BLOCK_C=block_c, BLOCK_P=block_p)
+            with _on(maps.device):
+                _pool_forward[grid](maps, first, second, lam, out, argmax, channels, positions,
+                                    *maps.stride(), BLOCK_C=block_c, BLOCK_P=block_p)
         ctx.save_for_backward(first, second, lam, argmax)
         ctx.maps_meta = (maps.shape, maps.stride(), maps.dtype)
         return out
@@ -121,8 +207,9 @@ class FusedMixedPool(torch.autograd.Function):
         block_c, _ = _launch_shape(channels, positions)
         if first.shape[0] > 0:
             grid = (first.shape[0], triton.cdiv(channels, block_c))
-            _pool_backward_max[grid](grad, first, second, lam, argmax, grad_maps, channels,
-                                     *grad_maps.stride(), BLOCK_C=block_c)
+            with _on(grad.device):
+                _pool_backward_max[grid](grad, first, second, lam, argmax, grad_maps, channels,
+                                         *grad_maps.stride(), BLOCK_C=block_c)
         return grad_maps.to(dtype), None, None, None
 
 
@@ -133,4 +220,4 @@ def fused_mixed_pool(maps: torch.Tensor, first: torch.Tensor, second: torch.Tens
     return FusedMixedPool.apply(maps, first, second, lam)
 
 
-__all__ = ["available", "fused_mixed_pool"]
+__all__ = ["available", "checked", "fallback_reason", "fused_mixed_pool", "ready"]

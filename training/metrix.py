@@ -31,6 +31,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from retrieval.devices import same_device
 from training import fused_pool
 from training.catalog import LAMBDA_PER, PAIR_KINDS
 DEFAULT_CHUNK_ELEMENTS = 1 << 26  # elements of mixed feature maps held at once (128 MiB in bf16)
@@ -86,7 +87,7 @@ def _has_positive(labels: torch.Tensor) -> torch.Tensor:
 
 
 def _check_generator(generator: torch.Generator | None, device: torch.device) -> None:
-    if generator is not None and generator.device.type != device.type:
+    if generator is not None and not same_device(generator.device, device):
         raise ValueError(
             f"the mixing generator lives on {generator.device} but the batch is on {device}; create it with "
             f"torch.Generator(device={str(device)!r}) so random draws stay on the device"
@@ -342,8 +343,8 @@ def mixed_pool(fmap: torch.Tensor, targets: MixedTargets, chunk_elements: int = 
     batch, channels, height, width = fmap.shape
     positions = height * width
     flat = fmap.reshape(batch, channels, positions)
-    if fused is None:
-        fused = fused_pool.available(fmap.device)
+    if fused is None:  # the kernels where available, once a first use has run them (else the path below)
+        fused = fused_pool.ready(flat, targets.first, targets.second, targets.lam)
     if fused:
         return fused_pool.fused_mixed_pool(flat, targets.first, targets.second, targets.lam)
     lam = targets.lam.to(fmap.dtype)

@@ -5,7 +5,8 @@ which only the embedding layer and the loss parameters (proxies) train, BatchNor
 says so, proxies at `proxy_lr_mult` x the learning rate, gradient-value clipping, one seed.
 
 Speed: bf16 autocast and channels_last on GPU (fp16 + GradScaler on request, fp32 on CPU), optional
-torch.compile, the whole step replayed from a CUDA graph where it qualifies (training/step.py), and no
+torch.compile, on request (--cuda-graphs) the whole step replayed from a CUDA graph where it qualifies
+(training/step.py; it falls back to the eager step, saying why, if the graph fails), and no
 host-device synchronisation inside a step: losses are summed on the device and read once every
 `SYNC_EVERY` steps for the progress bar.
 
@@ -35,11 +36,11 @@ from retrieval.atomic import atomic_write_json, clean_stale_leftovers
 from retrieval.checkpoint import load_checkpoint
 from retrieval.config import RunConfig
 from retrieval.data.base import RetrievalDataset
+from retrieval.devices import resolve_amp
 from retrieval.embed.torch_backend import TorchBackend
 from retrieval.errors import ConfigError, UsageError
 from retrieval.model import Embedder, freeze_batchnorm
 from retrieval.preprocess import Preprocessing
-from training import catalog
 from training.batches import TrainBatches, build_train_batches
 from training.checkpointing import (
     BEST_CHECKPOINT,
@@ -122,19 +123,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype, or None for full precision. CPU always trains in float32."""
-    if amp not in catalog.AMP_MODES:
-        raise UsageError(f"unknown amp setting {amp!r}; choose {catalog.one_of(catalog.AMP_MODES)}")
-    if device.type != "cuda" or amp == "none":
-        return None
-    if amp == "fp16":
-        return torch.float16
-    if amp == "auto" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
-
-
 def load_run_dataset(cfg: RunConfig, info: DistInfo | None = None) -> tuple[RetrievalDataset, RunConfig]:
     """The dataset named by the config; the demo is generated into data/demo when no root is given."""
     from retrieval.data import load_dataset
@@ -204,7 +192,7 @@ class Run:
     amp_dtype: torch.dtype | None
     channels_last: bool  # channels_last memory format (GPU only)
     gather: bool  # the objective sees the global batch, so every rank's labels are gathered too
-    graph_reason: str | None  # why the step cannot be a CUDA graph; None when it qualifies
+    graph_reason: str | None  # why the step cannot be (or is no longer) a CUDA graph; None when it qualifies
 
     @property
     def use_graphs(self) -> bool:
@@ -248,8 +236,12 @@ def build_run(cfg: RunConfig, info: DistInfo, say: Callable[[str], None]) -> Run
 def describe_run(run: Run) -> str:
     """What is trained on what, how, in two lines."""
     cfg, info, amp_dtype = run.cfg, run.info, run.amp_dtype
-    step = "whole-step CUDA graph" if run.use_graphs else \
-        f"eager ({'--no-cuda-graphs' if run.graph_reason is None else run.graph_reason})"
+    if run.use_graphs:
+        step = "whole-step CUDA graph (falls back to eager, saying why, if it fails)"
+    elif not cfg.train.cuda_graphs:
+        step = "eager" + (" (whole-step CUDA graphs are opt-in: --cuda-graphs)" if run.graph_reason is None else "")
+    else:
+        step = f"eager ({run.graph_reason})"
     return (
         f"training {cfg.model.arch} d={cfg.model.embedding_size} on {run.dataset.name} "
         f"({len(run.dataset.train)} images, {run.num_classes} classes) | loss {cfg.loss.name}, "
@@ -266,15 +258,23 @@ def phase_of(t: Any, epoch: int) -> str:
     return "warmup" if epoch < t.warmup_epochs else "full"
 
 
-def start_phase(run: Run, epoch: int) -> StepFn:
+def start_phase(run: Run, epoch: int, say: Callable[[str], None]) -> StepFn:
     """Make the phase's parameters trainable and build its step: a new runner per phase, since the trainable
-    parameters (and so DDP's bookkeeping and a captured graph) change."""
+    parameters (and so DDP's bookkeeping and a captured graph) change.
+
+    If the CUDA graph fails, the runner continues eagerly (training/step.py); `say` prints why, once, and
+    the run stays eager in later phases (the optimiser is back in its eager form)."""
     t, s = run.cfg.train, run.state
     warm = phase_of(t, epoch) == "warmup"
     set_trunk_trainable(s.model, trainable=not warm, freeze_bn=t.freeze_bn, bn_affine=bn_affine_trains(t, epoch))
     step_model = wrap_for_step(s.model, s.objective, run.info, gather=run.gather, compile_model=t.compile)
     parts = StepParts(step_model, s.objective, s.optimizer, s.scaler, s.generator, run.amp_dtype, t.grad_clip)
-    return build_step(parts, run.use_graphs)
+
+    def graph_failed(reason: str) -> None:
+        run.graph_reason = reason
+        say(f"note: {reason}")
+
+    return build_step(parts, run.use_graphs, on_fallback=graph_failed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,7 +507,7 @@ def _train(
     record.timings["setup_time_s"] = time.perf_counter() - run_started
     for epoch in range(start_epoch, t.epochs):
         if phase != phase_of(t, epoch):
-            phase, step_fn = phase_of(t, epoch), start_phase(run, epoch)
+            phase, step_fn = phase_of(t, epoch), start_phase(run, epoch, say)
         assert step_fn is not None
         row: dict[str, Any] = {"epoch": epoch + 1, "phase": phase, **run_epoch(run, step_fn, epoch, progress)}
         if evaluates_after(t, epoch):

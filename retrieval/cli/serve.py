@@ -35,22 +35,41 @@ def register(app: typer.Typer) -> None:
             None, "--max-wait-ms", min=0.0, help="Wait this long for more queries to batch (default 2 on CPU, 5 on GPU)."
         ),
         queue_size: int = typer.Option(256, "--queue-size", min=1, help="Waiting queries beyond which the API answers 503."),
+        watch: bool = typer.Option(
+            True, "--watch/--no-watch",
+            help="Reload the index when its folder is republished (`retrieval index --out DIR --add/--remove`): "
+                 "verified, loaded beside the served one and swapped in without a restart.",
+        ),
+        watch_interval: float = typer.Option(1.0, "--watch-interval", min=0.05,
+                                             help="Seconds between checks of the folder."),
+        metrics: bool = typer.Option(True, "--metrics/--no-metrics",
+                                     help="Serve Prometheus metrics at /metrics (behind --api-token when set)."),
+        log_format: str = typer.Option("text", "--log-format",
+                                       help="Access log on stderr, one line per request: text | json."),
     ) -> None:
-        """Serve the search UI and the JSON API (/api/v1/search, /health, /info, /docs) on one port."""
+        """Serve the search UI and the JSON API (/api/v1/search, /health, /ready, /info, /docs) on one port."""
         from rich.console import Console
 
+        from app.access_log import LOG_FORMATS
         from app.serve import launch
+        from retrieval.errors import UsageError
         from retrieval.search.searcher import Searcher
 
+        if log_format not in LOG_FORMATS:
+            raise UsageError(f"--log-format {log_format}: choose one of {', '.join(LOG_FORMATS)}")
         console = Console()
         spec = opts.embedder_spec(backend, checkpoint, model, required=False)
         searcher = Searcher.open(index, spec, device=device, data_root=data_root)
         embedder = searcher.backend
+        _log_to_stderr()
         running = launch(searcher, host=host, port=port, share=share, block=False, index_dir=index,
                          api_token=api_token, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                         worker_queue_size=queue_size)
+                         worker_queue_size=queue_size, watch=watch, watch_interval_s=watch_interval,
+                         metrics=metrics, log_format=log_format, data_root=data_root)
+        n_items = len(searcher.gallery_paths)
+        del searcher  # the served version is the live index's: a reload must be able to let this one go
         console.print(
-            f"Serving [bold]{index}[/bold] ({len(searcher.gallery_paths):,} gallery images) with "
+            f"Serving [bold]{index}[/bold] ({n_items:,} gallery images) with "
             f"{embedder.name} on {embedder.device} at [link={running.url}]{running.url}[/link]"
         )
         if host not in ("127.0.0.1", "localhost", "::1"):
@@ -60,8 +79,28 @@ def register(app: typer.Typer) -> None:
             console.print(f"JSON API at {running.api_url}search (schema: {running.url}docs); batching up to "
                           f"{worker.max_batch} queries, waiting at most {worker.max_wait * 1000:g} ms"
                           + ("; Bearer token required" if api_token else ""))
+            console.print(f"Readiness at {running.api_url}ready"
+                          + (f", Prometheus metrics at {running.url}metrics" if metrics else "")
+                          + (f"; watching {index} for republished versions" if watch else "; not watching the index"))
         console.print("Press Ctrl+C to stop.")
         try:
             running.block_thread()
         finally:
             running.close()
+
+
+def _log_to_stderr() -> None:
+    """The access log and index reload messages, one line each, on stderr."""
+    import logging
+    import sys
+
+    from app.access_log import LOGGER
+
+    for name in (LOGGER, "app.live_index"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(message)s" if name == LOGGER else "%(levelname)s: %(message)s"))
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False

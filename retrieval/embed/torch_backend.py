@@ -11,7 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from retrieval.devices import torch_device
+from retrieval.devices import resolve_amp, torch_device
 from retrieval.images import open_image
 from retrieval.model import Embedder, model_fingerprint
 from retrieval.preprocess import Preprocessing, preprocess_batch, preprocess_eval
@@ -31,9 +31,10 @@ class _EvalImages(Dataset):
 class TorchBackend:
     """EmbeddingBackend over an Embedder: the one torch path for search, indexing and training evaluation.
 
-    Mixed precision: `amp_dtype` "auto" is bf16 autocast on CUDA and fp32 on CPU; training evaluation
-    passes its own recipe's dtype (or None for fp32). The fingerprint is computed on first use, so
-    wrapping the model being trained costs nothing per evaluation.
+    Mixed precision: `amp_dtype` is a dtype, None (fp32) or an amp setting resolved as training resolves it
+    (`retrieval.devices.resolve_amp`): "auto" is bf16 autocast on a CUDA GPU that supports it, fp16 on one
+    that does not, fp32 on CPU; training evaluation passes its own run's dtype. The fingerprint is computed
+    on first use, so wrapping the model being trained costs nothing per evaluation.
     """
 
     name = "torch"
@@ -55,9 +56,9 @@ class TorchBackend:
         self._fingerprint = fingerprint
         self.embedding_size = model.embedding_size
         self.workers = workers
-        if amp_dtype == "auto":
-            amp_dtype = torch.bfloat16 if self.torch_device.type == "cuda" else None
-        self.amp_dtype: torch.dtype | None = amp_dtype  # type: ignore[assignment]
+        if isinstance(amp_dtype, str):
+            amp_dtype = resolve_amp(amp_dtype, self.torch_device)
+        self.amp_dtype: torch.dtype | None = amp_dtype
         self.channels_last = channels_last
         precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, str(self.amp_dtype))
         self.device = f"{self.torch_device} ({precision} autocast)" if self.amp_dtype else str(self.torch_device)
