@@ -288,7 +288,7 @@ def filtered_search_speed(n: int, d: int, batch: int, rounds: int, seed: int = 0
     by construction): q/s of filtered vs unfiltered search through the Searcher, and exactness."""
     import numpy as np
 
-    from retrieval.config import IndexConfig
+    from retrieval.index.config import IndexConfig
     from retrieval.index.faiss_index import build_faiss_index, resolve_params
     from retrieval.index.folder import GalleryIndex, ItemTable
     from retrieval.index.meta import IndexMeta

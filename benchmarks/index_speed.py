@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrieval.config import IndexConfig  # noqa: E402
+from retrieval.index.config import IndexConfig  # noqa: E402
 from retrieval.index.faiss_index import build_faiss_index, configure_search, resolve_params, search  # noqa: E402
 from retrieval.index.types import default_nlist  # noqa: E402
 

@@ -79,7 +79,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 def build(work: Path, test_classes: int, embedding_size: int) -> tuple[Path, Path]:
     """(dataset root, index folder): the demo data and its index, built here."""
-    from retrieval.config import IndexConfig
+    from retrieval.index.config import IndexConfig
     from retrieval.data.demo import generate_demo
     from retrieval.data.inshop import load_inshop
     from retrieval.embed.spec import EmbedderSpec, open_embedder

@@ -180,7 +180,8 @@ def child_make_parts(a: argparse.Namespace) -> dict:
 
 
 def child_build(a: argparse.Namespace) -> dict:
-    from retrieval.config import CalibrationConfig, IndexConfig
+    from retrieval.config import CalibrationConfig
+    from retrieval.index.config import IndexConfig
     from retrieval.embed.ray_engine import RayOptions
     from retrieval.index.sharded_build import ShardOptions, build_from_parts
 
@@ -243,7 +244,7 @@ def child_pq(a: argparse.Namespace) -> dict:
     """IVF-PQ on a slice of the same vectors: bytes per vector, add rate (1 thread) and scan cost per vector."""
     import faiss
 
-    from retrieval.config import IndexConfig
+    from retrieval.index.config import IndexConfig
     from retrieval.index.faiss_index import build_faiss_index, resolve_params, write_index
     from retrieval.embed.parts import EmbeddingsFolder
 

@@ -1,7 +1,9 @@
 """Configuration: one dataclass per concern, and the paper's presets in one place.
 
 Everything here is plain data (str/int/float/bool/tuple/None) so that a config can be stored in a
-checkpoint or index metadata as JSON and read back with `from_dict` without pickle.
+checkpoint or index metadata as JSON and read back with `from_dict` without pickle. An index build's
+IndexConfig lives with the index knobs it is made of (retrieval.index.config); merging a preset, a config
+file, flags and --set into a RunConfig is retrieval.config_resolve.
 """
 
 from __future__ import annotations
@@ -117,31 +119,6 @@ class TrainConfig:
     device: str = "auto"
     max_steps_per_epoch: int = 0  # 0 = full epoch; > 0 caps steps (smoke runs, demos)
     deterministic: bool = False  # bit-identical reruns and resumes (training/determinism.py); slower on GPU
-
-
-@dataclass
-class IndexConfig:
-    """How a gallery is indexed."""
-
-    index_type: str = "auto"  # auto, or a type registered in retrieval.index.types.INDEX_TYPES
-    nlist: int = 0  # 0 = chosen from the gallery size
-    nprobe: int = 16
-    pq_m: int = 64
-    pq_nbits: int = 8  # bits per PQ sub-code (256 centroids at 8)
-    hnsw_m: int = 32
-    ef_construction: int = 80
-    ef_search: int = 128
-    refine_factor: int = 0  # > 0: re-rank k * factor approximate candidates with exact inner products
-    train_size: int = 0  # 0 = chosen from nlist; vectors sampled (seeded) to train IVF/PQ
-    memory_budget_gb: float = 4.0
-    use_gpu: bool = True
-    flat_max_items: int = 300_000  # "auto" keeps exact search up to here when it fits the memory budget
-
-    def __post_init__(self) -> None:
-        from retrieval.index.types import index_type  # the registry needs neither FAISS nor this module
-
-        if self.index_type != "auto":
-            index_type(self.index_type)  # IndexBuildError listing the registered types
 
 
 @dataclass

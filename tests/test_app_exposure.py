@@ -14,7 +14,7 @@ from PIL import Image
 
 from retrieval.index.build import build_index
 from retrieval.embed.spec import EmbedderSpec, open_embedder
-from retrieval.config import IndexConfig
+from retrieval.index.config import IndexConfig
 from retrieval.data import load_dataset
 from tests.fakes import make_fake_inshop
 

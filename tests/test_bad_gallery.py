@@ -21,7 +21,7 @@ from retrieval.atomic import atomic_path, clean_stale_leftovers
 from retrieval.index.build import build_index
 from retrieval.embed.spec import EmbedderSpec, open_embedder
 from retrieval.cli import app
-from retrieval.config import IndexConfig
+from retrieval.index.config import IndexConfig
 from retrieval.data import load_dataset
 from retrieval.errors import InputError
 from retrieval.images import ImageLoadError

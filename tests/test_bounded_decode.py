@@ -18,7 +18,7 @@ from PIL import Image
 
 from retrieval.index.build import build_index
 from retrieval.embed.spec import EmbedderSpec, open_embedder
-from retrieval.config import IndexConfig
+from retrieval.index.config import IndexConfig
 from retrieval.data import load_dataset
 from retrieval.images import DEFAULT_MAX_ASPECT_RATIO, ImageLoadError, open_image
 from retrieval.preprocess import Preprocessing, preprocess_eval, resize_short_side

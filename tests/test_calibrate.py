@@ -21,7 +21,8 @@ from retrieval.index.calibrate import (
     search_setting_text,
 )
 from retrieval.cli import app
-from retrieval.config import CalibrationConfig, IndexConfig
+from retrieval.config import CalibrationConfig
+from retrieval.index.config import IndexConfig
 from retrieval.index.faiss_index import build_faiss_index, configure_search, read_index, resolve_params
 from retrieval.index.folder import GalleryIndex, ItemTable
 from retrieval.index.meta import IndexMeta

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from retrieval.cli.train import CHOICES
+from retrieval.config_resolve import CHOICES
 from retrieval.config import paper_train_preset
 from retrieval.errors import UsageError
 from training import catalog
@@ -56,7 +56,7 @@ def test_every_value_of_the_smaller_settings_is_accepted_and_no_other(tmp_path: 
 
     import torch
 
-    from retrieval.cli.train import resolve_config
+    from retrieval.config_resolve import resolve_config
     from retrieval.config import preset
     from retrieval.errors import ConfigError
     from training.metrix import plan_pairs

@@ -14,7 +14,7 @@ import pytest
 
 from retrieval.index.build import build_index
 from retrieval.embed.spec import EmbedderSpec, open_embedder
-from retrieval.config import IndexConfig
+from retrieval.index.config import IndexConfig
 from retrieval.data import load_dataset
 from retrieval.errors import EXIT_ERROR, EXIT_USAGE
 from tests.fakes import make_fake_inshop, make_image_folder, write_nasty_images
@@ -129,3 +129,46 @@ def test_a_bug_prints_its_traceback_and_says_so(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-c", code, "boom"], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 70 and "Traceback" in res.stderr and "ZeroDivisionError" in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("error: internal error (ZeroDivisionError); this is a bug")
+
+
+def _run_with_closed_stdout(argv: list[str]) -> subprocess.CompletedProcess:
+    """Run with standard output a pipe nobody reads any more (`retrieval ... | head` after head exited)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    try:
+        return subprocess.run([sys.executable, *argv], stdout=write_end, stderr=subprocess.PIPE, text=True, env=env,
+                              timeout=120)
+    finally:
+        os.close(write_end)
+
+
+def test_output_into_a_closed_pipe_ends_quietly() -> None:
+    """`retrieval index --help | head -3`, or a command printing more than its reader takes: no traceback, no
+    error line, a failure status."""
+    res = _run_with_closed_stdout(["-m", "retrieval", "index", "--help"])
+    assert res.stderr == "" and res.returncode != 0, res.stderr
+    code = ("import retrieval.cli as c\n"
+            "@c.app.command('talk')\n"
+            "def talk() -> None:\n"
+            "    print('a line of output\\n' * 20000)\n"
+            "c.handle_errors(c.app)\n"
+            "c.main()\n")
+    res = _run_with_closed_stdout(["-c", code, "talk"])
+    assert res.stderr == "" and res.returncode == EXIT_ERROR, res.stderr
+
+
+def test_an_abort_while_the_command_line_is_read_is_one_line(tmp_path: Path) -> None:
+    """Typer turns the end of input at a prompt (or Ctrl-C) while options are parsed into Abort: one line, 130."""
+    code = ("import typer, retrieval.cli as c\n"
+            "def ask(value: str) -> str:\n"
+            "    raise EOFError  # what input() raises at the end of input\n"
+            "@c.app.command('ask')\n"
+            "def ask_command(name: str = typer.Option('x', '--name', callback=ask)) -> None:\n"
+            "    print(name)\n"
+            "c.handle_errors(c.app)\n"
+            "c.main()\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    res = subprocess.run([sys.executable, "-c", code, "ask"], capture_output=True, text=True, env=env, timeout=120)
+    # (Typer first ends the prompt's line with a newline)
+    assert res.returncode == 130 and res.stderr.strip() == "error: interrupted" and res.stdout == "", res.stderr

@@ -227,7 +227,7 @@ TORCH_FREE_EPILOGUE = (
 @pytest.fixture(scope="module")
 def torch_built_index(workspace: dict) -> dict:
     from retrieval.index.build import build_index
-    from retrieval.config import IndexConfig
+    from retrieval.index.config import IndexConfig
     from retrieval.data import load_dataset
     from tests.fakes import make_fake_inshop
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from retrieval.config import IndexConfig
+from retrieval.index.config import IndexConfig
 from retrieval.index.errors import IndexBuildError
 from retrieval.index.faiss_index import build_faiss_index, resolve_params
 from retrieval.index.filters import FilterError, parse_where

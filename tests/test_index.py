@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import retrieval.index.folder as index_folder
-from retrieval.config import IndexConfig
+from retrieval.index.config import IndexConfig
 from retrieval.index.errors import IndexBuildError, IndexFileError
 from retrieval.index.faiss_index import build_faiss_index, choose_index_type, configure_search, read_index, resolve_params, search
 from retrieval.index.meta import IndexMeta

@@ -49,7 +49,7 @@ def backend() -> Any:
 
 @pytest.fixture(scope="module")
 def index_dir(dataset: Path, backend: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from retrieval.config import IndexConfig
+    from retrieval.index.config import IndexConfig
     from retrieval.data import load_dataset
     from retrieval.index.build import build_index
 

@@ -44,7 +44,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def index_dir(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from retrieval.config import IndexConfig
+    from retrieval.index.config import IndexConfig
     from retrieval.data import load_dataset
     from retrieval.embed.spec import EmbedderSpec, open_embedder
     from retrieval.index.build import build_index

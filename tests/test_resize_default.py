@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from retrieval.checkpoint import preprocessing_of
-from retrieval.cli.train import resolve_config
+from retrieval.config_resolve import resolve_config
 from retrieval.config import default_resize_size
 from retrieval.embed.spec import EmbedderSpec, open_embedder
 

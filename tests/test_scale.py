@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 from retrieval.index.build import build_index
 from retrieval.embed.spec import EmbedderSpec, open_embedder
 from retrieval.cli import app
-from retrieval.config import CalibrationConfig, IndexConfig
+from retrieval.config import CalibrationConfig
+from retrieval.index.config import IndexConfig
 from retrieval.data import load_dataset
 from retrieval.index.folder import GalleryIndex
 from retrieval.embed.engines import embed_to_parts

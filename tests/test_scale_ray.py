@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval.config import IndexConfig
+from retrieval.index.config import IndexConfig
 from retrieval.embed.engines import embed_to_parts
 from retrieval.embed.job import EmbedOptions, source_from_images, write_arrays
 from retrieval.embed.parts import EmbeddingsFolder

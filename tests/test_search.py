@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from retrieval.index.build import add_images, build_index
 from retrieval.embed.spec import EmbedderSpec, open_embedder
 from retrieval.cli import app
-from retrieval.config import IndexConfig
+from retrieval.index.config import IndexConfig
 from retrieval.data import load_dataset
 from retrieval.index.folder import EmbedderMismatchError, GalleryIndex
 from retrieval.index.meta import IndexMeta

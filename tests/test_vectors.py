@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from retrieval.cli import app
-from retrieval.config import IndexConfig
+from retrieval.index.config import IndexConfig
 from retrieval.index.folder import GalleryIndex
 from retrieval.metrics import evaluate_embeddings
 from retrieval.search.searcher import Searcher

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
+import select
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import typer
 
-from retrieval.errors import EXIT_USAGE, report
+from retrieval.errors import EXIT_ERROR, EXIT_USAGE, report
 
 app = typer.Typer(
     name="retrieval",
@@ -44,17 +46,40 @@ def cli_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
+        except BrokenPipeError as exc:
+            if not stdout_reader_gone():
+                raise typer.Exit(code=report(exc)) from None
+            _discard_stdout()  # `retrieval ... | head`: the reader has all it wanted; nothing to report
+            raise typer.Exit(code=EXIT_ERROR) from None
         except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - classified by report()
             sys.stdout.flush()
             raise typer.Exit(code=report(exc)) from None
 
+    run.reports_errors = True  # type: ignore[attr-defined]
     return run
+
+
+def stdout_reader_gone() -> bool:
+    """Whether nothing reads standard output any more (it is a pipe whose reader exited, as `head` does)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() (Windows), or stdout is not a file
+        return False
+
+
+def _discard_stdout() -> None:
+    """Point standard output at /dev/null, so that the flush at exit does not fail on the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def handle_errors(typer_app: typer.Typer) -> typer.Typer:
     """Apply `cli_errors` to every command registered on `typer_app` (once each)."""
     for info in typer_app.registered_commands:
-        if info.callback is not None and not getattr(info.callback, "__wrapped__", None):
+        if info.callback is not None and not getattr(info.callback, "reports_errors", False):
             info.callback = cli_errors(info.callback)
     return typer_app
 
@@ -79,7 +104,7 @@ def main() -> None:
         sys.stderr.write(f"error: {' '.join(exc.format_message().split())}\n")
         sys.stderr.write(f"hint: see `{command} --help`\n")
         code = exc.exit_code if exc.exit_code else EXIT_USAGE
-    except click_exceptions.Abort:
+    except typer.Abort:  # end of input at a prompt, or Ctrl-C while Typer was reading the command line
         sys.stderr.write("error: interrupted\n")
         code = 130
     sys.exit(code if isinstance(code, int) else 0)

@@ -1,5 +1,7 @@
 """Embeddings in, a searchable index folder out.
 
+    knobs.py          the knobs (nlist, nprobe, pq_m, ...), each declared once: IndexConfig, IndexParams and the flags
+    config.py         IndexConfig: the requested index type, knob values and memory budget of a build
     types.py          the index types, each declared once: parameters, FAISS factory, memory, search knob, abilities
     faiss_index.py    FAISS indexes: choose a type, build, add/remove, search, read/write, GPU copy
     meta.py           the folder's metadata (meta.json) as a typed, versioned record

@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 
 from retrieval.embed.bad_images import DEFAULT_MAX_BAD_FRACTION, embed_skipping_bad
-from retrieval.config import CalibrationConfig, IndexConfig
+from retrieval.config import CalibrationConfig
 from retrieval.embed.backend import EmbeddingBackend
 from retrieval.embed.spec import embedder_record
 from retrieval.errors import InputError
 from retrieval.image_files import list_images
+from retrieval.index.config import IndexConfig
 from retrieval.index.faiss_index import library_versions, resolve_params
 from retrieval.index.folder import GalleryIndex, ItemTable, StoredQueries, items_from_paths
 from retrieval.index.meta import IndexMeta

@@ -31,12 +31,14 @@ from typing import Any
 import faiss
 import numpy as np
 
-from retrieval.config import CalibrationConfig, IndexConfig
+from retrieval.config import CalibrationConfig
 from retrieval.errors import UsageError
+from retrieval.index.config import IndexConfig
 from retrieval.index.errors import IndexBuildError
 from retrieval.index.faiss_index import BuiltIndex, add_to_index, build_faiss_index, configure_search, resolve_params
+from retrieval.index.knobs import EF_SEARCH, NPROBE, knob_label
 from retrieval.index.meta import IndexMeta
-from retrieval.index.types import EF_SEARCH, INDEX_TYPES, NPROBE, IndexParams, knob_label
+from retrieval.index.types import INDEX_TYPES, IndexParams
 
 TIMING_BATCH = 256  # queries per search call when timing (the batch size speed targets are stated at)
 REFINE_LADDER = (1, 2, 4, 8, 16, 32, 64)

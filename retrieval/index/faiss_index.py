@@ -19,8 +19,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from retrieval.config import IndexConfig
 from retrieval.devices import faiss_gpu_available
+from retrieval.index.config import IndexConfig
 from retrieval.versions import software_versions
 from retrieval.index.errors import IndexBuildError, IndexFileError
 from retrieval.index.types import INDEX_TYPES, MIN_POINTS_PER_CENTROID, IndexParams, index_type

@@ -29,8 +29,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from retrieval.config import CalibrationConfig, IndexConfig
+from retrieval.config import CalibrationConfig
 from retrieval.errors import UsageError
+from retrieval.index.config import IndexConfig
 from retrieval.index.errors import IndexBuildError
 from retrieval.index.faiss_index import (
     add_to_index,

@@ -1,7 +1,9 @@
 """The index types, each declared once: how it is built, what it costs, how it searches and what it can do.
 
 Build, search, calibration, removal, shard merging, the `--index-type` help and IndexConfig validation
-all read INDEX_TYPES, so adding a type is one IndexType subclass registered there (and a test).
+all read INDEX_TYPES, so adding a type is one IndexType subclass registered there (and a test). The numbers
+a type is built and searched with are knobs declared once in retrieval.index.knobs; each type names the
+ones it reads, and IndexParams, IndexConfig and the `retrieval index` flags are generated from them.
 
     flat      IndexFlatIP: exact; the default up to a few hundred thousand items.
     ivf-flat  IVF with full vectors in the lists; `nprobe` of `nlist` lists scanned per query.
@@ -14,7 +16,8 @@ Any approximate type takes `refine_factor` > 0 to re-rank k * factor candidates 
 which keeps the float32 vectors as well). All types use METRIC_INNER_PRODUCT over L2-normalised vectors.
 
 FAISS and NumPy are imported inside the methods: the command line reads names and help from this
-module and must start without loading them.
+module and must start without loading them. IndexConfig (retrieval.index.config) checks its type against
+this registry, so this module does not import it: `cfg` below is an IndexConfig, typed as IndexRequest.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from retrieval.errors import UsageError
 from retrieval.index.errors import IndexBuildError
+from retrieval.index.knobs import EF_SEARCH, NPROBE, Knob, knob_fields
 
 if TYPE_CHECKING:
     import faiss
     import numpy as np
 
-    from retrieval.config import IndexConfig
+# An IndexConfig (retrieval.index.config): the requested type, a value for every knob of INDEX_KNOBS, the memory budget.
+IndexRequest = Any
 
 MIN_POINTS_PER_CENTROID = 39  # below this FAISS k-means gives poor centroids (its own warning threshold)
 TRAIN_POINTS_PER_LIST = 64  # default IVF training sample per list (FAISS itself subsamples above 256)
@@ -40,34 +45,15 @@ EF_LADDER = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 @dataclass(frozen=True)
-class SearchKnob:
-    """A search-time setting that trades speed for recall: the IndexParams field, its flag and its name."""
-
-    field: str
-    flag: str
-    label: str
-    applies_to: str  # which indexes have it, for people
-
-
-NPROBE = SearchKnob("nprobe", "--nprobe", "nprobe", "IVF indexes")
-EF_SEARCH = SearchKnob("ef_search", "--ef-search", "efSearch", "HNSW indexes")
-REFINE = SearchKnob("refine_factor", "--refine-factor", "refine factor", "approximate indexes")
-
-
-@dataclass(frozen=True)
+@knob_fields(lambda knob: 0, after="index_type")
 class IndexParams:
-    """Concrete parameters of one built index (no "auto" left); stored in the index metadata."""
+    """Concrete parameters of one built index (no "auto" left); stored in the index metadata.
+
+    After `index_type`, one int field per knob of INDEX_KNOBS (nlist, nprobe, pq_m, ...): 0 where the type
+    does not use it.
+    """
 
     index_type: str
-    nlist: int = 0
-    nprobe: int = 0
-    pq_m: int = 0
-    pq_nbits: int = 0
-    hnsw_m: int = 0
-    ef_construction: int = 0
-    ef_search: int = 0
-    refine_factor: int = 0
-    train_size: int = 0
 
     @property
     def kind(self) -> "IndexType":
@@ -100,7 +86,8 @@ class IndexType:
 
     name: ClassVar[str]
     exact: ClassVar[bool] = False
-    knob: ClassVar[SearchKnob | None] = None  # the setting calibration sweeps and --nprobe/--ef-search override
+    knobs: ClassVar[tuple[str, ...]] = ()  # the INDEX_KNOBS it is built or searched with (the others stay 0)
+    knob: ClassVar[Knob | None] = None  # the setting calibration sweeps and --nprobe/--ef-search override
     sweeps_refine: ClassVar[bool] = False  # with refinement, calibration sweeps the refine factor under the knob
     held_out_calibration: ClassVar[bool] = False  # calibrated with queries it does not hold (graphs)
     gpu_unsupported: ClassVar[str] = ""  # why FAISS cannot run it on a GPU ("" = it can)
@@ -108,7 +95,7 @@ class IndexType:
     mergeable: ClassVar[bool] = True  # shards can be merged into one index
     stores_vectors: ClassVar[bool] = True  # exact vectors can be read back without refinement
 
-    def resolve(self, cfg: IndexConfig, n: int, d: int) -> IndexParams:
+    def resolve(self, cfg: IndexRequest, n: int, d: int) -> IndexParams:
         """Concrete parameters for `n` vectors of size `d`, or IndexBuildError saying what to change."""
         raise NotImplementedError
 
@@ -116,7 +103,7 @@ class IndexType:
         """The faiss.index_factory description, without refinement."""
         raise NotImplementedError
 
-    def memory_bytes(self, n: int, d: int, cfg: IndexConfig) -> int:
+    def memory_bytes(self, n: int, d: int, cfg: IndexRequest) -> int:
         """Rough resident size of `n` vectors of dimension `d` (vectors + ids + graph/lists)."""
         return n * d * 4
 
@@ -154,7 +141,7 @@ class Flat(IndexType):
     exact = True
     removable = True
 
-    def resolve(self, cfg: IndexConfig, n: int, d: int) -> IndexParams:
+    def resolve(self, cfg: IndexRequest, n: int, d: int) -> IndexParams:
         return IndexParams(self.name)
 
     def factory(self, params: IndexParams) -> str:
@@ -172,11 +159,12 @@ def default_nlist(n: int) -> int:
 class Ivf(IndexType):
     """Inverted lists over a k-means coarse quantizer; `nprobe` lists are scanned per query."""
 
+    knobs = ("nlist", "nprobe", "refine_factor", "train_size")
     knob = NPROBE
     sweeps_refine = True  # nprobe sets the cost; re-ranking k x factor candidates is small beside it
     removable = True
 
-    def _nlist(self, cfg: IndexConfig, n: int) -> int:
+    def _nlist(self, cfg: IndexRequest, n: int) -> int:
         if cfg.nlist <= 0:
             if n < MIN_POINTS_PER_CENTROID:
                 raise IndexBuildError(
@@ -192,7 +180,7 @@ class Ivf(IndexType):
             )
         return cfg.nlist
 
-    def _params(self, cfg: IndexConfig, n: int, nlist: int, **codes: int) -> IndexParams:
+    def _params(self, cfg: IndexRequest, n: int, nlist: int, **codes: int) -> IndexParams:
         """IVF parameters with a training sample large enough for the lists and the codes' centroids."""
         pq_nbits = codes.get("pq_nbits", 0)
         floor = MIN_POINTS_PER_CENTROID * max(nlist, 2**pq_nbits if pq_nbits else 0)
@@ -201,7 +189,7 @@ class Ivf(IndexType):
         return IndexParams(self.name, nlist=nlist, nprobe=max(1, min(cfg.nprobe, nlist)),
                            refine_factor=cfg.refine_factor, train_size=train_size, **codes)
 
-    def resolve(self, cfg: IndexConfig, n: int, d: int) -> IndexParams:
+    def resolve(self, cfg: IndexRequest, n: int, d: int) -> IndexParams:
         return self._params(cfg, n, self._nlist(cfg, n))
 
     def apply_search(self, index: faiss.Index, params: IndexParams) -> None:
@@ -243,7 +231,7 @@ class IvfFlat(Ivf):
     def factory(self, params: IndexParams) -> str:
         return f"IVF{params.nlist},Flat"
 
-    def memory_bytes(self, n: int, d: int, cfg: IndexConfig) -> int:
+    def memory_bytes(self, n: int, d: int, cfg: IndexRequest) -> int:
         return n * d * 4 + n * 8
 
     def stored_vectors(self, index: faiss.Index, n: int) -> np.ndarray | None:
@@ -259,9 +247,10 @@ class IvfFlat(Ivf):
 
 class IvfPq(Ivf):
     name = "ivf-pq"
+    knobs = Ivf.knobs + ("pq_m", "pq_nbits")
     stores_vectors = False
 
-    def resolve(self, cfg: IndexConfig, n: int, d: int) -> IndexParams:
+    def resolve(self, cfg: IndexRequest, n: int, d: int) -> IndexParams:
         nlist = self._nlist(cfg, n)
         pq_m, pq_nbits = cfg.pq_m, cfg.pq_nbits
         if pq_m <= 0 or d % pq_m != 0:
@@ -281,7 +270,7 @@ class IvfPq(Ivf):
     def factory(self, params: IndexParams) -> str:
         return f"IVF{params.nlist},PQ{params.pq_m}x{params.pq_nbits}np"  # np: skip polysemous training (unused, slow)
 
-    def memory_bytes(self, n: int, d: int, cfg: IndexConfig) -> int:
+    def memory_bytes(self, n: int, d: int, cfg: IndexRequest) -> int:
         return n * (cfg.pq_m * cfg.pq_nbits // 8 + 8) + (n * d * 4 if cfg.refine_factor > 0 else 0)
 
     def gpu_options(self, options: Any) -> None:
@@ -293,12 +282,13 @@ class IvfPq(Ivf):
 
 class Hnsw(IndexType):
     name = "hnsw"
+    knobs = ("hnsw_m", "ef_construction", "ef_search", "refine_factor")
     knob = EF_SEARCH
     held_out_calibration = True  # a graph finds points it already holds far more easily than new queries
     gpu_unsupported = "FAISS has no GPU HNSW; it runs on the CPU"
     mergeable = False
 
-    def resolve(self, cfg: IndexConfig, n: int, d: int) -> IndexParams:
+    def resolve(self, cfg: IndexRequest, n: int, d: int) -> IndexParams:
         if cfg.hnsw_m < 2:
             raise IndexBuildError(f"hnsw_m must be >= 2, got {cfg.hnsw_m}")
         return IndexParams(self.name, hnsw_m=cfg.hnsw_m, ef_construction=max(cfg.ef_construction, cfg.hnsw_m),
@@ -307,7 +297,7 @@ class Hnsw(IndexType):
     def factory(self, params: IndexParams) -> str:
         return f"HNSW{params.hnsw_m}"
 
-    def memory_bytes(self, n: int, d: int, cfg: IndexConfig) -> int:
+    def memory_bytes(self, n: int, d: int, cfg: IndexRequest) -> int:
         return int(n * d * 4 + n * cfg.hnsw_m * 2 * 4 * 1.1)
 
     def prepare(self, index: faiss.Index, params: IndexParams) -> None:
@@ -350,8 +340,3 @@ def index_type(name: str) -> IndexType:
         return INDEX_TYPES[name]
     except KeyError:
         raise IndexBuildError(f"unknown index type {name!r}; choose auto or one of {', '.join(INDEX_TYPES)}") from None
-
-
-def knob_label(field: str) -> str:
-    """How people call a search setting (IndexParams field name -> "efSearch", "refine factor", ...)."""
-    return next((k.label for k in (NPROBE, EF_SEARCH, REFINE) if k.field == field), field)

@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.config import CalibrationConfig, IndexConfig
+from retrieval.config import CalibrationConfig
 from retrieval.errors import InputError
+from retrieval.index.config import IndexConfig
 from retrieval.index.faiss_index import NORM_TOLERANCE, library_versions
 from retrieval.index.folder import GalleryIndex, ItemTable
 from retrieval.index.meta import IndexMeta
