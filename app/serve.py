@@ -9,6 +9,12 @@
   which owns the device: it is never oversubscribed and concurrent users share forward passes. The
   queues are bounded (Gradio's `max_size`, the worker's `queue_size`): beyond them a client gets
   "queue full" at once instead of waiting minutes.
+- With a token (`api_token`, RETRIEVAL_API_TOKEN) every path needs it (app.access.AccessGate around the
+  whole application: API, UI, Gradio's HTTP API and files); the browser asks for it once at /login.
+  /api/v1/health stays open, and so do the paths given in `public_paths` (a public /metrics).
+- Result tiles are the API's thumbnail URLs (/api/v1/thumbnails/<i>.jpg), so answers do not name the
+  server's thumbnail folder; example queries and a result put back in the query box are still files
+  Gradio serves from that folder (its image input takes only files it can read).
 - The only folder Gradio may serve from disk is the thumbnail folder (downscaled gallery images);
   uploads are capped by `max_file_size`. No analytics, no SSR node server, no run history.
 - The thumbnail folder is also registered as a Gradio static path. Without that, every result tile
@@ -36,6 +42,7 @@ from app.ui import MAX_UPLOAD_BYTES, SearchApp, build_app
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 QUEUE_MAX_SIZE = 256  # pending events across all users before new ones are refused
+GRADIO_STARTUP_PATH = "/gradio_api/startup-events"
 
 
 def free_port(host: str = DEFAULT_HOST) -> int:
@@ -146,16 +153,26 @@ def launch(
     max_wait_ms: float | None = None,
     worker_queue_size: int = DEFAULT_QUEUE_SIZE,
     engine: Any = None,
+    public_paths: tuple[str, ...] = (),
     **app_kwargs: Any,
 ) -> RunningApp:
     """Build and start the API + UI for an open Searcher. `block=False` returns at once (tests, benchmarks).
 
     `max_batch_size`/`max_wait_ms`: the batching worker's limits (defaults suit the device);
-    `api_token`: Bearer token the API requires; `engine`: replaces embed+search (benchmarks' floor)."""
-    from app.api import ApiSettings, SearchApi, build_api, token_from_env
+    `api_token`: the token every path requires (app.access); `public_paths`: paths that stay open
+    with a token, beside /api/v1/health (e.g. "/metrics" when its own setting makes it public);
+    `engine`: replaces embed+search (benchmarks' floor)."""
+    from app.access import AccessGate, AccessPolicy, token_from_env
+    from app.api import ApiSettings, SearchApi, build_api, thumbnail_url
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     app_kwargs.setdefault("max_upload_bytes", MAX_UPLOAD_BYTES)
+    app_kwargs.setdefault("thumbnail_route", None if share else thumbnail_url)  # share: the UI alone, no API
+    token = token_from_env(api_token)
+    # Gradio's own launch (--share) calls its startup route itself, without the token: that route only
+    # runs startup events once and answers no search or image, so it stays open there
+    public = frozenset(public_paths) | ({GRADIO_STARTUP_PATH} if share else frozenset())
+    gate = [] if token is None else [(AccessGate, {"policy": AccessPolicy(token, public)})]
     worker = BatchingWorker(searcher, max_batch=max_batch_size, max_wait_ms=max_wait_ms,
                             queue_size=worker_queue_size, engine=engine)
     try:
@@ -169,12 +186,18 @@ def launch(
     register_static_folder(search_app.thumbnails.folder)
     try:
         if share:
-            _, local_url, _ = demo.launch(prevent_thread_lock=True, **launch_settings(search_app, host, port, share))
+            from starlette.middleware import Middleware
+
+            middleware = [Middleware(cls, **kwargs) for cls, kwargs in gate]
+            _, local_url, _ = demo.launch(prevent_thread_lock=True, app_kwargs={"middleware": middleware},
+                                          **launch_settings(search_app, host, port, share))
             running = RunningApp(demo, search_app, local_url.rstrip("/") + "/", host, port, worker)
         else:
-            settings = ApiSettings(limits=search_app.limits, token=token_from_env(api_token))  # the UI's limits
+            settings = ApiSettings(limits=search_app.limits, token=token)  # the UI's limits
             api = build_api(SearchApi(searcher, worker, search_app.thumbnails, settings))
             api.add_middleware(EventBodyLimit)  # before Gradio reads an event body (app/event_limit.py)
+            for cls, kwargs in gate:  # outermost: the token before anything else reads the request
+                api.add_middleware(cls, **kwargs)
             running = _serve_mounted(api, demo, search_app, worker, host, port)
     except BaseException:
         unregister_static_folder(search_app.thumbnails.folder)

@@ -19,6 +19,11 @@ which embeds queries that wait together, UI and API alike, in one forward pass.
 "More like this": clicking a result puts that gallery image in the query box and searches by it (its
 label is known, so correct matches are marked); a dropdown filters by the items' category (or the
 index's first attribute) and a choice of re-ranking applies retrieval.search.rerank.
+
+No server paths in answers, where Gradio allows it: served with the JSON API (`thumbnail_route`), a
+result tile is the absolute URL of the API's thumbnail (/api/v1/thumbnails/<i>.jpg, on the origin the
+request came to), which Gradio hands to the browser as is. Gradio's image input only takes files it
+can read, so example queries and a result put back in the query box stay thumbnail files.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,8 +123,10 @@ class SearchApp:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_upload_bytes: int = MAX_UPLOAD_BYTES,
         worker: Any = None,
+        thumbnail_route: Callable[[int], str] | None = None,
     ) -> None:
         self.searcher = searcher
+        self.thumbnail_route = thumbnail_route  # gallery index -> server-relative URL; None: tiles are files
         self._worker = worker
         self._worker_lock = threading.Lock()
         self.meta = searcher.index.meta  # typed (retrieval.index.meta.IndexMeta)
@@ -271,10 +278,17 @@ class SearchApp:
         return galleries, statuses
 
     def search_one(self, image: Any, k: Any, filter_value: Any = None,
-                   rerank: Any = None) -> tuple[list[tuple[str, str]], str, list[int]]:
-        """The UI's search event: (result tiles, status, gallery rows shown, for "more like this")."""
-        galleries, statuses, shown = self._search([image], [k], filter_value, rerank)
+                   rerank: Any = None, root_url: str | None = None) -> tuple[list[tuple[str, str]], str, list[int]]:
+        """The UI's search event: (result tiles, status, gallery rows shown, for "more like this").
+        `root_url`: the server's public root as the request saw it; tiles are then thumbnail URLs."""
+        galleries, statuses, shown = self._search([image], [k], filter_value, rerank, root_url)
         return galleries[0], statuses[0], shown[0]
+
+    def tile(self, gallery_index: int, root_url: str | None = None) -> str:
+        """What a result tile shows: the thumbnail's URL when served with the API, else its file."""
+        if self.thumbnail_route is not None and root_url:
+            return root_url.rstrip("/") + self.thumbnail_route(gallery_index)
+        return str(self.thumbnails.path_for(gallery_index))
 
     def more_like_this(self, shown: Sequence[int] | None, evt: Any = None) -> Any:
         """A click on result tile `evt.index`: that gallery image's thumbnail becomes the query."""
@@ -292,8 +306,8 @@ class SearchApp:
             return None
         return {self.filter_key: [str(filter_value)]}
 
-    def _search(self, images: Sequence[Any], ks: Sequence[Any], filter_value: Any,
-                rerank: Any) -> tuple[list[list[tuple[str, str]]], list[str], list[list[int]]]:
+    def _search(self, images: Sequence[Any], ks: Sequence[Any], filter_value: Any, rerank: Any,
+                root_url: str | None = None) -> tuple[list[list[tuple[str, str]]], list[str], list[list[int]]]:
         n = len(images)
         galleries: list[list[tuple[str, str]]] = [[] for _ in range(n)]
         statuses = [""] * n
@@ -328,7 +342,8 @@ class SearchApp:
             try:
                 hits = list(result.hits)[: ks_clamped[i]]
                 seconds = result.embed_seconds + result.search_seconds
-                galleries[i], statuses[i] = self._render(query, hits, seconds, result.batch_size, where, method)
+                galleries[i], statuses[i] = self._render(query, hits, seconds, result.batch_size, where, method,
+                                                         root_url)
                 shown[i] = [int(h.gallery_index) for h in hits]
             except Exception as exc:
                 log.exception("rendering results failed")
@@ -337,7 +352,7 @@ class SearchApp:
 
     def _render(
         self, query: DecodedQuery, hits: Sequence[Any], seconds: float, batch: int,
-        where: Mapping[str, Any] | None = None, rerank: str = "none",
+        where: Mapping[str, Any] | None = None, rerank: str = "none", root_url: str | None = None,
     ) -> tuple[list[tuple[str, str]], str]:
         gallery: list[tuple[str, str]] = []
         correct_ranks: list[int] = []
@@ -346,7 +361,8 @@ class SearchApp:
             correct = query.known is not None and int(hit.label) == query.known.label and not itself
             if correct:
                 correct_ranks.append(int(hit.rank))
-            thumb = self.thumbnails.path_for(int(hit.gallery_index))
+            self.thumbnails.path_for(int(hit.gallery_index))  # rendered now, so the tile's URL answers at once
+            thumb = self.tile(int(hit.gallery_index), root_url)
             # the mark leads so it stays visible when a narrow tile truncates the caption
             caption = f"{CORRECT_MARK} " if correct else ""
             caption += f"#{hit.rank} · {float(hit.score):.3f} · {hit.item_id}"
@@ -505,9 +521,16 @@ class SearchApp:
                             elem_id="results-gallery",
                         )
                 shown = gr.State([])
+
+                def search(image: Any, k_value: Any, filter_value: Any, rerank_value: Any,
+                           request: gr.Request) -> tuple[list[tuple[str, str]], str, list[int]]:
+                    return self.search_one(image, k_value, filter_value, rerank_value, root_url(request))
+
+                search.__annotations__["request"] = gr.Request  # Gradio reads the class, not its name
+
                 gr.on(
                     triggers=[query.change, k.release, button.click, category.change, rerank.change],
-                    fn=self.search_one,
+                    fn=search,
                     inputs=[query, k, category, rerank],
                     outputs=[results, status, shown],
                     api_name=SEARCH_API,
@@ -545,6 +568,22 @@ class SearchApp:
 
 
 # --- helpers shared with the tests / CLI ------------------------------------------------------------
+
+
+def root_url(request: Any) -> str | None:
+    """The server's root URL as the client reached it (Gradio's rule: forwarded host and protocol
+    honoured), for links the browser follows; None outside a request."""
+    inner = getattr(request, "request", None)
+    if inner is None:
+        return None
+    from gradio import route_utils
+
+    try:
+        root_path = inner.scope.get("root_path") or None
+        return route_utils.get_root_url(inner, route_utils.get_api_call_path(inner), root_path)
+    except Exception:  # noqa: BLE001 - a request Gradio cannot place: tiles fall back to files
+        log.exception("could not tell the server's root URL")
+        return None
 
 
 def _is_recall_key(name: str) -> bool:
