@@ -8,6 +8,7 @@ A real server on a loopback port, driven with httpx and gradio_client.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections.abc import Iterator
@@ -152,6 +153,49 @@ def test_the_token_opens_every_door_it_closes(server: Any, artifacts: dict[str, 
         assert "/api/v1/thumbnails/" in _event_result(http, event.json()["event_id"])  # (an event is read once)
         assert http.get("config").status_code == 200 and http.get("openapi.json").status_code == 200
     assert httpx.get(server.url + "api/v1/health", timeout=30).json() == {"status": "ok"}  # liveness stays open
+
+
+def _requests_counted(url: str, route: str, status: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "metrics", headers=BEARER, timeout=30).text
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == "retrieval_http_requests_total" and s.labels == {"route": route, "method": "GET",
+                                                                            "status": status})
+
+
+def test_a_refusal_carries_a_request_id_and_is_counted_and_logged(server: Any,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """The request-id middleware is outside the gate: a 401 is a request like any other."""
+    before = _requests_counted(server.url, "/api/v1/info", "401")
+    with caplog.at_level(logging.INFO, logger="retrieval.access"):
+        refused = httpx.get(server.url + "api/v1/info", headers={"X-Request-ID": "no-key-1"}, timeout=30)
+        deadline = time.time() + 30
+        while not any("id=no-key-1" in r.getMessage() for r in caplog.records if r.name == "retrieval.access"):
+            assert time.time() < deadline, "no access-log line for the refusal"
+            time.sleep(0.02)
+    assert refused.status_code == 401 and refused.headers["x-request-id"] == "no-key-1"
+    assert refused.json() == {"error": "unauthorized", "message": refused.json()["message"], "request_id": "no-key-1"}
+    assert _requests_counted(server.url, "/api/v1/info", "401") == before + 1
+    line = next(r.getMessage() for r in caplog.records if "id=no-key-1" in r.getMessage())
+    assert "route=/api/v1/info" in line and "status=401" in line
+
+
+def test_metrics_made_public_need_no_token_and_the_document_says_so(small_index_dir: Path) -> None:
+    from app.serve import free_port, launch
+    from retrieval.search.searcher import Searcher
+
+    running = launch(Searcher.open(small_index_dir, device="cpu"), port=free_port(), index_dir=small_index_dir,
+                     api_token=TOKEN, public_paths=("/metrics",), watch=False)
+    try:
+        scrape = httpx.get(running.url + "metrics", timeout=30)
+        assert scrape.status_code == 200 and "retrieval_http_requests_total" in scrape.text
+        assert httpx.get(running.url + "api/v1/info", timeout=30).status_code == 401  # the rest stays closed
+        document = httpx.get(running.url + "openapi.json", headers=BEARER, timeout=30).json()
+        operation = document["paths"]["/metrics"]["get"]
+        assert "401" not in operation["responses"] and operation["security"] == []
+    finally:
+        running.close()
 
 
 def test_the_browser_logs_in_once_and_keeps_a_session(server: Any) -> None:
