@@ -4,7 +4,7 @@ Each server has its own CollectorRegistry (no process-wide state: tests and benc
 servers in one process). What is exported:
 
     retrieval_http_requests_total{route, method, status}    every HTTP request; `route` is the API route's
-                                                            template (/api/v1/thumbnails/{name}), `/metrics`,
+                                                            template (/api/v1/thumbnails/{index}.jpg), `/metrics`,
                                                             or `ui` for the web UI and its assets
     retrieval_search_seconds{stage}                         JSON API searches: decode, embed, search (the
                                                             batch's shared forward pass and FAISS call) and

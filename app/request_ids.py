@@ -3,7 +3,7 @@
 A client's `X-Request-ID` is kept when it is a plausible id (1-64 characters of letters, digits and
 `-_.:`); anything else (too long, spaces, control characters, non-ASCII) is replaced by a generated
 one, so a log line can never be forged or flooded through the header. The id of the request being
-answered is in a context variable: the JSON error bodies (app.api.error_response) name it.
+answered is in a context variable: the JSON error bodies (app.api_errors.error_response) name it.
 """
 
 from __future__ import annotations

@@ -16,10 +16,14 @@ from retrieval.search.hits import Hit
 
 
 class ErrorBody(BaseModel):
-    """Every error answer: a stable code (e.g. too_large) and a one-line message for a human."""
+    """Every error answer: a stable code (e.g. too_large) and a one-line message for a human.
 
-    error: str = Field(description="stable error code: bad_request, unauthorized, not_found, too_large, "
-                                   "not_an_image, undecodable_image, queue_full, not_ready, internal")
+    One model for every error status (app.api_errors declares it on each route); a field added here
+    (optional, so older answers stay valid) appears in every error answer and in the document."""
+
+    error: str = Field(pattern=r"^[a-z_]+$",
+                       description="stable error code: bad_request, unauthorized, not_found, method_not_allowed, "
+                                   "too_large, not_an_image, undecodable_image, queue_full, not_ready, internal")
     message: str = Field(description="what went wrong and what to do, one line")
     request_id: Optional[str] = Field(None, description="this request's id (also the X-Request-ID header): quote "
                                                         "it to the operator, it is in the server's access log")

@@ -9,6 +9,15 @@
   which owns the device: it is never oversubscribed and concurrent users share forward passes. The
   queues are bounded (Gradio's `max_size`, the worker's `queue_size`): beyond them a client gets
   "queue full" at once instead of waiting minutes.
+- With a token (`api_token`, RETRIEVAL_API_TOKEN) every path needs it (app.access.AccessGate around the
+  whole application: API, UI, Gradio's HTTP API and files); the browser asks for it once at /login.
+  The probes /api/v1/health and /api/v1/ready stay open, and so do the paths given in `public_paths`
+  (a public /metrics); /metrics and POST /api/v1/admin/reload need the token otherwise. The gate is
+  inside the request-id middleware, so its refusals carry an X-Request-ID and are counted and logged.
+- Result tiles are the API's thumbnail URLs of the index version that answered
+  (/api/v1/thumbnails/<i>.jpg?v=<version>), so answers do not name the server's thumbnail folder and a
+  tile stays right after a swap; example queries and a result put back in the query box are still
+  files Gradio serves from that folder (its image input takes only files it can read).
 - The only folder Gradio may serve from disk is the thumbnail folder (downscaled gallery images);
   uploads are capped by `max_file_size`. No analytics, no SSR node server, no run history.
 - The thumbnail folder is also registered as a Gradio static path. Without that, every result tile
@@ -45,6 +54,7 @@ from app.ui import MAX_UPLOAD_BYTES, SearchApp, build_app
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 QUEUE_MAX_SIZE = 256  # pending events across all users before new ones are refused
+GRADIO_STARTUP_PATH = "/gradio_api/startup-events"
 
 
 def free_port(host: str = DEFAULT_HOST) -> int:
@@ -164,19 +174,29 @@ def launch(
     metrics: bool = True,
     log_format: str = "text",
     data_root: str | os.PathLike[str] | None = None,
+    public_paths: tuple[str, ...] = (),
     **app_kwargs: Any,
 ) -> RunningApp:
     """Build and start the API + UI for an open Searcher. `block=False` returns at once (tests, benchmarks).
 
     `max_batch_size`/`max_wait_ms`: the batching worker's limits (defaults suit the device);
-    `api_token`: Bearer token the API requires; `engine`: replaces embed+search (benchmarks' floor);
+    `api_token`: the token every path requires (app.access); `public_paths`: paths that stay open
+    with a token, beside the probes /api/v1/health and /api/v1/ready (e.g. "/metrics" to make metrics
+    public; the OpenAPI document follows); `engine`: replaces embed+search (benchmarks' floor);
     `watch`: reload the index folder when it is republished (polled every `watch_interval_s`; `data_root`
     as the searcher was opened with); `metrics`: serve /metrics; `log_format`: the access log's, text or json."""
-    from app.api import ApiSettings, SearchApi, build_api, token_from_env
+    from app.access import AccessGate, AccessPolicy, token_from_env
+    from app.api import ApiSettings, SearchApi, build_api, thumbnail_url
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     app_kwargs.setdefault("max_upload_bytes", MAX_UPLOAD_BYTES)
+    app_kwargs.setdefault("thumbnail_route", None if share else thumbnail_url)  # share: the UI alone, no API
     access_log = AccessLog(log_format)  # refuses an unknown format before anything starts
+    token = token_from_env(api_token)
+    # Gradio's own launch (--share) calls its startup route itself, without the token: that route only
+    # runs startup events once and answers no search or image, so it stays open there
+    public = frozenset(public_paths) | ({GRADIO_STARTUP_PATH} if share else frozenset())
+    gate = [] if token is None else [(AccessGate, {"policy": AccessPolicy(token, public)})]
     live = LiveIndex(searcher, app_kwargs.get("index_dir"), data_root=data_root)
     worker = BatchingWorker(live, max_batch=max_batch_size, max_wait_ms=max_wait_ms,
                             queue_size=worker_queue_size, engine=engine, warm_up=True)
@@ -191,18 +211,24 @@ def launch(
     register_static_folder(search_app.thumbnails.folder)
     try:
         if share:
-            _, local_url, _ = demo.launch(prevent_thread_lock=True, **launch_settings(search_app, host, port, share))
+            from starlette.middleware import Middleware
+
+            middleware = [Middleware(cls, **kwargs) for cls, kwargs in gate]
+            _, local_url, _ = demo.launch(prevent_thread_lock=True, app_kwargs={"middleware": middleware},
+                                          **launch_settings(search_app, host, port, share))
             running = RunningApp(demo, search_app, local_url.rstrip("/") + "/", host, port, worker)
         else:
-            settings = ApiSettings(limits=search_app.limits, token=token_from_env(api_token),  # the UI's limits
-                                   metrics=metrics)
+            settings = ApiSettings(limits=search_app.limits, token=token, metrics=metrics,  # the UI's limits
+                                   public_paths=frozenset(public_paths))
             server_metrics = ServerMetrics() if metrics else None
             search_api = SearchApi(live, worker, search_app.thumbnails, settings, server_metrics)
             api = build_api(search_api)
             if server_metrics is not None:
                 server_metrics.bind(live, worker, lambda: search_api.readiness()[0])
             api.add_middleware(EventBodyLimit)  # before Gradio reads an event body (app/event_limit.py)
-            # outermost: ids, counts and the access log see every answer, refusals included
+            for cls, kwargs in gate:  # the one token check, before anything else reads the request
+                api.add_middleware(cls, **kwargs)
+            # outermost: ids, counts and the access log see every answer, the gate's refusals included
             api.add_middleware(RequestObserver, routes_of=api.router, access_log=access_log, metrics=server_metrics)
             running = _serve_mounted(api, demo, search_app, worker, host, port)
             running.metrics = server_metrics

@@ -24,6 +24,13 @@ A live index: the served index can be replaced while the server runs (app.live_i
 rendered with the index version its batch searched (its thumbnails, its gallery size) and names it; the
 thumbnails live per version (app.thumbnails.VersionedThumbnails), so a result tile never shows another
 version's image; the evaluation is cached per version, and the facts describe the version served now.
+
+No server paths in answers, where Gradio allows it: served with the JSON API (`thumbnail_route`), a
+result tile is the absolute URL of the API's thumbnail in the version that answered
+(/api/v1/thumbnails/<i>.jpg?v=<version>, on the origin the request came to), which Gradio hands to the
+browser as is; a tile of a version stays right after a swap (the API keeps the last few versions'
+thumbnails). Gradio's image input only takes files it can read, so example queries and a result put
+back in the query box stay thumbnail files (of the version that answered).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,8 +132,12 @@ class SearchApp:
         max_upload_bytes: int = MAX_UPLOAD_BYTES,
         worker: Any = None,
         live: LiveIndex | None = None,
+        thumbnail_route: Callable[[int, str], str] | None = None,
     ) -> None:
-        """`live`: the served index (the worker's when a worker is given; else `searcher`, served as it is)."""
+        """`live`: the served index (the worker's when a worker is given; else `searcher`, served as it is);
+        `thumbnail_route`: (gallery index, index version) -> the server-relative URL of that thumbnail
+        (None: tiles are files)."""
+        self.thumbnail_route = thumbnail_route
         self._worker = worker
         self._worker_lock = threading.Lock()
         index_dir = index_dir if index_dir is not None else searcher.index_dir
@@ -322,10 +333,18 @@ class SearchApp:
         return galleries, statuses
 
     def search_one(self, image: Any, k: Any, filter_value: Any = None,
-                   rerank: Any = None) -> tuple[list[tuple[str, str]], str, list[str]]:
-        """The UI's search event: (result tiles, status, the tiles' thumbnail files, for "more like this")."""
-        galleries, statuses, shown = self._search([image], [k], filter_value, rerank)
+                   rerank: Any = None, root_url: str | None = None) -> tuple[list[tuple[str, str]], str, list[str]]:
+        """The UI's search event: (result tiles, status, the tiles' thumbnail files, for "more like this").
+        `root_url`: the server's public root as the request saw it; tiles are then thumbnail URLs."""
+        galleries, statuses, shown = self._search([image], [k], filter_value, rerank, root_url)
         return galleries[0], statuses[0], shown[0]
+
+    def tile(self, gallery_index: int, version: str, file: Path, root_url: str | None = None) -> str:
+        """What a result tile shows: the URL of the thumbnail of that index version when served with the API,
+        else its file."""
+        if self.thumbnail_route is not None and root_url:
+            return root_url.rstrip("/") + self.thumbnail_route(gallery_index, version)
+        return str(file)
 
     def more_like_this(self, shown: Sequence[str] | None, evt: Any = None) -> Any:
         """A click on result tile `evt.index`: that gallery image's thumbnail (of the version that answered)
@@ -356,8 +375,8 @@ class SearchApp:
             return None
         return {self.filter_key: [str(filter_value)]}
 
-    def _search(self, images: Sequence[Any], ks: Sequence[Any], filter_value: Any,
-                rerank: Any) -> tuple[list[list[tuple[str, str]]], list[str], list[list[str]]]:
+    def _search(self, images: Sequence[Any], ks: Sequence[Any], filter_value: Any, rerank: Any,
+                root_url: str | None = None) -> tuple[list[list[tuple[str, str]]], list[str], list[list[str]]]:
         n = len(images)
         galleries: list[list[tuple[str, str]]] = [[] for _ in range(n)]
         statuses = [""] * n
@@ -393,9 +412,8 @@ class SearchApp:
                 hits = list(result.hits)[: ks_clamped[i]]
                 seconds = result.embed_seconds + result.search_seconds
                 served = result.served or self.live.current
-                galleries[i], statuses[i] = self._render(query, hits, seconds, result.batch_size, where, method,
-                                                         served)
-                shown[i] = [path for path, _ in galleries[i]]
+                galleries[i], statuses[i], shown[i] = self._render(query, hits, seconds, result.batch_size, where,
+                                                                   method, served, root_url)
             except Exception as exc:
                 log.exception("rendering results failed")
                 statuses[i] = f"⚠️ Could not show the results ({type(exc).__name__}: {exc})."
@@ -404,18 +422,22 @@ class SearchApp:
     def _render(
         self, query: DecodedQuery, hits: Sequence[Any], seconds: float, batch: int,
         where: Mapping[str, Any] | None = None, rerank: str = "none", served: ServedIndex | None = None,
-    ) -> tuple[list[tuple[str, str]], str]:
+        root_url: str | None = None,
+    ) -> tuple[list[tuple[str, str]], str, list[str]]:
+        """(tiles, status, each tile's thumbnail file): tiles are URLs with `root_url` (see `tile`)."""
         served = served or self.live.current  # the version that answered: its thumbnails, its size
         thumbnails = self.thumbnails.for_version(served.version.id, served.searcher.gallery_paths)
         assert thumbnails is not None
         gallery: list[tuple[str, str]] = []
+        files: list[str] = []
         correct_ranks: list[int] = []
         for hit in hits:
             itself = query.known is not None and query.known.gallery_index == int(hit.gallery_index)
             correct = query.known is not None and int(hit.label) == query.known.label and not itself
             if correct:
                 correct_ranks.append(int(hit.rank))
-            thumb = thumbnails.path_for(int(hit.gallery_index))
+            thumb = thumbnails.path_for(int(hit.gallery_index))  # rendered now, so a tile's URL answers at once
+            files.append(str(thumb))
             # the mark leads so it stays visible when a narrow tile truncates the caption
             caption = f"{CORRECT_MARK} " if correct else ""
             caption += f"#{hit.rank} · {float(hit.score):.3f} · {hit.item_id}"
@@ -423,7 +445,7 @@ class SearchApp:
                 caption += " (the query itself)"
             if thumbnails.is_placeholder(int(hit.gallery_index)):
                 caption += " (gallery file unreadable)"
-            gallery.append((str(thumb), caption))
+            gallery.append((self.tile(int(hit.gallery_index), served.version.id, thumb, root_url), caption))
         timing = f"embed + search **{_fmt_ms(seconds)}**"
         if batch > 1:
             timing += f" (one batch of {batch} queued queries)"
@@ -445,7 +467,7 @@ class SearchApp:
                 lines.append(f"✗ {query.origin} of item `{item}`: no correct match in the top {len(hits)}.")
         else:
             lines.append("Query label unknown (not a stored example), so results are not marked correct.")
-        return gallery, "\n\n".join(lines)
+        return gallery, "\n\n".join(lines), files
 
     # --- evaluation -----------------------------------------------------------------------------
 
@@ -576,9 +598,16 @@ class SearchApp:
                             elem_id="results-gallery",
                         )
                 shown = gr.State([])
+
+                def search(image: Any, k_value: Any, filter_value: Any, rerank_value: Any,
+                           request: gr.Request) -> tuple[list[tuple[str, str]], str, list[str]]:
+                    return self.search_one(image, k_value, filter_value, rerank_value, root_url(request))
+
+                search.__annotations__["request"] = gr.Request  # Gradio reads the class, not its name
+
                 gr.on(
                     triggers=[query.change, k.release, button.click, category.change, rerank.change],
-                    fn=self.search_one,
+                    fn=search,
                     inputs=[query, k, category, rerank],
                     outputs=[results, status, shown],
                     api_name=SEARCH_API,
@@ -588,8 +617,8 @@ class SearchApp:
                     show_progress="minimal",
                 )
 
-                def clicked(shown_rows: list[int], evt: gr.SelectData) -> Any:
-                    return self.more_like_this(shown_rows, evt)
+                def clicked(shown_files: list[str], evt: gr.SelectData) -> Any:
+                    return self.more_like_this(shown_files, evt)
 
                 clicked.__annotations__["evt"] = gr.SelectData  # Gradio reads the class, not its name
 
@@ -618,6 +647,22 @@ class SearchApp:
 
 
 # --- helpers shared with the tests / CLI ------------------------------------------------------------
+
+
+def root_url(request: Any) -> str | None:
+    """The server's root URL as the client reached it (Gradio's rule: forwarded host and protocol
+    honoured), for links the browser follows; None outside a request."""
+    inner = getattr(request, "request", None)
+    if inner is None:
+        return None
+    from gradio import route_utils
+
+    try:
+        root_path = inner.scope.get("root_path") or None
+        return route_utils.get_root_url(inner, route_utils.get_api_call_path(inner), root_path)
+    except Exception:  # noqa: BLE001 - a request Gradio cannot place: tiles fall back to files
+        log.exception("could not tell the server's root URL")
+        return None
 
 
 def _is_recall_key(name: str) -> bool:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
+import re
 import struct
 import subprocess
 import sys
@@ -246,14 +246,20 @@ def test_only_gallery_thumbnails_can_be_fetched(running: object, index_dir: Path
     assert running.allowed_paths == [str(app.thumbnails.folder)]  # type: ignore[attr-defined]
 
 
-def test_result_tiles_are_served_from_the_thumbnail_folder_in_place(running: object, client: object) -> None:
-    """Tiles are referenced where they are, not hashed and copied into Gradio's cache per response."""
+def test_result_tiles_are_thumbnail_urls_naming_no_server_path(running: object, client: object) -> None:
+    """Tiles are the API's thumbnail URLs on the origin the request came to, of the index version that
+    answered: the answer names no server folder, Gradio neither hashes nor copies a file per response, and
+    the URL serves the thumbnail file."""
     app = running.search_app  # type: ignore[attr-defined]
     gallery, _ = _search(client, Path(app.searcher.gallery_paths[1]), k=3)
     folder = str(app.thumbnails.folder)
+    assert folder not in json.dumps(gallery)
     for tile in gallery:
-        assert tile["image"]["path"].startswith(folder + os.sep), tile["image"]["path"]
-        assert folder in tile["image"]["url"]
+        url = tile["image"]["url"]
+        match = re.fullmatch(re.escape(running.url) + r"api/v1/thumbnails/(\d+)\.jpg\?v=(.+)", url)  # type: ignore[attr-defined]
+        assert match and tile["image"]["path"] == url, tile["image"]
+        assert match.group(2) == running.live.version.id  # type: ignore[attr-defined]
+        assert httpx.get(url, timeout=30).content == app.thumbnails.path_for(int(match.group(1))).read_bytes()
 
 
 def test_closing_an_app_stops_serving_its_thumbnail_folder(index_dir: Path) -> None:

@@ -1,5 +1,8 @@
 """End to end in a real browser: Playwright drives Debian's headless Chromium against the served app.
 
+A second test serves the app with a token: the browser logs in once at /login and its session opens the
+UI, its event streams and the result thumbnails.
+
 Playwright cannot download its own browser offline; the test launches the distribution's Chromium
 (`scripts/install_browser.sh` installs it) through `executable_path`. Screenshots are written to
 test-artifacts/ for a human to look at.
@@ -129,9 +132,65 @@ def test_upload_search_examples_and_recall_table_render_in_chromium(
             browser.close()
 
 
+TOKEN = "browser-door-key"
+
+
+@pytest.fixture(scope="module")
+def token_app_url(small_index_dir: Path) -> Iterator[tuple[str, object]]:
+    from app.serve import free_port, launch
+    from retrieval.search.searcher import Searcher
+
+    running = launch(Searcher.open(small_index_dir, device="cpu"), port=free_port(), index_dir=small_index_dir,
+                     api_token=TOKEN)
+    try:
+        yield running.url, running.search_app
+    finally:
+        running.close()
+
+
+def test_with_a_token_the_browser_logs_in_once_and_the_ui_works(
+    chromium_path: str, token_app_url: tuple[str, object]
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    url, search_app = token_app_url
+    query = search_app.searcher.gallery_paths[0]  # type: ignore[attr-defined]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium_path, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url)
+            expect(page).to_have_url(re.compile(r"/login\?next=/$"))  # asked for the token, once
+            page.locator("#token").fill("wrong")
+            page.locator("#login-button").click()
+            expect(page.locator(".problem")).to_contain_text("not the token")
+            page.locator("#token").fill(TOKEN)
+            page.locator("#login-button").click()
+            expect(page).to_have_url(url)
+
+            page.locator("#query-image input[type=file]").set_input_files(query)
+            thumbs = page.locator("#results-gallery .thumbnail-item")
+            expect(thumbs).to_have_count(search_app.default_k)  # type: ignore[attr-defined]
+            page.wait_for_function(  # the session cookie fetched the API's thumbnails too
+                "() => [...document.querySelectorAll('#results-gallery .thumbnail-item img')]"
+                ".every(img => img.complete && img.naturalWidth > 0)"
+            )
+            src = thumbs.first.locator("img").get_attribute("src") or ""
+            assert re.fullmatch(re.escape(url) + r"api/v1/thumbnails/\d+\.jpg\?v=[0-9A-Za-z]+Z-[0-9a-f]{8}", src), src
+            thumbs.nth(1).click()  # "more like this" still works through the session
+            expect(page.locator("#search-status")).to_contain_text("Gallery image of item")
+            page.screenshot(path=str(ARTIFACTS / "app_with_token.png"), full_page=True)
+            page.reload()  # the session is kept: no second login
+            expect(page.locator("#query-image")).to_be_visible()
+            assert "/login" not in page.url
+        finally:
+            browser.close()
+
+
 def _gallery_index_of(src: str) -> int:
-    """Gallery row of a result tile, from its thumbnail URL (<thumbnail folder>/<row>.jpg)."""
-    match = re.search(r"/(\d+)\.jpg$", src)
+    """Gallery row of a result tile, from its thumbnail URL (/api/v1/thumbnails/<row>.jpg?v=<version>)."""
+    match = re.search(r"/(\d+)\.jpg(?:\?v=[^&]+)?$", src)
     assert match, src
     return int(match.group(1))
 

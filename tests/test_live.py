@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import threading
 import time
@@ -353,6 +354,49 @@ def test_thumbnails_follow_the_version_that_answered(server: Any, client: Search
         assert now.content == expected_jpeg(str(Path(first.meta.data_root) / new_paths[shifted]))
         gone = http.get("api/v1/thumbnails/0.jpg?v=19700101T000000Z-00000000")
         assert gone.status_code == 404 and "no longer served" in gone.json()["message"]
+
+
+def test_ui_tiles_and_the_openapi_document_follow_the_served_version(server: Any, first: Any, index_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    """A UI answer's tiles are the API's thumbnail URLs of the version that answered: after a swap that moves
+    every row they still show that version's images; /openapi.json is rebuilt for the version served."""
+    from gradio_client import Client, handle_file
+
+    from app.thumbnails import ThumbnailStore
+    from retrieval.index.build import remove_items
+    from retrieval.index.folder import GalleryIndex
+
+    def expected_jpeg(relative: str) -> bytes:
+        store = ThumbnailStore([Path(first.meta.data_root) / relative], tmp_path / f"t{len(list(tmp_path.iterdir()))}")
+        return store.path_for(0).read_bytes()
+
+    def document() -> dict[str, Any]:
+        return httpx.get(server.url + "openapi.json", timeout=30).json()
+
+    def thumbnail_maximum(doc: dict[str, Any]) -> int:
+        return doc["paths"]["/api/v1/thumbnails/{index}.jpg"]["get"]["parameters"][0]["schema"]["maximum"]
+
+    old_version, old_paths = _published(index_dir)
+    _wait_for(lambda: server.live.version.id == old_version, "the folder's version to be served")
+    before = document()
+    assert before["info"]["x-index-version"] == old_version and thumbnail_maximum(before) == len(old_paths) - 1
+    ui = Client(server.url, verbose=False, download_files=False)
+    gallery, status = ui.predict(handle_file(first.query_paths[2]), 4, None, "none", api_name="/search")
+    assert f"index version `{old_version}`" in status and len(gallery) == 4
+    rows = []
+    for tile in gallery:
+        match = re.fullmatch(re.escape(server.url) + r"api/v1/thumbnails/(\d+)\.jpg\?v=(.+)", tile["image"]["url"])
+        assert match and match.group(2) == old_version, tile["image"]
+        rows.append(int(match.group(1)))
+    remove_items(index_dir, [GalleryIndex.load(index_dir, verify_checksums=False, use_gpu=False).items.item_ids[0]])
+    new_version, new_paths = _published(index_dir)  # the first item's rows are gone: every later row moved up
+    _wait_for(lambda: server.live.version.id == new_version, "the new version")
+    assert any(row >= len(new_paths) or new_paths[row] != old_paths[row] for row in rows)
+    for tile, row in zip(gallery, rows):  # the old answer's tiles still show the old version's rows
+        assert httpx.get(tile["image"]["url"], timeout=30).content == expected_jpeg(old_paths[row])
+    after = document()
+    assert after["info"]["x-index-version"] == new_version
+    assert thumbnail_maximum(after) == len(new_paths) - 1 < thumbnail_maximum(before)
 
 
 def _republish_altered(source: Path, index_dir: Path, alter: Any) -> None:

@@ -286,6 +286,15 @@ def test_openapi_documents_the_search_info_health_and_error_answers(http: httpx.
     info = answer("/api/v1/info", "get")
     assert {"n_items", "embedding_size", "fingerprint", "filters", "rerank", "max_upload_bytes"} <= set(info["properties"])
     assert answer("/api/v1/health", "get")["properties"]["status"]["const"] == "ok"
-    for path, method in (("/api/v1/search", "post"), ("/api/v1/info", "get"), ("/api/v1/health", "get")):
-        error = answer(path, method, "default")
-        assert set(error["properties"]) == {"error", "message", "request_id"} and error["required"] == ["error", "message"]
+    assert answer("/api/v1/ready", "get")["properties"]["status"]["const"] == "ready"
+    assert set(answer("/api/v1/admin/reload", "post")["properties"]["outcome"]["enum"]) == {"reloaded", "unchanged",
+                                                                                          "refused"}
+    for path, method in (("/api/v1/search", "post"), ("/api/v1/info", "get"), ("/api/v1/health", "get"),
+                         ("/api/v1/ready", "get"), ("/api/v1/admin/reload", "post"),
+                         ("/api/v1/thumbnails/{index}.jpg", "get")):
+        statuses = [s for s in paths[path][method]["responses"] if s != "200"]  # each error status, declared
+        assert "default" not in statuses and {"405", "500"} <= set(statuses), statuses
+        for status in statuses:
+            error = answer(path, method, status)
+            assert set(error["properties"]) == {"error", "message", "request_id"}
+            assert error["required"] == ["error", "message"]
