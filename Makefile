@@ -3,8 +3,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+# The Milvus Lite server of the Milvus store's tests, in its own environment: milvus-lite depends on faiss-cpu,
+# which must never enter $(VENV) (it would replace faiss-gpu's module). Its gRPC server imports pymilvus.
+MILVUS_VENV ?= .venv-milvus
+MILVUS_STAMP := $(MILVUS_VENV)/.installed
 
-.PHONY: install demo test browser
+.PHONY: install demo test browser milvus-server
 
 # Torch first, pinned to the CUDA build that also runs on CPUs, so no other package can pull a different one.
 $(STAMP): pyproject.toml
@@ -16,8 +20,14 @@ $(STAMP): pyproject.toml
 
 # The tests also need the test tools and the optional Ray engine (its tests run in the suite); the demo does not.
 $(TEST_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet -e ".[test,ray]"
+	$(PY) -m pip install --quiet -e ".[test,ray,milvus]"
 	touch $(TEST_STAMP)
+
+$(MILVUS_STAMP):
+	test -x $(MILVUS_VENV)/bin/python || python3 -m venv $(MILVUS_VENV)
+	$(MILVUS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(MILVUS_VENV)/bin/python -m pip install --quiet "milvus-lite==3.2.2" "pymilvus==3.0.2"
+	touch $(MILVUS_STAMP)
 
 install: $(STAMP)
 
@@ -27,5 +37,7 @@ demo: install
 browser:
 	bash scripts/install_browser.sh
 
-test: $(TEST_STAMP) browser
+milvus-server: $(MILVUS_STAMP)
+
+test: $(TEST_STAMP) browser $(MILVUS_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -18,7 +18,8 @@ served `ServedIndex` (its version and its Searcher). A reload, asked for by the 
    Whoever opened the first Searcher must not keep a reference to it, or its memory stays taken.
 
 A version id is stable and says what it is: the folder's publish time (meta.json `saved_at`) and a short
-hash of the SHA-256 of every file meta.json records, e.g. `20261201T101500Z-3fa2c1d9`.
+hash of the SHA-256 of every file meta.json records (and of a Milvus-backed folder's store record, which holds
+the SHA-256 of the collection's keys), e.g. `20261201T101500Z-3fa2c1d9`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import ctypes
 import ctypes.util
 import gc
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -74,6 +76,8 @@ def version_of(meta: IndexMeta) -> IndexVersion:
     digest = hashlib.sha256()
     for name in sorted(meta.files):
         digest.update(f"{name}\0{meta.files[name].get('sha256', '')}\n".encode())
+    if meta.store:  # vectors kept in a database: its record names the rows this copy of the folder serves
+        digest.update(json.dumps(meta.store, sort_keys=True).encode())
     published = meta.saved_at or meta.updated_at or meta.created_at
     stamp = "".join(c for c in published.split("+")[0] if c.isdigit() or c == "T") or "unknown"
     return IndexVersion(f"{stamp}Z-{digest.hexdigest()[:8]}", meta.created_at, meta.updated_at, published,

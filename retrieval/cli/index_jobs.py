@@ -65,6 +65,11 @@ class IndexArgs:
     merge: bool
     address: str | None
     workers: int
+    store: str
+    milvus_uri: str | None
+    collection: str | None
+    milvus_token_env: str
+    upload_batch: int
 
     def index_settings(self) -> tuple[IndexConfig, CalibrationConfig]:
         """(IndexConfig, CalibrationConfig) of a build; an unknown --index-type is refused here.
@@ -78,6 +83,19 @@ class IndexArgs:
         calib = CalibrationConfig(target_recall=self.target_recall, queries=self.calibration_queries, seed=self.seed,
                                   sweep=not fixed)
         return cfg, calib
+
+    def store_record(self, out: Path) -> Any:
+        """The Milvus store a build writes into (None for FAISS files); UsageError for a bad store choice."""
+        if self.store not in ("faiss", "milvus"):
+            raise UsageError(f"--store {self.store}: choose faiss or milvus")
+        if self.store == "faiss":
+            if self.milvus_uri or self.collection or self.milvus_token_env:
+                raise UsageError("--milvus-uri/--collection/--milvus-token-env need --store milvus")
+            return None
+        from retrieval.index.milvus_store import MilvusStoreRecord, default_collection_name
+
+        return MilvusStoreRecord(self.milvus_uri or "", self.collection or default_collection_name(out),
+                                 self.milvus_token_env)
 
 
 Job = Callable[[IndexArgs], None]
@@ -130,7 +148,8 @@ def build(args: IndexArgs) -> None:
                   f"({emb_backend.preprocessing.describe()})")
     built = build_index(ds, emb_backend, out, cfg, batch_size=args.batch_size, seed=args.seed, calib=calib,
                         rerank_neighbours=args.rerank_neighbours, strict=args.strict,
-                        max_bad_fraction=args.max_bad_fraction)
+                        max_bad_fraction=args.max_bad_fraction, store=args.store_record(out),
+                        upload_batch=args.upload_batch)
     _summary(console, built, out)
     _report_bad(built.meta.bad_images or [], out)
 
@@ -142,7 +161,7 @@ def add(args: IndexArgs) -> None:
     from retrieval.embed.spec import open_embedder, open_recorded
     from retrieval.image_files import list_images
     from retrieval.index.build import add_images
-    from retrieval.index.folder import GalleryIndex
+    from retrieval.index.stores import open_index
 
     out = _existing_index(args, "--add needs --out DIR (the index to add to)")
     assert args.add
@@ -151,7 +170,7 @@ def add(args: IndexArgs) -> None:
     if spec is not None:
         emb_backend = open_embedder(spec, args.device)
     else:
-        emb_backend = open_recorded(GalleryIndex.load(out, verify_checksums=False).meta.embedder_source, args.device)
+        emb_backend = open_recorded(open_index(out, verify_checksums=False).meta.embedder_source, args.device)
     console = _console()
     console.print(f"Adding to {escape(str(out))} with the {emb_backend.name} embedder "
                   f"{emb_backend.fingerprint} on {escape(emb_backend.device)}")
@@ -205,10 +224,12 @@ def from_vector_file(args: IndexArgs) -> None:
         raise UsageError(f"--from-embeddings {path}: expected an (N, D) float32 .npy file")
     if args.out is None:
         raise UsageError("--from-embeddings needs --out DIR (the index folder to write)")
+    store = args.store_record(args.out)
     console = _console()
     console.print(f"Indexing vectors from {escape(str(path))}")
     built, _ = build_from_vector_file(path, args.out, cfg, calib, labels_path=args.labels, ids_path=args.ids,
-                                      normalize=args.normalize, seed=args.seed, progress=True)
+                                      normalize=args.normalize, seed=args.seed, progress=True, store=store,
+                                      upload_batch=args.upload_batch)
     _summary(console, built, args.out)
 
 
@@ -218,8 +239,9 @@ def from_embedding_parts(args: IndexArgs) -> None:
 
     cfg, calib = args.index_settings()
     parts_dir = _vectors_alone(args)
+    store = args.store_record(args.out or parts_dir)
     index_from_parts(parts_dir, args.out, cfg, calib, args.engine, args.shards, args.merge, args.address,
-                     args.workers, args.seed)
+                     args.workers, args.seed, store=store, upload_batch=args.upload_batch)
 
 
 # -- shared checks and output ----------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Any
 
 
 def index_from_parts(parts_dir: Path, out: Path | None, cfg: Any, calib: Any, engine: str, shards: int, merge: bool,
-                     address: str | None, workers: int, seed: int) -> None:
+                     address: str | None, workers: int, seed: int, store: Any = None, upload_batch: int = 1000) -> None:
     """Build from the parts in `parts_dir` (a folder; see retrieval.index.sharded_build) and print a summary."""
     from rich.console import Console
     from rich.markup import escape
@@ -30,7 +30,7 @@ def index_from_parts(parts_dir: Path, out: Path | None, cfg: Any, calib: Any, en
                   f"engine {engine}")
     built, report = build_from_parts(parts_dir, out, cfg, opts, ray_options=RayOptions(address=address,
                                                                                           workers=workers),
-                                     seed=seed, calib=calib)
+                                     seed=seed, calib=calib, store=store, upload_batch=upload_batch)
     meta = built.meta
     console.print(
         f"[green]wrote {escape(str(out))}[/green]: {len(built):,} items, {meta.index_factory} ({meta.index_type}), "

@@ -24,6 +24,8 @@ from retrieval.index.config import IndexConfig
 from retrieval.index.faiss_index import library_versions, resolve_params
 from retrieval.index.folder import GalleryIndex, ItemTable, StoredQueries, items_from_paths
 from retrieval.index.meta import IndexMeta
+from retrieval.index.milvus_store import MilvusStoreRecord
+from retrieval.index.stores import gallery_index, open_index, store_builder
 from retrieval.versions import now_iso
 
 
@@ -48,6 +50,8 @@ def build_index(
     rerank_neighbours: int = 0,
     strict: bool = False,
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    store: MilvusStoreRecord | None = None,
+    upload_batch: int = 1000,
 ) -> GalleryIndex:
     """Embed `dataset.gallery_split()` (and the query split of query/gallery datasets), index it, publish `out_dir`.
 
@@ -55,7 +59,8 @@ def build_index(
     until the new one is complete. Items carry the dataset's attributes (retrieval.index.filters);
     `rerank_neighbours` > 0 also stores gallery neighbour lists of that width (for DBA re-ranking).
     Images that cannot be used are skipped and listed in the metadata (`bad_images`), unless there are
-    more than `max_bad_fraction` of them; `strict` stops at the first.
+    more than `max_bad_fraction` of them; `strict` stops at the first. `store`: build into this Milvus
+    collection instead of FAISS files (upserted in batches of `upload_batch` rows).
     """
     cfg = cfg or IndexConfig()
     source = embedder_record(backend)  # before any work: an embedder the index cannot re-open is refused
@@ -73,7 +78,10 @@ def build_index(
 
     from retrieval.index.calibrate import build_calibrated
 
-    result = build_calibrated(gallery_emb, cfg, calib, seed=seed, progress=progress)
+    items = _items_with_attributes(dataset, gallery)
+    data_root = str(Path(dataset.root).resolve())
+    builder = store_builder(store, items, backend.fingerprint, data_root, upload_batch, progress)
+    result = build_calibrated(gallery_emb, cfg, calib, seed=seed, progress=progress, builder=builder)
     built = result.built
     meta = IndexMeta(
         dataset=dataset.name,
@@ -100,8 +108,8 @@ def build_index(
         **result.meta(),
         bad_images=bad_images,
     )
-    index = GalleryIndex(built.index, built.params, _items_with_attributes(dataset, gallery), meta, queries,
-                         None if built.params.stores_exact_vectors else gallery_emb, use_gpu=cfg.use_gpu)
+    index = gallery_index(built.index, built.params, items, meta, queries,
+                          None if built.params.stores_exact_vectors else gallery_emb, use_gpu=cfg.use_gpu)
     if rerank_neighbours > 0:
         index.build_neighbours(rerank_neighbours)
     index.save(out_dir)
@@ -151,7 +159,7 @@ def add_images(
     Refuses a backend whose embedder differs from the index's. Added items are unlabelled (label -1,
     item id = parent folder name). The folder is republished atomically.
     """
-    index = GalleryIndex.load(index_dir)
+    index = open_index(index_dir)
     index.check_embedder(backend.fingerprint, backend.embedding_size, getattr(backend, "normalisation", "l2"))
     paths = list_images(sources)
     embedded = embed_skipping_bad(backend, paths, batch_size=batch_size, progress=progress, strict=strict,
@@ -206,7 +214,7 @@ def rows_to_remove(index: GalleryIndex, item_ids: Sequence[str] = (), paths: Seq
 def remove_items(index_dir: str | os.PathLike[str], item_ids: Sequence[str] = (),
                  paths: Sequence[str | os.PathLike[str]] = ()) -> tuple[GalleryIndex, int]:
     """Remove the gallery rows of `item_ids` and `paths` from the index at `index_dir`, republished atomically."""
-    index = GalleryIndex.load(index_dir, use_gpu=False)
+    index = open_index(index_dir, use_gpu=False)
     rows = rows_to_remove(index, item_ids, paths)
     index.remove(rows)
     if len(index) == 0:
@@ -218,7 +226,7 @@ def remove_items(index_dir: str | os.PathLike[str], item_ids: Sequence[str] = ()
 
 def add_neighbour_lists(index_dir: str | os.PathLike[str], width: int) -> GalleryIndex:
     """Compute and store the gallery neighbour lists of an existing index (republished atomically)."""
-    index = GalleryIndex.load(index_dir, use_gpu=False)
+    index = open_index(index_dir, use_gpu=False)
     index.build_neighbours(width)
     index.meta.updated_at = now_iso()
     index.save(index_dir)

@@ -270,7 +270,8 @@ def calibrate(index: faiss.Index, params: IndexParams, vectors: np.ndarray, cfg:
         index_type=params.index_type, target_recall=target, k=k, n_queries=len(queries), seed=cfg.seed,
         chosen=dict(found.setting), recall=found.recall, qps=found.qps, flat_qps=round(flat_qps, 1),
         reached=bool(reached), curve=sweep.points, swept=cfg.sweep,
-        device=f"cpu, {faiss.omp_get_max_threads()} threads", exact_device=exact_device,
+        device=getattr(index, "device", None) or f"cpu, {faiss.omp_get_max_threads()} threads",
+        exact_device=exact_device,
         seconds=round(time.perf_counter() - t_start, 3), held_out=holdout is not None,
     )
     return chosen, result
@@ -334,13 +335,30 @@ class CalibratedBuild:
         return out
 
 
+class FaissBuilder:
+    """Builds FAISS indexes in this process: the default store of `build_calibrated`.
+
+    Another store (retrieval.index.milvus_store.MilvusUpload) offers the same two methods. `local`: its searches
+    run in this process, so comparing their speed with exact search here is meaningful (auto's flat fallback)."""
+
+    local = True
+
+    def build(self, vectors: np.ndarray, params: IndexParams, *, use_gpu: bool = True, seed: int = 0) -> BuiltIndex:
+        return build_faiss_index(vectors, params, use_gpu=use_gpu, seed=seed)
+
+    def add(self, index: Any, vectors: np.ndarray) -> None:
+        add_to_index(index, vectors)
+
+
 def build_calibrated(vectors: np.ndarray, cfg: IndexConfig, calib: CalibrationConfig | None = None, *,
-                     seed: int = 0, progress: bool = False) -> CalibratedBuild:
+                     seed: int = 0, progress: bool = False, builder: Any = None) -> CalibratedBuild:
     """Resolve, build and (for approximate types) calibrate an index over `vectors` (N, D) L2-normalised.
 
     `--index-type auto` replaces an approximate index by flat when flat fits the memory budget and the
     approximate one does not reach the target at least AUTO_MIN_SPEEDUP x faster than exact search.
+    `builder` builds the index in its store (default FaissBuilder()); calibration measures whatever it built.
     """
+    builder = builder or FaissBuilder()
     calib = calib or CalibrationConfig()
     check_calibration_config(calib)
     n, d = vectors.shape
@@ -350,17 +368,18 @@ def build_calibrated(vectors: np.ndarray, cfg: IndexConfig, calib: CalibrationCo
     # its last rows held out of the graph (added afterwards), IVF with a sample of its own rows
     held_out = calibrating and params.kind.held_out_calibration
     held = min(calib.queries, n // MAX_HELD_OUT_FRACTION) if held_out else 0
-    built = build_faiss_index(vectors[: n - held] if held else vectors, params, use_gpu=cfg.use_gpu, seed=seed)
+    built = builder.build(vectors[: n - held] if held else vectors, params, use_gpu=cfg.use_gpu, seed=seed)
     if not calibrating:
         return CalibratedBuild(built, None)
     budget = cfg.memory_budget_gb * 1024**3
-    may_fall_back = cfg.index_type == "auto" and INDEX_TYPES["flat"].memory_bytes(n, d, cfg) <= budget
+    may_fall_back = (cfg.index_type == "auto" and getattr(builder, "local", False)
+                     and INDEX_TYPES["flat"].memory_bytes(n, d, cfg) <= budget)
     chosen, result = calibrate(built.index, params, vectors[: n - held] if held else vectors, calib,
                                use_gpu=cfg.use_gpu, min_speedup=AUTO_MIN_SPEEDUP if may_fall_back else 0.0,
                                holdout=vectors[n - held :] if held else None, progress=progress)
     if held:
         t0 = time.perf_counter()
-        add_to_index(built.index, vectors[n - held :])
+        builder.add(built.index, vectors[n - held :])
         built.add_seconds += time.perf_counter() - t0
     built.params = chosen
     if may_fall_back and (not result.reached or result.speedup < AUTO_MIN_SPEEDUP):
@@ -368,7 +387,7 @@ def build_calibrated(vectors: np.ndarray, cfg: IndexConfig, calib: CalibrationCo
         decision = (f"auto built flat (exact search): {params.index_type} does not reach Recall@{result.k} "
                     f"{result.target_recall:g} at >= {AUTO_MIN_SPEEDUP:g}x the speed of exact search (best measured: "
                     f"{best.recall:.3f} at {best.qps / result.flat_qps:.1f}x), and flat fits the memory budget")
-        flat = build_faiss_index(vectors, IndexParams("flat"), use_gpu=cfg.use_gpu, seed=seed)
+        flat = builder.build(vectors, IndexParams("flat"), use_gpu=cfg.use_gpu, seed=seed)
         result.applied = False
         return CalibratedBuild(flat, None, decision, rejected=result)
     decision = ""

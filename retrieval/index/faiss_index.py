@@ -97,7 +97,12 @@ def new_cpu_index(params: IndexParams, d: int) -> faiss.Index:
 
 
 def configure_search(index: faiss.Index, params: IndexParams) -> None:
-    """Apply the search-time knobs (nprobe, efSearch, refinement k_factor) recorded in `params`."""
+    """Apply the search-time knobs (nprobe, efSearch, refinement k_factor) recorded in `params`.
+
+    A store that is not one FAISS index (a Milvus collection) takes them through its own `configure`."""
+    if not isinstance(index, faiss.Index) and hasattr(index, "configure"):
+        index.configure(params)
+        return
     params.kind.apply_search(index, params)
     if params.refine_factor > 0:
         down = faiss.downcast_index(index)

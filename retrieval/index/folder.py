@@ -275,10 +275,20 @@ class GalleryIndex:
         """queries (Q, D) L2-normalised -> (scores (Q, k'), ids (Q, k')), k' = min(k, len(self)); ids -1 = none."""
         return search(self._target(), queries, k)
 
-    def search_subset(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Like `search`, restricted to the rows `ids` inside FAISS (an ID selector on the CPU index)."""
+    def search_subset(self, queries: np.ndarray, k: int, ids: np.ndarray,
+                      where: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """Like `search`, restricted to the rows `ids` inside FAISS (an ID selector on the CPU index).
+
+        `where` is the filter those rows match (retrieval.index.filters.Where): a store that filters by
+        expression (Milvus) searches with it; FAISS stores use the rows."""
         queries = check_embeddings(queries, self.embedding_size, "query embeddings")
         return filtered_search(self.index, queries, k, ids)
+
+    fetches_vectors = False  # True: re-ranking reads candidates' vectors with `vectors_of` instead of all of them
+
+    def vectors_of(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), D) float32 exact vectors of gallery rows `rows`."""
+        return self.exact_gallery_vectors()[np.asarray(rows, dtype=np.int64)]
 
     def neighbour_lists(self) -> NeighbourLists:
         """The stored gallery neighbour lists, or RerankError saying how to build them."""
@@ -349,8 +359,7 @@ class GalleryIndex:
         def write(tmp: Path) -> None:
             names = self._write_index_files(tmp)
             data_root = self.meta.data_root or None
-            atomic_write_json(tmp / ITEMS_FILE, self.items.to_dict(data_root))
-            names += [ITEMS_FILE]
+            names += self._write_table_files(tmp)
             if self.queries is not None:
                 _write_npy(tmp / QUERIES_FILE, self.queries.emb)
                 atomic_write_json(tmp / QUERY_ITEMS_FILE, self.queries.items.to_dict(data_root))
@@ -375,6 +384,11 @@ class GalleryIndex:
         self.meta = dataclasses.replace(published[0], folder=str(folder))
         return folder
 
+    def _write_table_files(self, tmp: Path) -> list[str]:
+        """Write the item table into the folder being published; returns the file names written."""
+        atomic_write_json(tmp / ITEMS_FILE, self.items.to_dict(self.meta.data_root or None))
+        return [ITEMS_FILE]
+
     def _write_index_files(self, tmp: Path) -> list[str]:
         """Write the index itself into the folder being published; returns the file names written."""
         atomic_write_with(tmp / INDEX_FILE, lambda p: write_index(self.index, p))
@@ -396,6 +410,9 @@ class GalleryIndex:
                 "index); rebuild it with `retrieval index`"
             )
         meta = read_meta(meta_path)
+        if meta.store:
+            raise IndexFileError(f"{folder} keeps its vectors in {meta.store.get('kind')!r}, not in FAISS files: open "
+                                 "it with retrieval.index.stores.open_index")
         files = meta.files
         sharded = bool(meta.shards)  # shard files listed in meta.json instead of one index.faiss
         for name in (ITEMS_FILE,) if sharded else (INDEX_FILE, ITEMS_FILE):
@@ -474,7 +491,8 @@ class ShardedGalleryIndex(GalleryIndex):
         raise RerankError("gallery neighbour lists (--rerank-neighbours) are not available for sharded index "
                           "folders; build the index with --merge to re-rank with them")
 
-    def search_subset(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def search_subset(self, queries: np.ndarray, k: int, ids: np.ndarray,
+                      where: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """Like `search`, restricted to the rows `ids`: each shard searches its own rows (an ID selector inside
         FAISS), the results are merged like an unrestricted search's."""
         queries = check_embeddings(queries, self.embedding_size, "query embeddings")

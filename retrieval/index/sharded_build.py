@@ -208,11 +208,13 @@ def _run_shards_ray(parts_dir: str, groups: list[list[str]], trained: bytes, par
 def build_from_parts(parts_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                      cfg: IndexConfig | None = None, shard_options: ShardOptions | None = None, *,
                      ray_options: Any = None, seed: int = 0, verify: bool = True, progress: bool = True,
-                     calib: CalibrationConfig | None = None) -> tuple[GalleryIndex, BuildReport]:
+                     calib: CalibrationConfig | None = None, store: Any = None,
+                     upload_batch: int = 1000) -> tuple[GalleryIndex, BuildReport]:
     """Publish an index folder at `out_dir` from the embeddings folder `parts_dir` (see module docstring).
 
     One index is built and calibrated exactly as `retrieval index` does (`calib`); shards search with
-    the given nprobe / efSearch (calibration measures one index, not a shard set).
+    the given nprobe / efSearch (calibration measures one index, not a shard set). `store`
+    (a retrieval.index.milvus_store.MilvusStoreRecord): one index, built into that Milvus collection.
     """
     cfg = cfg or IndexConfig()
     opts = shard_options or ShardOptions()
@@ -228,6 +230,9 @@ def build_from_parts(parts_dir: str | os.PathLike[str], out_dir: str | os.PathLi
         raise IndexBuildError(f"{folder.folder}: no gallery image could be embedded ({manifest.get('n_bad', 0)} "
                               "unreadable); nothing to index")
     params = resolve_params(cfg, n, d)
+    if store is not None and opts.shards > 1:
+        raise UsageError("--store milvus builds one collection (Milvus spreads it over its own segments and nodes); "
+                         "drop --shards")
     if opts.shards > 1:
         _check_sharding(params, opts, len(folder.part_names("gallery")))
     g_items = _items_of(folder, "gallery")
@@ -251,13 +256,16 @@ def build_from_parts(parts_dir: str | os.PathLike[str], out_dir: str | os.PathLi
     # one index, built and calibrated as `retrieval index` does (the same training sample for the same seed)
     from retrieval.index.calibrate import build_calibrated
 
+    from retrieval.index.stores import gallery_index, store_builder
+
     gallery_emb, _ = folder.load_role("gallery", verify=verify)
-    result = build_calibrated(gallery_emb, cfg, calib, seed=seed, progress=progress)
+    builder = store_builder(store, items, str(manifest["fingerprint"]), folder.data_root, upload_batch, progress)
+    result = build_calibrated(gallery_emb, cfg, calib, seed=seed, progress=progress, builder=builder)
     built = result.built
     report.train_seconds, report.shard_seconds = built.train_seconds, built.add_seconds
     note = "one index: built in this process (pass --shards N to build shards on Ray)" if opts.engine == "ray" else ""
-    index = GalleryIndex(built.index, built.params, items, IndexMeta(), queries,
-                         None if built.params.stores_exact_vectors else gallery_emb, use_gpu=cfg.use_gpu)
+    index = gallery_index(built.index, built.params, items, IndexMeta(), queries,
+                          None if built.params.stores_exact_vectors else gallery_emb, use_gpu=cfg.use_gpu)
     publish(index, built.device, built.note or note, **result.meta())
     report.total_seconds = time.perf_counter() - t_start
     return index, report

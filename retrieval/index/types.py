@@ -94,6 +94,15 @@ class IndexType:
     removable: ClassVar[bool] = False
     mergeable: ClassVar[bool] = True  # shards can be merged into one index
     stores_vectors: ClassVar[bool] = True  # exact vectors can be read back without refinement
+    milvus_type: ClassVar[str] = ""  # the Milvus index type of the same kind ("" = none)
+
+    def milvus_build(self, params: IndexParams) -> dict[str, int]:
+        """The Milvus index's build parameters (create_index `params`)."""
+        return {}
+
+    def milvus_search(self, params: IndexParams) -> dict[str, int]:
+        """The Milvus search parameters carrying this type's search knob."""
+        return {}
 
     def resolve(self, cfg: IndexRequest, n: int, d: int) -> IndexParams:
         """Concrete parameters for `n` vectors of size `d`, or IndexBuildError saying what to change."""
@@ -140,6 +149,7 @@ class Flat(IndexType):
     name = "flat"
     exact = True
     removable = True
+    milvus_type = "FLAT"
 
     def resolve(self, cfg: IndexRequest, n: int, d: int) -> IndexParams:
         return IndexParams(self.name)
@@ -197,6 +207,12 @@ class Ivf(IndexType):
 
         faiss.extract_index_ivf(index).nprobe = params.nprobe
 
+    def milvus_build(self, params: IndexParams) -> dict[str, int]:
+        return {"nlist": params.nlist}
+
+    def milvus_search(self, params: IndexParams) -> dict[str, int]:
+        return {"nprobe": params.nprobe}
+
     def ladder(self, params: IndexParams, k: int, n: int) -> list[int]:
         return [p for p in (2**i for i in range(0, 20)) if p < params.nlist] + [params.nlist]
 
@@ -227,6 +243,7 @@ class Ivf(IndexType):
 
 class IvfFlat(Ivf):
     name = "ivf-flat"
+    milvus_type = "IVF_FLAT"
 
     def factory(self, params: IndexParams) -> str:
         return f"IVF{params.nlist},Flat"
@@ -249,6 +266,10 @@ class IvfPq(Ivf):
     name = "ivf-pq"
     knobs = Ivf.knobs + ("pq_m", "pq_nbits")
     stores_vectors = False
+    milvus_type = "IVF_PQ"
+
+    def milvus_build(self, params: IndexParams) -> dict[str, int]:
+        return {"nlist": params.nlist, "m": params.pq_m, "nbits": params.pq_nbits}
 
     def resolve(self, cfg: IndexRequest, n: int, d: int) -> IndexParams:
         nlist = self._nlist(cfg, n)
@@ -287,6 +308,13 @@ class Hnsw(IndexType):
     held_out_calibration = True  # a graph finds points it already holds far more easily than new queries
     gpu_unsupported = "FAISS has no GPU HNSW; it runs on the CPU"
     mergeable = False
+    milvus_type = "HNSW"
+
+    def milvus_build(self, params: IndexParams) -> dict[str, int]:
+        return {"M": params.hnsw_m, "efConstruction": params.ef_construction}
+
+    def milvus_search(self, params: IndexParams) -> dict[str, int]:
+        return {"ef": params.ef_search}
 
     def resolve(self, cfg: IndexRequest, n: int, d: int) -> IndexParams:
         if cfg.hnsw_m < 2:

@@ -27,6 +27,8 @@ from retrieval.index.config import IndexConfig
 from retrieval.index.faiss_index import NORM_TOLERANCE, library_versions
 from retrieval.index.folder import GalleryIndex, ItemTable
 from retrieval.index.meta import IndexMeta
+from retrieval.index.milvus_store import MilvusStoreRecord
+from retrieval.index.stores import gallery_index, store_builder
 from retrieval.versions import now_iso
 
 CHECK_CHUNK = 65_536  # rows checked / copied at a time
@@ -151,12 +153,15 @@ def build_from_vectors(
     source: dict[str, Any] | None = None,
     seed: int = 0,
     progress: bool = False,
+    store: MilvusStoreRecord | None = None,
+    upload_batch: int = 1000,
 ) -> tuple[GalleryIndex, Any]:
     """Index checked vectors (N, D) float32 unit-norm and publish `out_dir`; returns (index, CalibratedBuild).
 
     Items: id = `ids[i]` (default the row number), label = `labels[i]` (default -1, unlabelled). The
     folder evaluates all-vs-all (each labelled vector against the others) and records `source`
-    (e.g. {"kind": "vectors", "path": ...}) in place of an embedder.
+    (e.g. {"kind": "vectors", "path": ...}) in place of an embedder. `store`: build into this Milvus
+    collection (upserted in batches of `upload_batch` rows) instead of FAISS files.
     """
     from retrieval.index.calibrate import build_calibrated
 
@@ -167,15 +172,18 @@ def build_from_vectors(
     labels = labels if labels is not None else [-1] * n
     if len(ids) != n or len(labels) != n:
         raise ValueError(f"{n:,} vectors but {len(ids):,} ids and {len(labels):,} labels")
-    result = build_calibrated(vectors, cfg, calib, seed=seed, progress=progress)
-    built = result.built
     source = source or {"kind": "vectors"}
+    fingerprint = f"vectors:{source.get('sha256', '')[:16]}"
+    items = ItemTable(list(ids), [int(v) for v in labels], list(ids))
+    builder = store_builder(store, items, fingerprint, None, upload_batch, progress)
+    result = build_calibrated(vectors, cfg, calib, seed=seed, progress=progress, builder=builder)
+    built = result.built
     meta = IndexMeta(
         dataset="embeddings",
         data_root="",
         split=Path(str(source.get("path", "vectors"))).name,
         protocol="all-vs-all",
-        fingerprint=f"vectors:{source.get('sha256', '')[:16]}",
+        fingerprint=fingerprint,
         embedding_size=d,
         embedder_source=source,
         index_device=built.device,
@@ -189,9 +197,8 @@ def build_from_vectors(
         history=[{"action": "build", "items": n, "at": now_iso()}],
         **result.meta(),
     )
-    items = ItemTable(list(ids), [int(v) for v in labels], list(ids))
-    index = GalleryIndex(built.index, built.params, items, meta, None,
-                         None if built.params.stores_exact_vectors else vectors, use_gpu=cfg.use_gpu)
+    index = gallery_index(built.index, built.params, items, meta, None,
+                          None if built.params.stores_exact_vectors else vectors, use_gpu=cfg.use_gpu)
     index.save(out_dir)
     return index, result
 
@@ -207,6 +214,8 @@ def build_from_vector_file(
     normalize: bool = False,
     seed: int = 0,
     progress: bool = False,
+    store: MilvusStoreRecord | None = None,
+    upload_batch: int = 1000,
 ) -> tuple[GalleryIndex, Any]:
     """`retrieval index --from-embeddings FILE.npy`: check the files, then `build_from_vectors`."""
     path = Path(path)
@@ -218,4 +227,4 @@ def build_from_vector_file(
     del raw
     source = {"kind": "vectors", "path": str(path.resolve()), "sha256": file_sha256(path), "normalized": normalize}
     return build_from_vectors(vectors, out_dir, cfg, calib, labels=labels, ids=ids, source=source, seed=seed,
-                              progress=progress)
+                              progress=progress, store=store, upload_batch=upload_batch)

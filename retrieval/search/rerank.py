@@ -72,9 +72,12 @@ class Reranker:
         vectors: Callable[[], np.ndarray],
         neighbours: Callable[[], NeighbourLists],
         cfg: RerankConfig | None = None,
+        fetch: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
+        """`vectors()` gives every gallery vector (read once, kept); with `fetch(rows)` (a remote store such as
+        Milvus) qe and kreciprocal instead read only the candidates' vectors of each batch."""
         self.cfg = cfg or RerankConfig()
-        self._vectors_fn, self._neighbours_fn = vectors, neighbours
+        self._vectors_fn, self._neighbours_fn, self._fetch = vectors, neighbours, fetch
         self._vectors: np.ndarray | None = None
         self._neighbours: NeighbourLists | None = None
 
@@ -103,24 +106,34 @@ class Reranker:
         out_s = np.full(scores.shape, -np.inf, np.float32)
         out_i = np.full(ids.shape, -1, np.int64)
         fn = {"qe": self._qe, "dba": self._dba, "kreciprocal": self._kreciprocal}[method]
+        table = self._candidate_vectors(ids) if method != "dba" else None
         for row in range(len(queries)):
             valid = ids[row] >= 0
             cand = ids[row][valid]
             if len(cand) == 0:
                 continue
-            new_s, new_i = fn(queries[row].astype(np.float64), scores[row][valid], cand)
+            g = table(cand) if table is not None else None
+            new_s, new_i = fn(queries[row].astype(np.float64), scores[row][valid], cand, g)
             out_s[row, : len(new_i)] = new_s
             out_i[row, : len(new_i)] = new_i
         return out_s, out_i
 
-    # -- methods on one query ------------------------------------------------------------------------
-    def _qe(self, q: np.ndarray, s: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        g = self.vectors[cand].astype(np.float64)
+    def _candidate_vectors(self, ids: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        """rows -> their vectors for this batch's candidates: fetched once per batch, or from all vectors."""
+        if self._fetch is None:
+            return lambda rows: self.vectors[rows]
+        unique = np.unique(ids[ids >= 0])
+        fetched = np.asarray(self._fetch(unique), dtype=np.float32)
+        return lambda rows: fetched[np.searchsorted(unique, rows)]
+
+    # -- methods on one query (g: the candidates' vectors; DBA reads its own) -------------------------
+    def _qe(self, q: np.ndarray, s: np.ndarray, cand: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        g = g.astype(np.float64)
         n = min(self.cfg.qe_n, len(cand))
         expanded = _normalise(q + (_weights(s[:n], self.cfg.alpha)[:, None] * g[:n]).sum(axis=0))
         return _reorder(g @ expanded, cand)
 
-    def _dba(self, q: np.ndarray, s: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _dba(self, q: np.ndarray, s: np.ndarray, cand: np.ndarray, g: None) -> tuple[np.ndarray, np.ndarray]:
         lists = self.neighbours
         n = min(self.cfg.dba_n, lists.width)
         nbr_ids, nbr_s = lists.ids[cand, :n], lists.scores[cand, :n]
@@ -128,8 +141,9 @@ class Reranker:
         augmented = _normalise((w[:, :, None] * self.vectors[np.maximum(nbr_ids, 0)].astype(np.float64)).sum(axis=1))
         return _reorder(augmented @ q, cand)
 
-    def _kreciprocal(self, q: np.ndarray, s: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        points = np.concatenate([q[None, :], self.vectors[cand].astype(np.float64)])
+    def _kreciprocal(self, q: np.ndarray, s: np.ndarray, cand: np.ndarray,
+                     g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        points = np.concatenate([q[None, :], g.astype(np.float64)])
         dist = k_reciprocal_distance(points, self.cfg.k1, self.cfg.k2, self.cfg.lam)
         return _reorder((1.0 - dist).astype(np.float32), cand)
 

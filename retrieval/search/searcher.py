@@ -24,6 +24,7 @@ from retrieval.embed.spec import EmbedderSpec, open_embedder, open_recorded
 from retrieval.errors import InputError
 from retrieval.index.filters import Where, attribute_values, matching_ids, parse_where
 from retrieval.index.folder import GalleryIndex
+from retrieval.index.stores import open_index
 from retrieval.index.meta import IndexMeta
 from retrieval.metrics import neighbour_metrics
 from retrieval.search.hits import Hit, dataset_relative
@@ -41,7 +42,8 @@ class Searcher:
         self.device = device
         self._backend: EmbeddingBackend | None = None
         self._subsets: dict[tuple, np.ndarray] = {}  # filter -> matching rows (the item table is fixed once open)
-        self.reranker = Reranker(index.exact_gallery_vectors, index.neighbour_lists, RerankConfig())
+        self.reranker = Reranker(index.exact_gallery_vectors, index.neighbour_lists, RerankConfig(),
+                                 fetch=index.vectors_of if index.fetches_vectors else None)
         if backend is not None:
             self._attach(backend)
 
@@ -58,8 +60,8 @@ class Searcher:
         """Open `index_dir` with `embedder` (an open backend, or a spec opened here), else the one recorded
         in the index (opened on first search). FAISS uses a GPU unless `device` is "cpu".
         `data_root`: where the dataset is now, when it moved (with the index) since the build."""
-        index = GalleryIndex.load(index_dir, verify_checksums=verify_checksums, use_gpu=device != "cpu",
-                                  data_root=data_root)
+        index = open_index(index_dir, verify_checksums=verify_checksums, use_gpu=device != "cpu",
+                           data_root=data_root)
         if isinstance(embedder, EmbedderSpec):
             embedder = open_embedder(embedder, device)
         return cls(index, embedder, device)
@@ -164,7 +166,7 @@ class Searcher:
         if rows is None:
             scores, ids = self.index.search(emb, width)
         else:
-            scores, ids = self.index.search_subset(emb, width, rows)
+            scores, ids = self.index.search_subset(emb, width, rows, parse_where(where))
         if method != "none":
             scores, ids = self.reranker.rerank(method, np.asarray(emb, dtype=np.float32), scores, ids)
             scores, ids = scores[:, :k], ids[:, :k]
