@@ -146,7 +146,7 @@ def test_filters_equal_brute_force_and_hostile_values_match_literally(milvus_uri
 
 def test_calibrated_milvus_indexes_record_their_curve(milvus_uri: str, tmp_path: Path):
     g, labels = clustered(2000, 16, 20, seed=3)
-    for index_type, collection in (("ivf-flat", "calib_ivf"), ("hnsw", "calib_hnsw")):
+    for index_type, collection in (("ivf-flat", "calib_ivf"), ("ivf-sq8", "calib_sq8"), ("hnsw", "calib_hnsw")):
         out = tmp_path / index_type
         milvus_folder(milvus_uri, out, g, labels, ["c"] * len(g), collection, index_type,
                       CalibrationConfig(target_recall=0.9, queries=100))
@@ -155,8 +155,8 @@ def test_calibrated_milvus_indexes_record_their_curve(milvus_uri: str, tmp_path:
         assert cal is not None and cal["index_type"] == index_type and cal["curve"], index_type
         assert cal["reached"] and cal["recall"] >= 0.9 and "milvus" in cal["device"]
         client = connect(MilvusStoreRecord(milvus_uri, collection))
-        assert client.describe_index(collection, "vector")["index_type"] == {"ivf-flat": "IVF_FLAT",
-                                                                              "hnsw": "HNSW"}[index_type]
+        assert client.describe_index(collection, "vector")["index_type"] == {
+            "ivf-flat": "IVF_FLAT", "ivf-sq8": "IVF_SQ8", "hnsw": "HNSW"}[index_type]
         searcher = Searcher.open(out, device="cpu")
         assert searcher.index.params.to_dict() == meta.index_params.to_dict() and len(searcher.index) == len(g)
 
@@ -270,3 +270,67 @@ def test_cli_builds_into_milvus_and_a_killed_upload_rerun_gives_the_same_collect
     assert res.exit_code == 0, res.output
     brute = np.argsort(-(g[[4, 9]] @ g.T), axis=1, kind="stable")[:, :3]
     assert [[h["gallery_index"] for h in r["hits"]] for r in json.loads(res.output)["results"]] == brute.tolist()
+
+
+@pytest.mark.slow
+def test_two_servers_over_one_collection_answer_identically_and_both_see_add_and_remove(milvus_uri: str,
+                                                                                     tmp_path: Path):
+    """Two `retrieval serve` replicas (real HTTP servers watching the folder) over one Milvus collection, with a
+    tiny untrained embedder over a generated In-Shop dataset: the same answers, and an --add / --remove run once is
+    served by both."""
+    from app.serve import free_port, launch
+    from retrieval.client import SearchClient
+    from retrieval.data import load_dataset
+    from retrieval.embed.spec import EmbedderSpec, open_embedder
+    from retrieval.index.build import add_images, build_index, remove_items
+    from tests.fakes import make_fake_inshop, make_image_folder
+
+    data = make_fake_inshop(tmp_path / "inshop", train_items=1, test_items=6, per_item=4, size=32)
+    backend = open_embedder(EmbedderSpec.untrained("resnet18", embedding_size=16, image_size=32), "cpu")
+    out = tmp_path / "idx"
+    build_index(load_dataset("inshop", data), backend, out, IndexConfig(use_gpu=False), progress=False,
+                store=MilvusStoreRecord(milvus_uri, "replicas"))
+    servers = [launch(Searcher.open(out, backend, device="cpu"), port=free_port(), index_dir=out,
+                      watch_interval_s=0.1) for _ in range(2)]
+    try:
+        clients = [SearchClient(s.url, timeout=60) for s in servers]
+        first = Searcher.open(out, backend, device="cpu")
+        query = first.query_paths[1]
+        category = first.index.items.attributes[0]["category"]
+
+        def answers(**kw):
+            return [[(h.gallery_index, h.item_id, round(h.score, 5)) for h in c.search(query, k=5, **kw).hits]
+                    for c in clients]
+
+        a, b = answers()
+        assert a == b and len(a) == 5
+        a, b = answers(filter={"category": category}, rerank="qe")
+        assert a == b and all(first.index.items.attributes[i]["category"] == category for i, _, _ in a)
+
+        folder = make_image_folder(tmp_path / "new", classes=1, per_class=2, size=32)
+        add_images(out, [folder], backend, progress=False)
+        version = Searcher.open(out, backend, device="cpu").meta
+        from app.live_index import version_of
+
+        def served_everywhere(n: int) -> bool:
+            return all(c.info()["n_items"] == n for c in clients)
+
+        deadline = time.monotonic() + 60
+        while not served_everywhere(version.n_items):
+            assert time.monotonic() < deadline, "the added items were not served by both servers"
+            time.sleep(0.1)
+        assert {c.info()["index_version"] for c in clients} == {version_of(version).id}
+        new_path = sorted(str(p) for p in folder.rglob("*") if p.is_file())[0]
+        hits = [c.search(new_path, k=1).hits[0] for c in clients]
+        assert hits[0].score == pytest.approx(1.0, abs=1e-4) and hits[0].path == hits[1].path
+
+        removed, _ = remove_items(out, [], [hits[0].path])
+        deadline = time.monotonic() + 60
+        while not served_everywhere(len(removed)):
+            assert time.monotonic() < deadline, "the removal was not served by both servers"
+            time.sleep(0.1)
+        after = [[h.path for h in c.search(new_path, k=3).hits] for c in clients]
+        assert after[0] == after[1] and hits[0].path not in after[0]
+    finally:
+        for s in servers:
+            s.close()

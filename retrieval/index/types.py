@@ -7,6 +7,7 @@ ones it reads, and IndexParams, IndexConfig and the `retrieval index` flags are 
 
     flat      IndexFlatIP: exact; the default up to a few hundred thousand items.
     ivf-flat  IVF with full vectors in the lists; `nprobe` of `nlist` lists scanned per query.
+    ivf-sq8   IVF with 8-bit scalar-quantised vectors (D bytes each): a quarter of ivf-flat's memory.
     ivf-pq    IVF with product-quantised codes (pq_m bytes per vector at 8 bits): for galleries that
               do not fit the memory budget as float32.
     hnsw      IndexHNSWFlat graph; `ef_search` trades speed for recall. Stays on the CPU (FAISS has no
@@ -262,6 +263,23 @@ class IvfFlat(Ivf):
             ivf.set_direct_map_type(faiss.DirectMap.NoMap)
 
 
+class IvfSq8(Ivf):
+    """IVF with 8-bit scalar-quantised vectors (one byte per dimension): a quarter of ivf-flat's memory, small loss."""
+
+    name = "ivf-sq8"
+    stores_vectors = False
+    milvus_type = "IVF_SQ8"
+
+    def factory(self, params: IndexParams) -> str:
+        return f"IVF{params.nlist},SQ8"
+
+    def memory_bytes(self, n: int, d: int, cfg: IndexRequest) -> int:
+        return n * (d + 8) + (n * d * 4 if cfg.refine_factor > 0 else 0)
+
+    def stored_vectors(self, index: faiss.Index, n: int) -> np.ndarray | None:
+        return None
+
+
 class IvfPq(Ivf):
     name = "ivf-pq"
     knobs = Ivf.knobs + ("pq_m", "pq_nbits")
@@ -359,7 +377,7 @@ def _graph_of(index: faiss.Index) -> Any:
     return index.hnsw
 
 
-INDEX_TYPES: dict[str, IndexType] = {t.name: t for t in (Flat(), IvfFlat(), IvfPq(), Hnsw())}
+INDEX_TYPES: dict[str, IndexType] = {t.name: t for t in (Flat(), IvfFlat(), IvfSq8(), IvfPq(), Hnsw())}
 
 
 def index_type(name: str) -> IndexType:
