@@ -334,3 +334,27 @@ def test_two_servers_over_one_collection_answer_identically_and_both_see_add_and
     finally:
         for s in servers:
             s.close()
+
+
+def test_embedding_parts_build_into_milvus_and_evaluate_as_the_faiss_index(milvus_uri: str, tmp_path: Path):
+    from retrieval.embed.job import write_arrays
+    from retrieval.errors import UsageError
+    from retrieval.index.sharded_build import ShardOptions, build_from_parts
+
+    g, labels = clustered(400, 16, 10, seed=8)
+    q, q_labels = clustered(30, 16, 10, seed=8)
+    parts = tmp_path / "emb"
+    write_arrays(parts, {"gallery": (g, labels.tolist(), [str(v) for v in labels]),
+                         "query": (q, q_labels.tolist(), [str(v) for v in q_labels])},
+                 fingerprint="parts-fp", part_size=64)
+    cfg = IndexConfig(index_type="flat", use_gpu=False)
+    faiss_idx, _ = build_from_parts(parts, tmp_path / "faiss", cfg, progress=False)
+    record = MilvusStoreRecord(milvus_uri, "from_parts")
+    built, _ = build_from_parts(parts, tmp_path / "milvus", cfg, progress=False, store=record)
+    assert read_meta(tmp_path / "milvus" / "meta.json").store["collection"] == "from_parts"
+    milvus_s, faiss_s = Searcher.open(tmp_path / "milvus", device="cpu"), Searcher.open(tmp_path / "faiss", device="cpu")
+    assert milvus_s.has_stored_queries and milvus_s.index.fingerprint == "parts-fp"
+    assert milvus_s.evaluate() == pytest.approx(faiss_s.evaluate(), abs=1e-9)
+    assert milvus_s.gallery_item_ids == faiss_s.gallery_item_ids
+    with pytest.raises(UsageError, match="drop --shards"):
+        build_from_parts(parts, tmp_path / "sharded", cfg, ShardOptions(shards=2), progress=False, store=record)
