@@ -358,3 +358,24 @@ def test_embedding_parts_build_into_milvus_and_evaluate_as_the_faiss_index(milvu
     assert milvus_s.gallery_item_ids == faiss_s.gallery_item_ids
     with pytest.raises(UsageError, match="drop --shards"):
         build_from_parts(parts, tmp_path / "sharded", cfg, ShardOptions(shards=2), progress=False, store=record)
+
+
+@pytest.mark.ray
+def test_parts_upload_in_parallel_on_ray_into_the_same_collection(ray_runtime, milvus_uri: str, tmp_path: Path):
+    from retrieval.embed.job import write_arrays
+    from retrieval.embed.ray_engine import RayOptions
+    from retrieval.index.sharded_build import ShardOptions, build_from_parts
+
+    g, labels = clustered(600, 16, 12, seed=9)
+    parts = tmp_path / "emb"
+    write_arrays(parts, {"gallery": (g, labels.tolist(), [f"sku{i}" for i in range(len(g))])},
+                 fingerprint="ray-fp", part_size=50)
+    for index_type in ("flat", "hnsw"):  # hnsw: the rows held out for calibration are added by the driver
+        out = tmp_path / index_type
+        build_from_parts(parts, out, IndexConfig(index_type=index_type, use_gpu=False),
+                         ShardOptions(engine="ray"), ray_options=RayOptions(workers=2), progress=False,
+                         calib=CalibrationConfig(queries=60), store=MilvusStoreRecord(milvus_uri, f"ray_{index_type}"))
+        index = open_index(out, use_gpu=False)
+        np.testing.assert_array_equal(index.exact_gallery_vectors(), g)
+        assert index.items.item_ids == [f"sku{i}" for i in range(len(g))] and index.items.labels == labels.tolist()
+    assert read_meta(tmp_path / "hnsw" / "meta.json").calibration["held_out"]

@@ -350,6 +350,16 @@ class FaissBuilder:
         add_to_index(index, vectors)
 
 
+def held_out_count(params: IndexParams, calib: CalibrationConfig, n: int) -> int:
+    """How many of the last gallery rows a build adds only after calibrating (0 = none).
+
+    A graph finds points it already holds far more easily than new queries: HNSW is calibrated with its last
+    rows held out of the graph (added afterwards), IVF with a sample of its own rows."""
+    if params.exact or calib.target_recall <= 0 or not params.kind.held_out_calibration:
+        return 0
+    return min(calib.queries, n // MAX_HELD_OUT_FRACTION)
+
+
 def build_calibrated(vectors: np.ndarray, cfg: IndexConfig, calib: CalibrationConfig | None = None, *,
                      seed: int = 0, progress: bool = False, builder: Any = None) -> CalibratedBuild:
     """Resolve, build and (for approximate types) calibrate an index over `vectors` (N, D) L2-normalised.
@@ -364,10 +374,7 @@ def build_calibrated(vectors: np.ndarray, cfg: IndexConfig, calib: CalibrationCo
     n, d = vectors.shape
     params = resolve_params(cfg, n, d)
     calibrating = not params.exact and calib.target_recall > 0
-    # a graph finds points it already holds far more easily than new queries: HNSW is calibrated with
-    # its last rows held out of the graph (added afterwards), IVF with a sample of its own rows
-    held_out = calibrating and params.kind.held_out_calibration
-    held = min(calib.queries, n // MAX_HELD_OUT_FRACTION) if held_out else 0
+    held = held_out_count(params, calib, n)
     built = builder.build(vectors[: n - held] if held else vectors, params, use_gpu=cfg.use_gpu, seed=seed)
     if not calibrating:
         return CalibratedBuild(built, None)

@@ -361,6 +361,12 @@ class MilvusUpload:
         self.uploaded = 0
         self.upload_seconds = 0.0
 
+    def uploaded_elsewhere(self, d: int, rows: int) -> None:
+        """Rows 0..rows-1 were upserted by other processes (parallel part uploads): the collection exists, and
+        `build` / `add` upload only the rows after them."""
+        self._collection(d)
+        self.uploaded = int(rows)
+
     def _collection(self, d: int) -> MilvusCollection:
         if self.collection is not None:
             return self.collection

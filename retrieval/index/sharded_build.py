@@ -260,6 +260,8 @@ def build_from_parts(parts_dir: str | os.PathLike[str], out_dir: str | os.PathLi
 
     gallery_emb, _ = folder.load_role("gallery", verify=verify)
     builder = store_builder(store, items, str(manifest["fingerprint"]), folder.data_root, upload_batch, progress)
+    if builder is not None and opts.engine == "ray":
+        _upload_parts_on_ray(folder, builder, params, calib, d, upload_batch, ray_options, verify, progress)
     result = build_calibrated(gallery_emb, cfg, calib, seed=seed, progress=progress, builder=builder)
     built = result.built
     report.train_seconds, report.shard_seconds = built.train_seconds, built.add_seconds
@@ -269,6 +271,34 @@ def build_from_parts(parts_dir: str | os.PathLike[str], out_dir: str | os.PathLi
     publish(index, built.device, built.note or note, **result.meta())
     report.total_seconds = time.perf_counter() - t_start
     return index, report
+
+
+def _upload_parts_on_ray(folder: EmbeddingsFolder, builder: Any, params: IndexParams, calib: CalibrationConfig | None,
+                         d: int, batch_size: int, ray_options: Any, verify: bool, progress: bool) -> None:
+    """Upload the gallery parts into the builder's Milvus collection from parallel Ray tasks (`--workers` groups of
+    consecutive parts); the rows a graph holds out for calibration are left to the build, which adds them later."""
+    from retrieval.embed.ray_engine import RayOptions
+    from retrieval.index.calibrate import held_out_count
+    from retrieval.index.milvus_parts import upload_parts_on_ray
+
+    ray_options = ray_options or RayOptions()
+    n = folder.count("gallery")
+    limit = n - held_out_count(params, calib or CalibrationConfig(), n)
+    names, counts, total = [], [], 0
+    for name in folder.part_names("gallery"):
+        count = int(folder.marker(name)["n"])
+        if total + count > limit:
+            break
+        names.append(name)
+        counts.append(count)
+        total += count
+    groups = [g for g in split_parts(names, counts, ray_options.workers) if g]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+    first_keys = [int(offsets[names.index(g[0])]) for g in groups]
+    builder.uploaded_elsewhere(d, 0)  # the collection exists (or is refused) before any task writes
+    upload_parts_on_ray(str(folder.folder), groups, first_keys, builder.record, batch_size, ray_options, verify,
+                        progress)
+    builder.uploaded_elsewhere(d, total)
 
 
 def _check_sharding(params: IndexParams, opts: ShardOptions, n_parts: int) -> None:
