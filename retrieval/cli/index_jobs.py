@@ -86,8 +86,10 @@ class IndexArgs:
 
     def store_record(self, out: Path) -> Any:
         """The Milvus store a build writes into (None for FAISS files); UsageError for a bad store choice."""
-        if self.store not in ("faiss", "milvus"):
-            raise UsageError(f"--store {self.store}: choose faiss or milvus")
+        from retrieval.index.stores import STORES
+
+        if self.store not in STORES:
+            raise UsageError(f"--store {self.store}: choose {' or '.join(STORES)}")
         if self.store == "faiss":
             if self.milvus_uri or self.collection or self.milvus_token_env:
                 raise UsageError("--milvus-uri/--collection/--milvus-token-env need --store milvus")

@@ -14,6 +14,11 @@
     calibrate.py      measure recall on held-out queries at build time and pick the search setting
     vectors.py        build from precomputed embeddings (.npy)
     sharded_build.py  build one index, N shards, or shards merged from an embeddings folder
+    milvus_store.py   the Milvus store: a collection's rows, search, upserts, the build's upload (MilvusUpload)
+    milvus_filters.py metadata filters as Milvus boolean expressions, every value an escaped literal
+    milvus_folder.py  a Milvus-backed index folder: meta.json (+ stored queries) here, vectors and items in Milvus
+    milvus_parts.py   embedding parts uploaded into a collection by parallel Ray tasks
+    stores.py         which store a folder keeps its vectors in; opening a folder of either kind
 
 Below retrieval.search (the Searcher calls the filtered search and neighbour lists here; nothing here
 imports search), above retrieval.embed and retrieval.data (a build embeds a dataset).
