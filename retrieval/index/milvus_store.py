@@ -302,6 +302,7 @@ class MilvusCollection:
             raise IndexBuildError("--refine-factor is a FAISS refinement; Milvus-backed indexes do not take it")
         t0 = time.perf_counter()
         client = self.client
+        client.flush(self.name)  # seal what was uploaded, so the index covers it (growing rows are brute-forced)
         existing = client.list_indexes(self.name)
         if existing:
             client.release_collection(self.name)
