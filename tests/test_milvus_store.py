@@ -43,7 +43,6 @@ def test_faiss_in_the_project_environment_is_the_gpu_build():
 
     providers = packages_distributions().get("faiss", [])
     assert providers and all(p.lower().startswith("faiss-gpu") for p in providers), providers
-    assert not (server_command().exists() and Path(sys.prefix).resolve() == server_command().parents[1].resolve())
 
 
 def test_filter_values_become_escaped_literals():

@@ -63,6 +63,9 @@ def build_index(
     collection instead of FAISS files (upserted in batches of `upload_batch` rows).
     """
     cfg = cfg or IndexConfig()
+    if store is not None and rerank_neighbours > 0:
+        raise InputError("--rerank-neighbours stores neighbour lists in FAISS folders only; Milvus-backed folders "
+                         "re-rank with qe or kreciprocal (drop --rerank-neighbours)")
     source = embedder_record(backend)  # before any work: an embedder the index cannot re-open is refused
     t_start = time.perf_counter()
     gallery = dataset.gallery_split()

@@ -14,6 +14,9 @@
     <dir>/meta.json      written last: embedder fingerprint, index parameters, dataset, build facts, and the
                          size and SHA-256 of every file above (`retrieval.index.meta.IndexMeta`)
 
+A Milvus-backed folder keeps only meta.json (naming its collection) and the stored queries here; its vectors and
+item table are rows of the collection (`MilvusGalleryIndex`, retrieval.index.milvus_folder).
+
 A save builds a complete sibling folder and swaps it in (old folder renamed aside, new one renamed in,
 old one deleted), so an interrupted build leaves the previous index in place. A load refuses a
 folder whose meta.json is missing or whose files do not match the sizes/checksums recorded in it,
