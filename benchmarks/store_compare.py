@@ -39,12 +39,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from retrieval.config import CalibrationConfig  # noqa: E402
-from retrieval.index.calibrate import build_calibrated, recall_against  # noqa: E402
-from retrieval.index.config import IndexConfig  # noqa: E402
-from retrieval.index.folder import ItemTable  # noqa: E402
-from retrieval.index.milvus_store import MilvusStoreRecord, MilvusUpload, connect  # noqa: E402
-from retrieval.knn import exact_knn  # noqa: E402
+from retrieval.config import CalibrationConfig
+from retrieval.index.calibrate import build_calibrated, recall_against
+from retrieval.index.config import IndexConfig
+from retrieval.index.folder import ItemTable
+from retrieval.index.milvus_store import MilvusStoreRecord, MilvusUpload, connect
+from retrieval.knn import exact_knn
 
 
 def clustered(n: int, d: int, seed: int) -> np.ndarray:

@@ -27,7 +27,12 @@ from retrieval.index.filters import FilterError
 from retrieval.index.folder import ItemTable
 from retrieval.index.meta import IndexMeta, read_meta, write_meta
 from retrieval.index.milvus_filters import string_literal, where_expression
-from retrieval.index.milvus_store import MilvusStoreRecord, MilvusUpload, connect, count_rows
+from retrieval.index.milvus_store import (
+    MilvusStoreRecord,
+    MilvusUpload,
+    connect,
+    count_rows,
+)
 from retrieval.index.stores import gallery_index, open_index
 from retrieval.index.vectors import build_from_vectors
 from retrieval.search.searcher import Searcher
@@ -53,6 +58,16 @@ def test_filter_values_become_escaped_literals():
                     'and (attributes["gender"] == "WOMEN")')
     with pytest.raises(FilterError, match="control character"):
         where_expression({"category": frozenset({"a\nb"})})
+
+
+def test_each_difference_between_a_collection_and_its_folder_is_named():
+    from retrieval.index.milvus_store import COLLECTION_FORMAT, mismatch
+
+    facts = {"format": COLLECTION_FORMAT, "fingerprint": "a", "dim": 16, "metric": "IP"}
+    assert mismatch(facts, "a", 16, 10, 10) == []
+    assert mismatch({**facts, "dim": 8, "metric": "L2"}, "b", 16, 9, 10) == [
+        "embedder fingerprint a != b", "dimension 8 != 16", "metric L2 != IP", "row count 9 != 10"]
+    assert "not a metrix-retrieval collection" in mismatch({**facts, "format": ""}, "a", 16)[0]
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +109,9 @@ def milvus_folder(uri: str, out: Path, vectors: np.ndarray, labels: np.ndarray, 
 
 def test_flat_equals_faiss_flat_and_evaluates_the_same(milvus_uri: str, tmp_path: Path):
     g, labels = clustered(300, 16, 12, seed=1)
-    faiss_idx, _ = build_from_vectors(g, tmp_path / "faiss", IndexConfig(index_type="flat", use_gpu=False),
+    build_from_vectors(g, tmp_path / "faiss", IndexConfig(index_type="flat", use_gpu=False),
                                       labels=labels.tolist())
-    built, _ = build_from_vectors(g, tmp_path / "milvus", IndexConfig(index_type="flat", use_gpu=False),
+    build_from_vectors(g, tmp_path / "milvus", IndexConfig(index_type="flat", use_gpu=False),
                                   labels=labels.tolist(), store=MilvusStoreRecord(milvus_uri, "flat_vs_faiss"))
     meta = json.loads((tmp_path / "milvus" / "meta.json").read_text())
     assert {k: v for k, v in meta["store"].items() if k != "keys_sha256"} == {
@@ -129,7 +144,7 @@ def test_filters_equal_brute_force_and_hostile_values_match_literally(milvus_uri
     for value in HOSTILE:
         subset = np.flatnonzero(cats == value)
         expected = subset[np.argsort(-(q @ g[subset].T), axis=1, kind="stable")[:, :10]]
-        scores, ids = searcher.search_raw(q, 10, where={"category": value})
+        _, ids = searcher.search_raw(q, 10, where={"category": value})
         np.testing.assert_array_equal(ids, expected, err_msg=value)
         assert all(categories[i] == value for i in ids.ravel())
     either = np.flatnonzero((cats == ")") | (cats == "x or y"))
@@ -347,9 +362,9 @@ def test_embedding_parts_build_into_milvus_and_evaluate_as_the_faiss_index(milvu
                          "query": (q, q_labels.tolist(), [str(v) for v in q_labels])},
                  fingerprint="parts-fp", part_size=64)
     cfg = IndexConfig(index_type="flat", use_gpu=False)
-    faiss_idx, _ = build_from_parts(parts, tmp_path / "faiss", cfg, progress=False)
+    build_from_parts(parts, tmp_path / "faiss", cfg, progress=False)
     record = MilvusStoreRecord(milvus_uri, "from_parts")
-    built, _ = build_from_parts(parts, tmp_path / "milvus", cfg, progress=False, store=record)
+    build_from_parts(parts, tmp_path / "milvus", cfg, progress=False, store=record)
     assert read_meta(tmp_path / "milvus" / "meta.json").store["collection"] == "from_parts"
     milvus_s, faiss_s = Searcher.open(tmp_path / "milvus", device="cpu"), Searcher.open(tmp_path / "faiss", device="cpu")
     assert milvus_s.has_stored_queries and milvus_s.index.fingerprint == "parts-fp"

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -106,7 +107,7 @@ class MilvusGalleryIndex(GalleryIndex):
         self.index.keys = self.index.keys[keep]
         self.items = self.items.select(keep.tolist())
         self._all_vectors = None
-        self.meta.history.append({"action": "remove", "items": int(len(drop)), "at": now_iso()})
+        self.meta.history.append({"action": "remove", "items": len(drop), "at": now_iso()})
 
     def build_neighbours(self, n: int = 0) -> None:
         raise RerankError("gallery neighbour lists (--rerank dba) are not stored for Milvus-backed index folders; "
@@ -128,7 +129,7 @@ class MilvusGalleryIndex(GalleryIndex):
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str], *, verify_checksums: bool = True, use_gpu: bool = True,
-             data_root: str | os.PathLike[str] | None = None) -> "MilvusGalleryIndex":
+             data_root: str | os.PathLike[str] | None = None) -> MilvusGalleryIndex:
         """Open a Milvus-backed folder: its files verified, its collection checked against meta.json."""
         folder = Path(folder)
         meta_path = folder / META_FILE

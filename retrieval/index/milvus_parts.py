@@ -16,7 +16,12 @@ import numpy as np
 
 from retrieval.embed.parts import EmbeddingsFolder, absolute_paths
 from retrieval.index.folder import ItemTable
-from retrieval.index.milvus_store import DEFAULT_BATCH, MilvusCollection, MilvusStoreRecord, connect
+from retrieval.index.milvus_store import (
+    DEFAULT_BATCH,
+    MilvusCollection,
+    MilvusStoreRecord,
+    connect,
+)
 
 
 def upload_parts(parts_dir: str, names: Sequence[str], first_key: int, record: dict[str, str],
@@ -40,7 +45,8 @@ def upload_parts_on_ray(parts_dir: str, groups: list[list[str]], first_keys: lis
     """One Ray task per group of parts (at most `workers` at once); returns the rows uploaded."""
     from tqdm.auto import tqdm
 
-    from retrieval.embed.ray_engine import RayOptions, connect as connect_ray
+    from retrieval.embed.ray_engine import RayOptions
+    from retrieval.embed.ray_engine import connect as connect_ray
 
     ray_options = ray_options or RayOptions()
     ray = connect_ray(ray_options)

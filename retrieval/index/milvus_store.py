@@ -69,7 +69,7 @@ class MilvusStoreRecord:
         return {"kind": STORE_KIND, "uri": self.uri, "collection": self.collection, "token_env": self.token_env}
 
     @classmethod
-    def from_dict(cls, raw: Any, source: str = "meta.json") -> "MilvusStoreRecord":
+    def from_dict(cls, raw: Any, source: str = "meta.json") -> MilvusStoreRecord:
         if not isinstance(raw, dict) or raw.get("kind") != STORE_KIND:
             raise IndexFileError(f"{source} names an unknown index store {raw!r}; this release knows milvus")
         try:
@@ -161,7 +161,7 @@ def count_rows(client: Any, name: str) -> int:
     return int(raw[0]["count(*)"])
 
 
-def read_keys_and_items(client: Any, name: str, data_root: str | None) -> tuple[np.ndarray, "ItemTable"]:
+def read_keys_and_items(client: Any, name: str, data_root: str | None) -> tuple[np.ndarray, ItemTable]:
     """(sorted keys, the item table in key order) of the whole collection, read in pages by key."""
     from retrieval.index.folder import ItemTable
 
@@ -206,7 +206,7 @@ class MilvusCollection:
 
     @property
     def ntotal(self) -> int:
-        return int(len(self.keys))
+        return len(self.keys)
 
     @property
     def name(self) -> str:
@@ -270,7 +270,7 @@ class MilvusCollection:
         return self.vectors_of(np.arange(self.ntotal))
 
     # -- change ---------------------------------------------------------------------------------------
-    def upsert(self, keys: np.ndarray, vectors: np.ndarray, items: "ItemTable", data_root: str | None,
+    def upsert(self, keys: np.ndarray, vectors: np.ndarray, items: ItemTable, data_root: str | None,
                batch_size: int = DEFAULT_BATCH, progress: bool = False, what: str = "uploading") -> float:
         """Upsert rows (key, vector, item) in batches of `batch_size`; returns the seconds it took."""
         from tqdm.auto import tqdm
@@ -322,7 +322,7 @@ class MilvusCollection:
 
     @classmethod
     def open(cls, record: MilvusStoreRecord, fingerprint: str, d: int, expected_rows: int, params: IndexParams,
-             data_root: str | None, source: str = "meta.json") -> tuple["MilvusCollection", "ItemTable"]:
+             data_root: str | None, source: str = "meta.json") -> tuple[MilvusCollection, ItemTable]:
         """The collection an index folder names, checked against it, and its item table; IndexFileError
         naming what differs (fingerprint, dimension, metric, row count)."""
         client = connect(record)
@@ -354,7 +354,7 @@ class MilvusUpload:
 
     local = False
 
-    def __init__(self, record: MilvusStoreRecord, items: "ItemTable", fingerprint: str, data_root: str | None,
+    def __init__(self, record: MilvusStoreRecord, items: ItemTable, fingerprint: str, data_root: str | None,
                  batch_size: int = DEFAULT_BATCH, progress: bool = True) -> None:
         self.record, self.items, self.fingerprint, self.data_root = record, items, fingerprint, data_root
         self.batch_size, self.progress = int(batch_size), progress

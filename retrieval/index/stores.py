@@ -18,7 +18,11 @@ import numpy as np
 from retrieval.index.folder import GalleryIndex, ItemTable, StoredQueries
 from retrieval.index.meta import META_FILE, IndexMeta, read_meta
 from retrieval.index.milvus_folder import MilvusGalleryIndex
-from retrieval.index.milvus_store import MilvusCollection, MilvusStoreRecord, MilvusUpload
+from retrieval.index.milvus_store import (
+    MilvusCollection,
+    MilvusStoreRecord,
+    MilvusUpload,
+)
 
 STORES = ("faiss", "milvus")
 
