@@ -40,4 +40,4 @@ browser:
 milvus-server: $(MILVUS_STAMP)
 
 test: $(TEST_STAMP) browser $(MILVUS_STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	METRIX_MILVUS_VENV=$(MILVUS_VENV) $(PY) -m pytest -q $(PYTEST_ARGS)
