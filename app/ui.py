@@ -622,7 +622,7 @@ class SearchApp:
 
                 clicked.__annotations__["evt"] = gr.SelectData  # Gradio reads the class, not its name
 
-                results.select(clicked, inputs=[shown], outputs=[query], api_name=False, queue=False)
+                results.select(clicked, inputs=[shown], outputs=[query], api_visibility="private", queue=False)
             with gr.Tab("Evaluation", id="evaluation"):
                 eval_status = gr.Markdown("Evaluating the stored query set against the gallery…",
                                           elem_id="eval-status")

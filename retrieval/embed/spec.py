@@ -125,7 +125,7 @@ def open_embedder(spec: EmbedderSpec, device: str = "auto") -> "EmbeddingBackend
     selects the onnxruntime providers and the backend's `device` reports what runs.
     """
     backend = KINDS[spec.kind].open(spec, device)
-    backend.spec = spec  # type: ignore[attr-defined]
+    backend.spec = spec
     return backend
 
 
@@ -153,7 +153,9 @@ def open_recorded(record: dict[str, Any], device: str = "auto") -> EmbeddingBack
 def _open_checkpoint(spec: EmbedderSpec, device: str) -> "EmbeddingBackend":
     from retrieval.embed.torch_backend import TorchBackend
 
-    return TorchBackend.from_checkpoint(spec.path, device=device)  # type: ignore[arg-type]
+    if spec.path is None:
+        raise ValueError("a checkpoint embedder spec needs a path")
+    return TorchBackend.from_checkpoint(spec.path, device=device)
 
 
 def _open_onnx(spec: EmbedderSpec, device: str) -> "EmbeddingBackend":
