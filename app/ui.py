@@ -293,10 +293,10 @@ class SearchApp:
         path = Path(str(raw))
         match = re.fullmatch(r"(\d+)\.jpg", path.name)
         owner = self.thumbnails.owner_of(path) if match else None
-        if owner is None:
+        if match is None or owner is None:
             return None
         version, store = owner
-        i = int(match.group(1))  # type: ignore[union-attr]
+        i = int(match.group(1))
         if not 0 <= i < len(store.gallery_paths):
             return None
         served = self.live.current  # read once: a swap in between must not pair this version with another's rows
