@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install demo test browser
+.PHONY: install demo test browser lint
 
 # Torch first, pinned to the CUDA build that also runs on CPUs, so no other package can pull a different one.
 $(STAMP): pyproject.toml
@@ -27,5 +27,12 @@ demo: install
 browser:
 	bash scripts/install_browser.sh
 
-test: $(TEST_STAMP) browser
+# Lint, format check and type check of the product's packages (configured in pyproject.toml); part of `make test`.
+LINTED := retrieval training app
+lint: $(TEST_STAMP)
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/mypy
+
+test: $(TEST_STAMP) browser lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
