@@ -8,7 +8,7 @@ TEST_STAMP := $(VENV)/.installed-test
 MILVUS_VENV ?= .venv-milvus
 MILVUS_STAMP := $(MILVUS_VENV)/.installed
 
-.PHONY: install demo test browser milvus-server
+.PHONY: install demo test browser lint milvus-server
 
 # Torch first, pinned to the CUDA build that also runs on CPUs, so no other package can pull a different one.
 $(STAMP): pyproject.toml
@@ -37,7 +37,14 @@ demo: install
 browser:
 	bash scripts/install_browser.sh
 
+# Lint, format check and type check of the product's packages (configured in pyproject.toml); part of `make test`.
+LINTED := retrieval training app
+lint: $(TEST_STAMP)
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/mypy
+
 milvus-server: $(MILVUS_STAMP)
 
-test: $(TEST_STAMP) browser $(MILVUS_STAMP)
+test: $(TEST_STAMP) browser lint $(MILVUS_STAMP)
 	METRIX_MILVUS_VENV=$(MILVUS_VENV) $(PY) -m pytest -q $(PYTEST_ARGS)

@@ -369,7 +369,7 @@ def build_api(search_api: SearchApi) -> FastAPI:
     async def thumbnail(
         index: int = PathParam(ge=0, description="a result's gallery_index (the maximum is the served version's; "
                                                   "an older version's rows are answered while it is kept)"),
-        v: str = Query(None, pattern=VERSION_PATTERN, max_length=64,  # type: ignore[assignment]  # optional, never null
+        v: str = Query(None, pattern=VERSION_PATTERN, max_length=64,  # optional, never null
                                  description="the index version of the result (its answer's index_version); "
                                              "without it, the version served now. A version no longer kept "
                                              "answers 404: search again"),

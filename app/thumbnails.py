@@ -62,7 +62,7 @@ class ThumbnailStore:
             return target
         try:
             img = open_image(Path(self.gallery_paths[i]))
-            img.thumbnail((self.max_side, self.max_side), Image.BILINEAR)
+            img.thumbnail((self.max_side, self.max_side), Image.Resampling.BILINEAR)
         except ImageLoadError:
             img = _placeholder(self.max_side)
             with self._lock:

@@ -293,10 +293,10 @@ class SearchApp:
         path = Path(str(raw))
         match = re.fullmatch(r"(\d+)\.jpg", path.name)
         owner = self.thumbnails.owner_of(path) if match else None
-        if owner is None:
+        if match is None or owner is None:
             return None
         version, store = owner
-        i = int(match.group(1))  # type: ignore[union-attr]
+        i = int(match.group(1))
         if not 0 <= i < len(store.gallery_paths):
             return None
         served = self.live.current  # read once: a swap in between must not pair this version with another's rows
@@ -622,7 +622,7 @@ class SearchApp:
 
                 clicked.__annotations__["evt"] = gr.SelectData  # Gradio reads the class, not its name
 
-                results.select(clicked, inputs=[shown], outputs=[query], api_name=False, queue=False)
+                results.select(clicked, inputs=[shown], outputs=[query], api_visibility="private", queue=False)
             with gr.Tab("Evaluation", id="evaluation"):
                 eval_status = gr.Markdown("Evaluating the stored query set against the gallery…",
                                           elem_id="eval-status")

@@ -173,8 +173,7 @@ def open_image(
                 width, height = img.size
                 check_size(name, width, height, max_pixels, max_aspect_ratio)
                 img.load()
-                img = ImageOps.exif_transpose(img)
-                return _to_rgb(img)
+                return _to_rgb(ImageOps.exif_transpose(img))
     except ImageLoadError:
         raise
     except UnidentifiedImageError as exc:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -77,8 +77,8 @@ class FlatSearcher:
         self.metric: Metric = metric
         self.size, self.dim = self.gallery.shape
         self._gpu_res = None
-        self._cpu_index = None
-        self.index = None
+        self._cpu_index: Any = None  # a faiss CPU index, built when first needed
+        self.index: Any = None  # the faiss index (CPU or GPU), set below
         # +1: one extra neighbour is always fetched to detect ties at the cut-off
         if use_gpu and max_k + 1 <= GPU_MAX_K and faiss_gpu_available():
             try:

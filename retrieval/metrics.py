@@ -224,7 +224,7 @@ def evaluate_embeddings(
     if all_vs_all != (gallery_labels is None):
         raise ValueError("pass gallery_emb and gallery_labels together (or neither, for all-vs-all)")
     query_emb = as_float32_matrix(query_emb, "query embeddings")
-    gallery_emb = query_emb if all_vs_all else as_float32_matrix(gallery_emb, "gallery embeddings")
+    gallery_emb = query_emb if gallery_emb is None else as_float32_matrix(gallery_emb, "gallery embeddings")
     gallery_labels = np.asarray(query_labels if all_vs_all else gallery_labels).ravel()
     if len(gallery_labels) != len(gallery_emb):
         raise ValueError(f"embeddings and labels differ in length: gallery {len(gallery_emb)} vs "

@@ -10,6 +10,7 @@ transforms (retrieval.data) and the cache writer all read it, so it sits below e
 from __future__ import annotations
 
 import os
+from typing import Any
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -40,13 +41,20 @@ class Preprocessing:
         return d
 
     @classmethod
-    def from_dict(cls, raw: dict[str, object]) -> "Preprocessing":
+    def from_dict(cls, raw: dict[str, Any]) -> "Preprocessing":
+        """From meta.json / a checkpoint's record (JSON values: numbers and lists)."""
         return cls(
-            image_size=int(raw["image_size"]),  # type: ignore[arg-type]
-            resize_size=int(raw["resize_size"]),  # type: ignore[arg-type]
-            mean=tuple(float(v) for v in raw["mean"]),  # type: ignore[union-attr,arg-type]
-            std=tuple(float(v) for v in raw["std"]),  # type: ignore[union-attr,arg-type]
+            image_size=int(raw["image_size"]),
+            resize_size=int(raw["resize_size"]),
+            mean=_rgb(raw["mean"]),
+            std=_rgb(raw["std"]),
         )
+
+
+def _rgb(values: Any) -> tuple[float, float, float]:
+    """Three floats (a JSON list of per-channel values); ValueError when there are not three."""
+    red, green, blue = (float(v) for v in values)
+    return red, green, blue
 
 
 def resize_short_side(img: Image.Image, size: int) -> Image.Image:
@@ -56,7 +64,7 @@ def resize_short_side(img: Image.Image, size: int) -> Image.Image:
     new_w, new_h = check_resize(w, h, size)
     if (new_w, new_h) == (w, h):
         return img
-    return img.resize((new_w, new_h), Image.BILINEAR)
+    return img.resize((new_w, new_h), Image.Resampling.BILINEAR)
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:

@@ -19,7 +19,7 @@ from retrieval.cli.index_options import with_knob_options
 from retrieval.index.config import IndexConfig
 from retrieval.index.errors import IndexBuildError
 from retrieval.index.faiss_index import build_faiss_index, exact_vectors, remove_from_index, resolve_params, search
-from retrieval.index.knobs import INDEX_KNOBS, Knob, knob_fields
+from retrieval.index.knobs import INDEX_KNOBS, Knob, KnobValues, knob_fields, knob_values
 from retrieval.index.shards import merge_shards
 from retrieval.index.types import INDEX_TYPES, IndexParams, IndexType, index_type
 
@@ -137,6 +137,17 @@ def test_every_knob_is_an_index_config_field_an_index_params_field_and_a_flag_wi
     for flag in ("--nlist", "--nprobe", "--pq-m", "--pq-nbits", "--hnsw-m", "--ef-construction", "--ef-search",
                  "--refine-factor"):
         assert any(flag in p.opts for p in options.values()), flag
+
+
+def test_the_knob_attributes_type_checkers_see_are_exactly_the_declared_knobs():
+    declared = {k.field: k.value_type for k in INDEX_KNOBS.values()}
+    assert KnobValues.__annotations__ == {name: "int" for name in declared}  # names, order; `from __future__` strings
+    assert set(declared.values()) == {int}
+    assert not dataclasses.is_dataclass(KnobValues)  # it adds no field: knob_fields does
+    assert [f.name for f in dataclasses.fields(IndexParams)] == ["index_type", *declared]
+    assert IndexParams("ivf-flat", **knob_values(nlist=8)).nlist == 8
+    with pytest.raises(TypeError, match="unknown index knobs"):
+        knob_values(nlsit=8)
 
 
 def test_every_type_names_declared_knobs_and_its_search_knob_among_them():

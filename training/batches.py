@@ -106,7 +106,7 @@ def build_train_batches(
         from retrieval.data.cache.reader import has_cache
 
         if has_cache(d.cache, original.name, original):
-            loader = CacheTrainLoader(
+            cache_loader = CacheTrainLoader(
                 d.cache, original.name, sampler, d.image_size, device, cfg.train.seed + 7919 * rank,
                 channels_last=cfg.train.channels_last and device.type == "cuda", scale=(d.crop_scale_min, 1.0),
             )  # fmt: skip
@@ -115,10 +115,10 @@ def build_train_batches(
             for old, new in mapping.items():
                 lut[old] = new
             source = f"decoded-image cache {d.cache}"
-            if not loader.cached.full_resolution:
-                source += (f" (stored at short side {loader.cached.short_side} px: small crops are blurrier than from "
+            if not cache_loader.cached.full_resolution:
+                source += (f" (stored at short side {cache_loader.cached.short_side} px: small crops are blurrier than from "
                            "the files; rerun `retrieval prepare` to store training images at full resolution)")
-            return TrainBatches(sampler, source, device, loader, cfg.train.seed, rank, lut)
+            return TrainBatches(sampler, source, device, cache_loader, cfg.train.seed, rank, lut)
         source = (
             f"image files (no cache of split {train_split.name!r} in {d.cache}; write one with "
             f"`retrieval prepare` to decode once instead of every epoch)"

@@ -13,7 +13,7 @@ import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -67,7 +67,7 @@ def resume_checkpoint(resume: str | Path) -> Path:
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
     """Every RNG this process draws from, as tensors and plain lists (loadable with weights_only=True)."""
-    np_state = np.random.get_state()
+    np_state = cast(tuple[Any, ...], np.random.get_state(legacy=True))  # (name, keys, pos, has_gauss, gaussian)
     py_state = random.getstate()
     return {
         "torch": torch.get_rng_state(),

@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -80,7 +80,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
     returns this rank's slice (each rank's loss depends on every rank's rows)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         world = dist.get_world_size()
         ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
         parts = [torch.empty_like(x) for _ in range(world)]
@@ -88,7 +88,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return torch.cat(parts, dim=0)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
@@ -191,7 +191,8 @@ def wrap_for_step(
     Call again whenever the set of trainable parameters changes (end of warm-up): DDP records which
     parameters need gradients when it is built.
     """
-    compiled = torch.compile(model) if compile_model else None
+    # torch.compile of a module returns a module (OptimizedModule); its annotation says only "callable"
+    compiled = cast(nn.Module, torch.compile(model)) if compile_model else None
     if not info.enabled:
         return compiled if compiled is not None else model
     from torch.nn.parallel import DistributedDataParallel

@@ -172,7 +172,7 @@ class FusedMixedPool(torch.autograd.Function):
     """(maps (B, C, P), first (M,), second (M,), lam (M,)) -> pooled mixes (M, C) float32."""
 
     @staticmethod
-    def forward(ctx, maps: torch.Tensor, first: torch.Tensor, second: torch.Tensor,  # type: ignore[override]
+    def forward(ctx, maps: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
                 lam: torch.Tensor) -> torch.Tensor:
         batch, channels, positions = maps.shape
         count = first.shape[0]
@@ -192,7 +192,7 @@ class FusedMixedPool(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
         first, second, lam, argmax = ctx.saved_tensors
         shape, strides, dtype = ctx.maps_meta
         batch, channels, positions = shape

@@ -100,7 +100,8 @@ def main() -> None:
         print(exc.ctx.get_help() if exc.ctx is not None else str(exc))
         code = 0
     except click_exceptions.ClickException as exc:
-        command = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "retrieval"
+        ctx = getattr(exc, "ctx", None)  # UsageError and its kind carry the command's context
+        command = ctx.command_path if ctx is not None else "retrieval"
         sys.stderr.write(f"error: {' '.join(exc.format_message().split())}\n")
         sys.stderr.write(f"hint: see `{command} --help`\n")
         code = exc.exit_code if exc.exit_code else EXIT_USAGE

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
             console.print(analysis_table(report))
 
 
-def _print_metrics_table(console, index, meta, result) -> None:  # type: ignore[no-untyped-def]
+def _print_metrics_table(console: Any, index: Any, meta: Any, result: Any) -> None:
     """Index metrics, and for approximate indexes the exact search's and the difference beside them."""
     from rich.markup import escape
     from rich.table import Table
@@ -122,7 +122,7 @@ def _print_metrics_table(console, index, meta, result) -> None:  # type: ignore[
     console.print(table)
 
 
-def _print_rerank_table(console, index, meta, method, before, after) -> None:  # type: ignore[no-untyped-def]
+def _print_rerank_table(console: Any, index: Any, meta: Any, method: str, before: Any, after: Any) -> None:
     from rich.markup import escape
     from rich.table import Table
 

@@ -74,8 +74,8 @@ def register(app: typer.Typer) -> None:
         )
         if host not in ("127.0.0.1", "localhost", "::1"):
             console.print(f"[yellow]note:[/yellow] bound to {host}: anyone who can reach this machine can use the app")
-        if running.api is not None:
-            worker = running.worker
+        worker = running.worker
+        if running.api is not None and worker is not None:
             console.print(f"JSON API at {running.api_url}search (schema: {running.url}docs); batching up to "
                           f"{worker.max_batch} queries, waiting at most {worker.max_wait * 1000:g} ms"
                           + ("; Bearer token required" if api_token else ""))

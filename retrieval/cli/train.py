@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -103,7 +103,7 @@ def register(app: typer.Typer) -> None:
 
         console = Console(stderr=False)
         is_main = int(os.environ.get("RANK", "0")) == 0
-        flags = {
+        flags: dict[str, dict[str, Any]] = {
             "data": dict(root=data_root, image_size=image_size, resize_size=resize_size, batch_size=batch_size,
                          sampler=sampler, images_per_class=images_per_class, workers=workers, cache=cache),
             "model": dict(arch=arch, embedding_size=embedding_size, pretrained=pretrained),

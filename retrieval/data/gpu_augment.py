@@ -21,6 +21,7 @@ on fine texture (see tests); the distribution of crops is exactly torchvision's.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,9 +65,10 @@ def pad_batch(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
     return out, to_device(torch.tensor(list(zip(hs, ws)), dtype=torch.int64), device)
 
 
-def paste_padded(batch: torch.Tensor | np.ndarray, b: int, image: torch.Tensor | np.ndarray) -> None:
+def paste_padded(batch: Any, b: int, image: Any) -> None:
     """Write a (3, h, w) image into sample b of a padded (B, 3, Hmax, Wmax) batch, followed by a copy of
-    its last row and column (see module docstring); tensors and NumPy arrays alike."""
+    its last row and column (see module docstring); tensors and NumPy arrays alike (hence Any: the type
+    checker cannot express "a tensor with a tensor, an array with an array")."""
     h, w = image.shape[1], image.shape[2]
     hmax, wmax = batch.shape[2], batch.shape[3]
     batch[b, :, :h, :w] = image

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -187,13 +188,13 @@ class RandomBatchSampler(_EpochSampler):
 class SamplerDrivenLoader:
     """Base of the loaders that draw their batches from a batch sampler: length and epoch follow it."""
 
-    batch_sampler: object
+    batch_sampler: Any  # a sized iterable of index lists, with set_epoch when it reshuffles per epoch
     epoch: int = 0
 
     def __len__(self) -> int:
-        return len(self.batch_sampler)  # type: ignore[arg-type]
+        return len(self.batch_sampler)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
         if hasattr(self.batch_sampler, "set_epoch"):
-            self.batch_sampler.set_epoch(epoch)  # type: ignore[union-attr]
+            self.batch_sampler.set_epoch(epoch)

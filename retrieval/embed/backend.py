@@ -19,7 +19,11 @@ from retrieval.preprocess import Preprocessing
 
 @runtime_checkable
 class EmbeddingBackend(Protocol):
-    fingerprint: str
+    @property
+    def fingerprint(self) -> str:
+        """What identifies the weights and preprocessing (stored with indexes; a mismatch is refused)."""
+        ...
+
     embedding_size: int
     preprocessing: Preprocessing
     device: str  # human-readable: "cuda:0 (bf16)", "cpu", "onnxruntime CPUExecutionProvider"

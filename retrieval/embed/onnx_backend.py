@@ -12,7 +12,7 @@ import json
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -277,12 +277,17 @@ class OnnxBackend:
                 yield np.stack([load(p) for p in chunk])
             return
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            pending = [pool.submit(lambda c=c: np.stack([load(p) for p in c])) for c in chunks[:2]]
+            def load_chunk(chunk: Sequence[str | os.PathLike[str]]) -> np.ndarray:
+                return np.stack([load(p) for p in chunk])
+
+            pending: list[Future[np.ndarray] | None] = [pool.submit(load_chunk, c) for c in chunks[:2]]
             for i in range(len(chunks)):
-                batch = pending[i].result()
+                future = pending[i]
+                assert future is not None
+                batch = future.result()
                 if i + 2 < len(chunks):
-                    pending.append(pool.submit(lambda c=chunks[i + 2]: np.stack([load(p) for p in c])))
-                pending[i] = None  # type: ignore[call-overload]  # free the batch once consumed
+                    pending.append(pool.submit(load_chunk, chunks[i + 2]))
+                pending[i] = None  # free the batch once consumed
                 yield batch
 
     def embed_paths(

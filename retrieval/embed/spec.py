@@ -125,7 +125,7 @@ def open_embedder(spec: EmbedderSpec, device: str = "auto") -> "EmbeddingBackend
     selects the onnxruntime providers and the backend's `device` reports what runs.
     """
     backend = KINDS[spec.kind].open(spec, device)
-    backend.spec = spec  # type: ignore[attr-defined]
+    backend.spec = spec
     return backend
 
 
@@ -153,20 +153,27 @@ def open_recorded(record: dict[str, Any], device: str = "auto") -> EmbeddingBack
 def _open_checkpoint(spec: EmbedderSpec, device: str) -> "EmbeddingBackend":
     from retrieval.embed.torch_backend import TorchBackend
 
-    return TorchBackend.from_checkpoint(spec.path, device=device)  # type: ignore[arg-type]
+    return TorchBackend.from_checkpoint(_path_of(spec), device=device)
 
 
 def _open_onnx(spec: EmbedderSpec, device: str) -> "EmbeddingBackend":
     from retrieval.embed.onnx_backend import OnnxBackend, providers_for_device
 
-    return OnnxBackend(spec.path, providers=providers_for_device(device))  # type: ignore[arg-type]
+    return OnnxBackend(_path_of(spec), providers=providers_for_device(device))
+
+
+def _path_of(spec: EmbedderSpec) -> str:
+    """The file of a checkpoint or ONNX spec (__post_init__ refuses those kinds without one)."""
+    if spec.path is None:
+        raise ValueError(f"a {spec.kind} embedder spec needs a path")
+    return spec.path
 
 
 def _open_untrained(spec: EmbedderSpec, device: str) -> "EmbeddingBackend":
     """Seeded, so that search re-creates the very network the index was built with."""
     import torch
 
-    from retrieval.config import ModelConfig
+    from retrieval.config import ModelConfig, default_resize_size
     from retrieval.preprocess import Preprocessing
     from retrieval.embed.torch_backend import TorchBackend
     from retrieval.model import Embedder
@@ -174,7 +181,7 @@ def _open_untrained(spec: EmbedderSpec, device: str) -> "EmbeddingBackend":
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         model = Embedder(ModelConfig(arch=spec.arch, embedding_size=spec.embedding_size, pretrained="none"))
-    prep = Preprocessing(image_size=spec.image_size, resize_size=spec.resize_size)  # type: ignore[arg-type]
+    prep = Preprocessing(image_size=spec.image_size, resize_size=spec.resize_size or default_resize_size(spec.image_size))
     return TorchBackend(model, prep, device=device)
 
 

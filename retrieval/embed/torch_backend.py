@@ -60,7 +60,7 @@ class TorchBackend:
             amp_dtype = resolve_amp(amp_dtype, self.torch_device)
         self.amp_dtype: torch.dtype | None = amp_dtype
         self.channels_last = channels_last
-        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, str(self.amp_dtype))
+        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, str(amp_dtype)) if amp_dtype else ""
         self.device = f"{self.torch_device} ({precision} autocast)" if self.amp_dtype else str(self.torch_device)
 
     @property

@@ -203,11 +203,11 @@ def rows_to_remove(index: GalleryIndex, item_ids: Sequence[str] = (), paths: Seq
             missing.append(f"item id {item}")
     for path in paths:
         candidates = [os.path.realpath(path)] + ([os.path.realpath(os.path.join(root, path))] if root else [])
-        row = next((by_path[c] for c in candidates if c in by_path), None)
-        if row is None:
+        found = next((by_path[c] for c in candidates if c in by_path), None)
+        if found is None:
             missing.append(f"path {path}")
         else:
-            rows.add(row)
+            rows.add(found)
     if missing:
         raise InputError(f"not in the index {index.meta.folder}: {', '.join(missing[:5])}"
                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else "") + "; nothing was removed")

@@ -36,7 +36,7 @@ from retrieval.errors import UsageError
 from retrieval.index.config import IndexConfig
 from retrieval.index.errors import IndexBuildError
 from retrieval.index.faiss_index import BuiltIndex, add_to_index, build_faiss_index, configure_search, resolve_params
-from retrieval.index.knobs import EF_SEARCH, NPROBE, knob_label
+from retrieval.index.knobs import EF_SEARCH, NPROBE, knob_label, knob_values
 from retrieval.index.meta import IndexMeta
 from retrieval.index.types import INDEX_TYPES, IndexParams
 
@@ -126,20 +126,19 @@ def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, rows: np.ndarray 
     separately when a GPU did the work."""
     from retrieval.knn import FlatSearcher
 
-    searcher = FlatSearcher(vectors, metric="ip", use_gpu=use_gpu, max_k=k + 1)
-
-    def exact() -> np.ndarray:
+    def exact(searcher: FlatSearcher) -> np.ndarray:
         return np.concatenate([
             searcher.search(queries[s : s + TIMING_BATCH], k,
                             self_ids=None if rows is None else rows[s : s + TIMING_BATCH])[1]
             for s in range(0, len(queries), TIMING_BATCH)])
 
+    searcher = FlatSearcher(vectors, metric="ip", use_gpu=use_gpu, max_k=k + 1)
     device = searcher.device
     if device.startswith("cpu"):  # the exact search is itself the CPU timing of flat
-        ids, seconds = _timed_passes(exact)
+        ids, seconds = _timed_passes(lambda: exact(searcher))
         return ids, len(queries) / seconds, device
-    ids = exact()
-    del searcher
+    ids = exact(searcher)
+    del searcher  # free the GPU copy before timing the CPU one
     cpu = FlatSearcher(vectors, metric="ip", use_gpu=False, max_k=k + 1)
     timed = queries[: 2 * TIMING_BATCH]
     _, seconds = _timed_passes(lambda: [cpu.index.search(timed[s : s + TIMING_BATCH], k + 1)
@@ -202,7 +201,7 @@ class _Sweep:
         self.bar = tqdm(desc="calibrating", unit="setting", disable=not progress)
 
     def measure(self, **setting: int) -> CurvePoint:
-        configure_search(self.index, dataclasses.replace(self.params, **setting))
+        configure_search(self.index, dataclasses.replace(self.params, **knob_values(**setting)))
         ids, qps = _search_without_self(self.index, self.queries, self.rows, self.k)
         point = CurvePoint(dict(setting), round(recall_against(ids, self.exact), 5), round(qps, 1))
         self.points.append(point)
@@ -264,7 +263,7 @@ def calibrate(index: faiss.Index, params: IndexParams, vectors: np.ndarray, cfg:
     if found is None:  # the best recall measured; the cheaper setting on ties
         found = max(sweep.points, key=lambda p: (p.recall, p.qps))
     sweep.bar.close()
-    chosen = dataclasses.replace(params, **found.setting)
+    chosen = dataclasses.replace(params, **knob_values(**found.setting))
     configure_search(index, chosen)
     result = Calibration(
         index_type=params.index_type, target_recall=target, k=k, n_queries=len(queries), seed=cfg.seed,
@@ -420,7 +419,7 @@ def override_search_params(params: IndexParams, nprobe: int | None = None, ef_se
             raise UsageError(f"{knob.flag} applies to {knob.applies_to}; this index is {params.index_type}")
         params.kind.check_knob(params, value)
         changes[knob.field] = int(value)
-    return dataclasses.replace(params, **changes) if changes else params
+    return dataclasses.replace(params, **knob_values(**changes)) if changes else params
 
 
 def search_setting_text(meta: IndexMeta, params: IndexParams | None = None) -> str:

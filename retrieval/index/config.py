@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from retrieval.index.knobs import knob_fields
+from retrieval.index.knobs import KnobValues, knob_fields
 from retrieval.index.types import index_type
 
 
 @dataclass
 @knob_fields(lambda knob: knob.default, after="index_type")
-class IndexConfig:
+class IndexConfig(KnobValues):
     """How a gallery is indexed.
 
     After `index_type`, one int field per knob of retrieval.index.knobs.INDEX_KNOBS (nlist, nprobe, pq_m,

@@ -66,6 +66,35 @@ INDEX_KNOBS: dict[str, Knob] = {k.field: k for k in (
 )}
 
 
+class KnobValues:
+    """The knob fields `knob_fields` adds to a dataclass, spelt out for the type checker.
+
+    A plain class, not a dataclass: the dataclasses that inherit it get their fields from `knob_fields`
+    (these annotations make no field), and type checkers see each knob as an int attribute.
+    tests/test_index_types.py checks that these annotations are exactly INDEX_KNOBS, in order.
+    """
+
+    nlist: int
+    nprobe: int
+    pq_m: int
+    pq_nbits: int
+    hnsw_m: int
+    ef_construction: int
+    ef_search: int
+    refine_factor: int
+    train_size: int
+
+
+def knob_values(**values: int) -> dict[str, Any]:
+    """Keyword arguments setting knobs of an IndexParams / IndexConfig (typed loosely: their fields are generated).
+
+    An unknown name is a bug in the caller, so it raises at once."""
+    unknown = sorted(set(values) - set(INDEX_KNOBS))
+    if unknown:
+        raise TypeError(f"unknown index knobs: {unknown}")
+    return dict(values)
+
+
 def knob_label(field: str) -> str:
     """How people call a search setting (IndexParams field name -> "efSearch", "refine factor", ...)."""
     knob = INDEX_KNOBS.get(field)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from retrieval.errors import UsageError
 from retrieval.index.errors import IndexBuildError
-from retrieval.index.knobs import EF_SEARCH, NPROBE, Knob, knob_fields
+from retrieval.index.knobs import EF_SEARCH, NPROBE, Knob, KnobValues, knob_fields, knob_values
 
 if TYPE_CHECKING:
     import faiss
@@ -47,7 +47,7 @@ EF_LADDER = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 @dataclass(frozen=True)
 @knob_fields(lambda knob: 0, after="index_type")
-class IndexParams:
+class IndexParams(KnobValues):
     """Concrete parameters of one built index (no "auto" left); stored in the index metadata.
 
     After `index_type`, one int field per knob of INDEX_KNOBS (nlist, nprobe, pq_m, ...): 0 where the type
@@ -170,7 +170,7 @@ def default_nlist(n: int) -> int:
 class Ivf(IndexType):
     """Inverted lists over a k-means coarse quantizer; `nprobe` lists are scanned per query."""
 
-    knobs = ("nlist", "nprobe", "refine_factor", "train_size")
+    knobs: ClassVar[tuple[str, ...]] = ("nlist", "nprobe", "refine_factor", "train_size")
     knob = NPROBE
     sweeps_refine = True  # nprobe sets the cost; re-ranking k x factor candidates is small beside it
     removable = True
@@ -197,8 +197,8 @@ class Ivf(IndexType):
         floor = MIN_POINTS_PER_CENTROID * max(nlist, 2**pq_nbits if pq_nbits else 0)
         train_size = cfg.train_size if cfg.train_size > 0 else max(TRAIN_POINTS_PER_LIST * nlist, floor)
         train_size = int(min(n, max(train_size, floor)))
-        return IndexParams(self.name, nlist=nlist, nprobe=max(1, min(cfg.nprobe, nlist)),
-                           refine_factor=cfg.refine_factor, train_size=train_size, **codes)
+        return IndexParams(self.name, **knob_values(nlist=nlist, nprobe=max(1, min(cfg.nprobe, nlist)),
+                                                    refine_factor=cfg.refine_factor, train_size=train_size, **codes))
 
     def resolve(self, cfg: IndexRequest, n: int, d: int) -> IndexParams:
         return self._params(cfg, n, self._nlist(cfg, n))
@@ -282,7 +282,7 @@ class IvfSq8(Ivf):
 
 class IvfPq(Ivf):
     name = "ivf-pq"
-    knobs = Ivf.knobs + ("pq_m", "pq_nbits")
+    knobs: ClassVar[tuple[str, ...]] = (*Ivf.knobs, "pq_m", "pq_nbits")
     stores_vectors = False
     milvus_type = "IVF_PQ"
 
@@ -321,7 +321,7 @@ class IvfPq(Ivf):
 
 class Hnsw(IndexType):
     name = "hnsw"
-    knobs = ("hnsw_m", "ef_construction", "ef_search", "refine_factor")
+    knobs: ClassVar[tuple[str, ...]] = ("hnsw_m", "ef_construction", "ef_search", "refine_factor")
     knob = EF_SEARCH
     held_out_calibration = True  # a graph finds points it already holds far more easily than new queries
     gpu_unsupported = "FAISS has no GPU HNSW; it runs on the CPU"
@@ -337,8 +337,9 @@ class Hnsw(IndexType):
     def resolve(self, cfg: IndexRequest, n: int, d: int) -> IndexParams:
         if cfg.hnsw_m < 2:
             raise IndexBuildError(f"hnsw_m must be >= 2, got {cfg.hnsw_m}")
-        return IndexParams(self.name, hnsw_m=cfg.hnsw_m, ef_construction=max(cfg.ef_construction, cfg.hnsw_m),
-                           ef_search=cfg.ef_search, refine_factor=cfg.refine_factor)
+        return IndexParams(self.name, **knob_values(hnsw_m=cfg.hnsw_m,
+                                                    ef_construction=max(cfg.ef_construction, cfg.hnsw_m),
+                                                    ef_search=cfg.ef_search, refine_factor=cfg.refine_factor))
 
     def factory(self, params: IndexParams) -> str:
         return f"HNSW{params.hnsw_m}"

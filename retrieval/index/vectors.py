@@ -76,14 +76,14 @@ def checked_vectors(vectors: np.ndarray, *, normalize: bool = False, source: str
     bad_norm: list[np.ndarray] = []
     zero: list[np.ndarray] = []
     for start in range(0, n, CHECK_CHUNK):
-        chunk = np.asarray(vectors[start : start + CHECK_CHUNK], dtype=np.float32)
-        finite = np.isfinite(chunk).all(axis=1)
+        chunk: np.ndarray = np.asarray(vectors[start : start + CHECK_CHUNK], dtype=np.float32)
+        finite: np.ndarray = np.isfinite(chunk).all(axis=1)
         norms = np.linalg.norm(np.where(finite[:, None], chunk, 0), axis=1)
         off = finite & (np.abs(norms - 1.0) > NORM_TOLERANCE)
         bad_finite.append(np.flatnonzero(~finite) + start)
         if normalize:
             zero.append(np.flatnonzero(finite & (norms == 0)) + start)
-            chunk = chunk / np.where(norms > 0, norms, 1)[:, None]
+            chunk = (chunk / np.where(norms > 0, norms, 1)[:, None]).astype(np.float32)
         else:
             bad_norm.append(np.flatnonzero(off) + start)
         out[start : start + len(chunk)] = chunk

@@ -37,13 +37,15 @@ class _PinnedSlot:
         self.info: torch.Tensor | None = None  # (capacity, 4) int64
         self.copy_done: torch.cuda.Event | None = None  # recorded after the H2D copy was queued
 
-    def ensure(self, n_bytes: int, batch: int) -> None:
+    def ensure(self, n_bytes: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grow the buffers to hold `n_bytes` of images and `batch` info rows; returns (images, info)."""
         if self.images is None or self.images.numel() < n_bytes:
             cap = max(n_bytes, 2 * (0 if self.images is None else self.images.numel()))
             self.images = torch.empty(cap, dtype=torch.uint8, pin_memory=self.pin)
         if self.info is None or self.info.shape[0] < batch:
             self.info = torch.empty((max(batch, 2 * (0 if self.info is None else self.info.shape[0])), 4),
                                     dtype=torch.int64, pin_memory=self.pin)
+        return self.images, self.info
 
 
 def _copy_padded(cached: CachedSplit, records: np.ndarray, batch: np.ndarray, rows: range) -> None:
@@ -61,13 +63,13 @@ def _fill_slot(cached: CachedSplit, records: np.ndarray, slot: _PinnedSlot,
     """
     hs, ws = cached.heights[records], cached.widths[records]
     b, hmax, wmax = len(records), int(hs.max()), int(ws.max())
-    slot.ensure(b * 3 * hmax * wmax, b)
-    batch = slot.images[: b * 3 * hmax * wmax].numpy().reshape(b, 3, hmax, wmax)
+    images, info_rows = slot.ensure(b * 3 * hmax * wmax, b)
+    batch = images[: b * 3 * hmax * wmax].numpy().reshape(b, 3, hmax, wmax)
     if pool is None or threads < 2 or b < 8:
         _copy_padded(cached, records, batch, range(b))
     else:
         list(pool.map(lambda t: _copy_padded(cached, records, batch, range(t, b, threads)), range(threads)))
-    info = slot.info[:b].numpy()
+    info = info_rows[:b].numpy()
     info[:, 0], info[:, 1] = hs, ws
     info[:, 2] = cached.labels[records]
     info[:, 3] = cached.split_indices[records]

@@ -114,7 +114,7 @@ class _Job:
         root_path = Path(root).expanduser() if root is not None else None
         sizes, mtimes = source_stats(split.paths)
         capped = max_short_side is not None
-        return cls(split, dataset, Path(cache_dir), root_path, int(max_short_side if capped else short_side), capped,
+        return cls(split, dataset, Path(cache_dir), root_path, int(max_short_side if max_short_side is not None else short_side), capped,
                    [relative_source(Path(p), root_path) for p in split.paths], sizes, mtimes)
 
     @property
