@@ -73,8 +73,10 @@ def register(app: typer.Typer) -> None:
         merge: bool = typer.Option(False, "--merge", help="With --shards: merge the shards into one index."),
         address: Optional[str] = typer.Option(None, "--address", help="Ray: auto | HOST:PORT (default: Ray starts here)."),
         workers: int = typer.Option(2, "--workers", min=1, help="Ray: shard builds running at once."),
-        store: str = typer.Option("faiss", "--store", help="Where the vectors live: faiss (files in the folder) | "
-                                                          "milvus (a collection on --milvus-uri; see docs/scaling.md)."),
+        store: str = typer.Option(
+            "faiss", "--store",
+            help="Where the vectors live: faiss (files in the folder) | milvus (a collection on --milvus-uri; see "
+                 "docs/scaling.md)."),
         milvus_uri: Optional[str] = typer.Option(None, "--milvus-uri", help="With --store milvus: the server, "
                                                                              "e.g. http://localhost:19530."),
         collection: Optional[str] = typer.Option(None, "--collection", help="With --store milvus: the collection "

@@ -78,7 +78,8 @@ class IndexMeta:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"bytes", "sha256"}
     rerank: dict[str, Any] | None = None  # neighbour lists: width and the index file they belong to
     shards: list[dict[str, Any]] | None = None  # sharded folders: file, n_items, first_id of each shard
-    store: dict[str, Any] | None = None  # vectors and items kept elsewhere: {"kind": "milvus", "uri", "collection", "token_env"}
+    # vectors and items kept in a database: {"kind": "milvus", "uri", "collection", "token_env", "keys_sha256"}
+    store: dict[str, Any] | None = None
     # not written
     folder: str = ""  # where it was loaded from or saved to
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as read

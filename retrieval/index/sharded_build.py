@@ -29,7 +29,9 @@ from typing import Any
 import faiss
 import numpy as np
 
+from retrieval.atomic import atomic_write_with, read_json
 from retrieval.config import CalibrationConfig
+from retrieval.embed.parts import EmbeddingsFolder, PartItems, absolute_paths, part_paths
 from retrieval.errors import UsageError
 from retrieval.index.config import IndexConfig
 from retrieval.index.errors import IndexBuildError
@@ -43,11 +45,9 @@ from retrieval.index.faiss_index import (
     training_rows,
     write_index,
 )
-from retrieval.index.types import IndexParams
 from retrieval.index.folder import GalleryIndex, ItemTable, StoredQueries
 from retrieval.index.meta import IndexMeta
-from retrieval.embed.parts import EmbeddingsFolder, PartItems, absolute_paths, part_paths
-from retrieval.atomic import atomic_write_with, read_json
+from retrieval.index.types import IndexParams
 from retrieval.versions import now_iso
 
 
@@ -255,7 +255,6 @@ def build_from_parts(parts_dir: str | os.PathLike[str], out_dir: str | os.PathLi
         return index, report
     # one index, built and calibrated as `retrieval index` does (the same training sample for the same seed)
     from retrieval.index.calibrate import build_calibrated
-
     from retrieval.index.stores import gallery_index, store_builder
 
     gallery_emb, _ = folder.load_role("gallery", verify=verify)
