@@ -127,13 +127,16 @@ class Reranker:
         return lambda rows: fetched[np.searchsorted(unique, rows)]
 
     # -- methods on one query (g: the candidates' vectors; DBA reads its own) -------------------------
-    def _qe(self, q: np.ndarray, s: np.ndarray, cand: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _qe(self, q: np.ndarray, s: np.ndarray, cand: np.ndarray,
+            g: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        assert g is not None
         g = g.astype(np.float64)
         n = min(self.cfg.qe_n, len(cand))
         expanded = _normalise(q + (_weights(s[:n], self.cfg.alpha)[:, None] * g[:n]).sum(axis=0))
         return _reorder(g @ expanded, cand)
 
-    def _dba(self, q: np.ndarray, s: np.ndarray, cand: np.ndarray, g: None) -> tuple[np.ndarray, np.ndarray]:
+    def _dba(self, q: np.ndarray, s: np.ndarray, cand: np.ndarray,
+             g: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         lists = self.neighbours
         n = min(self.cfg.dba_n, lists.width)
         nbr_ids, nbr_s = lists.ids[cand, :n], lists.scores[cand, :n]
@@ -142,7 +145,8 @@ class Reranker:
         return _reorder(augmented @ q, cand)
 
     def _kreciprocal(self, q: np.ndarray, s: np.ndarray, cand: np.ndarray,
-                     g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                     g: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        assert g is not None
         points = np.concatenate([q[None, :], g.astype(np.float64)])
         dist = k_reciprocal_distance(points, self.cfg.k1, self.cfg.k2, self.cfg.lam)
         return _reorder((1.0 - dist).astype(np.float32), cand)
