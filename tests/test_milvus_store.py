@@ -286,17 +286,41 @@ def test_cli_builds_into_milvus_and_a_killed_upload_rerun_gives_the_same_collect
     assert [[h["gallery_index"] for h in r["hits"]] for r in json.loads(res.output)["results"]] == brute.tolist()
 
 
+def _serve_process(index_dir: Path, port: int, log: Path) -> subprocess.Popen:
+    """A `retrieval serve` process of its own (a replica), watching its folder."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "GRADIO_ANALYTICS_ENABLED": "False"}
+    return subprocess.Popen([sys.executable, "-m", "retrieval", "serve", "--index", str(index_dir), "--port",
+                             str(port), "--device", "cpu", "--watch-interval", "0.2"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+
+
+def _wait_ready(client, proc: subprocess.Popen, log: Path, timeout_s: float = 180.0) -> None:
+    from retrieval.client import SearchApiError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, f"retrieval serve exited: {log.read_text()[-2000:]}"
+        try:
+            if client.ready():
+                return
+        except SearchApiError:
+            pass
+        assert time.monotonic() < deadline, f"retrieval serve was not ready in {timeout_s:.0f} s"
+        time.sleep(0.3)
+
+
 @pytest.mark.slow
-def test_two_servers_over_one_collection_answer_identically_and_both_see_add_and_remove(milvus_uri: str,
-                                                                                     tmp_path: Path):
-    """Two `retrieval serve` replicas (real HTTP servers watching the folder) over one Milvus collection, with a
-    tiny untrained embedder over a generated In-Shop dataset: the same answers, and an --add / --remove run once is
-    served by both."""
-    from app.serve import free_port, launch
+def test_two_serve_processes_over_one_collection_answer_identically_and_both_see_add_and_remove(milvus_uri: str,
+                                                                                             tmp_path: Path):
+    """Two `retrieval serve` processes (replicas behind a load balancer) over one Milvus collection, with a tiny
+    untrained embedder over a generated In-Shop dataset: the same answers, and one `retrieval index --add` /
+    `--remove` command is served by both without a restart."""
+    from app.live_index import version_of
+    from app.serve import free_port
     from retrieval.client import SearchClient
     from retrieval.data import load_dataset
     from retrieval.embed.spec import EmbedderSpec, open_embedder
-    from retrieval.index.build import add_images, build_index, remove_items
+    from retrieval.index.build import build_index
     from tests.fakes import make_fake_inshop, make_image_folder
 
     data = make_fake_inshop(tmp_path / "inshop", train_items=1, test_items=6, per_item=4, size=32)
@@ -304,10 +328,13 @@ def test_two_servers_over_one_collection_answer_identically_and_both_see_add_and
     out = tmp_path / "idx"
     build_index(load_dataset("inshop", data), backend, out, IndexConfig(use_gpu=False), progress=False,
                 store=MilvusStoreRecord(milvus_uri, "replicas"))
-    servers = [launch(Searcher.open(out, backend, device="cpu"), port=free_port(), index_dir=out,
-                      watch_interval_s=0.1) for _ in range(2)]
+    logs = [tmp_path / f"serve-{i}.log" for i in range(2)]
+    ports = [free_port() for _ in logs]
+    procs = [_serve_process(out, port, log) for port, log in zip(ports, logs)]
     try:
-        clients = [SearchClient(s.url, timeout=60) for s in servers]
+        clients = [SearchClient(f"http://127.0.0.1:{port}", timeout=60) for port in ports]
+        for client, proc, log in zip(clients, procs, logs):
+            _wait_ready(client, proc, log)
         first = Searcher.open(out, backend, device="cpu")
         query = first.query_paths[1]
         category = first.index.items.attributes[0]["category"]
@@ -321,33 +348,40 @@ def test_two_servers_over_one_collection_answer_identically_and_both_see_add_and
         a, b = answers(filter={"category": category}, rerank="qe")
         assert a == b and all(first.index.items.attributes[i]["category"] == category for i, _, _ in a)
 
+        def served_everywhere(n: int, what: str) -> None:
+            deadline = time.monotonic() + 120
+            while not all(c.info()["n_items"] == n for c in clients):
+                assert time.monotonic() < deadline, f"{what} was not served by both processes"
+                time.sleep(0.2)
+
+        def cli(*args: str) -> None:
+            env = {**os.environ, "PYTHONPATH": str(REPO)}
+            done = subprocess.run([sys.executable, "-m", "retrieval", "index", "--out", str(out), *args,
+                                   "--device", "cpu"], cwd=REPO, env=env, capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr[-2000:]
+
         folder = make_image_folder(tmp_path / "new", classes=1, per_class=2, size=32)
-        add_images(out, [folder], backend, progress=False)
+        cli("--add", str(folder))
         version = Searcher.open(out, backend, device="cpu").meta
-        from app.live_index import version_of
-
-        def served_everywhere(n: int) -> bool:
-            return all(c.info()["n_items"] == n for c in clients)
-
-        deadline = time.monotonic() + 60
-        while not served_everywhere(version.n_items):
-            assert time.monotonic() < deadline, "the added items were not served by both servers"
-            time.sleep(0.1)
+        served_everywhere(version.n_items, "the --add")
         assert {c.info()["index_version"] for c in clients} == {version_of(version).id}
         new_path = sorted(str(p) for p in folder.rglob("*") if p.is_file())[0]
         hits = [c.search(new_path, k=1).hits[0] for c in clients]
         assert hits[0].score == pytest.approx(1.0, abs=1e-4) and hits[0].path == hits[1].path
 
-        removed, _ = remove_items(out, [], [hits[0].path])
-        deadline = time.monotonic() + 60
-        while not served_everywhere(len(removed)):
-            assert time.monotonic() < deadline, "the removal was not served by both servers"
-            time.sleep(0.1)
+        cli("--remove-path", new_path)
+        served_everywhere(version.n_items - 1, "the --remove-path")
         after = [[h.path for h in c.search(new_path, k=3).hits] for c in clients]
         assert after[0] == after[1] and hits[0].path not in after[0]
     finally:
-        for s in servers:
-            s.close()
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def test_embedding_parts_build_into_milvus_and_evaluate_as_the_faiss_index(milvus_uri: str, tmp_path: Path):
