@@ -12,14 +12,14 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from retrieval.config_resolve import resolve_config
 from retrieval.data import dataset_choices
 from retrieval.errors import ConfigError
-from training import catalog
+from training import catalog, levels
 
 
 def _resume_path(resume: str, out_dir: str | None) -> Path:
@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
             None, "--loss", help=f"{catalog.described(catalog.LOSSES)}. Default {catalog.DEFAULT_LOSS}."
         ),
         mixup: Optional[str] = typer.Option(
-            None, "--mixup", help=f"Metrix level: {catalog.described(catalog.LEVELS)}. Default {catalog.DEFAULT_LEVEL}."
+            None, "--mixup", help=f"Metrix level: {catalog.described(levels.LEVELS)}. Default {levels.DEFAULT_LEVEL}."
         ),
         config_file: Optional[Path] = typer.Option(None, "--config", help="JSON file shaped like the printed config; flags override it."),
         epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
@@ -103,7 +103,7 @@ def register(app: typer.Typer) -> None:
 
         console = Console(stderr=False)
         is_main = int(os.environ.get("RANK", "0")) == 0
-        flags = {
+        flags: dict[str, dict[str, Any]] = {
             "data": dict(root=data_root, image_size=image_size, resize_size=resize_size, batch_size=batch_size,
                          sampler=sampler, images_per_class=images_per_class, workers=workers, cache=cache),
             "model": dict(arch=arch, embedding_size=embedding_size, pretrained=pretrained),
