@@ -37,7 +37,7 @@ from retrieval.config import LossConfig, MixupConfig, ModelConfig, RunConfig  # 
 from retrieval.devices import torch_device  # noqa: E402
 from retrieval.data.base import Split  # noqa: E402
 from retrieval.model import Embedder  # noqa: E402
-from training import catalog  # noqa: E402
+from training.levels import level_names  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,7 +258,7 @@ def main(argv: Iterable[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds (median reported)")
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="DataLoader workers / cache writers")
     parser.add_argument("--decode-threads", type=int, default=4, help="file-reading threads of the GPU-decode loader")
-    parser.add_argument("--mixup", default="none", help=f"mixup level of the training step ({'/'.join(catalog.level_names())})")
+    parser.add_argument("--mixup", default="none", help=f"mixup level of the training step ({'/'.join(level_names())})")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--keep", type=Path, default=None, help="write the dataset and cache here instead of a temp folder")
     parser.add_argument("--skip-train", action="store_true", help="measure input rates only")

@@ -32,11 +32,11 @@ from retrieval.config import LossConfig, MixupConfig, ModelConfig, RunConfig  # 
 from retrieval.devices import torch_device  # noqa: E402
 from retrieval.model import Embedder  # noqa: E402
 from training import catalog  # noqa: E402
-from training.metrix import resolve_max_pairs  # noqa: E402
+from training.levels import level as mixing_level, level_names  # noqa: E402
 from training.objective import build_objective  # noqa: E402
 from training.step import GRAPH_WARMUP_STEPS, StepParts, build_step, set_optimizer_for_graphs  # noqa: E402
 
-LEVELS = catalog.level_names()
+LEVELS = level_names()
 VARIANTS = (*LEVELS, "feature:torch")  # feature:torch = feature level with the PyTorch pooling path
 TARGETS = {"embedding": 0.95, "feature": 0.90, "feature:torch": 0.90}
 MODES = ("eager", "compiled", "graphs", "both")
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                 ratio = rate / base if base else float("nan")
                 target = TARGETS.get(level)
                 mixes = 0 if level == "none" else (
-                    resolve_max_pairs(level.split(":")[0], args.max_pairs, args.batch) or args.batch * args.batch)
+                    mixing_level(level.split(":")[0]).max_pairs(args.max_pairs, args.batch) or args.batch * args.batch)
                 flag = ""
                 if target is not None and base:
                     flag = f"{target:.2f}" + ("" if ratio >= target else "!")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, TypeVar
 
 from retrieval.errors import ConfigError
-from training import catalog
+from training import catalog, levels
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -74,7 +74,7 @@ class LossConfig:
 class MixupConfig:
     """Metrix: what is mixed, how strongly, and how much it weighs in the objective."""
 
-    level: str = "none"  # a name from training.catalog.LEVELS
+    level: str = "none"  # a name from training.levels.LEVELS
     alpha: float = 2.0  # lam ~ Beta(alpha, alpha)
     weight: float = 0.4  # w in  E = clean + w * mixed
     lam_per: str = "batch"  # training.catalog.LAMBDA_PER
@@ -195,7 +195,7 @@ def paper_train_preset(dataset: str, loss: str, mixup_level: str = "none") -> Tr
     """
     catalog.loss(loss)  # refuses a loss the catalog does not list
     recipe = _PAPER_TRAIN_RECIPES.get(loss)
-    cell = recipe(dataset, catalog.level(mixup_level).mixes) if recipe is not None else None
+    cell = recipe(dataset, levels.level(mixup_level).mixes) if recipe is not None else None
     # folder / demo: a short schedule that suits small custom data and trains the BN statistics.
     return cell or TrainConfig(epochs=20, lr=1e-4, lr_step=10, lr_gamma=0.5, warmup_epochs=1, freeze_bn=False)
 

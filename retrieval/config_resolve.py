@@ -19,13 +19,13 @@ from typing import Any
 from retrieval.config import RunConfig, default_resize_size, preset
 from retrieval.data import DATASETS, dataset_choices
 from retrieval.errors import ConfigError
-from training import catalog
+from training import catalog, levels
 
 # The settings that take one of a list of names, and that list (read from the registries).
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": tuple(DATASETS),
     "loss.name": catalog.loss_names(),
-    "mixup.level": catalog.level_names(),
+    "mixup.level": levels.level_names(),
     "data.sampler": catalog.SAMPLERS,
     "train.amp": catalog.AMP_MODES,
     "mixup.lam_per": catalog.LAMBDA_PER,
@@ -92,7 +92,7 @@ def _table_cell(dataset: str | None, loss: str | None, mixup: str | None, file_c
     if not dataset:
         raise ConfigError(f"pass --dataset ({dataset_choices()})")
     loss = loss or file_cfg.get("loss", {}).get("name") or catalog.DEFAULT_LOSS
-    mixup = mixup or file_cfg.get("mixup", {}).get("level") or catalog.DEFAULT_LEVEL
+    mixup = mixup or file_cfg.get("mixup", {}).get("level") or levels.DEFAULT_LEVEL
     for what, key, value in (("dataset", "data.dataset", dataset), ("loss", "loss.name", loss),
                              ("mixup", "mixup.level", mixup)):
         if value not in CHOICES[key]:

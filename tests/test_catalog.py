@@ -1,18 +1,23 @@
-"""The catalog of losses and mixing levels: every implementation covers exactly its entries, and the command
-line, the config presets and the objective read their choices from it."""
+"""The catalog of losses and the registry of mixing levels: every implementation covers exactly its entries,
+every level trains and analyses on a tiny batch, and the command line, the config presets and the objective
+read their choices from them."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from retrieval.config_resolve import CHOICES
 from retrieval.config import paper_train_preset
 from retrieval.errors import UsageError
-from training import catalog
+from training import catalog, levels
+
+if TYPE_CHECKING:
+    from retrieval.model import Embedder
 
 
 def test_each_loss_of_the_catalog_has_exactly_one_builder() -> None:
@@ -21,32 +26,61 @@ def test_each_loss_of_the_catalog_has_exactly_one_builder() -> None:
     assert set(LOSS_BUILDERS) == set(catalog.loss_names())
 
 
-def test_each_level_of_the_catalog_has_exactly_one_objective_forward() -> None:
-    from training.objective import LEVEL_TERMS
+@pytest.fixture(scope="module")
+def tiny_embedder() -> Embedder:
+    import torch
 
-    assert set(LEVEL_TERMS) == set(catalog.level_names())
+    from retrieval.config import ModelConfig
+    from retrieval.model import Embedder
+
+    torch.manual_seed(0)
+    return Embedder(ModelConfig(arch="resnet18", pretrained="none", embedding_size=16))
 
 
-def test_each_mixing_level_has_exactly_one_analysis_mix() -> None:
-    from training.analysis import TRAINING_MIXES
+@pytest.mark.parametrize("mixing", levels.LEVELS, ids=lambda lv: lv.name)
+def test_every_level_trains_and_analyses_a_tiny_batch(mixing: levels.MixingLevel, tiny_embedder: Embedder) -> None:
+    """Each registered level is one object: its help, its objective term (clean loss plus w x its Metrix
+    term) and, where it mixes, the mixes the analyses form, each run on a batch of 8 tiny images."""
+    import torch
 
-    assert set(TRAINING_MIXES) == set(catalog.mixing_level_names()) == set(catalog.level_names()) - {"none"}
-
-
-def test_the_objective_says_whether_its_level_needs_the_global_batch() -> None:
     from retrieval.config import preset
     from training.objective import build_objective
 
-    for level in catalog.LEVELS:
-        objective = build_objective(preset("demo", "ms", level.name), 4, 8)
-        assert objective.gathers_global_batch is level.global_batch
-    assert [lv.name for lv in catalog.LEVELS if not lv.global_batch] == ["input"]  # images stay on their rank
+    assert mixing.help and levels.level(mixing.name) is mixing
+    model = tiny_embedder.train()
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    objective = build_objective(preset("demo", "ms", mixing.name), num_classes=4, embedding_size=16)
+    assert objective.gathers_global_batch is mixing.global_batch
+    out = objective(model, images, labels, torch.Generator().manual_seed(2))
+    assert torch.isfinite(out.loss) and out.clean.item() > 0
+    assert (out.mixed.item() > 0) is mixing.mixes
+    assert out.loss.item() == pytest.approx(out.clean.item() + objective.weight * out.mixed.item(), rel=1e-6)
+    if not mixing.mixes:
+        with pytest.raises(UsageError, match="forms no mixes"):
+            mixing.analysis_mixes(model, images, images, images, objective.plan(labels))
+        return
+    model.eval()
+    with torch.no_grad():
+        fmap = model.trunk(images)
+        emb = model.head(fmap)
+        targets = objective.plan(labels, torch.Generator().manual_seed(3))
+        mixed = mixing.analysis_mixes(model, images, fmap, emb, targets)
+    assert mixed.shape == (len(targets.first), 16) and len(targets.first) > 0
+    assert torch.allclose(mixed.norm(dim=1), torch.ones(len(mixed)), atol=1e-5)  # embeddings, L2-normalised
+
+
+def test_only_the_input_level_keeps_to_its_rank_and_only_the_baseline_forms_no_mixes() -> None:
+    assert [lv.name for lv in levels.LEVELS if not lv.global_batch] == ["input"]  # images stay on their rank
+    assert [lv.name for lv in levels.LEVELS if not lv.mixes] == ["none"]
+    assert levels.mixing_level_names() == ("input", "feature", "embedding")
 
 
 def test_defaults_and_names_are_catalog_entries() -> None:
-    assert catalog.DEFAULT_LOSS in catalog.loss_names() and catalog.DEFAULT_LEVEL in catalog.mixing_level_names()
-    assert len(set(catalog.loss_names())) == len(catalog.LOSSES) and len(set(catalog.level_names())) == len(catalog.LEVELS)
-    assert CHOICES["loss.name"] == catalog.loss_names() and CHOICES["mixup.level"] == catalog.level_names()
+    assert catalog.DEFAULT_LOSS in catalog.loss_names() and levels.DEFAULT_LEVEL in levels.mixing_level_names()
+    assert len(set(catalog.loss_names())) == len(catalog.LOSSES)
+    assert len(set(levels.level_names())) == len(levels.LEVELS)
+    assert CHOICES["loss.name"] == catalog.loss_names() and CHOICES["mixup.level"] == levels.level_names()
 
 
 def test_every_value_of_the_smaller_settings_is_accepted_and_no_other(tmp_path: Path) -> None:
@@ -92,7 +126,7 @@ def test_unknown_names_are_refused_with_the_choices() -> None:
     with pytest.raises(UsageError, match="unknown loss 'triplet'; choose contrastive, ms or pa"):
         catalog.loss("triplet")
     with pytest.raises(UsageError, match="unknown mixup level 'pixels'; choose none, input, feature or embedding"):
-        catalog.level("pixels")
+        levels.level("pixels")
     with pytest.raises(UsageError, match="unknown loss"):
         paper_train_preset("cub", "triplet")
 
@@ -103,12 +137,12 @@ def test_cli_help_lists_every_choice_with_its_help() -> None:
     from retrieval.cli import app
 
     out = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "400"}).output
-    for choice in catalog.LOSSES + catalog.LEVELS:
+    for choice in (*catalog.LOSSES, *levels.LEVELS):
         assert f"{choice.name} ({choice.help})" in out
 
 
 def test_the_catalog_and_the_cli_start_without_torch() -> None:
-    code = ("import sys, training.catalog, retrieval.config, retrieval.cli; "
+    code = ("import sys, training.catalog, training.levels, retrieval.config, retrieval.cli; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout

@@ -67,12 +67,14 @@ PACKAGE_FLOORS = {
 # (importer floor, imported floor) pairs allowed only inside a function.
 LAZY_ONLY = {("cli", "training"), ("cli", "serve")}
 # Torch-free training modules the command line reads at startup (the choices its help texts list).
-LIGHT_TRAINING = {"training", "training.catalog"}
+LIGHT_TRAINING = {"training", "training.catalog", "training.levels"}
 
 # Imports against the order that are allowed, with why. Each must still exist (stale entries fail).
 ALLOWED_AGAINST_ORDER = {
     ("retrieval.config", "training.catalog"):
-        "config validates presets against the torch-free catalog of losses and mixing levels",
+        "config validates presets against the torch-free catalog of losses",
+    ("retrieval.config", "training.levels"):
+        "config picks a preset by whether its torch-free mixing level forms mixes",
 }
 KNOWN_CYCLES: dict[frozenset[str], str] = {}
 

@@ -14,8 +14,9 @@ from retrieval.model import Embedder
 from training.losses import build_loss
 from training.metrix import (
     MixedTargets, hardest_negatives, mix_embeddings, mix_images, mixed_pool, plan_hardest_pairs, plan_pairs,
-    resolve_max_pairs, sample_beta,
+    sample_beta,
 )
+from training import levels
 from training.objective import build_objective
 
 # anchors 0,1 (class 0) and 3,4 (class 2) have a positive; 2 (class 1) and 5 (class 3) do not
@@ -157,10 +158,10 @@ def test_budget_draws_different_subsets() -> None:
 
 
 def test_input_level_defaults_to_one_mix_per_image() -> None:
-    assert resolve_max_pairs("input", 0, 100) == 100
-    assert resolve_max_pairs("feature", 0, 100) == 0 and resolve_max_pairs("embedding", 50, 100) == 50
+    assert levels.level("input").max_pairs(0, 100) == 100
+    assert levels.level("feature").max_pairs(0, 100) == 0 and levels.level("embedding").max_pairs(50, 100) == 50
     with pytest.raises(ValueError):
-        resolve_max_pairs("feature", -1, 100)
+        levels.level("feature").max_pairs(-1, 100)
 
 
 # ---- lam limits reduce to clean terms ------------------------------------------------------------

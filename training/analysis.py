@@ -9,14 +9,15 @@ Lower means the test points lie closer to what training explored; Metrix's claim
 embeddings reach the regions where test classes fall.
 
 Mixes are formed the way training forms them at the checkpoint's mixing level (feature maps, embeddings
-or images; `--mix-level` overrides), one per training image: each image of a batch is mixed with a
-random image of another class of the same batch, lam ~ Beta(alpha, alpha) per pair, all seeded.
+or images: the level's `analysis_mixes`, training/levels.py; `--mix-level` overrides), one per training
+image: each image of a batch is mixed with a random image of another class of the same batch,
+lam ~ Beta(alpha, alpha) per pair, all seeded.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,8 +26,11 @@ from torch.utils.data import DataLoader
 from retrieval.data.base import Split
 from retrieval.errors import UsageError
 from retrieval.metrics import embedding_geometry, utilization
-from training import catalog
-from training.metrix import MixedTargets, mix_embeddings, mix_images, mixed_pool, sample_beta
+from training import levels
+from training.metrix import MixedTargets, sample_beta
+
+if TYPE_CHECKING:
+    from retrieval.model import Embedder
 
 
 @dataclass
@@ -36,31 +40,6 @@ class TrainingEmbeddings:
     clean: np.ndarray
     mixed: np.ndarray
     level: str
-
-
-def _mixed_features(model: torch.nn.Module, images: torch.Tensor, fmap: torch.Tensor, emb: torch.Tensor,
-                    targets: MixedTargets) -> torch.Tensor:
-    return model.project(mixed_pool(fmap, targets, fused=False))
-
-
-def _mixed_embeddings(model: torch.nn.Module, images: torch.Tensor, fmap: torch.Tensor, emb: torch.Tensor,
-                      targets: MixedTargets) -> torch.Tensor:
-    return mix_embeddings(emb, targets)
-
-
-def _mixed_images(model: torch.nn.Module, images: torch.Tensor, fmap: torch.Tensor, emb: torch.Tensor,
-                  targets: MixedTargets) -> torch.Tensor:
-    return model(mix_images(images, targets))
-
-
-# The embeddings of a batch's mixes, per level that mixes in training.catalog.LEVELS, from the model, the
-# images, their feature maps and clean embeddings (tests/test_catalog.py checks they match).
-TRAINING_MIXES: dict[str, Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, MixedTargets],
-                                   torch.Tensor]] = {
-    "input": _mixed_images,
-    "feature": _mixed_features,
-    "embedding": _mixed_embeddings,
-}
 
 
 def _collate(items: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +55,7 @@ def other_class_partners(labels: torch.Tensor, generator: torch.Generator) -> tu
 
 @torch.no_grad()
 def embed_training_split(
-    model: torch.nn.Module,
+    model: Embedder,
     split: Split,
     *,
     level: str,
@@ -94,9 +73,9 @@ def embed_training_split(
     from retrieval.data.loading import ImageDataset
     from retrieval.data.transforms import eval_transform
 
-    if level not in TRAINING_MIXES:
-        raise UsageError(f"--mix-level {level!r}: choose one of {', '.join(catalog.mixing_level_names())}")
-    mixed_embeddings = TRAINING_MIXES[level]
+    if level not in levels.mixing_level_names():
+        raise UsageError(f"--mix-level {level!r}: choose one of {', '.join(levels.mixing_level_names())}")
+    mixing = levels.level(level)
     device = torch.device(device)
     order = torch.Generator().manual_seed(seed)
     loader = DataLoader(ImageDataset(split, eval_transform(resize_size, image_size)), batch_size=batch_size,
@@ -117,7 +96,7 @@ def embed_training_split(
         clean.append(emb.float().cpu())
         if not len(first):
             continue
-        mixed.append(mixed_embeddings(model, images, fmap, emb, targets).float().cpu())
+        mixed.append(mixing.analysis_mixes(model, images, fmap, emb, targets).float().cpu())
     dim = model.embedding_size
     as_array = lambda parts: torch.cat(parts).numpy() if parts else np.zeros((0, dim), np.float32)  # noqa: E731
     return TrainingEmbeddings(as_array(clean), as_array(mixed), level)
@@ -174,7 +153,7 @@ def analyse_index(
     if not root:
         raise UsageError("the index records no dataset folder; pass --data-root")
     dataset = load_dataset(meta.dataset, root)
-    level = mix_level or (cfg.mixup.level if catalog.level(cfg.mixup.level).mixes else catalog.DEFAULT_LEVEL)
+    level = mix_level or (cfg.mixup.level if levels.level(cfg.mixup.level).mixes else levels.DEFAULT_LEVEL)
     run_device = torch_device(device)
     train = embed_training_split(
         model, dataset.train, level=level, image_size=prep.image_size, resize_size=prep.resize_size,
@@ -188,4 +167,4 @@ def analyse_index(
 
 
 __all__ = ["TrainingEmbeddings", "embed_training_split", "utilization_report", "index_test_embeddings",
-           "analyse_index", "other_class_partners", "TRAINING_MIXES"]
+           "analyse_index", "other_class_partners"]

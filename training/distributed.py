@@ -11,8 +11,8 @@ the same global batch (tests/test_ddp.py checks it).
 
 Input-level Metrix mixes images, and an image can only be embedded by the rank that holds it, so at that
 level nothing is gathered: every rank computes the clean and mixed loss of its own share and DDP averages
-the gradients (documented in REPRODUCE.md). Each level's catalog entry says which it is (`global_batch` in
-training/catalog.py); the objective exposes it as `gathers_global_batch`.
+the gradients (documented in REPRODUCE.md). Each level says which it is (`global_batch` in
+training/levels.py); the objective exposes it as `gathers_global_batch`.
 """
 
 from __future__ import annotations

@@ -131,17 +131,6 @@ def sample_beta(alpha: float, shape: tuple[int, ...], device: torch.device,
     return g1 / (g1 + g2).clamp_min(torch.finfo(g1.dtype).tiny)
 
 
-def resolve_max_pairs(level: str, max_pairs: int, batch_size: int) -> int:
-    """The pair budget a level works with: `max_pairs` if set; otherwise the full grid (0) for feature and
-    embedding mixing, and one mix per batch image for input mixing, where each mix costs a forward pass
-    (the full grid would be B^2 extra images)."""
-    if max_pairs < 0:
-        raise ValueError(f"max_pairs must be >= 0, got {max_pairs}")
-    if max_pairs > 0:
-        return max_pairs
-    return batch_size if level == "input" else 0
-
-
 def _kind_mask(pair_kind: str, positive_kind: torch.Tensor, anchor_kind: torch.Tensor,
                generator: torch.Generator | None) -> torch.Tensor:
     """The candidates of the batch's pair kind, from the masks of each kind (any shape, same for both).
@@ -365,6 +354,6 @@ def mixed_pool(fmap: torch.Tensor, targets: MixedTargets, chunk_elements: int = 
 
 
 __all__ = [
-    "MixedTargets", "plan_pairs", "plan_hardest_pairs", "hardest_negatives", "sample_beta", "sample_gamma", "resolve_max_pairs",
+    "MixedTargets", "plan_pairs", "plan_hardest_pairs", "hardest_negatives", "sample_beta", "sample_gamma",
     "mix_images", "mix_embeddings", "mixed_pool",
 ]

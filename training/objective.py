@@ -1,16 +1,7 @@
 """The training objective: E = mean_a [ l(a) + w * l~(a) ], the clean loss plus w times the Metrix loss.
 
-The mixing level decides where the mixes come from:
-  none       one forward, clean loss only;
-  embedding  one forward; mixes of the clean embeddings;
-  feature    one forward returning the layer4 maps too; mixes of those maps are pooled chunk-wise and
-             projected by the embedding layer alone (the trunk is never run on mixes);
-  input      by default (hardest negatives, as the official input mode) the mixes are chosen from the
-             clean embeddings, so the embedder is called once with a follow-up: clean images, then a
-             fixed number K of mixed images (two trunk passes of fixed size inside ONE call, so cuDNN
-             plans once and DistributedDataParallel sees a single forward; BatchNorm in train mode
-             normalises each pass with its own statistics, as the official code's separate forwards);
-             with random pairs, clean and mixed images go through ONE trunk pass of B + K images.
+The mixing level of the recipe (training/levels.py) decides where the mixes come from and computes its term;
+the objective holds what every level draws from: the loss, the mixing draws and the compiled loss terms.
 No step synchronises with the host: every count, choice and draw stays on the device.
 """
 
@@ -22,12 +13,9 @@ import torch
 import torch.nn as nn
 
 from retrieval.errors import UsageError
-from training import catalog
+from training import catalog, levels
 from training.losses import PairLoss, build_loss
-from training.metrix import (
-    DEFAULT_CHUNK_ELEMENTS, MixedTargets, mix_embeddings, mix_images, mixed_pool, plan_hardest_pairs, plan_pairs,
-    resolve_max_pairs,
-)
+from training.metrix import DEFAULT_CHUNK_ELEMENTS, MixedTargets, mix_embeddings, plan_hardest_pairs, plan_pairs
 
 if TYPE_CHECKING:  # pragma: no cover
     from retrieval.config import MixupConfig, RunConfig
@@ -42,22 +30,17 @@ class ObjectiveOutput(NamedTuple):
     mixed: torch.Tensor
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The Embedder inside DistributedDataParallel / torch.compile wrappers."""
-    inner = getattr(model, "_orig_mod", model)
-    inner = getattr(inner, "module", inner)
-    return getattr(inner, "_orig_mod", inner)
-
-
 class Objective(nn.Module):
-    """Holds the loss (so `parameters()` are the loss parameters, e.g. proxies) and the mixing recipe."""
+    """Holds the loss (so `parameters()` are the loss parameters, e.g. proxies) and the mixing recipe; it is
+    the levels.MixingRecipe its level's term reads."""
 
     def __init__(self, loss: PairLoss, mixup: "MixupConfig", chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
                  positives_per_image: int = 1) -> None:
         """positives_per_image: how many in-batch positives an image has (K - 1 on P x K batches, about 1
         on random batches); sizes the default input-level budget of hardest-negative mixes."""
         super().__init__()
-        self.gathers_global_batch = catalog.level(mixup.level).global_batch  # under DDP (training/distributed.py)
+        self.mixing = levels.level(mixup.level)
+        self.gathers_global_batch = self.mixing.global_batch  # under DDP (training/distributed.py)
         if mixup.alpha <= 0:
             raise UsageError(f"mixup alpha must be > 0, got {mixup.alpha}")
         if mixup.input_pairs not in catalog.INPUT_PAIRS:
@@ -76,12 +59,14 @@ class Objective(nn.Module):
         self.max_pairs = int(mixup.max_pairs)
         self.chunk_elements = int(chunk_elements)
         self.fused_pool: bool | None = None  # feature level: None = Triton kernels on CUDA (see mixed_pool)
-        resolve_max_pairs(self.level, self.max_pairs, 1)  # validate early
+        self.mixing.max_pairs(self.max_pairs, 1)  # validate early
         # bound methods, not modules: an attribute holding the loss module would register it twice and
         # put its parameters (proxies) into the state dict under a second name
-        self._clean_term = self.loss.forward
-        self._mixed_term = self.loss.mixed
-        self._embedding_term = self._mix_embeddings_then_loss
+        self.clean_term: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self.loss.forward
+        self.mixed_term: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, MixedTargets], torch.Tensor] = \
+            self.loss.mixed
+        self.mixed_embedding_term: Callable[[torch.Tensor, torch.Tensor, MixedTargets], torch.Tensor] = \
+            self._mix_embeddings_then_loss
         self.losses_compiled = False
 
     def compile_losses(self) -> "Objective":
@@ -92,9 +77,9 @@ class Objective(nn.Module):
         trunk.  The random draws (`plan`) stay eager.  Shapes are static per batch size, so a run
         compiles once (again for a smaller last batch).
         """
-        self._clean_term = torch.compile(self.loss.forward, dynamic=False)
-        self._mixed_term = torch.compile(self.loss.mixed, dynamic=False)
-        self._embedding_term = torch.compile(self._mix_embeddings_then_loss, dynamic=False)
+        self.clean_term = torch.compile(self.loss.forward, dynamic=False)
+        self.mixed_term = torch.compile(self.loss.mixed, dynamic=False)
+        self.mixed_embedding_term = torch.compile(self._mix_embeddings_then_loss, dynamic=False)
         self.losses_compiled = True
         return self
 
@@ -105,7 +90,7 @@ class Objective(nn.Module):
         """The mixes of a batch under this recipe."""
         return plan_pairs(
             labels, pair_kind=self.pair_kind, alpha=self.alpha, lam_per=self.lam_per,
-            max_pairs=resolve_max_pairs(self.level, self.max_pairs, labels.shape[0]), generator=generator,
+            max_pairs=self.mixing.max_pairs(self.max_pairs, labels.shape[0]), generator=generator,
         )
 
     def input_slots(self, batch: int) -> int:
@@ -121,79 +106,17 @@ class Objective(nn.Module):
             pair_kind=self.pair_kind, alpha=self.alpha, lam_per=self.lam_per, generator=generator,
         )
 
-    def _embed_with_hardest_mixes(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, MixedTargets]:
-        planned: list[MixedTargets] = []
-
-        def mixed_images(clean_emb: torch.Tensor) -> torch.Tensor:
-            planned.append(self.plan_hardest(labels, clean_emb, generator))
-            return _like_memory_format(mix_images(images, planned[0]), images)
-
-        emb, mixed_emb = model(images, follow_up=mixed_images)
-        return emb, mixed_emb, planned[0]
-
     def forward(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                 generator: torch.Generator | None = None) -> ObjectiveOutput:
         """model: an Embedder (possibly wrapped by DDP or torch.compile); images (B, 3, H, W); labels (B,)
         int64 on the images' device; generator: a torch.Generator on that device for the mixing draws
         (None: the device's default generator)."""
-        emb, mixed = LEVEL_TERMS[self.level](self, model, images, labels, generator)
-        clean = self._clean_term(emb, labels)
+        emb, mixed = self.mixing.training_term(self, model, images, labels, generator)
+        clean = self.clean_term(emb, labels)
         if mixed is None:
             return ObjectiveOutput(clean, clean.detach(), torch.zeros((), device=clean.device, dtype=clean.dtype))
         loss = clean + self.weight * mixed
         return ObjectiveOutput(loss, clean.detach(), mixed.detach())
-
-    # Each level's forward: the clean embeddings of the batch and its Metrix term (None without mixing).
-
-    def _no_mixing(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return model(images), None
-
-    def _mix_inputs(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                    generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.input_pairs == "hardest":
-            emb, mixed_emb, targets = self._embed_with_hardest_mixes(model, images, labels, generator)
-            return emb, self._mixed_term(emb, labels, mixed_emb, targets)
-        targets = self.plan(labels, generator)
-        both = _like_memory_format(torch.cat([images, mix_images(images, targets)]), images)
-        out = model(both)
-        emb, mixed_emb = out[: images.shape[0]], out[images.shape[0]:]
-        return emb, self._mixed_term(emb, labels, mixed_emb, targets)
-
-    def _mix_features(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                      generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        targets = self.plan(labels, generator)
-        fmap, emb = model(images, return_maps=True)
-        mixed_emb = _unwrap(model).project(mixed_pool(fmap, targets, self.chunk_elements, self.fused_pool))
-        return emb, self._mixed_term(emb, labels, mixed_emb, targets)
-
-    def _mix_embeddings(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                        generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        targets = self.plan(labels, generator)
-        emb = model(images)
-        return emb, self._embedding_term(emb, labels, targets)
-
-
-LevelTerm = Callable[
-    [Objective, nn.Module, torch.Tensor, torch.Tensor, "torch.Generator | None"],
-    tuple[torch.Tensor, "torch.Tensor | None"],
-]
-
-# One forward per level of training.catalog.LEVELS (tests/test_catalog.py checks they match).
-LEVEL_TERMS: dict[str, LevelTerm] = {
-    "none": Objective._no_mixing,
-    "input": Objective._mix_inputs,
-    "feature": Objective._mix_features,
-    "embedding": Objective._mix_embeddings,
-}
-
-
-def _like_memory_format(mixed: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Mixed images in the batch's memory format (channels_last stays channels_last)."""
-    if images.dim() == 4 and not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last):
-        return mixed.contiguous(memory_format=torch.channels_last)
-    return mixed
 
 
 def build_objective(cfg: "RunConfig", num_classes: int, embedding_size: int) -> Objective:
@@ -204,4 +127,4 @@ def build_objective(cfg: "RunConfig", num_classes: int, embedding_size: int) -> 
     return objective.compile_losses() if cfg.train.compile_loss else objective
 
 
-__all__ = ["LEVEL_TERMS", "Objective", "ObjectiveOutput", "build_objective"]
+__all__ = ["Objective", "ObjectiveOutput", "build_objective"]

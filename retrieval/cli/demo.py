@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from training import catalog
+from training import catalog, levels
 
 
 def register(app: typer.Typer) -> None:
@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
         run_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Training run folder (checkpoints, metrics)."),
         index_dir: Path = typer.Option(Path("indexes/demo"), "--index", help="Index folder to write."),
         loss: str = typer.Option(catalog.DEFAULT_LOSS, "--loss", help=f"{catalog.one_of(catalog.loss_names())}."),
-        mixup: str = typer.Option(catalog.DEFAULT_LEVEL, "--mixup", help=f"{catalog.one_of(catalog.level_names())}."),
+        mixup: str = typer.Option(levels.DEFAULT_LEVEL, "--mixup", help=f"{catalog.one_of(levels.level_names())}."),
         epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the demo's epoch count."),
         serve: bool = typer.Option(True, "--serve/--no-serve", help="Start the web UI at the end."),
         host: str = typer.Option("127.0.0.1", "--host", help="Web UI address (loopback by default)."),

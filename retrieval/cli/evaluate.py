@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from training import catalog
+from training import catalog, levels
 
 
 def register(app: typer.Typer) -> None:
@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         data_root: Optional[Path] = typer.Option(None, "--data-root",
                                                  help="--analysis: the dataset folder, if it moved since the build."),
         mix_level: Optional[str] = typer.Option(None, "--mix-level",
-                                                help=f"--analysis: {catalog.one_of(catalog.mixing_level_names())} (default: the checkpoint's)."),
+                                                help=f"--analysis: {catalog.one_of(levels.mixing_level_names())} (default: the checkpoint's)."),
     ) -> None:
         """Evaluate an index: In-Shop/demo stored queries against the gallery; CUB/Cars/SOP/folder the gallery
         against itself, each item's own entry excluded. Approximate indexes also report exact search

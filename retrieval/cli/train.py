@@ -19,7 +19,7 @@ import typer
 from retrieval.config_resolve import resolve_config
 from retrieval.data import dataset_choices
 from retrieval.errors import ConfigError
-from training import catalog
+from training import catalog, levels
 
 
 def _resume_path(resume: str, out_dir: str | None) -> Path:
@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
             None, "--loss", help=f"{catalog.described(catalog.LOSSES)}. Default {catalog.DEFAULT_LOSS}."
         ),
         mixup: Optional[str] = typer.Option(
-            None, "--mixup", help=f"Metrix level: {catalog.described(catalog.LEVELS)}. Default {catalog.DEFAULT_LEVEL}."
+            None, "--mixup", help=f"Metrix level: {catalog.described(levels.LEVELS)}. Default {levels.DEFAULT_LEVEL}."
         ),
         config_file: Optional[Path] = typer.Option(None, "--config", help="JSON file shaped like the printed config; flags override it."),
         epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
