@@ -428,7 +428,7 @@ class GalleryIndex:
             meta.data_root = os.path.abspath(data_root)
         root = meta.data_root or None
         if sharded:
-            index, cls = read_shard_set(folder, meta), ShardedGalleryIndex  # type: ignore[assignment]
+            index, cls = read_shard_set(folder, meta), ShardedGalleryIndex
         else:
             index = read_index(folder / INDEX_FILE)
         items_path = folder / ITEMS_FILE
@@ -534,7 +534,7 @@ class ShardedGalleryIndex(GalleryIndex):
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
         folder = super().save(folder)
-        self.index.files = [folder / shard_file_name(j) for j in range(len(self.index))]
+        self.index.files = [folder / shard_file_name(j) for j in range(len(self.index))]  # now read from here
         return folder
 
 

@@ -60,7 +60,7 @@ class ShardSet:
         if len(shards) != len(ntotals) or not shards:
             raise ValueError("a shard set needs one item count per shard and at least one shard")
         self._shards = list(shards)
-        self.files = list(files) if files is not None else [None] * len(shards)
+        self.files: list[Path | None] = list(files) if files is not None else [None] * len(shards)
         self.ntotals = [int(n) for n in ntotals]
         self.offsets = np.concatenate([[0], np.cumsum(self.ntotals)[:-1]]).astype(np.int64)
         self.d = int(d)

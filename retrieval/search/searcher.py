@@ -183,7 +183,7 @@ class Searcher:
         items, root = self.index.items, self.index.meta.data_root
         out: list[list[Hit]] = []
         for row_scores, row_ids in zip(scores, ids):
-            hits = []
+            hits: list[Hit] = []
             for s, i in zip(row_scores, row_ids):
                 if i < 0:
                     continue
