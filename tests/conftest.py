@@ -1,10 +1,86 @@
-"""Fixtures shared across test modules (kept minimal)."""
+"""Fixtures shared across test modules, and how the suite is spread over parallel workers.
+
+`make test` runs the suite on pytest-xdist workers (`-n 2 --dist loadgroup`). Each worker is a separate
+process with its own session fixtures, so what must not be duplicated or split is kept on one worker:
+a module whose tests share a module-scoped fixture (a server, a trained run) runs whole on one worker, in
+file order, and every test on the local Ray runtime runs on the same worker (one runtime per suite).
+Independent tests are spread one by one. The heaviest units are handed out first, so that the suite does
+not end with one worker busy and the other idle.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Units (modules or single tests, by node id prefix) known to run longest on 2 cores, heaviest first:
+# the scheduler hands them out before the rest. Only the order changes; every test runs either way.
+HEAVY_FIRST = (
+    "tests/test_trainer.py::test_short_feature_metrix_run",
+    "tests/test_api_contract.py",
+    "tests/test_cli_errors.py",
+    "tests/test_resume_kill.py",
+    "tests/test_metrix.py::test_compiled_loss",
+    "tests/test_analysis.py",
+    "tests/test_scale_ray.py",
+    "tests/test_live.py",
+    "tests/test_access.py",
+    "tests/test_app_browser.py",
+    "tests/test_bounded_decode.py",
+    "tests/test_scale.py",
+    "tests/test_ddp.py",
+    "tests/test_trainer.py",
+)
+SHARED_SCOPES = {"module", "class", "package"}
+
+
+def _worker_count() -> int:
+    """How many xdist workers share this machine (1 without xdist)."""
+    return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """On an xdist worker, give torch (and the processes tests start) this worker's share of the cores:
+    two workers each running 2 compute threads on 2 cores would fight over them."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return
+    threads = max(1, (os.cpu_count() or 1) // _worker_count())
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _group_of(item: pytest.Item) -> str | None:
+    """The xdist group an item must share with others, or None when it can run on any worker."""
+    fixtures = item._fixtureinfo.name2fixturedefs  # type: ignore[attr-defined]
+    if "ray_runtime" in fixtures:
+        return "ray"
+    if any(defs[-1].scope in SHARED_SCOPES for defs in fixtures.values()):
+        return item.nodeid.split("::", 1)[0]
+    return None
+
+
+def _rank(item: pytest.Item) -> int:
+    for rank, prefix in enumerate(HEAVY_FIRST):
+        if item.nodeid.startswith(prefix):
+            return rank
+    return len(HEAVY_FIRST)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under `--dist loadgroup`: mark each item's group, and put the heaviest units first (a stable sort:
+    tests keep their file order inside a module)."""
+    if getattr(config.option, "dist", "no") != "loadgroup":
+        return
+    for item in items:
+        group = _group_of(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=_rank)
 
 # A small demo dataset: 40 train products and 40 unseen test products, 12 photos each, 64 px (960 images).
 # 240 queries keep query/gallery Recall@1 from being decided by a handful of images.
