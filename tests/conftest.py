@@ -2,9 +2,9 @@
 
 `make test` runs the suite on pytest-xdist workers (`-n 2 --dist loadgroup`). Each worker is a separate
 process with its own session fixtures, so what must not be duplicated or split is kept on one worker:
-a module whose tests share a module-scoped fixture (a server, a trained run) runs whole on one worker, in
-file order, and every test on the local Ray runtime runs on the same worker (one runtime per suite).
-Independent tests are spread one by one. The heaviest units are handed out first, so that the suite does
+the tests of a module that use a module-scoped fixture (a server, a trained run) run on one worker, in file
+order, and every test on the local Ray runtime runs on the same worker (one runtime per suite). The other
+tests are spread one by one. The heaviest units are handed out first, so that the suite does
 not end with one worker busy and the other idle.
 """
 
