@@ -27,8 +27,8 @@ demo: install
 browser:
 	bash scripts/install_browser.sh
 
-# The suite on $(TEST_WORKERS) parallel workers (tests/conftest.py keeps tests that share a server, a trained run or
-# the Ray runtime on one worker), ending with the 10 slowest tests. TEST_WORKERS=0 runs it in one process.
+# The suite on $(TEST_WORKERS) parallel workers, a module per worker with its servers, trained runs or Ray runtime
+# (tests/conftest.py), ending with the 10 slowest tests. TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 test: $(TEST_STAMP) browser
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=10 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=10 $(PYTEST_ARGS)

@@ -1,11 +1,10 @@
 """Fixtures shared across test modules, and how the suite is spread over parallel workers.
 
-`make test` runs the suite on pytest-xdist workers (`-n 2 --dist loadgroup`). Each worker is a separate
-process with its own session fixtures, so what must not be duplicated or split is kept on one worker:
-the tests of a module that use a module-scoped fixture (a server, a trained run) run on one worker, in file
-order, and every test on the local Ray runtime runs on the same worker (one runtime per suite). The other
-tests are spread one by one. The heaviest units are handed out first, so that the suite does
-not end with one worker busy and the other idle.
+`make test` runs the suite on pytest-xdist workers (`-n 2 --dist loadfile`). Each worker is a separate
+process with its own session fixtures, so a module runs whole on one worker, in file order: its module-scoped
+fixtures (a server, a trained run) are built once, and the Ray tests (one module) share one runtime. The few
+heavy tests that share nothing with their module (SPREAD) are handed out one by one instead, and the heaviest
+units go first, so that the suite does not end with one worker busy and the other idle.
 """
 
 from __future__ import annotations
@@ -15,25 +14,31 @@ from pathlib import Path
 
 import pytest
 
-# Units (modules or single tests, by node id prefix) known to run longest on 2 cores, heaviest first:
-# the scheduler hands them out before the rest. Only the order changes; every test runs either way.
+# Tests (node id prefixes) that use no module-scoped fixture and each run long: one scheduling unit each.
+SPREAD = ("tests/test_trainer.py::test_short_feature_metrix_run",)
+# Units known to run longest on 2 cores, heaviest first: the scheduler hands them out before the rest.
+# Only the order changes; every test runs either way.
 HEAVY_FIRST = (
     "tests/test_trainer.py::test_short_feature_metrix_run",
-    "tests/test_api_contract.py",
     "tests/test_cli_errors.py",
-    "tests/test_resume_kill.py",
-    "tests/test_metrix.py::test_compiled_loss",
     "tests/test_analysis.py",
-    "tests/test_scale_ray.py",
-    "tests/test_live.py",
-    "tests/test_access.py",
-    "tests/test_app_browser.py",
     "tests/test_bounded_decode.py",
-    "tests/test_scale.py",
-    "tests/test_ddp.py",
+    "tests/test_scale_ray.py",
     "tests/test_trainer.py",
+    "tests/test_export.py",
+    "tests/test_ddp.py",
+    "tests/test_gpu_checks.py",
+    "tests/test_fused_pool.py",
+    "tests/test_resume_kill.py",
+    "tests/test_api_contract.py",
+    "tests/test_access.py",
+    "tests/test_scale.py",
+    "tests/test_app.py",
+    "tests/test_app_browser.py",
+    "tests/test_metrix.py",
+    "tests/test_live.py",
+    "tests/test_api.py",
 )
-SHARED_SCOPES = {"module", "class", "package"}
 
 
 def _worker_count() -> int:
@@ -53,14 +58,18 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(threads)
 
 
-def _group_of(item: pytest.Item) -> str | None:
-    """The xdist group an item must share with others, or None when it can run on any worker."""
-    fixtures = item._fixtureinfo.name2fixturedefs  # type: ignore[attr-defined]
-    if "ray_runtime" in fixtures:
-        return "ray"
-    if any(defs[-1].scope in SHARED_SCOPES for defs in fixtures.values()):
-        return item.nodeid.split("::", 1)[0]
-    return None
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):  # noqa: ANN001, ANN201 - xdist's types
+    """`--dist loadfile`, except that each SPREAD test is a unit of its own."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ModuleScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return nodeid if nodeid.startswith(SPREAD) else super()._split_scope(nodeid)
+
+    return ModuleScheduling(config, log)
 
 
 def _rank(item: pytest.Item) -> int:
@@ -70,17 +79,11 @@ def _rank(item: pytest.Item) -> int:
     return len(HEAVY_FIRST)
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under `--dist loadgroup`: mark each item's group, and put the heaviest units first (a stable sort:
-    tests keep their file order inside a module)."""
-    if getattr(config.option, "dist", "no") != "loadgroup":
-        return
-    for item in items:
-        group = _group_of(item)
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=_rank)
+    """On xdist's workers, the heaviest units first (a stable sort: a module's tests keep their order)."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        items.sort(key=_rank)
+
 
 # A small demo dataset: 40 train products and 40 unseen test products, 12 photos each, 64 px (960 images).
 # 240 queries keep query/gallery Recall@1 from being decided by a handful of images.
