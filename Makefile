@@ -46,5 +46,8 @@ lint: $(TEST_STAMP)
 
 milvus-server: $(MILVUS_STAMP)
 
+# The suite on $(TEST_WORKERS) parallel workers, a module per worker with its servers, trained runs or Ray runtime
+# (tests/conftest.py), ending with the 10 slowest tests. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: $(TEST_STAMP) browser lint $(MILVUS_STAMP)
-	METRIX_MILVUS_VENV=$(MILVUS_VENV) $(PY) -m pytest -q $(PYTEST_ARGS)
+	METRIX_MILVUS_VENV=$(MILVUS_VENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=10 $(PYTEST_ARGS)
