@@ -164,7 +164,8 @@ def _restore_rank_rng(path: Path, extra: dict[str, Any], seed: int, info: DistIn
         return
     warnings.warn(
         f"{path} was written by {len(states)} process(es), this run has {info.world_size}: batches are the same "
-        "(they depend on seed and epoch) but augmentation and mixing draws will differ from the original run"
+        "(they depend on seed and epoch) but augmentation and mixing draws will differ from the original run",
+        stacklevel=2,
     )
     restore_rng_state(states[0], generator)
     if info.rank > 0:

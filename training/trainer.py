@@ -492,7 +492,8 @@ def _train(
     set_optimizer_for_graphs(state.optimizer, capturable=run.use_graphs)  # after resume: a checkpoint carries its run's form
     start_epoch = done.epoch
     if start_epoch >= t.epochs:
-        warnings.warn(f"the checkpoint already completed {start_epoch} of {t.epochs} epochs; nothing to train")
+        warnings.warn(f"the checkpoint already completed {start_epoch} of {t.epochs} epochs; nothing to train",
+                      stacklevel=2)
     record = RunRecord.open(cfg, info, resumed_epoch=start_epoch if resume is not None else None)
     say(describe_run(run))
     initial_metrics = None

@@ -135,7 +135,8 @@ def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, rows: np.ndarray 
     searcher = FlatSearcher(vectors, metric="ip", use_gpu=use_gpu, max_k=k + 1)
     device = searcher.device
     if device.startswith("cpu"):  # the exact search is itself the CPU timing of flat
-        ids, seconds = _timed_passes(lambda: exact(searcher))
+        on_cpu = searcher
+        ids, seconds = _timed_passes(lambda: exact(on_cpu))
         return ids, len(queries) / seconds, device
     ids = exact(searcher)
     del searcher  # free the GPU copy before timing the CPU one

@@ -96,7 +96,7 @@ class ShardSet:
     def configure(self, params: IndexParams) -> None:
         """Apply the search-time knobs (nprobe, efSearch) to every shard."""
         self._params = params
-        for j, s in enumerate(self._shards):
+        for s in self._shards:
             if s is not None:
                 configure_search(s, params)
 

@@ -102,7 +102,7 @@ class Reranker:
         if method == "none":
             return scores, ids
         if method == "dba":
-            self.neighbours  # refuse before any work when the lists are missing
+            _ = self.neighbours  # refuse before any work when the lists are missing
         out_s = np.full(scores.shape, -np.inf, np.float32)
         out_i = np.full(ids.shape, -1, np.int64)
         fn = {"qe": self._qe, "dba": self._dba, "kreciprocal": self._kreciprocal}[method]
