@@ -126,9 +126,13 @@ class AccessGate:
             target = path + ("?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else "")
             await _send(send, 303, b"", [(b"location", _root(scope, f"{LOGIN_PATH}?next={quote(target)}"))])
             return
-        refusal = error_response(401, "unauthorized", "this server needs its token: send `Authorization: Bearer "
-                                 "<token>` (the server's --api-token), or log in at /login",
-                                 {"WWW-Authenticate": 'Bearer realm="retrieval"', "Cache-Control": "no-store"})
+        refusal = error_response(
+            401,
+            "unauthorized",
+            "this server needs its token: send `Authorization: Bearer "
+            "<token>` (the server's --api-token), or log in at /login",
+            {"WWW-Authenticate": 'Bearer realm="retrieval"', "Cache-Control": "no-store"},
+        )
         await refusal(scope, receive, send)
 
     async def _login_routes(self, scope: dict, receive: Any, send: Any, path: str, headers: dict[str, str]) -> None:
@@ -139,8 +143,12 @@ class AccessGate:
             if method not in ("GET", "POST"):
                 await _send(send, 405, b"", [(b"allow", b"GET, POST")])
                 return
-            await _send(send, 303, b"", [(b"location", _root(scope, LOGIN_PATH)),
-                                         (b"set-cookie", self._cookie(scope, headers, "", 0))])
+            await _send(
+                send,
+                303,
+                b"",
+                [(b"location", _root(scope, LOGIN_PATH)), (b"set-cookie", self._cookie(scope, headers, "", 0))],
+            )
             return
         if method == "GET":
             await _send_page(send, 200, next_path, "")
@@ -163,8 +171,10 @@ class AccessGate:
     def _cookie(scope: dict, headers: dict[str, str], value: str, max_age: int) -> bytes:
         secure = scope.get("scheme") == "https" or headers.get("x-forwarded-proto", "").startswith("https")
         path = scope.get("root_path", "") or "/"
-        return (f"{SESSION_COOKIE}={value}; Path={path}; Max-Age={max_age}; HttpOnly; SameSite=Strict"
-                + ("; Secure" if secure else "")).encode("latin-1")
+        return (
+            f"{SESSION_COOKIE}={value}; Path={path}; Max-Age={max_age}; HttpOnly; SameSite=Strict"
+            + ("; Secure" if secure else "")
+        ).encode("latin-1")
 
 
 # --- helpers -------------------------------------------------------------------------------------------
@@ -216,10 +226,19 @@ async def _send(send: Any, status: int, body: bytes, headers: Iterable[tuple[byt
 async def _send_page(send: Any, status: int, next_path: str, problem: str) -> None:
     note = f'<p class="problem">{html.escape(problem)}</p>' if problem else ""
     page = LOGIN_PAGE.format(next=html.escape(next_path, quote=True), note=note).encode("utf-8")
-    await _send(send, status, page, [(b"content-type", b"text/html; charset=utf-8"),
-                                     (b"x-frame-options", b"DENY"),
-                                     (b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'; "
-                                                                  b"form-action 'self'; frame-ancestors 'none'")])
+    await _send(
+        send,
+        status,
+        page,
+        [
+            (b"content-type", b"text/html; charset=utf-8"),
+            (b"x-frame-options", b"DENY"),
+            (
+                b"content-security-policy",
+                b"default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'",
+            ),
+        ],
+    )
 
 
 LOGIN_PAGE = """<!doctype html>

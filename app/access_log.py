@@ -32,8 +32,14 @@ class AccessLog:
 
     def entry(self, record: RequestRecord) -> dict[str, object]:
         """The fields of one line, in a fixed order."""
-        entry: dict[str, object] = {"id": record.id, "method": record.method, "route": record.route,
-                                    "path": _cut(record.path), "status": record.status, "ms": round(record.ms, 2)}
+        entry: dict[str, object] = {
+            "id": record.id,
+            "method": record.method,
+            "route": record.route,
+            "path": _cut(record.path),
+            "status": record.status,
+            "ms": round(record.ms, 2),
+        }
         for key in ("batch", "k", "filter", "rerank", "index_version"):
             if key in record.fields:
                 value = record.fields[key]

@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-from fastapi import FastAPI, Path as PathParam, Query, Request
+from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
 
 from app import request_ids
 from app.access import PROBE_PATHS, token_from_env  # noqa: F401  (re-exported: app.serve and older callers)
@@ -103,8 +104,14 @@ def is_api_path(path: str) -> bool:
 class SearchApi:
     """Routes of the API over the served index (app.live_index), its BatchingWorker and the thumbnail stores."""
 
-    def __init__(self, live: LiveIndex, worker: BatchingWorker, thumbnails: Any, settings: ApiSettings,
-                 metrics: ServerMetrics | None = None) -> None:
+    def __init__(
+        self,
+        live: LiveIndex,
+        worker: BatchingWorker,
+        thumbnails: Any,
+        settings: ApiSettings,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
         self.live, self.worker, self.thumbnails, self.settings = live, worker, thumbnails, settings
         self.metrics = metrics
         self.intake = QueryIntake(settings.limits)
@@ -126,8 +133,12 @@ class SearchApi:
         cached = self._contract
         if cached is None or cached[0] != served.version.id:
             searcher = served.searcher
-            cached = (served.version.id, contract_for(searcher, self.settings.max_k, self.rerank_methods(searcher),
-                                                      self.settings.max_upload_bytes))
+            cached = (
+                served.version.id,
+                contract_for(
+                    searcher, self.settings.max_k, self.rerank_methods(searcher), self.settings.max_upload_bytes
+                ),
+            )
             self._contract = cached
         return cached[1]
 
@@ -137,9 +148,11 @@ class SearchApi:
             return False, "warming up: the embedder's first batch has not run yet"
         stale = self.live.stale
         if stale is not None:
-            return False, (f"serving index version {stale.version}, older than the index folder, whose newer "
-                           "version was refused (the reason is in the server log and /api/v1/info); republish a "
-                           "good version. The older version keeps answering searches meanwhile")
+            return False, (
+                f"serving index version {stale.version}, older than the index folder, whose newer "
+                "version was refused (the reason is in the server log and /api/v1/info); republish a "
+                "good version. The older version keeps answering searches meanwhile"
+            )
         return True, ""
 
     def rerank_methods(self, searcher: Any = None) -> list[str]:
@@ -170,14 +183,19 @@ class SearchApi:
             "rerank": self.rerank_methods(searcher),
             "max_k": self.contract(served).max_k,
             "max_upload_bytes": self.settings.max_upload_bytes,
-            "batching": {"max_batch": self.worker.max_batch, "max_wait_ms": self.worker.max_wait * 1000,
-                         "queue_size": self.worker.queue_size},
+            "batching": {
+                "max_batch": self.worker.max_batch,
+                "max_wait_ms": self.worker.max_wait * 1000,
+                "queue_size": self.worker.queue_size,
+            },
             "index_version": served.version.id,
             "version": served.version.to_json(),
-            "reloading": {"watching": self.live.watching,
-                          "last_outcome": last.outcome if last else None,
-                          "last_message": last.message if last else None,
-                          "stale": self.live.stale is not None},
+            "reloading": {
+                "watching": self.live.watching,
+                "last_outcome": last.outcome if last else None,
+                "last_message": last.message if last else None,
+                "stale": self.live.stale is not None,
+            },
         }
 
     def image_from_text(self, text: str) -> bytes:
@@ -185,8 +203,12 @@ class SearchApi:
         document's pattern (what the intake tolerates beyond it, e.g. whitespace, is refused too)."""
         data = self.intake.base64_bytes(text, subject="`image`")
         if not self.contract().image_text_ok(text):
-            raise ApiError(400, "bad_request", "`image` is not valid base64 image data: send the file's bytes in "
-                                               "base64 (no whitespace), bare or as data:<type>/<subtype>;base64,...")
+            raise ApiError(
+                400,
+                "bad_request",
+                "`image` is not valid base64 image data: send the file's bytes in "
+                "base64 (no whitespace), bare or as data:<type>/<subtype>;base64,...",
+            )
         return data
 
     async def search(self, data: bytes, params: SearchParams, subject: str = UPLOAD) -> dict[str, Any]:
@@ -215,13 +237,21 @@ class SearchApi:
         served = result.served if result.served is not None else self.live.current
         version = served.version.id
         self._thumbnails_of(served)  # registers the version, so its thumbnail URLs resolve
-        timings = {"decode": round(prepared.decode_seconds * 1e3, 3), "embed": round(result.embed_seconds * 1e3, 3),
-                   "search": round(result.search_seconds * 1e3, 3),
-                   "total": round((time.perf_counter() - t0) * 1e3, 3)}
+        timings = {
+            "decode": round(prepared.decode_seconds * 1e3, 3),
+            "embed": round(result.embed_seconds * 1e3, 3),
+            "search": round(result.search_seconds * 1e3, 3),
+            "total": round((time.perf_counter() - t0) * 1e3, 3),
+        }
         record = request_ids.current()
         if record is not None:
-            record.note(batch=result.batch_size, k=params.k, filter=format_where(where) if where else "",
-                        rerank=params.rerank, index_version=version)
+            record.note(
+                batch=result.batch_size,
+                k=params.k,
+                filter=format_where(where) if where else "",
+                rerank=params.rerank,
+                index_version=version,
+            )
         if self.metrics is not None:
             self.metrics.observe_search(timings)
         return {
@@ -248,11 +278,18 @@ class SearchApi:
         else:
             store = self.thumbnails.for_version(version)
         if store is None:
-            raise ApiError(404, "not_found", f"index version {version!r} is no longer served; search again "
-                                             f"(now serving {served.version.id})")
+            raise ApiError(
+                404,
+                "not_found",
+                f"index version {version!r} is no longer served; search again (now serving {served.version.id})",
+            )
         if not 0 <= gallery_index < len(store.gallery_paths):
-            raise ApiError(404, "not_found", f"no thumbnail {gallery_index}.jpg in index version "
-                                             f"{version or served.version.id}; use a result's thumbnail_url")
+            raise ApiError(
+                404,
+                "not_found",
+                f"no thumbnail {gallery_index}.jpg in index version "
+                f"{version or served.version.id}; use a result's thumbnail_url",
+            )
         return store.path_for(gallery_index)
 
     def _prepare(self, data: bytes, subject: str) -> Any:
@@ -273,9 +310,12 @@ def build_api(search_api: SearchApi) -> FastAPI:
 
     settings = search_api.settings
     errors = ErrorDeclarations(auth=settings.token is not None)
-    api = FastAPI(title="metrix-retrieval search API", version="1",
-                  description="Search a gallery index by photo. Errors: {\"error\": code, \"message\": text, "
-                              "\"request_id\": id}; with a token set, send `Authorization: Bearer <token>`.")
+    api = FastAPI(
+        title="metrix-retrieval search API",
+        version="1",
+        description='Search a gallery index by photo. Errors: {"error": code, "message": text, '
+        '"request_id": id}; with a token set, send `Authorization: Bearer <token>`.',
+    )
 
     @api.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -296,14 +336,16 @@ def build_api(search_api: SearchApi) -> FastAPI:
     def declare(path: str, *statuses: int) -> dict[int | str, dict[str, Any]]:
         return errors.declare(*statuses, public=settings.is_open(path))
 
-    @api.get(f"{API_PREFIX}/health", response_model=Health, responses=declare(f"{API_PREFIX}/health"),
-             operation_id="health")
+    @api.get(
+        f"{API_PREFIX}/health", response_model=Health, responses=declare(f"{API_PREFIX}/health"), operation_id="health"
+    )
     async def health() -> dict[str, Any]:
         """Liveness: the process answers (no token needed)."""
         return {"status": "ok"}
 
-    @api.get(f"{API_PREFIX}/ready", response_model=Ready, responses=declare(f"{API_PREFIX}/ready", 503),
-             operation_id="ready")
+    @api.get(
+        f"{API_PREFIX}/ready", response_model=Ready, responses=declare(f"{API_PREFIX}/ready", 503), operation_id="ready"
+    )
     async def ready() -> dict[str, Any]:
         """Readiness: 503 `not_ready` while warming up, and while the folder holds a newer, refused version
         (no token needed)."""
@@ -312,14 +354,19 @@ def build_api(search_api: SearchApi) -> FastAPI:
             raise ApiError(503, "not_ready", why)
         return {"status": "ready", "index_version": search_api.live.version.id}
 
-    @api.get(f"{API_PREFIX}/info", response_model=InfoResponse, responses=declare(f"{API_PREFIX}/info"),
-             operation_id="info")
+    @api.get(
+        f"{API_PREFIX}/info", response_model=InfoResponse, responses=declare(f"{API_PREFIX}/info"), operation_id="info"
+    )
     async def info() -> dict[str, Any]:
         """What this server searches and how: its bounds for a search request too, and the version served."""
         return search_api.info()
 
-    @api.post(f"{API_PREFIX}/admin/reload", response_model=ReloadResponse,
-              responses=declare(f"{API_PREFIX}/admin/reload"), operation_id="reload")
+    @api.post(
+        f"{API_PREFIX}/admin/reload",
+        response_model=ReloadResponse,
+        responses=declare(f"{API_PREFIX}/admin/reload"),
+        operation_id="reload",
+    )
     async def reload() -> dict[str, Any]:
         """Load the index folder now if it was republished: verified, warmed up and swapped in between batches.
         A version that fails verification is refused (outcome `refused`, the reason in `message`) and the
@@ -329,11 +376,21 @@ def build_api(search_api: SearchApi) -> FastAPI:
         body.pop("trigger")
         return body
 
-    @api.post(f"{API_PREFIX}/search", response_model=SearchResponse,
-              responses=declare(f"{API_PREFIX}/search", 400, 413, 415, 422, 503), operation_id="search",
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": {"$ref": "#/components/schemas/SearchQuery"}},
-                  "multipart/form-data": {"schema": {"$ref": "#/components/schemas/SearchForm"}}}}})
+    @api.post(
+        f"{API_PREFIX}/search",
+        response_model=SearchResponse,
+        responses=declare(f"{API_PREFIX}/search", 400, 413, 415, 422, 503),
+        operation_id="search",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/SearchQuery"}},
+                    "multipart/form-data": {"schema": {"$ref": "#/components/schemas/SearchForm"}},
+                },
+            }
+        },
+    )
     async def search(request: Request) -> dict[str, Any]:
         """Search by photo: results (rank, item id, label, relative path, score, thumbnail URL), timings and
         the index version that answered."""
@@ -361,18 +418,31 @@ def build_api(search_api: SearchApi) -> FastAPI:
         data = await upload.read(settings.max_upload_bytes + 1)
         return await search_api.search(data, params)
 
-    jpeg = {"description": "The thumbnail: a JPEG, longest side at most 384 px.",
-            "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}}
+    jpeg = {
+        "description": "The thumbnail: a JPEG, longest side at most 384 px.",
+        "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+    }
 
-    @api.get(THUMBNAIL_ROUTE, response_class=FileResponse,
-             responses={200: jpeg, **declare(THUMBNAIL_ROUTE, 400, 404)}, operation_id="thumbnail")
+    @api.get(
+        THUMBNAIL_ROUTE,
+        response_class=FileResponse,
+        responses={200: jpeg, **declare(THUMBNAIL_ROUTE, 400, 404)},
+        operation_id="thumbnail",
+    )
     async def thumbnail(
-        index: int = PathParam(ge=0, description="a result's gallery_index (the maximum is the served version's; "
-                                                  "an older version's rows are answered while it is kept)"),
-        v: str = Query(None, pattern=VERSION_PATTERN, max_length=64,  # optional, never null
-                                 description="the index version of the result (its answer's index_version); "
-                                             "without it, the version served now. A version no longer kept "
-                                             "answers 404: search again"),
+        index: int = PathParam(
+            ge=0,
+            description="a result's gallery_index (the maximum is the served version's; "
+            "an older version's rows are answered while it is kept)",
+        ),
+        v: str = Query(
+            None,
+            pattern=VERSION_PATTERN,
+            max_length=64,  # optional, never null
+            description="the index version of the result (its answer's index_version); "
+            "without it, the version served now. A version no longer kept "
+            "answers 404: search again",
+        ),
     ) -> Any:
         """The downscaled gallery image of a search result (its `thumbnail_url`) in the version that answered."""
         loop = asyncio.get_running_loop()
@@ -381,11 +451,17 @@ def build_api(search_api: SearchApi) -> FastAPI:
 
     if settings.metrics and search_api.metrics is not None:
         metrics = search_api.metrics
-        text = {"description": "Prometheus metrics in the text exposition format 0.0.4 (app.metrics).",
-                "content": {"text/plain": {"schema": {"type": "string"}}}}
+        text = {
+            "description": "Prometheus metrics in the text exposition format 0.0.4 (app.metrics).",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        }
 
-        @api.get(METRICS_PATH, response_class=Response, responses={200: text, **declare(METRICS_PATH)},
-                 operation_id="metrics")
+        @api.get(
+            METRICS_PATH,
+            response_class=Response,
+            responses={200: text, **declare(METRICS_PATH)},
+            operation_id="metrics",
+        )
         async def metrics_route() -> Any:
             """Prometheus metrics (text format); behind the token when one is set, unless made public."""
             return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
@@ -440,13 +516,24 @@ class OpenApiDocument:
                 if settings.token is not None and settings.is_open(path):
                     operation["security"] = []
         search = document["paths"][f"{API_PREFIX}/search"]["post"]
-        search["responses"]["200"]["links"] = {"thumbnail": {
-            "operationId": "thumbnail",
-            "parameters": {"index": "$response.body#/results/0/gallery_index", "v": "$response.body#/index_version"},
-            "description": "the thumbnail of the first result, in the index version that answered"}}
+        search["responses"]["200"]["links"] = {
+            "thumbnail": {
+                "operationId": "thumbnail",
+                "parameters": {
+                    "index": "$response.body#/results/0/gallery_index",
+                    "v": "$response.body#/index_version",
+                },
+                "description": "the thumbnail of the first result, in the index version that answered",
+            }
+        }
         if settings.token is not None:
-            components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer", "description":
-                                                        "the server's --api-token (browsers: a session from /login)"}}
+            components["securitySchemes"] = {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "the server's --api-token (browsers: a session from /login)",
+                }
+            }
             document["security"] = [{"bearer": []}]
         self._cached = (served.version.id, document)
         return document
@@ -477,8 +564,11 @@ class RouteTable:
         from starlette.routing import compile_path
 
         if len(self.router.routes) != self._size:  # routes are added before the server starts
-            self._table = [(compile_path(template)[0], methods) for template, methods in iter_routes(self.router.routes)
-                           if is_api_path(template)]
+            self._table = [
+                (compile_path(template)[0], methods)
+                for template, methods in iter_routes(self.router.routes)
+                if is_api_path(template)
+            ]
             self._size = len(self.router.routes)
         found = [methods for regex, methods in self._table if regex.match(path)]
         return set().union(*found) if found else None
@@ -506,8 +596,12 @@ class ApiGuard:
             length = headers.get("content-length", "")
             limit = self.settings.limits.max_base64_chars + MULTIPART_OVERHEAD  # base64 JSON is 4/3 larger
             if length.isdigit() and int(length) > limit:
-                raise ApiError(413, "too_large", f"the request is {int(length) / 2**20:.1f} MB, over the "
-                                                 f"{self.settings.max_upload_bytes / 2**20:.0f} MB upload limit")
+                raise ApiError(
+                    413,
+                    "too_large",
+                    f"the request is {int(length) / 2**20:.1f} MB, over the "
+                    f"{self.settings.max_upload_bytes / 2**20:.0f} MB upload limit",
+                )
         except ApiError as exc:
             await error_response(exc.status, exc.code, exc.message, exc.headers)(scope, receive, send)
             return

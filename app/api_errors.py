@@ -36,34 +36,59 @@ class ErrorStatus:
         return self.codes[0]
 
 
-API_ERRORS: dict[int, ErrorStatus] = {e.status: e for e in (
-    ErrorStatus(400, ("bad_request",),
-                "The request does not follow this document: a field out of its bounds, an unknown field, a filter "
-                "on an attribute the index lacks, text that is not base64, a URL instead of image bytes (URLs are "
-                "never fetched)."),
-    ErrorStatus(401, ("unauthorized",),
-                "The server has a token and the request carries neither `Authorization: Bearer <token>` nor a "
-                "session opened at /login.",
-                (("WWW-Authenticate", "the scheme to use: Bearer"),)),
-    ErrorStatus(404, ("not_found",),
-                "No such resource (an unknown API path, a thumbnail of no gallery item, or of an index version "
-                "no longer served)."),
-    ErrorStatus(405, ("method_not_allowed",),
-                "The path exists but not with this method; `Allow` lists its methods.",
-                (("Allow", "the methods this path answers, comma-separated"),)),
-    ErrorStatus(413, ("too_large",),
-                "The request, the image's encoded bytes or its pixel count is over the server's limit (see "
-                "max_upload_bytes in /api/v1/info)."),
-    ErrorStatus(415, ("not_an_image",),
-                "The image is not in a format that can be read (JPEG, PNG, WebP, GIF, BMP, TIFF)."),
-    ErrorStatus(422, ("undecodable_image",),
-                "The image cannot be decoded (corrupt or truncated) or used (zero size, an extreme aspect ratio)."),
-    ErrorStatus(500, ("internal",), "The server failed to answer this request (a bug); it keeps running."),
-    ErrorStatus(503, ("queue_full", "not_ready"),
-                "`queue_full`: the server is busy, its queue of waiting queries is full; retry shortly. "
-                "`not_ready` (/api/v1/ready): warming up, or the index folder holds a newer version that was "
-                "refused (the older one keeps answering)."),
-)}
+API_ERRORS: dict[int, ErrorStatus] = {
+    e.status: e
+    for e in (
+        ErrorStatus(
+            400,
+            ("bad_request",),
+            "The request does not follow this document: a field out of its bounds, an unknown field, a filter "
+            "on an attribute the index lacks, text that is not base64, a URL instead of image bytes (URLs are "
+            "never fetched).",
+        ),
+        ErrorStatus(
+            401,
+            ("unauthorized",),
+            "The server has a token and the request carries neither `Authorization: Bearer <token>` nor a "
+            "session opened at /login.",
+            (("WWW-Authenticate", "the scheme to use: Bearer"),),
+        ),
+        ErrorStatus(
+            404,
+            ("not_found",),
+            "No such resource (an unknown API path, a thumbnail of no gallery item, or of an index version "
+            "no longer served).",
+        ),
+        ErrorStatus(
+            405,
+            ("method_not_allowed",),
+            "The path exists but not with this method; `Allow` lists its methods.",
+            (("Allow", "the methods this path answers, comma-separated"),),
+        ),
+        ErrorStatus(
+            413,
+            ("too_large",),
+            "The request, the image's encoded bytes or its pixel count is over the server's limit (see "
+            "max_upload_bytes in /api/v1/info).",
+        ),
+        ErrorStatus(
+            415, ("not_an_image",), "The image is not in a format that can be read (JPEG, PNG, WebP, GIF, BMP, TIFF)."
+        ),
+        ErrorStatus(
+            422,
+            ("undecodable_image",),
+            "The image cannot be decoded (corrupt or truncated) or used (zero size, an extreme aspect ratio).",
+        ),
+        ErrorStatus(500, ("internal",), "The server failed to answer this request (a bug); it keeps running."),
+        ErrorStatus(
+            503,
+            ("queue_full", "not_ready"),
+            "`queue_full`: the server is busy, its queue of waiting queries is full; retry shortly. "
+            "`not_ready` (/api/v1/ready): warming up, or the index folder holds a newer version that was "
+            "refused (the older one keeps answering).",
+        ),
+    )
+}
 
 ALWAYS = (405, 413, 500)  # answerable by every API route (ApiGuard: method, request size, failures)
 
@@ -99,6 +124,7 @@ def _declaration(error: ErrorStatus) -> dict[str, Any]:
     meaning = error.meaning if len(error.codes) > 1 else f"`{error.code}`: {error.meaning}"
     declared: dict[str, Any] = {"model": ErrorBody, "description": meaning}
     if error.headers:
-        declared["headers"] = {name: {"description": text, "schema": {"type": "string"}}
-                               for name, text in error.headers}
+        declared["headers"] = {
+            name: {"description": text, "schema": {"type": "string"}} for name, text in error.headers
+        }
     return declared

@@ -110,16 +110,28 @@ def _where_key(where: Any) -> tuple:
     if not where:
         return ()
     if isinstance(where, dict):
-        return tuple(sorted((str(k), tuple(sorted(v)) if isinstance(v, (set, frozenset, list, tuple)) else (str(v),))
-                            for k, v in where.items()))
+        return tuple(
+            sorted(
+                (str(k), tuple(sorted(v)) if isinstance(v, (set, frozenset, list, tuple)) else (str(v),))
+                for k, v in where.items()
+            )
+        )
     return tuple(sorted(str(t) for t in where))
 
 
 class BatchingWorker:
     """One thread that owns the embedder and the index; see the module docstring."""
 
-    def __init__(self, index: Any, *, max_batch: int | None = None, max_wait_ms: float | None = None,
-                 queue_size: int = DEFAULT_QUEUE_SIZE, engine: Engine | None = None, warm_up: bool = False) -> None:
+    def __init__(
+        self,
+        index: Any,
+        *,
+        max_batch: int | None = None,
+        max_wait_ms: float | None = None,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        engine: Engine | None = None,
+        warm_up: bool = False,
+    ) -> None:
         """`index`: the served LiveIndex (or one Searcher, served as the only version); `engine` replaces
         embed + search for every version (tests and benchmarks); `warm_up`: first embed and search one blank
         image with the real embedder and index (a server is ready only after that, see `warmed`)."""
@@ -178,8 +190,9 @@ class BatchingWorker:
             raise QueueFull(f"{self.queue_size} queries are already waiting; try again shortly") from None
         return request.future
 
-    def search_many(self, prepared: Sequence[np.ndarray], ks: Sequence[int], where: Any = None,
-                    rerank: str = "none") -> list[BatchResult]:
+    def search_many(
+        self, prepared: Sequence[np.ndarray], ks: Sequence[int], where: Any = None, rerank: str = "none"
+    ) -> list[BatchResult]:
         """Submit several queries at once and wait for all (blocking; for synchronous callers)."""
         futures = [self.submit(p, k, where, rerank) for p, k in zip(prepared, ks)]
         return [f.result() for f in futures]
@@ -279,6 +292,7 @@ class BatchingWorker:
                     batch[i].future.set_exception(exc)
                 continue
             for i, hits in zip(rows, results):
-                batch[i].future.set_result(BatchResult(list(hits)[: batch[i].k], embed_seconds, search_seconds,
-                                                       len(batch), served))
+                batch[i].future.set_result(
+                    BatchResult(list(hits)[: batch[i].k], embed_seconds, search_seconds, len(batch), served)
+                )
         self.warmed.set()

@@ -85,16 +85,23 @@ class EvaluationCache:
             metrics = {str(k): float(v) for k, v in self._compute().items()}
             seconds = time.perf_counter() - start
             computed_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-            record = {"version": CACHE_VERSION, "key": self.key, "metrics": metrics,
-                      "computed_at": computed_at, "seconds": round(seconds, 3)}
+            record = {
+                "version": CACHE_VERSION,
+                "key": self.key,
+                "metrics": metrics,
+                "computed_at": computed_at,
+                "seconds": round(seconds, 3),
+            }
             path: Path | None = self.path
             note = ""
             try:
                 atomic_write_json(self.path, record)
             except OSError as exc:
                 path = None
-                note = f"could not write {CACHE_FILE} beside the index ({exc.strerror or exc.__class__.__name__}); " \
-                       "the result is kept in memory only"  # the page never shows the server's paths
+                note = (
+                    f"could not write {CACHE_FILE} beside the index ({exc.strerror or exc.__class__.__name__}); "
+                    "the result is kept in memory only"
+                )  # the page never shows the server's paths
                 log.warning("could not write %s (%s); the evaluation is kept in memory only", self.path, exc)
             self._memory = EvaluationResult(metrics, computed_at, seconds, False, path, note)
             return self._memory

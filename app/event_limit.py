@@ -48,10 +48,20 @@ class EventBodyLimit:
             await self._refuse(send)
 
     async def _refuse(self, send: Any) -> None:
-        body = json.dumps({"error": "too_large", "message": f"event requests are limited to {self.max_bytes:,} "
-                           "bytes; upload images through the upload route (or POST them to /api/v1/search)"})
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        body = json.dumps(
+            {
+                "error": "too_large",
+                "message": f"event requests are limited to {self.max_bytes:,} "
+                "bytes; upload images through the upload route (or POST them to /api/v1/search)",
+            }
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body.encode()})
 
 

@@ -67,8 +67,13 @@ class IndexVersion:
     n_items: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "built_at": self.built_at, "updated_at": self.updated_at,
-                "published_at": self.published_at, "n_items": self.n_items}
+        return {
+            "id": self.id,
+            "built_at": self.built_at,
+            "updated_at": self.updated_at,
+            "published_at": self.published_at,
+            "n_items": self.n_items,
+        }
 
 
 def version_of(meta: IndexMeta) -> IndexVersion:
@@ -80,8 +85,9 @@ def version_of(meta: IndexMeta) -> IndexVersion:
         digest.update(json.dumps(meta.store, sort_keys=True).encode())
     published = meta.saved_at or meta.updated_at or meta.created_at
     stamp = "".join(c for c in published.split("+")[0] if c.isdigit() or c == "T") or "unknown"
-    return IndexVersion(f"{stamp}Z-{digest.hexdigest()[:8]}", meta.created_at, meta.updated_at, published,
-                        int(meta.n_items))
+    return IndexVersion(
+        f"{stamp}Z-{digest.hexdigest()[:8]}", meta.created_at, meta.updated_at, published, int(meta.n_items)
+    )
 
 
 @dataclass(eq=False)
@@ -105,8 +111,14 @@ class ReloadOutcome:
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return {"outcome": self.outcome, "index_version": self.version, "previous_version": self.previous,
-                "message": self.message, "trigger": self.trigger, "seconds": round(self.seconds, 3)}
+        return {
+            "outcome": self.outcome,
+            "index_version": self.version,
+            "previous_version": self.previous,
+            "message": self.message,
+            "trigger": self.trigger,
+            "seconds": round(self.seconds, 3),
+        }
 
 
 Signature = tuple[int, int, int, int, int]
@@ -128,8 +140,13 @@ class LiveIndex:
     `current` is read without a lock (one attribute read); reloads are serialised by a lock, so the
     watcher and the admin route never load the same folder twice at once."""
 
-    def __init__(self, searcher: Any, index_dir: str | os.PathLike[str] | None = None, *,
-                 data_root: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        searcher: Any,
+        index_dir: str | os.PathLike[str] | None = None,
+        *,
+        data_root: str | os.PathLike[str] | None = None,
+    ) -> None:
         folder = index_dir if index_dir is not None else searcher.index_dir
         self.index_dir = Path(folder) if folder is not None else None
         self.data_root = data_root
@@ -173,11 +190,20 @@ class LiveIndex:
             outcome = ReloadOutcome(**{**outcome.__dict__, "seconds": time.perf_counter() - started})
             self.last = outcome
         if outcome.outcome == "refused":
-            log.warning("refused the index version published at %s: %s; still serving %s", self.index_dir,
-                        outcome.message, outcome.version)
+            log.warning(
+                "refused the index version published at %s: %s; still serving %s",
+                self.index_dir,
+                outcome.message,
+                outcome.version,
+            )
         elif outcome.outcome == "reloaded":
-            log.info("now serving index version %s (%d items; was %s), loaded in %.2f s", outcome.version,
-                     self.version.n_items, outcome.previous, outcome.seconds)
+            log.info(
+                "now serving index version %s (%d items; was %s), loaded in %.2f s",
+                outcome.version,
+                self.version.n_items,
+                outcome.previous,
+                outcome.seconds,
+            )
         for listener in list(self._listeners):
             try:
                 listener(outcome)
@@ -200,8 +226,13 @@ class LiveIndex:
                 signature = folder_signature(self.index_dir)
             self._seen_signature = signature
             if signature is None:
-                return self._refuse(result("refused", f"{self.index_dir / META_FILE} is missing (the folder was "
-                                                      "deleted, or is not a complete index folder)"))
+                return self._refuse(
+                    result(
+                        "refused",
+                        f"{self.index_dir / META_FILE} is missing (the folder was "
+                        "deleted, or is not a complete index folder)",
+                    )
+                )
             if signature == self._served_signature:
                 self.stale = None
                 return result("unchanged", f"the folder still holds version {before}")
@@ -226,8 +257,9 @@ class LiveIndex:
                 return self._refuse(result("refused", f"its warm-up search failed: {one_line(str(exc))}"))
             self._swap(ServedIndex(version, searcher), signature)
             return result("reloaded", f"now serving version {version.id} ({version.n_items:,} items)")
-        return self._refuse(result("refused", "the folder kept changing while it was being loaded; it is "
-                                              "loaded when it stops changing"))
+        return self._refuse(
+            result("refused", "the folder kept changing while it was being loaded; it is loaded when it stops changing")
+        )
 
     def _refuse(self, outcome: ReloadOutcome) -> ReloadOutcome:
         self.stale = outcome
@@ -239,8 +271,9 @@ class LiveIndex:
 
         assert self.index_dir is not None
         served = self.current.searcher
-        return Searcher.open(self.index_dir, served.backend, served.device, verify_checksums=True,
-                             data_root=self.data_root)
+        return Searcher.open(
+            self.index_dir, served.backend, served.device, verify_checksums=True, data_root=self.data_root
+        )
 
     def _swap(self, new: ServedIndex, signature: Signature | None) -> None:
         old = weakref.ref(self.current.searcher)
@@ -249,11 +282,13 @@ class LiveIndex:
         self.released = threading.Event()
         threading.Thread(target=self._release, args=(old, self.released), name="index-release", daemon=True).start()
 
-    def _release(self, old: "weakref.ref[Any]", done: threading.Event) -> None:
+    def _release(self, old: weakref.ref[Any], done: threading.Event) -> None:
         self.release_ok = release_memory(old)
         if not self.release_ok:
-            log.warning("the previous index version is still referenced %.0f s after the swap; its memory is not "
-                        "returned", RELEASE_WAIT_S)
+            log.warning(
+                "the previous index version is still referenced %.0f s after the swap; its memory is not returned",
+                RELEASE_WAIT_S,
+            )
         done.set()
 
     # -- watching ---------------------------------------------------------------------------------------
@@ -297,7 +332,7 @@ def _warm_up(searcher: Any) -> None:
     searcher.attribute_values  # noqa: B018 (computed once, on this thread, not in the first request)
 
 
-def release_memory(old: "weakref.ref[Any]", wait_s: float = RELEASE_WAIT_S) -> bool:
+def release_memory(old: weakref.ref[Any], wait_s: float = RELEASE_WAIT_S) -> bool:
     """Wait until nothing holds the old version's Searcher (its last batch finished), then hand freed memory
     back; False when something still holds it after `wait_s`.
 

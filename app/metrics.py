@@ -40,18 +40,27 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("retrieval_http_requests", "HTTP requests answered, by route, method and status",
-                                ["route", "method", "status"], registry=r)
-        self.search_seconds = Histogram("retrieval_search_seconds", "JSON API search latency by stage, seconds",
-                                        ["stage"], buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("retrieval_batch_size", "Queries embedded in one forward pass",
-                                    buckets=BATCH_BUCKETS, registry=r)
+        self.requests = Counter(
+            "retrieval_http_requests",
+            "HTTP requests answered, by route, method and status",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.search_seconds = Histogram(
+            "retrieval_search_seconds",
+            "JSON API search latency by stage, seconds",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "retrieval_batch_size", "Queries embedded in one forward pass", buckets=BATCH_BUCKETS, registry=r
+        )
         self.queue_depth = Gauge("retrieval_queue_depth", "Queries waiting for the batching worker", registry=r)
         self.index_items = Gauge("retrieval_index_items", "Gallery items in the served index version", registry=r)
         self.index_version = Info("retrieval_index_version", "The served index version", registry=r)
         self.reloads = Counter("retrieval_index_reloads", "Index reloads by outcome", ["outcome"], registry=r)
-        self.ready = Gauge("retrieval_ready", "1 when the server is ready (GET /api/v1/ready answers 200)",
-                           registry=r)
+        self.ready = Gauge("retrieval_ready", "1 when the server is ready (GET /api/v1/ready answers 200)", registry=r)
         self.embedder = Info("retrieval_embedder", "The embedder the server embeds queries with", registry=r)
         for stage in STAGES:
             self.search_seconds.labels(stage)
@@ -61,8 +70,9 @@ class ServerMetrics:
     def bind(self, live: LiveIndex, worker: Any, is_ready: Callable[[], bool]) -> None:
         """Follow the served index, the worker's batches and queue, and readiness."""
         backend = live.searcher.backend
-        self.embedder.info({"fingerprint": str(backend.fingerprint), "backend": str(backend.name),
-                            "device": str(backend.device)})
+        self.embedder.info(
+            {"fingerprint": str(backend.fingerprint), "backend": str(backend.name), "device": str(backend.device)}
+        )
         self.queue_depth.set_function(lambda: float(worker.queue_depth()))
         self.ready.set_function(lambda: 1.0 if is_ready() else 0.0)
         self.index_items.set_function(lambda: float(live.version.n_items))
@@ -76,8 +86,9 @@ class ServerMetrics:
 
     def _show_version(self, live: LiveIndex) -> None:
         v = live.version
-        self.index_version.info({"version": v.id, "built_at": v.built_at, "updated_at": v.updated_at or "",
-                                 "published_at": v.published_at})
+        self.index_version.info(
+            {"version": v.id, "built_at": v.built_at, "updated_at": v.updated_at or "", "published_at": v.published_at}
+        )
 
     def count_request(self, route: str, method: str, status: int) -> None:
         self.requests.labels(route, method, str(status)).inc()

@@ -22,8 +22,14 @@ HEADER_KEY = request_ids.HEADER.lower().encode("latin-1")
 class RequestObserver:
     """Sets the request id, counts the answer by route template and status, writes the access-log line."""
 
-    def __init__(self, app: Any, routes_of: Any, access_log: AccessLog | None = None,
-                 metrics: ServerMetrics | None = None, api_prefix: str = "/api/v1") -> None:
+    def __init__(
+        self,
+        app: Any,
+        routes_of: Any,
+        access_log: AccessLog | None = None,
+        metrics: ServerMetrics | None = None,
+        api_prefix: str = "/api/v1",
+    ) -> None:
         self.app, self.routes_of = app, routes_of  # routes_of: the FastAPI app whose route templates label requests
         self.access_log, self.metrics, self.api_prefix = access_log, metrics, api_prefix
 
@@ -43,8 +49,9 @@ class RequestObserver:
             return
         given = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == HEADER_KEY), None)
         path = str(scope.get("path", ""))
-        record = request_ids.RequestRecord(request_ids.request_id_from(given), str(scope.get("method", "")), path,
-                                           self.route_label(path))
+        record = request_ids.RequestRecord(
+            request_ids.request_id_from(given), str(scope.get("method", "")), path, self.route_label(path)
+        )
         token = request_ids.enter(record)
         started = time.perf_counter()
         counted = False

@@ -8,7 +8,7 @@ from it) plus the URL of its thumbnail, so the API, `retrieval search --json` an
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, Optional, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 from pydantic import BaseModel, Field, create_model
 
@@ -21,12 +21,17 @@ class ErrorBody(BaseModel):
     One model for every error status (app.api_errors declares it on each route); a field added here
     (optional, so older answers stay valid) appears in every error answer and in the document."""
 
-    error: str = Field(pattern=r"^[a-z_]+$",
-                       description="stable error code: bad_request, unauthorized, not_found, method_not_allowed, "
-                                   "too_large, not_an_image, undecodable_image, queue_full, not_ready, internal")
+    error: str = Field(
+        pattern=r"^[a-z_]+$",
+        description="stable error code: bad_request, unauthorized, not_found, method_not_allowed, "
+        "too_large, not_an_image, undecodable_image, queue_full, not_ready, internal",
+    )
     message: str = Field(description="what went wrong and what to do, one line")
-    request_id: Optional[str] = Field(None, description="this request's id (also the X-Request-ID header): quote "
-                                                        "it to the operator, it is in the server's access log")
+    request_id: str | None = Field(
+        None,
+        description="this request's id (also the X-Request-ID header): quote "
+        "it to the operator, it is in the server's access log",
+    )
 
 
 class Health(BaseModel):
@@ -42,8 +47,9 @@ def _hit_model() -> type[BaseModel]:
         f.name: (hints[f.name], Field(description=f.metadata.get("description"))) for f in dataclasses.fields(Hit)
     }
     hit_fields["thumbnail_url"] = (str, Field(description="the downscaled gallery image (JPEG) of this result"))
-    return create_model("SearchHit", __doc__="One search result: the search hit record and its thumbnail.",
-                        **hit_fields)
+    return create_model(
+        "SearchHit", __doc__="One search result: the search hit record and its thumbnail.", **hit_fields
+    )
 
 
 SearchHit = _hit_model()
@@ -63,14 +69,15 @@ class SearchResponse(BaseModel):
 
     results: list[SearchHit] = Field(description="best first")  # type: ignore[valid-type]
     k: int = Field(description="results asked for")
-    filter: Optional[dict[str, list[str]]] = Field(description="attribute -> accepted values; null = none")
+    filter: dict[str, list[str]] | None = Field(description="attribute -> accepted values; null = none")
     filter_text: str = Field(description="the filter as `key=value` terms; empty = none")
     rerank: str = Field(description="the re-ranking applied (none, qe, dba, kreciprocal)")
     batch_size: int = Field(description="queries embedded in the same forward pass")
     timings_ms: Timings
     fingerprint: str = Field(description="the embedder's fingerprint (the one the index was built with)")
-    index_version: str = Field(description="the index version that answered (the whole batch searched it; see "
-                                           "/api/v1/info)")
+    index_version: str = Field(
+        description="the index version that answered (the whole batch searched it; see /api/v1/info)"
+    )
 
 
 class Ready(BaseModel):
@@ -97,7 +104,7 @@ class IndexVersionInfo(BaseModel):
 
     id: str = Field(description="publish time and a short hash of the folder's file checksums")
     built_at: str = Field(description="when the index was built")
-    updated_at: Optional[str] = Field(description="the last --add or --remove; null = never")
+    updated_at: str | None = Field(description="the last --add or --remove; null = never")
     published_at: str = Field(description="when this copy of the folder was written")
     n_items: int = Field(description="gallery items in this version")
 
@@ -106,9 +113,10 @@ class Reloading(BaseModel):
     """How the server follows its index folder."""
 
     watching: bool = Field(description="the folder is watched and reloaded when republished (--watch)")
-    last_outcome: Optional[Literal["reloaded", "unchanged", "refused"]] = Field(
-        description="the last reload's outcome; null = none since start")
-    last_message: Optional[str] = Field(description="the last reload's message")
+    last_outcome: Literal["reloaded", "unchanged", "refused"] | None = Field(
+        description="the last reload's outcome; null = none since start"
+    )
+    last_message: str | None = Field(description="the last reload's message")
     stale: bool = Field(description="the folder holds a newer version that was refused; the served one is older")
 
 
@@ -130,10 +138,10 @@ class InfoResponse(BaseModel):
     embedding_size: int
     backend: str = Field(description="the embedding runtime (torch, onnxruntime)")
     device: str = Field(description="where embedding runs")
-    search_device: Optional[str] = Field(description="where the index search runs")
+    search_device: str | None = Field(description="where the index search runs")
     fingerprint: str = Field(description="the embedder's fingerprint")
     built_at: str
-    updated_at: Optional[str] = Field(description="the last --add or --remove; null = never")
+    updated_at: str | None = Field(description="the last --add or --remove; null = never")
     filters: dict[str, list[str]] = Field(description="filterable attribute -> its values")
     rerank: list[str] = Field(description="re-ranking methods this index offers")
     max_k: int

@@ -35,8 +35,10 @@ _DATA_URL = r"data:[A-Za-z0-9.+-]{1,64}/[A-Za-z0-9.+-]{1,64};base64,"
 IMAGE_TEXT_PATTERN = f"^(?:{_DATA_URL})?{_BASE64}$"
 _IMAGE_TEXT = re.compile(IMAGE_TEXT_PATTERN)
 _FORM_K = re.compile(r"(0|[1-9][0-9]{0,17})(?:\.0+)?")  # JSON Schema's integers: 14 and 14.0 alike
-EXAMPLE_IMAGE = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAQAAAAECAIAAAAmkwkpAAAAFElEQVR42mM8UaHBAANMDEgANwcA"
-                 "R/QBcPbvf+MAAAAASUVORK5CYII=")  # a 4x4 orange PNG: the document's example, searchable as is
+EXAMPLE_IMAGE = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAQAAAAECAIAAAAmkwkpAAAAFElEQVR42mM8UaHBAANMDEgANwcA"
+    "R/QBcPbvf+MAAAAASUVORK5CYII="
+)  # a 4x4 orange PNG: the document's example, searchable as is
 _SYNTAX = set("^$\\.*+?()[]{}|")
 
 
@@ -77,49 +79,77 @@ class SearchContract:
 
     def _common_properties(self) -> dict[str, Any]:
         return {
-            "k": {"type": "integer", "minimum": 1, "maximum": self.max_k, "default": self.default_k,
-                  "description": "results to return"},
-            "rerank": {"type": "string", "enum": list(self.rerank), "default": "none",
-                       "description": "re-ranking to apply: the methods this index offers"},
+            "k": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": self.max_k,
+                "default": self.default_k,
+                "description": "results to return",
+            },
+            "rerank": {
+                "type": "string",
+                "enum": list(self.rerank),
+                "default": "none",
+                "description": "re-ranking to apply: the methods this index offers",
+            },
         }
 
     def json_schema(self) -> dict[str, Any]:
         """The application/json body."""
         properties: dict[str, Any] = {
-            "image": {"type": "string", "format": IMAGE_FORMAT, "pattern": IMAGE_TEXT_PATTERN,
-                      "examples": [EXAMPLE_IMAGE],
-                      "description": "the query image file (JPEG, PNG, WebP, GIF, BMP, TIFF) in base64, bare or "
-                                     f"as a data: URL; at most {self.max_upload_bytes:,} bytes once decoded. "
-                                     "URLs to fetch are refused."},
+            "image": {
+                "type": "string",
+                "format": IMAGE_FORMAT,
+                "pattern": IMAGE_TEXT_PATTERN,
+                "examples": [EXAMPLE_IMAGE],
+                "description": "the query image file (JPEG, PNG, WebP, GIF, BMP, TIFF) in base64, bare or "
+                f"as a data: URL; at most {self.max_upload_bytes:,} bytes once decoded. "
+                "URLs to fetch are refused.",
+            },
             **self._common_properties(),
         }
         if self.attributes:
             value = {"type": "string", "minLength": 1}
             properties["filter"] = {
-                "type": "object", "additionalProperties": False,
+                "type": "object",
+                "additionalProperties": False,
                 "description": "keep items whose attributes match: attribute -> a value or a list of values "
-                               "(any of them); several attributes must all match",
+                "(any of them); several attributes must all match",
                 "properties": {a: {"anyOf": [value, {"type": "array", "items": value}]} for a in self.attributes},
             }
-        return {"title": "SearchQuery", "type": "object", "required": ["image"], "additionalProperties": False,
-                "properties": _ordered(properties)}
+        return {
+            "title": "SearchQuery",
+            "type": "object",
+            "required": ["image"],
+            "additionalProperties": False,
+            "properties": _ordered(properties),
+        }
 
     def form_schema(self) -> dict[str, Any]:
         """The multipart/form-data body."""
         properties: dict[str, Any] = {
-            "image": {"type": "string", "format": "binary",
-                      "description": f"the query image file; at most {self.max_upload_bytes:,} bytes"},
+            "image": {
+                "type": "string",
+                "format": "binary",
+                "description": f"the query image file; at most {self.max_upload_bytes:,} bytes",
+            },
             **self._common_properties(),
         }
         if self.attributes:
             properties["filter"] = {
-                "type": "array", "maxItems": MAX_FILTER_FIELDS,
+                "type": "array",
+                "maxItems": MAX_FILTER_FIELDS,
                 "items": {"type": "string", "pattern": self.filter_term_pattern()},
                 "description": "repeat the field for more terms: `attribute=value`, several joined by ';'; "
-                               "values of one attribute are OR-ed, attributes AND-ed",
+                "values of one attribute are OR-ed, attributes AND-ed",
             }
-        return {"title": "SearchForm", "type": "object", "required": ["image"], "additionalProperties": False,
-                "properties": _ordered(properties)}
+        return {
+            "title": "SearchForm",
+            "type": "object",
+            "required": ["image"],
+            "additionalProperties": False,
+            "properties": _ordered(properties),
+        }
 
     # --- the checks -------------------------------------------------------------------------------
 
@@ -177,15 +207,20 @@ class SearchContract:
         if value in self.rerank:
             return str(value)
         if value in RERANK_METHODS:
-            raise ApiError(400, "bad_request", f"`rerank` {value} is not available on this index "
-                                               f"(available: {', '.join(self.rerank)}); build its neighbour lists "
-                                               "with `retrieval index --out DIR --rerank-neighbours 10`")
+            raise ApiError(
+                400,
+                "bad_request",
+                f"`rerank` {value} is not available on this index "
+                f"(available: {', '.join(self.rerank)}); build its neighbour lists "
+                "with `retrieval index --out DIR --rerank-neighbours 10`",
+            )
         raise ApiError(400, "bad_request", f"unknown `rerank` {_short(value)}; choose one of {', '.join(self.rerank)}")
 
     def json_filter(self, value: Any) -> dict[str, list[str]] | None:
         if not isinstance(value, dict):
-            raise ApiError(400, "bad_request", 'the JSON `filter` must be an object: {"attribute": "value" or '
-                                               '["value", ...]}')
+            raise ApiError(
+                400, "bad_request", 'the JSON `filter` must be an object: {"attribute": "value" or ["value", ...]}'
+            )
         where: dict[str, list[str]] = {}
         for key, given in value.items():
             self._check_attribute(key)
@@ -203,8 +238,11 @@ class SearchContract:
             for term in field_value.split(";"):
                 key, sep, value = term.partition("=")
                 if not sep:
-                    raise ApiError(400, "bad_request", f"filter {term!r} is not KEY=VALUE (e.g. category=Dresses); "
-                                                       "join several terms with ';'")
+                    raise ApiError(
+                        400,
+                        "bad_request",
+                        f"filter {term!r} is not KEY=VALUE (e.g. category=Dresses); join several terms with ';'",
+                    )
                 self._check_attribute(key)
                 if not value:
                     raise ApiError(400, "bad_request", f"filter {term!r} needs a value (e.g. {key}=...)")
@@ -229,16 +267,22 @@ class SearchContract:
 
 def contract_for(searcher: Any, max_k: int, rerank: Sequence[str], max_upload_bytes: int) -> SearchContract:
     """The contract of a Searcher's index."""
-    return SearchContract(max_k=max(1, min(int(max_k), len(searcher.gallery_paths))),
-                          attributes=tuple(sorted(searcher.attribute_values)), rerank=tuple(rerank),
-                          max_upload_bytes=int(max_upload_bytes))
+    return SearchContract(
+        max_k=max(1, min(int(max_k), len(searcher.gallery_paths))),
+        attributes=tuple(sorted(searcher.attribute_values)),
+        rerank=tuple(rerank),
+        max_upload_bytes=int(max_upload_bytes),
+    )
 
 
 def _refuse_unknown(given: Mapping[str, Any], known: tuple[str, ...], what: str) -> None:
     unknown = [name for name in given if name not in known]
     if unknown:
-        raise ApiError(400, "bad_request", f"unknown {what} {_short(unknown[0])}; this request takes "
-                                           + ", ".join(f"`{name}`" for name in known))
+        raise ApiError(
+            400,
+            "bad_request",
+            f"unknown {what} {_short(unknown[0])}; this request takes " + ", ".join(f"`{name}`" for name in known),
+        )
 
 
 def _ordered(properties: dict[str, Any]) -> dict[str, Any]:

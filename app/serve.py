@@ -198,8 +198,14 @@ def launch(
     public = frozenset(public_paths) | ({GRADIO_STARTUP_PATH} if share else frozenset())
     gate = [] if token is None else [(AccessGate, {"policy": AccessPolicy(token, public)})]
     live = LiveIndex(searcher, app_kwargs.get("index_dir"), data_root=data_root)
-    worker = BatchingWorker(live, max_batch=max_batch_size, max_wait_ms=max_wait_ms,
-                            queue_size=worker_queue_size, engine=engine, warm_up=True)
+    worker = BatchingWorker(
+        live,
+        max_batch=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        queue_size=worker_queue_size,
+        engine=engine,
+        warm_up=True,
+    )
     try:
         demo, search_app = build_app(searcher, worker=worker, **app_kwargs)
     except BaseException:
@@ -214,12 +220,19 @@ def launch(
             from starlette.middleware import Middleware
 
             middleware = [Middleware(cls, **kwargs) for cls, kwargs in gate]
-            _, local_url, _ = demo.launch(prevent_thread_lock=True, app_kwargs={"middleware": middleware},
-                                          **launch_settings(search_app, host, port, share))
+            _, local_url, _ = demo.launch(
+                prevent_thread_lock=True,
+                app_kwargs={"middleware": middleware},
+                **launch_settings(search_app, host, port, share),
+            )
             running = RunningApp(demo, search_app, local_url.rstrip("/") + "/", host, port, worker)
         else:
-            settings = ApiSettings(limits=search_app.limits, token=token, metrics=metrics,  # the UI's limits
-                                   public_paths=frozenset(public_paths))
+            settings = ApiSettings(
+                limits=search_app.limits,
+                token=token,
+                metrics=metrics,  # the UI's limits
+                public_paths=frozenset(public_paths),
+            )
             server_metrics = ServerMetrics() if metrics else None
             search_api = SearchApi(live, worker, search_app.thumbnails, settings, server_metrics)
             api = build_api(search_api)
@@ -247,20 +260,33 @@ def launch(
     return running
 
 
-def _serve_mounted(api: Any, demo: Any, search_app: SearchApp, worker: BatchingWorker, host: str,
-                   port: int) -> RunningApp:
+def _serve_mounted(
+    api: Any, demo: Any, search_app: SearchApp, worker: BatchingWorker, host: str, port: int
+) -> RunningApp:
     """Mount the UI on the API application and run it with uvicorn on a background thread."""
     import gradio as gr
     import uvicorn
 
     settings = launch_settings(search_app, host, port, False)
-    mount = {key: settings[key] for key in ("allowed_paths", "max_file_size", "show_error", "ssr_mode",
-                                            "enable_monitoring", "mcp_server", "run_history", "footer_links")}
+    mount = {
+        key: settings[key]
+        for key in (
+            "allowed_paths",
+            "max_file_size",
+            "show_error",
+            "ssr_mode",
+            "enable_monitoring",
+            "mcp_server",
+            "run_history",
+            "footer_links",
+        )
+    }
     app = gr.mount_gradio_app(api, demo, path="", server_name=host, server_port=port, **mount)
     # uvicorn.error would print every event stream still open at shutdown as a traceback; start-up
     # failures are detected below and our own routes log through their loggers
-    config = uvicorn.Config(app, host=host, port=port, log_level="critical", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=2)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="critical", access_log=False, lifespan="on", timeout_graceful_shutdown=2
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="http-server", daemon=True)
     thread.start()
@@ -304,5 +330,13 @@ def open_and_launch(
     from retrieval.search.searcher import Searcher
 
     searcher = Searcher.open(index_dir, embedder, device=device, data_root=data_root)
-    return launch(searcher, host=host, port=port, share=share, block=block, index_dir=Path(index_dir),
-                  data_root=data_root, **launch_kwargs)
+    return launch(
+        searcher,
+        host=host,
+        port=port,
+        share=share,
+        block=block,
+        index_dir=Path(index_dir),
+        data_root=data_root,
+        **launch_kwargs,
+    )

@@ -98,8 +98,9 @@ class VersionedThumbnails:
     `path_for`, `is_placeholder` and `gallery_paths` answer for the version made current last (the one
     being served), so code written for one ThumbnailStore keeps working."""
 
-    def __init__(self, folder: str | os.PathLike[str] | None = None, max_side: int = DEFAULT_MAX_SIDE,
-                 keep: int = KEPT_VERSIONS) -> None:
+    def __init__(
+        self, folder: str | os.PathLike[str] | None = None, max_side: int = DEFAULT_MAX_SIDE, keep: int = KEPT_VERSIONS
+    ) -> None:
         self._owns_folder = folder is None
         root = Path(tempfile.mkdtemp(prefix="retrieval-thumbs-")) if folder is None else Path(folder)
         root.mkdir(parents=True, exist_ok=True)
@@ -111,14 +112,15 @@ class VersionedThumbnails:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_store(cls, store: ThumbnailStore) -> "VersionedThumbnails":
+    def from_store(cls, store: ThumbnailStore) -> VersionedThumbnails:
         """Versioned stores in the folder (and at the size) of an existing store, which then owns nothing."""
         versioned = cls(store.folder, store.max_side)
         versioned._owns_folder, store._owns_folder = store._owns_folder, False
         return versioned
 
-    def for_version(self, version_id: str, gallery_paths: Sequence[str | os.PathLike[str]] | None = None,
-                    current: bool = False) -> ThumbnailStore | None:
+    def for_version(
+        self, version_id: str, gallery_paths: Sequence[str | os.PathLike[str]] | None = None, current: bool = False
+    ) -> ThumbnailStore | None:
         """The store of `version_id` (created from `gallery_paths` when new; None when unknown and no paths)."""
         with self._lock:
             store = self._stores.get(version_id)

@@ -68,7 +68,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}. It may be truncated or not a checkpoint.") from exc
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {exc}. It may be truncated or not a checkpoint."
+        ) from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a metrix-retrieval checkpoint (format {CHECKPOINT_FORMAT} expected)")
     return payload

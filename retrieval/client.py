@@ -79,9 +79,14 @@ class SearchClient:
         self.token, self.timeout = token, float(timeout)
 
     # -- routes ---------------------------------------------------------------------------------------
-    def search(self, image: str | os.PathLike[str] | bytes | Any, k: int = 10,
-               filter: Mapping[str, str | Sequence[str]] | Sequence[str] | str | None = None,  # noqa: A002
-               rerank: str = "none", request_id: str | None = None) -> SearchResult:
+    def search(
+        self,
+        image: str | os.PathLike[str] | bytes | Any,
+        k: int = 10,
+        filter: Mapping[str, str | Sequence[str]] | Sequence[str] | str | None = None,
+        rerank: str = "none",
+        request_id: str | None = None,
+    ) -> SearchResult:
         """The k nearest gallery items to `image`; `filter` as {"category": "Dresses"} (or a list of values),
         ["category=Dresses"] or "category=Dresses"; `rerank`: none, qe, dba or kreciprocal."""
         name, data = _image_bytes(image)
@@ -90,9 +95,19 @@ class SearchClient:
         body, content_type = _multipart(fields, ("image", name, data))
         answer, rid = self._call("POST", "search", body, content_type, request_id)
         hits = [Hit(**{key: raw[key] for key in HIT_FIELDS}) for raw in answer["results"]]
-        return SearchResult(hits, [raw["thumbnail_url"] for raw in answer["results"]], answer.get("index_version", ""),
-                            answer["k"], answer.get("filter"), answer["rerank"], answer["batch_size"],
-                            answer["timings_ms"], answer["fingerprint"], rid, answer)
+        return SearchResult(
+            hits,
+            [raw["thumbnail_url"] for raw in answer["results"]],
+            answer.get("index_version", ""),
+            answer["k"],
+            answer.get("filter"),
+            answer["rerank"],
+            answer["batch_size"],
+            answer["timings_ms"],
+            answer["fingerprint"],
+            rid,
+            answer,
+        )
 
     def info(self) -> dict[str, Any]:
         """What the server searches: index type and size, the version served, embedder, filters, limits."""
@@ -115,24 +130,41 @@ class SearchClient:
     def reload(self) -> ReloadResult:
         """Ask the server to load its index folder now if it was republished."""
         answer = self._call("POST", "admin/reload", b"", "application/json")[0]
-        return ReloadResult(answer["outcome"], answer["index_version"], answer["previous_version"],
-                            answer["message"], float(answer["seconds"]))
+        return ReloadResult(
+            answer["outcome"],
+            answer["index_version"],
+            answer["previous_version"],
+            answer["message"],
+            float(answer["seconds"]),
+        )
 
     def thumbnail(self, result: SearchResult, i: int) -> bytes:
         """The JPEG thumbnail of hit `i` of `result`, of the index version that answered."""
         return self._request("GET", urllib.parse.urljoin(self.url, result.thumbnail_urls[i].lstrip("/")))[0]
 
     # -- transport ------------------------------------------------------------------------------------
-    def _call(self, method: str, route: str, body: bytes | None = None, content_type: str | None = None,
-              request_id: str | None = None) -> tuple[dict[str, Any], str | None]:
+    def _call(
+        self,
+        method: str,
+        route: str,
+        body: bytes | None = None,
+        content_type: str | None = None,
+        request_id: str | None = None,
+    ) -> tuple[dict[str, Any], str | None]:
         data, rid = self._request(method, urllib.parse.urljoin(self.url, API + route), body, content_type, request_id)
         try:
             return json.loads(data), rid
         except ValueError:
             raise SearchApiError(200, "bad_answer", f"the server's answer to {route} is not JSON", rid) from None
 
-    def _request(self, method: str, url: str, body: bytes | None = None, content_type: str | None = None,
-                 request_id: str | None = None) -> tuple[bytes, str | None]:
+    def _request(
+        self,
+        method: str,
+        url: str,
+        body: bytes | None = None,
+        content_type: str | None = None,
+        request_id: str | None = None,
+    ) -> tuple[bytes, str | None]:
         headers = {"Accept": "application/json"}
         if content_type:
             headers["Content-Type"] = content_type
@@ -159,8 +191,12 @@ def _api_error(exc: urllib.error.HTTPError) -> SearchApiError:
         body = {}
     if not isinstance(body, dict):
         body = {}
-    return SearchApiError(int(exc.code), str(body.get("error") or "http_error"),
-                          str(body.get("message") or exc.reason), body.get("request_id") or rid)
+    return SearchApiError(
+        int(exc.code),
+        str(body.get("error") or "http_error"),
+        str(body.get("message") or exc.reason),
+        body.get("request_id") or rid,
+    )
 
 
 def _image_bytes(image: Any) -> tuple[str, bytes]:
@@ -199,7 +235,11 @@ def _multipart(fields: list[tuple[str, str]], upload: tuple[str, str, bytes]) ->
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
     field_name, file_name, data = upload
     safe = file_name.replace('"', "_").replace("\r", "_").replace("\n", "_")
-    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{field_name}"; filename="{safe}"\r\n'
-                 "Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field_name}"; filename="{safe}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n".encode()
+        + data
+        + b"\r\n"
+    )
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"

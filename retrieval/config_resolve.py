@@ -85,16 +85,20 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return file_cfg
 
 
-def _table_cell(dataset: str | None, loss: str | None, mixup: str | None, file_cfg: dict[str, Any]
-                ) -> tuple[str, str, str]:
+def _table_cell(
+    dataset: str | None, loss: str | None, mixup: str | None, file_cfg: dict[str, Any]
+) -> tuple[str, str, str]:
     """The (dataset, loss, mixup) preset cell: flags, else the config file, else the defaults; each checked."""
     dataset = dataset or file_cfg.get("data", {}).get("dataset")
     if not dataset:
         raise ConfigError(f"pass --dataset ({dataset_choices()})")
     loss = loss or file_cfg.get("loss", {}).get("name") or catalog.DEFAULT_LOSS
     mixup = mixup or file_cfg.get("mixup", {}).get("level") or levels.DEFAULT_LEVEL
-    for what, key, value in (("dataset", "data.dataset", dataset), ("loss", "loss.name", loss),
-                             ("mixup", "mixup.level", mixup)):
+    for what, key, value in (
+        ("dataset", "data.dataset", dataset),
+        ("loss", "loss.name", loss),
+        ("mixup", "mixup.level", mixup),
+    ):
         if value not in CHOICES[key]:
             raise ConfigError(f"--{what} {value!r} is not one of {', '.join(CHOICES[key])}")
     return dataset, loss, mixup
@@ -162,13 +166,16 @@ def _check_choices(raw_cfg: RawConfig) -> None:
             raise ConfigError(f"{key}={raw_cfg[section][name]!r} is not one of {', '.join(allowed)}")
 
 
-def _derive_resize(raw: RawConfig, base: RawConfig, file_cfg: dict[str, Any],
-                   flags: dict[str, dict[str, Any]], sets: list[str]) -> None:
+def _derive_resize(
+    raw: RawConfig, base: RawConfig, file_cfg: dict[str, Any], flags: dict[str, dict[str, Any]], sets: list[str]
+) -> None:
     """A new --image-size without a resize of its own brings the paper's 256/224 test-time resize along
     (--image-size 64 -> resize 73), instead of keeping the preset's, which would feed the model the
     central quarter of each test image."""
-    given = (flags.get("data", {}).get("resize_size") is not None
-             or "resize_size" in (file_cfg.get("data") or {})
-             or any(item.partition("=")[0].strip() == "data.resize_size" for item in sets))
+    given = (
+        flags.get("data", {}).get("resize_size") is not None
+        or "resize_size" in (file_cfg.get("data") or {})
+        or any(item.partition("=")[0].strip() == "data.resize_size" for item in sets)
+    )
     if not given and raw["data"]["image_size"] != base["data"]["image_size"]:
         raw["data"]["resize_size"] = default_resize_size(int(raw["data"]["image_size"]))

@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 AMP_MODES: tuple[str, ...] = ("auto", "bf16", "fp16", "none")
 
 
-def torch_device(device: "str | torch.device" = "auto", local_rank: int = 0) -> "torch.device":
-    """"auto" -> this process's GPU when CUDA is available, else the CPU; "cuda" without an index -> GPU
+def torch_device(device: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
+    """ "auto" -> this process's GPU when CUDA is available, else the CPU; "cuda" without an index -> GPU
     `local_rank` (one per process under torchrun). Asking for CUDA where there is none is a usage error."""
     import torch
 

@@ -100,8 +100,9 @@ def report(exc: BaseException, stream: TextIO | None = None) -> int:
             stream.write(f"hint: {hint}\n")
     else:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=stream)
-        stream.write(f"error: internal error ({type(exc).__name__}); this is a bug, please report it with the "
-                     "traceback above\n")
+        stream.write(
+            f"error: internal error ({type(exc).__name__}); this is a bug, please report it with the traceback above\n"
+        )
         code = EXIT_BUG
     stream.flush()
     return code

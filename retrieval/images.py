@@ -53,8 +53,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-_NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                (lambda m: stat.S_ISCHR(m) or stat.S_ISBLK(m), "a device node"), (stat.S_ISSOCK, "a socket"))
+_NOT_REGULAR = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (lambda m: stat.S_ISCHR(m) or stat.S_ISBLK(m), "a device node"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def file_problem(path: str | os.PathLike[str]) -> str | None:
@@ -93,8 +97,9 @@ def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return int(short_side * width / height), short_side
 
 
-def size_problem(width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> tuple[str, str] | None:
+def size_problem(
+    width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
+) -> tuple[str, str] | None:
     """(kind, reason) when a size would cost unbounded memory to decode or resize, else None.
 
     kind: "empty" (zero size), "pixels" (over `max_pixels`) or "aspect" (over `max_aspect_ratio`); the
@@ -102,34 +107,46 @@ def size_problem(width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS,
     if width <= 0 or height <= 0:
         return "empty", "image has zero size"
     if width * height > max_pixels:
-        return "pixels", (f"{width}x{height} pixels exceeds the limit of {max_pixels:,}; "
-                          "downscale the image before using it")
+        return "pixels", (
+            f"{width}x{height} pixels exceeds the limit of {max_pixels:,}; downscale the image before using it"
+        )
     ratio = max(width, height) / min(width, height)
     if ratio > max_aspect_ratio:
         w, h = resized_size(width, height, 256)
-        return "aspect", (f"{width}x{height} pixels has an aspect ratio of {ratio:,.0f}:1, above the limit of "
-                          f"{max_aspect_ratio:g}:1 (resizing its short side to 256 px would make {w:,}x{h:,} "
-                          "pixels); crop it to the part to search for")
+        return "aspect", (
+            f"{width}x{height} pixels has an aspect ratio of {ratio:,.0f}:1, above the limit of "
+            f"{max_aspect_ratio:g}:1 (resizing its short side to 256 px would make {w:,}x{h:,} "
+            "pixels); crop it to the part to search for"
+        )
     return None
 
 
-def check_size(name: str, width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-               max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> None:
+def check_size(
+    name: str,
+    width: int,
+    height: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+) -> None:
     """Refuse, naming the image, sizes whose decoding or short-side resize would cost unbounded memory."""
     problem = size_problem(width, height, max_pixels, max_aspect_ratio)
     if problem is not None:
         raise ImageLoadError(f"{name}: {problem[1]}")
 
 
-def check_resize(width: int, height: int, short_side: int, max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
-                 name: str = "image") -> tuple[int, int]:
+def check_resize(
+    width: int, height: int, short_side: int, max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, name: str = "image"
+) -> tuple[int, int]:
     """The resized (w, h), or ImageLoadError when the aspect ratio makes the resize unbounded."""
     check_size(name, width, height, max_pixels=width * height, max_aspect_ratio=max_aspect_ratio)
     return resized_size(width, height, short_side)
 
 
-def probe_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS,
-                max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> str | None:
+def probe_image(
+    path: str | os.PathLike[str],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+) -> str | None:
     """Why `path` cannot be used as an image, judged from its header alone (cheap), or None.
 
     Catches what open_image refuses before decoding (missing, not a file, not an image, too large,

@@ -164,7 +164,9 @@ def neighbour_metrics(
     ks = _check_ks(ks)
     query_labels = np.asarray(query_labels).ravel()
     if len(query_labels) != len(query_emb):
-        raise ValueError(f"embeddings and labels differ in length: {len(query_emb)} queries vs {len(query_labels)} labels")
+        raise ValueError(
+            f"embeddings and labels differ in length: {len(query_emb)} queries vs {len(query_labels)} labels"
+        )
     q_codes, g_codes, n_classes = _label_codes(query_labels, gallery_labels)
     extra = 0 if self_ids is None else 1
     counts = np.bincount(g_codes[g_codes >= 0], minlength=n_classes)
@@ -173,8 +175,11 @@ def neighbour_metrics(
     if len(rows) == 0:
         raise InputError("no query has a same-label item in the gallery; check the labels and the split")
     if len(rows) < len(query_labels):
-        logger.warning("%d of %d queries have no same-label gallery item and are left out",
-                       len(query_labels) - len(rows), len(query_labels))
+        logger.warning(
+            "%d of %d queries have no same-label gallery item and are left out",
+            len(query_labels) - len(rows),
+            len(query_labels),
+        )
     width = max(max(ks), int(num_relevant[rows].max()) if map_at_r else 0)
     k_search = min(width + extra, len(g_codes))
     first_hit = np.empty(len(rows), np.int64)
@@ -227,16 +232,26 @@ def evaluate_embeddings(
     gallery_emb = query_emb if gallery_emb is None else as_float32_matrix(gallery_emb, "gallery embeddings")
     gallery_labels = np.asarray(query_labels if all_vs_all else gallery_labels).ravel()
     if len(gallery_labels) != len(gallery_emb):
-        raise ValueError(f"embeddings and labels differ in length: gallery {len(gallery_emb)} vs "
-                         f"{len(gallery_labels)} labels")
+        raise ValueError(
+            f"embeddings and labels differ in length: gallery {len(gallery_emb)} vs {len(gallery_labels)} labels"
+        )
     if query_emb.shape[1] != gallery_emb.shape[1]:
         raise ValueError(f"query dimension {query_emb.shape[1]} != gallery dimension {gallery_emb.shape[1]}")
     max_r = int(np.unique(gallery_labels, return_counts=True)[1].max()) if map_at_r else 0
     flat = FlatSearcher(gallery_emb, metric="ip", use_gpu=use_gpu, max_k=max(max(_check_ks(ks)), max_r) + 1)
     logger.info("evaluating %d queries against %d gallery items on %s", len(query_emb), len(gallery_emb), flat.device)
     self_ids = np.arange(len(query_emb)) if all_vs_all else None
-    return neighbour_metrics(flat.search, query_emb, query_labels, gallery_labels, ks, self_ids=self_ids,
-                             map_at_r=map_at_r, chunk_size=chunk_size, progress=progress)
+    return neighbour_metrics(
+        flat.search,
+        query_emb,
+        query_labels,
+        gallery_labels,
+        ks,
+        self_ids=self_ids,
+        map_at_r=map_at_r,
+        chunk_size=chunk_size,
+        progress=progress,
+    )
 
 
 # ----------------------------------------------------------------------------------------------

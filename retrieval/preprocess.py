@@ -10,10 +10,10 @@ transforms (retrieval.data) and the cache writer all read it, so it sits below e
 from __future__ import annotations
 
 import os
-from typing import Any
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -41,7 +41,7 @@ class Preprocessing:
         return d
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "Preprocessing":
+    def from_dict(cls, raw: dict[str, Any]) -> Preprocessing:
         """From meta.json / a checkpoint's record (JSON values: numbers and lists)."""
         return cls(
             image_size=int(raw["image_size"]),

@@ -28,8 +28,14 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from retrieval.errors import InputError
-from retrieval.images import (DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_PIXELS, ImageLoadError, file_problem,
-                              open_image, size_problem)
+from retrieval.images import (
+    DEFAULT_MAX_ASPECT_RATIO,
+    DEFAULT_MAX_PIXELS,
+    ImageLoadError,
+    file_problem,
+    open_image,
+    size_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +74,24 @@ class Refusal:
     meaning: str
 
 
-REFUSALS: dict[str, Refusal] = {r.code: r for r in (
-    Refusal("bad_request", 400, "no image bytes: an empty upload, a path that is not a readable file, text that "
-                                "is not base64, or a URL (never fetched)"),
-    Refusal("too_large", 413, "over the upload size limit (encoded bytes) or the pixel limit (from the header)"),
-    Refusal("not_an_image", 415, "not an image format that can be read (JPEG, PNG, WebP, GIF, BMP, TIFF)"),
-    Refusal("undecodable_image", 422, "an image that cannot be decoded (corrupt or truncated) or used (zero size, "
-                                      "an extreme aspect ratio)"),
-)}
+REFUSALS: dict[str, Refusal] = {
+    r.code: r
+    for r in (
+        Refusal(
+            "bad_request",
+            400,
+            "no image bytes: an empty upload, a path that is not a readable file, text that "
+            "is not base64, or a URL (never fetched)",
+        ),
+        Refusal("too_large", 413, "over the upload size limit (encoded bytes) or the pixel limit (from the header)"),
+        Refusal("not_an_image", 415, "not an image format that can be read (JPEG, PNG, WebP, GIF, BMP, TIFF)"),
+        Refusal(
+            "undecodable_image",
+            422,
+            "an image that cannot be decoded (corrupt or truncated) or used (zero size, an extreme aspect ratio)",
+        ),
+    )
+}
 
 _SIZE_PROBLEM_CODES = {"pixels": "too_large", "aspect": "undecodable_image", "empty": "undecodable_image"}
 _FETCHABLE_URL = re.compile(r"^\s*(https?|ftp|file)://", re.IGNORECASE)
@@ -111,8 +127,9 @@ class QueryIntake:
     def check_encoded_size(self, n_bytes: int, subject: str = "the image") -> None:
         """Refuse (413) an encoded image of `n_bytes` over the limit: call it as soon as the size is known."""
         if n_bytes > self.limits.max_bytes:
-            raise QueryRejected("too_large", f"{n_bytes:,} bytes is over the upload size limit of "
-                                             f"{self.limits.size_text()}", subject)
+            raise QueryRejected(
+                "too_large", f"{n_bytes:,} bytes is over the upload size limit of {self.limits.size_text()}", subject
+            )
 
     def check_bytes(self, data: bytes, subject: str = "the image") -> None:
         """Refuse empty (400) or oversized (413) encoded bytes."""
@@ -133,8 +150,9 @@ class QueryIntake:
             with open(path, "rb") as f:
                 data = f.read(self.limits.max_bytes + 1)  # a file that grew since: still bounded
         except OSError as exc:
-            raise QueryRejected("bad_request", f"cannot be read ({exc.strerror or type(exc).__name__})",
-                                subject) from None
+            raise QueryRejected(
+                "bad_request", f"cannot be read ({exc.strerror or type(exc).__name__})", subject
+            ) from None
         self.check_bytes(data, subject)
         return data
 
@@ -159,8 +177,7 @@ class QueryIntake:
     def refuse_url(self, text: str, subject: str = "the image") -> None:
         """Refuse (400) text that is a URL to fetch (http, https, ftp, file): it is never fetched."""
         if _FETCHABLE_URL.match(text[:DATA_URL_HEADER_MAX]):
-            raise QueryRejected("bad_request", "a URL: the server never fetches URLs; send the image's bytes",
-                                subject)
+            raise QueryRejected("bad_request", "a URL: the server never fetches URLs; send the image's bytes", subject)
 
     # --- decoding ------------------------------------------------------------------------------------
 
@@ -171,11 +188,14 @@ class QueryIntake:
             with Image.open(io.BytesIO(data)) as probe:  # reads the header only
                 width, height = probe.size
         except UnidentifiedImageError:
-            raise QueryRejected("not_an_image", "not an image file in a format that can be read "
-                                                "(JPEG, PNG, WebP, GIF, BMP, TIFF)", subject) from None
+            raise QueryRejected(
+                "not_an_image",
+                "not an image file in a format that can be read (JPEG, PNG, WebP, GIF, BMP, TIFF)",
+                subject,
+            ) from None
         except Image.DecompressionBombError as exc:
             raise QueryRejected("too_large", f"refused as a decompression bomb ({exc})", subject) from None
-        except Exception as exc:  # noqa: BLE001 - any header a decoder chokes on
+        except Exception as exc:
             raise QueryRejected("undecodable_image", f"corrupt image header ({type(exc).__name__})", subject) from None
         problem = size_problem(width, height, self.limits.max_pixels, self.limits.max_aspect_ratio)
         if problem is not None:
@@ -191,7 +211,7 @@ class QueryIntake:
             return open_image(data, max_pixels=self.limits.max_pixels, max_aspect_ratio=self.limits.max_aspect_ratio)
         except ImageLoadError as exc:
             raise QueryRejected("undecodable_image", str(exc).removeprefix("<bytes>: "), subject) from None
-        except Exception as exc:  # noqa: BLE001 - a decoder bug must not take a server down
+        except Exception as exc:
             log.exception("unexpected error decoding %s", subject)
             raise QueryRejected("undecodable_image", f"could not be decoded ({type(exc).__name__})", subject) from None
 
@@ -203,7 +223,7 @@ class QueryIntake:
 
 def _base64_size(text: str, start: int) -> int:
     """How many bytes the base64 text `text[start:]` decodes to, from its length (exact for valid base64)."""
-    tail = text[max(start, len(text) - BASE64_TAIL):]
+    tail = text[max(start, len(text) - BASE64_TAIL) :]
     data_tail = tail.rstrip()
     end = len(text) - (len(tail) - len(data_tail))
     padding = min(2, len(data_tail) - len(data_tail.rstrip("=")))

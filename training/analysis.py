@@ -78,8 +78,13 @@ def embed_training_split(
     mixing = levels.level(level)
     device = torch.device(device)
     order = torch.Generator().manual_seed(seed)
-    loader = DataLoader(ImageDataset(split, eval_transform(resize_size, image_size)), batch_size=batch_size,
-                        shuffle=True, generator=order, collate_fn=_collate)
+    loader = DataLoader(
+        ImageDataset(split, eval_transform(resize_size, image_size)),
+        batch_size=batch_size,
+        shuffle=True,
+        generator=order,
+        collate_fn=_collate,
+    )
     pick = torch.Generator().manual_seed(seed + 1)
     model = model.to(device).eval()
     clean, mixed = [], []
@@ -88,9 +93,14 @@ def embed_training_split(
         partner, found = other_class_partners(labels, pick)
         first = torch.arange(len(labels))[found]
         lam = sample_beta(alpha, (len(first),), torch.device("cpu"), pick)
-        targets = MixedTargets(first.to(device), partner[found].to(device), lam.to(device),
-                               torch.ones(len(first), dtype=torch.bool, device=device),
-                               labels[first].to(device), labels[partner[found]].to(device))
+        targets = MixedTargets(
+            first.to(device),
+            partner[found].to(device),
+            lam.to(device),
+            torch.ones(len(first), dtype=torch.bool, device=device),
+            labels[first].to(device),
+            labels[partner[found]].to(device),
+        )
         fmap = model.trunk(images)
         emb = model.head(fmap)
         clean.append(emb.float().cpu())
@@ -107,8 +117,9 @@ def utilization_report(test_emb: np.ndarray, train: TrainingEmbeddings, use_gpu:
     out = {"utilization clean": utilization(test_emb, train.clean, use_gpu=use_gpu)}
     if len(train.mixed):
         out["utilization mixed"] = utilization(test_emb, train.mixed, use_gpu=use_gpu)
-        out["utilization clean+mixed"] = utilization(test_emb, np.concatenate([train.clean, train.mixed]),
-                                                     use_gpu=use_gpu)
+        out["utilization clean+mixed"] = utilization(
+            test_emb, np.concatenate([train.clean, train.mixed]), use_gpu=use_gpu
+        )
     return out
 
 
@@ -156,8 +167,16 @@ def analyse_index(
     level = mix_level or (cfg.mixup.level if levels.level(cfg.mixup.level).mixes else levels.DEFAULT_LEVEL)
     run_device = torch_device(device)
     train = embed_training_split(
-        model, dataset.train, level=level, image_size=prep.image_size, resize_size=prep.resize_size,
-        alpha=cfg.mixup.alpha, batch_size=batch_size, seed=seed, device=run_device, progress=progress,
+        model,
+        dataset.train,
+        level=level,
+        image_size=prep.image_size,
+        resize_size=prep.resize_size,
+        alpha=cfg.mixup.alpha,
+        batch_size=batch_size,
+        seed=seed,
+        device=run_device,
+        progress=progress,
     )
     report.update(utilization_report(test_emb, train, use_gpu=run_device.type == "cuda"))
     report["training images"] = int(len(train.clean))
@@ -166,5 +185,11 @@ def analyse_index(
     return report
 
 
-__all__ = ["TrainingEmbeddings", "embed_training_split", "utilization_report", "index_test_embeddings",
-           "analyse_index", "other_class_partners"]
+__all__ = [
+    "TrainingEmbeddings",
+    "embed_training_split",
+    "utilization_report",
+    "index_test_embeddings",
+    "analyse_index",
+    "other_class_partners",
+]

@@ -116,8 +116,10 @@ def build_train_batches(
                 lut[old] = new
             source = f"decoded-image cache {d.cache}"
             if not cache_loader.cached.full_resolution:
-                source += (f" (stored at short side {cache_loader.cached.short_side} px: small crops are blurrier than from "
-                           "the files; rerun `retrieval prepare` to store training images at full resolution)")
+                source += (
+                    f" (stored at short side {cache_loader.cached.short_side} px: small crops are blurrier than from "
+                    "the files; rerun `retrieval prepare` to store training images at full resolution)"
+                )
             return TrainBatches(sampler, source, device, cache_loader, cfg.train.seed, rank, lut)
         source = (
             f"image files (no cache of split {train_split.name!r} in {d.cache}; write one with "

@@ -84,6 +84,18 @@ def loss(name: str) -> Loss:
 
 
 __all__ = [
-    "AMP_MODES", "Choice", "DEFAULT_LOSS", "INPUT_PAIRS", "LAMBDA_PER", "LOSSES", "Loss", "PAIR_KINDS", "SAMPLERS",
-    "described", "find", "loss", "loss_names", "one_of",
+    "AMP_MODES",
+    "Choice",
+    "DEFAULT_LOSS",
+    "INPUT_PAIRS",
+    "LAMBDA_PER",
+    "LOSSES",
+    "Loss",
+    "PAIR_KINDS",
+    "SAMPLERS",
+    "described",
+    "find",
+    "loss",
+    "loss_names",
+    "one_of",
 ]

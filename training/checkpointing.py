@@ -89,14 +89,17 @@ def restore_rng_state(state: dict[str, Any], generator: torch.Generator) -> None
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"][0])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
     generator.set_state(state["mix_generator"])
 
 
-def resume_state(state: TrainingState, rng_states: list[dict[str, Any]], *, seed: int, world_size: int,
-                 progress: Progress) -> dict[str, Any]:
+def resume_state(
+    state: TrainingState, rng_states: list[dict[str, Any]], *, seed: int, world_size: int, progress: Progress
+) -> dict[str, Any]:
     """The training state last.pt carries besides the weights; `rng_states` holds one entry per rank."""
     return {
         "optimizer": state.optimizer.state_dict(),
@@ -112,14 +115,26 @@ def resume_state(state: TrainingState, rng_states: list[dict[str, Any]], *, seed
     }
 
 
-def save_run_checkpoints(out_dir: Path, state: TrainingState, cfg: RunConfig, metrics: dict[str, float],
-                         resume: dict[str, Any], improved: bool) -> None:
+def save_run_checkpoints(
+    out_dir: Path,
+    state: TrainingState,
+    cfg: RunConfig,
+    metrics: dict[str, float],
+    resume: dict[str, Any],
+    improved: bool,
+) -> None:
     """Write last.pt (weights + `resume`, the state of `resume_state`), and best.pt when the epoch improved."""
     epoch = resume["epoch"]
     save_checkpoint(out_dir / LAST_CHECKPOINT, state.model, cfg, epoch=epoch, metrics=metrics, extra=resume)
     if improved:
-        save_checkpoint(out_dir / BEST_CHECKPOINT, state.model, cfg, epoch=epoch, metrics=metrics,
-                        extra={"objective": state.objective.state_dict(), "epoch": epoch})
+        save_checkpoint(
+            out_dir / BEST_CHECKPOINT,
+            state.model,
+            cfg,
+            epoch=epoch,
+            metrics=metrics,
+            extra={"objective": state.objective.state_dict(), "epoch": epoch},
+        )
 
 
 def load_training_state(path: Path, cfg: RunConfig, info: DistInfo, state: TrainingState) -> Progress:
@@ -155,8 +170,7 @@ def _check_same_settings(path: Path, saved: dict[str, Any], cfg: RunConfig) -> N
             )
 
 
-def _restore_rank_rng(path: Path, extra: dict[str, Any], seed: int, info: DistInfo,
-                      generator: torch.Generator) -> None:
+def _restore_rank_rng(path: Path, extra: dict[str, Any], seed: int, info: DistInfo, generator: torch.Generator) -> None:
     """This rank's RNG states; with another number of processes, rank 0's and fresh augmentation seeds."""
     states = extra["rng"]
     if len(states) == info.world_size:
@@ -173,6 +187,14 @@ def _restore_rank_rng(path: Path, extra: dict[str, Any], seed: int, info: DistIn
 
 
 __all__ = [
-    "BEST_CHECKPOINT", "LAST_CHECKPOINT", "Progress", "TrainingState", "load_training_state", "restore_rng_state",
-    "resume_checkpoint", "resume_state", "rng_state", "save_run_checkpoints",
+    "BEST_CHECKPOINT",
+    "LAST_CHECKPOINT",
+    "Progress",
+    "TrainingState",
+    "load_training_state",
+    "restore_rng_state",
+    "resume_checkpoint",
+    "resume_state",
+    "rng_state",
+    "save_run_checkpoints",
 ]

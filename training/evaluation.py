@@ -14,8 +14,9 @@ from retrieval.embed.torch_backend import TorchBackend
 from retrieval.metrics import embedding_geometry, evaluate_embeddings
 
 
-def evaluate_model(backend: TorchBackend, dataset: RetrievalDataset, *, batch_size: int = 128,
-                   progress: bool = False) -> dict[str, float]:
+def evaluate_model(
+    backend: TorchBackend, dataset: RetrievalDataset, *, batch_size: int = 128, progress: bool = False
+) -> dict[str, float]:
     """{"R@k" for the dataset's ks, "MAP@R", "RP", "alignment", "uniformity"} of the backend's model on the
     dataset's test protocol (the geometry over every test embedding, queries and gallery together).
 

@@ -46,8 +46,12 @@ _unusable: dict[str, str] = {}  # device -> why the kernels are not used there
 
 def available(device: torch.device) -> bool:
     """Whether the fused kernels may run for tensors on `device` (a failed first-use check rules them out)."""
-    return (triton is not None and device.type == "cuda" and not torch.are_deterministic_algorithms_enabled()
-            and str(device) not in _unusable)
+    return (
+        triton is not None
+        and device.type == "cuda"
+        and not torch.are_deterministic_algorithms_enabled()
+        and str(device) not in _unusable
+    )
 
 
 def fallback_reason(device: torch.device) -> str | None:
@@ -77,14 +81,15 @@ def checked(maps: torch.Tensor, first: torch.Tensor, second: torch.Tensor, lam: 
         return True
     try:
         problem = _check_kernels(maps, first[:CHECK_MIXES], second[:CHECK_MIXES], lam[:CHECK_MIXES])
-    except Exception as exc:  # noqa: BLE001 - whatever stops the kernels, the PyTorch path still works
+    except Exception as exc:
         problem = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
     if problem is None:
         _checked.add(key)
         return True
     _unusable[str(maps.device)] = problem
-    log.warning("the fused Metrix pooling kernels cannot run on %s (%s); using the PyTorch pooling path",
-                maps.device, problem)
+    log.warning(
+        "the fused Metrix pooling kernels cannot run on %s (%s); using the PyTorch pooling path", maps.device, problem
+    )
     return False
 
 
@@ -117,9 +122,21 @@ def _check_kernels(maps: torch.Tensor, first: torch.Tensor, second: torch.Tensor
 if triton is not None:
 
     @triton.jit
-    def _pool_forward(maps, first, second, lam, out, argmax,
-                      C, P, stride_b, stride_c, stride_p,
-                      BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    def _pool_forward(
+        maps,
+        first,
+        second,
+        lam,
+        out,
+        argmax,
+        C,
+        P,
+        stride_b,
+        stride_c,
+        stride_p,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
         m = tl.program_id(0).to(tl.int64)  # m * C overflows int32 at large M * C
         cb = tl.program_id(1)
         c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -140,9 +157,9 @@ if triton is not None:
         tl.store(argmax + m * C + c, best.to(tl.int32), mask=c_ok)
 
     @triton.jit
-    def _pool_backward_max(grad, first, second, lam, argmax, grad_maps,
-                           C, stride_b, stride_c, stride_p,
-                           BLOCK_C: tl.constexpr):
+    def _pool_backward_max(
+        grad, first, second, lam, argmax, grad_maps, C, stride_b, stride_c, stride_p, BLOCK_C: tl.constexpr
+    ):
         m = tl.program_id(0).to(tl.int64)
         cb = tl.program_id(1)
         c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -172,8 +189,7 @@ class FusedMixedPool(torch.autograd.Function):
     """(maps (B, C, P), first (M,), second (M,), lam (M,)) -> pooled mixes (M, C) float32."""
 
     @staticmethod
-    def forward(ctx, maps: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
-                lam: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, maps: torch.Tensor, first: torch.Tensor, second: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         batch, channels, positions = maps.shape
         count = first.shape[0]
         first = first.to(torch.int32).contiguous()
@@ -185,8 +201,19 @@ class FusedMixedPool(torch.autograd.Function):
         if count > 0:
             grid = (count, triton.cdiv(channels, block_c))
             with _on(maps.device):
-                _pool_forward[grid](maps, first, second, lam, out, argmax, channels, positions,
-                                    *maps.stride(), BLOCK_C=block_c, BLOCK_P=block_p)
+                _pool_forward[grid](
+                    maps,
+                    first,
+                    second,
+                    lam,
+                    out,
+                    argmax,
+                    channels,
+                    positions,
+                    *maps.stride(),
+                    BLOCK_C=block_c,
+                    BLOCK_P=block_p,
+                )
         ctx.save_for_backward(first, second, lam, argmax)
         ctx.maps_meta = (maps.shape, maps.stride(), maps.dtype)
         return out
@@ -208,8 +235,9 @@ class FusedMixedPool(torch.autograd.Function):
         if first.shape[0] > 0:
             grid = (first.shape[0], triton.cdiv(channels, block_c))
             with _on(grad.device):
-                _pool_backward_max[grid](grad, first, second, lam, argmax, grad_maps, channels,
-                                         *grad_maps.stride(), BLOCK_C=block_c)
+                _pool_backward_max[grid](
+                    grad, first, second, lam, argmax, grad_maps, channels, *grad_maps.stride(), BLOCK_C=block_c
+                )
         return grad_maps.to(dtype), None, None, None
 
 

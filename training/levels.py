@@ -62,8 +62,9 @@ class MixingRecipe(Protocol):
 
     def plan(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> MixedTargets: ...
 
-    def plan_hardest(self, labels: torch.Tensor, emb: torch.Tensor,
-                     generator: torch.Generator | None = None) -> MixedTargets: ...
+    def plan_hardest(
+        self, labels: torch.Tensor, emb: torch.Tensor, generator: torch.Generator | None = None
+    ) -> MixedTargets: ...
 
 
 class MixingLevel:
@@ -87,16 +88,23 @@ class MixingLevel:
             raise ValueError(f"max_pairs must be >= 0, got {max_pairs}")
         return max_pairs if max_pairs > 0 else self.default_max_pairs(batch_size)
 
-    def training_term(self, recipe: MixingRecipe, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                      generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def training_term(
+        self,
+        recipe: MixingRecipe,
+        model: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The clean embeddings (B, D) of a training batch and its Metrix term (None without mixing).
 
         model: an Embedder, possibly wrapped by DDP or torch.compile; images (B, 3, H, W); labels (B,)
         int64 on the images' device; generator: on that device, for the mixing draws."""
         raise NotImplementedError
 
-    def analysis_mixes(self, model: EmbedderCalls, images: torch.Tensor, fmap: torch.Tensor, emb: torch.Tensor,
-                       targets: MixedTargets) -> torch.Tensor:
+    def analysis_mixes(
+        self, model: EmbedderCalls, images: torch.Tensor, fmap: torch.Tensor, emb: torch.Tensor, targets: MixedTargets
+    ) -> torch.Tensor:
         """The embeddings (M, D) of a batch's mixes as training forms them at this level, for the analyses:
         from the (unwrapped, eval-mode) Embedder, the images, their layer4 maps and clean embeddings (B, D)."""
         raise UsageError(f"the {self.name} level forms no mixes")
@@ -107,8 +115,14 @@ class NoMixing(MixingLevel):
     help = "the baseline, no mixing"
     mixes = False
 
-    def training_term(self, recipe: MixingRecipe, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                      generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def training_term(
+        self,
+        recipe: MixingRecipe,
+        model: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return model(images), None
 
 
@@ -121,8 +135,14 @@ class InputMixing(MixingLevel):
         """One mix per batch image: each mix costs a forward pass (the full grid would be B^2 extra images)."""
         return batch_size
 
-    def training_term(self, recipe: MixingRecipe, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                      generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def training_term(
+        self,
+        recipe: MixingRecipe,
+        model: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         import torch
 
         from training.metrix import mix_images
@@ -139,11 +159,12 @@ class InputMixing(MixingLevel):
         targets = recipe.plan(labels, generator)
         both = _like_memory_format(torch.cat([images, mix_images(images, targets)]), images)
         out = model(both)
-        emb, mixed_emb = out[: images.shape[0]], out[images.shape[0]:]
+        emb, mixed_emb = out[: images.shape[0]], out[images.shape[0] :]
         return emb, recipe.mixed_term(emb, labels, mixed_emb, targets)
 
-    def analysis_mixes(self, model: EmbedderCalls, images: torch.Tensor, fmap: torch.Tensor, emb: torch.Tensor,
-                       targets: MixedTargets) -> torch.Tensor:
+    def analysis_mixes(
+        self, model: EmbedderCalls, images: torch.Tensor, fmap: torch.Tensor, emb: torch.Tensor, targets: MixedTargets
+    ) -> torch.Tensor:
         from training.metrix import mix_images
 
         return model(mix_images(images, targets))
@@ -153,8 +174,14 @@ class FeatureMixing(MixingLevel):
     name = "feature"
     help = "mixes of the trunk's feature maps"
 
-    def training_term(self, recipe: MixingRecipe, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                      generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def training_term(
+        self,
+        recipe: MixingRecipe,
+        model: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         from training.metrix import mixed_pool
 
         targets = recipe.plan(labels, generator)
@@ -162,8 +189,9 @@ class FeatureMixing(MixingLevel):
         mixed_emb = unwrap_embedder(model).project(mixed_pool(fmap, targets, recipe.chunk_elements, recipe.fused_pool))
         return emb, recipe.mixed_term(emb, labels, mixed_emb, targets)
 
-    def analysis_mixes(self, model: EmbedderCalls, images: torch.Tensor, fmap: torch.Tensor, emb: torch.Tensor,
-                       targets: MixedTargets) -> torch.Tensor:
+    def analysis_mixes(
+        self, model: EmbedderCalls, images: torch.Tensor, fmap: torch.Tensor, emb: torch.Tensor, targets: MixedTargets
+    ) -> torch.Tensor:
         from training.metrix import mixed_pool
 
         return model.project(mixed_pool(fmap, targets, fused=False))
@@ -173,14 +201,21 @@ class EmbeddingMixing(MixingLevel):
     name = "embedding"
     help = "mixes of embeddings"
 
-    def training_term(self, recipe: MixingRecipe, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                      generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def training_term(
+        self,
+        recipe: MixingRecipe,
+        model: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         targets = recipe.plan(labels, generator)
         emb = model(images)
         return emb, recipe.mixed_embedding_term(emb, labels, targets)
 
-    def analysis_mixes(self, model: EmbedderCalls, images: torch.Tensor, fmap: torch.Tensor, emb: torch.Tensor,
-                       targets: MixedTargets) -> torch.Tensor:
+    def analysis_mixes(
+        self, model: EmbedderCalls, images: torch.Tensor, fmap: torch.Tensor, emb: torch.Tensor, targets: MixedTargets
+    ) -> torch.Tensor:
         from training.metrix import mix_embeddings
 
         return mix_embeddings(emb, targets)
@@ -222,6 +257,17 @@ def level(name: str) -> MixingLevel:
 
 
 __all__ = [
-    "DEFAULT_LEVEL", "LEVELS", "EmbedderCalls", "EmbeddingMixing", "FeatureMixing", "InputMixing", "MixingLevel",
-    "MixingRecipe", "NoMixing", "level", "level_names", "mixing_level_names", "unwrap_embedder",
+    "DEFAULT_LEVEL",
+    "LEVELS",
+    "EmbedderCalls",
+    "EmbeddingMixing",
+    "FeatureMixing",
+    "InputMixing",
+    "MixingLevel",
+    "MixingRecipe",
+    "NoMixing",
+    "level",
+    "level_names",
+    "mixing_level_names",
+    "unwrap_embedder",
 ]

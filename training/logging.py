@@ -54,7 +54,7 @@ class MetricsLog:
 
         try:
             write_run_plot(self.out_dir, self.rows)
-        except Exception as exc:  # noqa: BLE001 - matplotlib errors are many and none is fatal here
+        except Exception as exc:
             warnings.warn(f"could not draw {self.out_dir / 'metrics.png'}: {exc}", stacklevel=2)
 
     def _rewrite(self) -> None:

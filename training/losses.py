@@ -29,8 +29,9 @@ Everything runs in float32 (float64 if given) with autocast disabled: exp(75 * s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn as nn
@@ -165,8 +166,9 @@ class PairLoss(nn.Module):
     y = [label == c]; `proxies` is this module's only parameter.
     """
 
-    def __init__(self, form: LossForm, num_proxies: int = 0, embedding_size: int = 0,
-                 miner_epsilon: float | None = None) -> None:
+    def __init__(
+        self, form: LossForm, num_proxies: int = 0, embedding_size: int = 0, miner_epsilon: float | None = None
+    ) -> None:
         super().__init__()
         self.form = form
         self.miner_epsilon = miner_epsilon
@@ -204,8 +206,9 @@ class PairLoss(nn.Module):
                 valid = valid & multi_similarity_mask(cosine.detach(), same, valid, self.miner_epsilon)
             return generic_pair_loss(self.form, measure, same.to(emb.dtype), valid)
 
-    def mixed(self, anchor_emb: torch.Tensor, anchor_labels: torch.Tensor, mixed_emb: torch.Tensor,
-              targets: "MixedTargets") -> torch.Tensor:
+    def mixed(
+        self, anchor_emb: torch.Tensor, anchor_labels: torch.Tensor, mixed_emb: torch.Tensor, targets: MixedTargets
+    ) -> torch.Tensor:
         """Mixed term l~: the generic loss with the mixed set V(a) in place of U(a).
 
         anchor_emb: (B, D) clean embeddings of the batch that `targets` indexes; anchor_labels: (B,);
@@ -233,35 +236,45 @@ class PairLoss(nn.Module):
             return generic_pair_loss(self.form, measure, y, valid)
 
 
-def _contrastive(cfg: "LossConfig", num_classes: int, embedding_size: int) -> PairLoss:
+def _contrastive(cfg: LossConfig, num_classes: int, embedding_size: int) -> PairLoss:
     return PairLoss(contrastive_form(cfg.pos_margin, cfg.neg_margin))
 
 
-def _multi_similarity(cfg: "LossConfig", num_classes: int, embedding_size: int) -> PairLoss:
+def _multi_similarity(cfg: LossConfig, num_classes: int, embedding_size: int) -> PairLoss:
     return PairLoss(multi_similarity_form(cfg.ms_alpha, cfg.ms_beta, cfg.ms_base), miner_epsilon=cfg.ms_miner_epsilon)
 
 
-def _proxy_anchor(cfg: "LossConfig", num_classes: int, embedding_size: int) -> PairLoss:
+def _proxy_anchor(cfg: LossConfig, num_classes: int, embedding_size: int) -> PairLoss:
     if num_classes < 1 or embedding_size < 1:
-        raise UsageError(f"proxy-anchor needs num_classes >= 1 and embedding_size >= 1, got {num_classes}, {embedding_size}")
-    return PairLoss(proxy_anchor_form(cfg.pa_alpha, cfg.pa_margin), num_proxies=num_classes,
-                    embedding_size=embedding_size)
+        raise UsageError(
+            f"proxy-anchor needs num_classes >= 1 and embedding_size >= 1, got {num_classes}, {embedding_size}"
+        )
+    return PairLoss(
+        proxy_anchor_form(cfg.pa_alpha, cfg.pa_margin), num_proxies=num_classes, embedding_size=embedding_size
+    )
 
 
 # One builder per loss of training.catalog.LOSSES (tests/test_catalog.py checks they match).
-LOSS_BUILDERS: dict[str, Callable[["LossConfig", int, int], PairLoss]] = {
+LOSS_BUILDERS: dict[str, Callable[[LossConfig, int, int], PairLoss]] = {
     "contrastive": _contrastive,
     "ms": _multi_similarity,
     "pa": _proxy_anchor,
 }
 
 
-def build_loss(cfg: "LossConfig", num_classes: int, embedding_size: int) -> PairLoss:
+def build_loss(cfg: LossConfig, num_classes: int, embedding_size: int) -> PairLoss:
     """The configured loss.  num_classes / embedding_size size the proxies of proxy-anchor."""
     return LOSS_BUILDERS[catalog.loss(cfg.name).name](cfg, num_classes, embedding_size)
 
 
 __all__ = [
-    "LOSS_BUILDERS", "LossForm", "PairLoss", "build_loss", "generic_pair_loss", "measure_matrix",
-    "contrastive_form", "multi_similarity_form", "proxy_anchor_form",
+    "LOSS_BUILDERS",
+    "LossForm",
+    "PairLoss",
+    "build_loss",
+    "generic_pair_loss",
+    "measure_matrix",
+    "contrastive_form",
+    "multi_similarity_form",
+    "proxy_anchor_form",
 ]

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from retrieval.devices import same_device
 from training import fused_pool
 from training.catalog import LAMBDA_PER, PAIR_KINDS
+
 DEFAULT_CHUNK_ELEMENTS = 1 << 26  # elements of mixed feature maps held at once (128 MiB in bf16)
 
 
@@ -94,8 +95,13 @@ def _check_generator(generator: torch.Generator | None, device: torch.device) ->
         )
 
 
-def sample_gamma(concentration: float, shape: tuple[int, ...], device: torch.device,
-                 generator: torch.Generator | None = None, rounds: int = 16) -> torch.Tensor:
+def sample_gamma(
+    concentration: float,
+    shape: tuple[int, ...],
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    rounds: int = 16,
+) -> torch.Tensor:
     """Gamma(concentration, 1) draws on `device` (Marsaglia-Tsang), with a fixed number of proposal rounds.
 
     Unlike torch's own gamma sampler this accepts a generator, so runs are reproducible and resumable.
@@ -121,8 +127,9 @@ def sample_gamma(concentration: float, shape: tuple[int, ...], device: torch.dev
     return g
 
 
-def sample_beta(alpha: float, shape: tuple[int, ...], device: torch.device,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_beta(
+    alpha: float, shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """lam ~ Beta(alpha, alpha), drawn on `device`: (shape) float32 in [0, 1] (0 and 1 only by float rounding,
     which small alphas make likely)."""
     _check_generator(generator, torch.device(device))
@@ -131,8 +138,9 @@ def sample_beta(alpha: float, shape: tuple[int, ...], device: torch.device,
     return g1 / (g1 + g2).clamp_min(torch.finfo(g1.dtype).tiny)
 
 
-def _kind_mask(pair_kind: str, positive_kind: torch.Tensor, anchor_kind: torch.Tensor,
-               generator: torch.Generator | None) -> torch.Tensor:
+def _kind_mask(
+    pair_kind: str, positive_kind: torch.Tensor, anchor_kind: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
     """The candidates of the batch's pair kind, from the masks of each kind (any shape, same for both).
 
     "random" flips one fair coin per batch (the official code's `random.randint(0, 1)` per step); a kind
@@ -150,8 +158,9 @@ def _kind_mask(pair_kind: str, positive_kind: torch.Tensor, anchor_kind: torch.T
     return torch.where(pick_positive, positive_kind, anchor_kind)
 
 
-def _draw_lam(alpha: float, lam_per: str, count: int, device: torch.device,
-              generator: torch.Generator | None) -> torch.Tensor:
+def _draw_lam(
+    alpha: float, lam_per: str, count: int, device: torch.device, generator: torch.Generator | None
+) -> torch.Tensor:
     if lam_per == "batch":
         return sample_beta(alpha, (1,), device, generator).expand(count)
     return sample_beta(alpha, (count,), device, generator)
@@ -164,8 +173,15 @@ def _check_plan_args(pair_kind: str, lam_per: str) -> None:
         raise ValueError(f"lam_per must be one of {LAMBDA_PER}, got {lam_per!r}")
 
 
-def plan_pairs(labels: torch.Tensor, *, pair_kind: str = "random", alpha: float = 2.0, lam_per: str = "batch",
-               max_pairs: int = 0, generator: torch.Generator | None = None) -> MixedTargets:
+def plan_pairs(
+    labels: torch.Tensor,
+    *,
+    pair_kind: str = "random",
+    alpha: float = 2.0,
+    lam_per: str = "batch",
+    max_pairs: int = 0,
+    generator: torch.Generator | None = None,
+) -> MixedTargets:
     """Choose the mixes of a batch.
 
     labels: (B,) int64 class ids (on the training device).  pair_kind: "positive" (positive-negative
@@ -212,9 +228,17 @@ def hardest_negatives(emb: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[
     return index, torch.isfinite(scores)
 
 
-def plan_hardest_pairs(labels: torch.Tensor, emb: torch.Tensor, *, slots: int, hard_negatives: int = 1,
-                       pair_kind: str = "random", alpha: float = 2.0, lam_per: str = "batch",
-                       generator: torch.Generator | None = None) -> MixedTargets:
+def plan_hardest_pairs(
+    labels: torch.Tensor,
+    emb: torch.Tensor,
+    *,
+    slots: int,
+    hard_negatives: int = 1,
+    pair_kind: str = "random",
+    alpha: float = 2.0,
+    lam_per: str = "batch",
+    generator: torch.Generator | None = None,
+) -> MixedTargets:
     """Input-level mixes with hardest negatives, as the official input mode chooses them.
 
     For every (anchor a, positive i) pair, i is mixed with each of a's `hard_negatives` closest negatives
@@ -265,6 +289,7 @@ def plan_hardest_pairs(labels: torch.Tensor, emb: torch.Tensor, *, slots: int, h
 # Mixing at each level
 # ------------------------------------------------------------------------------------------------
 
+
 def mix_images(images: torch.Tensor, targets: MixedTargets) -> torch.Tensor:
     """Input level: images (B, 3, H, W) -> mixed images (M, 3, H, W) = lam x_i + (1 - lam) x_j."""
     weight = targets.lam.to(images.dtype).view(-1, 1, 1, 1)
@@ -299,9 +324,9 @@ def _mixed_argmax(flat: torch.Tensor, targets: MixedTargets, lam: torch.Tensor, 
         rows_per_chunk = max(1, chunk_elements // (batch * channels * positions))
         for r0 in range(0, batch, rows_per_chunk):
             r1 = min(batch, r0 + rows_per_chunk)
-            weight = lam[r0 * batch:r1 * batch].view(r1 - r0, batch, 1, 1)
+            weight = lam[r0 * batch : r1 * batch].view(r1 - r0, batch, 1, 1)
             mixed = torch.lerp(flat[None], flat[r0:r1, None], weight)  # (r, B, C, P)
-            out[r0 * batch:r1 * batch] = mixed.argmax(dim=3).view(-1, channels)
+            out[r0 * batch : r1 * batch] = mixed.argmax(dim=3).view(-1, channels)
     else:
         per_chunk = max(1, chunk_elements // (channels * positions))
         for s0 in range(0, count, per_chunk):
@@ -312,8 +337,9 @@ def _mixed_argmax(flat: torch.Tensor, targets: MixedTargets, lam: torch.Tensor, 
     return out
 
 
-def mixed_pool(fmap: torch.Tensor, targets: MixedTargets, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-               fused: bool | None = None) -> torch.Tensor:
+def mixed_pool(
+    fmap: torch.Tensor, targets: MixedTargets, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, fused: bool | None = None
+) -> torch.Tensor:
     """Feature level: the embedder's pooling (global avg + global max, summed) of every mixed map, without
     keeping the mixed maps.
 
@@ -354,6 +380,13 @@ def mixed_pool(fmap: torch.Tensor, targets: MixedTargets, chunk_elements: int = 
 
 
 __all__ = [
-    "MixedTargets", "plan_pairs", "plan_hardest_pairs", "hardest_negatives", "sample_beta", "sample_gamma",
-    "mix_images", "mix_embeddings", "mixed_pool",
+    "MixedTargets",
+    "plan_pairs",
+    "plan_hardest_pairs",
+    "hardest_negatives",
+    "sample_beta",
+    "sample_gamma",
+    "mix_images",
+    "mix_embeddings",
+    "mixed_pool",
 ]

@@ -22,8 +22,12 @@ def multi_similarity_mask(sim: torch.Tensor, same: torch.Tensor, valid: torch.Te
     with torch.no_grad():
         pos = same & valid
         neg = ~same & valid
-        hardest_pos = torch.where(pos, sim, float("inf")).amin(dim=1, keepdim=True)  # least similar positive, +inf if none
-        hardest_neg = torch.where(neg, sim, float("-inf")).amax(dim=1, keepdim=True)  # most similar negative, -inf if none
+        hardest_pos = torch.where(pos, sim, float("inf")).amin(
+            dim=1, keepdim=True
+        )  # least similar positive, +inf if none
+        hardest_neg = torch.where(neg, sim, float("-inf")).amax(
+            dim=1, keepdim=True
+        )  # most similar negative, -inf if none
         keep_pos = pos & (sim - epsilon < hardest_neg)
         keep_neg = neg & (sim + epsilon > hardest_pos)
         return keep_pos | keep_neg

@@ -7,7 +7,8 @@ No step synchronises with the host: every count, choice and draw stays on the de
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -34,8 +35,13 @@ class Objective(nn.Module):
     """Holds the loss (so `parameters()` are the loss parameters, e.g. proxies) and the mixing recipe; it is
     the levels.MixingRecipe its level's term reads."""
 
-    def __init__(self, loss: PairLoss, mixup: "MixupConfig", chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-                 positives_per_image: int = 1) -> None:
+    def __init__(
+        self,
+        loss: PairLoss,
+        mixup: MixupConfig,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        positives_per_image: int = 1,
+    ) -> None:
         """positives_per_image: how many in-batch positives an image has (K - 1 on P x K batches, about 1
         on random batches); sizes the default input-level budget of hardest-negative mixes."""
         super().__init__()
@@ -63,13 +69,15 @@ class Objective(nn.Module):
         # bound methods, not modules: an attribute holding the loss module would register it twice and
         # put its parameters (proxies) into the state dict under a second name
         self.clean_term: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self.loss.forward
-        self.mixed_term: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, MixedTargets], torch.Tensor] = \
+        self.mixed_term: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, MixedTargets], torch.Tensor] = (
             self.loss.mixed
-        self.mixed_embedding_term: Callable[[torch.Tensor, torch.Tensor, MixedTargets], torch.Tensor] = \
+        )
+        self.mixed_embedding_term: Callable[[torch.Tensor, torch.Tensor, MixedTargets], torch.Tensor] = (
             self._mix_embeddings_then_loss
+        )
         self.losses_compiled = False
 
-    def compile_losses(self) -> "Objective":
+    def compile_losses(self) -> Objective:
         """torch.compile the loss terms (and the embedding-level mixing) into fused kernels.
 
         Eagerly, the Metrix term of a step is a few hundred small tensor operations; on a GPU their
@@ -89,8 +97,12 @@ class Objective(nn.Module):
     def plan(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> MixedTargets:
         """The mixes of a batch under this recipe."""
         return plan_pairs(
-            labels, pair_kind=self.pair_kind, alpha=self.alpha, lam_per=self.lam_per,
-            max_pairs=self.mixing.max_pairs(self.max_pairs, labels.shape[0]), generator=generator,
+            labels,
+            pair_kind=self.pair_kind,
+            alpha=self.alpha,
+            lam_per=self.lam_per,
+            max_pairs=self.mixing.max_pairs(self.max_pairs, labels.shape[0]),
+            generator=generator,
         )
 
     def input_slots(self, batch: int) -> int:
@@ -98,16 +110,24 @@ class Objective(nn.Module):
         (anchor, positive, hard negative), which on P x K batches is every candidate of the official code."""
         return self.max_pairs if self.max_pairs > 0 else batch * self.positives_per_image * self.hard_negatives
 
-    def plan_hardest(self, labels: torch.Tensor, emb: torch.Tensor,
-                     generator: torch.Generator | None = None) -> MixedTargets:
+    def plan_hardest(
+        self, labels: torch.Tensor, emb: torch.Tensor, generator: torch.Generator | None = None
+    ) -> MixedTargets:
         """Input-level mixes of a batch from its clean embeddings emb (B, D)."""
         return plan_hardest_pairs(
-            labels, emb, slots=self.input_slots(labels.shape[0]), hard_negatives=self.hard_negatives,
-            pair_kind=self.pair_kind, alpha=self.alpha, lam_per=self.lam_per, generator=generator,
+            labels,
+            emb,
+            slots=self.input_slots(labels.shape[0]),
+            hard_negatives=self.hard_negatives,
+            pair_kind=self.pair_kind,
+            alpha=self.alpha,
+            lam_per=self.lam_per,
+            generator=generator,
         )
 
-    def forward(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                generator: torch.Generator | None = None) -> ObjectiveOutput:
+    def forward(
+        self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
+    ) -> ObjectiveOutput:
         """model: an Embedder (possibly wrapped by DDP or torch.compile); images (B, 3, H, W); labels (B,)
         int64 on the images' device; generator: a torch.Generator on that device for the mixing draws
         (None: the device's default generator)."""
@@ -119,7 +139,7 @@ class Objective(nn.Module):
         return ObjectiveOutput(loss, clean.detach(), mixed.detach())
 
 
-def build_objective(cfg: "RunConfig", num_classes: int, embedding_size: int) -> Objective:
+def build_objective(cfg: RunConfig, num_classes: int, embedding_size: int) -> Objective:
     """The objective of a run: its loss (cfg.loss) and mixing recipe (cfg.mixup); loss terms compiled
     when cfg.train.compile_loss asks for it."""
     per_image = cfg.data.images_per_class - 1 if cfg.data.sampler == "balanced" else 1

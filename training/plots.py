@@ -36,8 +36,9 @@ def recall_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
     return sorted(keys, key=lambda k: int(k[2:]) if k[2:].isdigit() else 0)
 
 
-def plot_runs(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], out: str | os.PathLike[str],
-              title: str | None = None) -> Path:
+def plot_runs(
+    runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], out: str | os.PathLike[str], title: str | None = None
+) -> Path:
     """Draw runs (name, metrics rows) into one 2 x 2 figure at `out` (PNG); returns the path.
 
     Panels: training loss per epoch (clean solid, mixed dashed); Recall@K per evaluation (R@1 solid, larger
@@ -68,8 +69,15 @@ def plot_runs(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], out: str | o
         for i, key in enumerate(keys[:1] if several else keys):
             xs, ys = _series(rows, key)
             if xs:
-                ax_recall.plot(xs, [100 * y for y in ys], "-o", color=colour, markersize=3,
-                               alpha=1.0 if i == 0 else max(0.25, 0.8 - 0.12 * i), label=f"{name} {key}")
+                ax_recall.plot(
+                    xs,
+                    [100 * y for y in ys],
+                    "-o",
+                    color=colour,
+                    markersize=3,
+                    alpha=1.0 if i == 0 else max(0.25, 0.8 - 0.12 * i),
+                    label=f"{name} {key}",
+                )
         xs, ys = _series(rows, "MAP@R")
         if xs:
             ax_map.plot(xs, [100 * y for y in ys], "-o", color=colour, markersize=3, label=name)

@@ -97,8 +97,10 @@ class StaticBatch:
 
     def fits(self, images: torch.Tensor, labels: torch.Tensor) -> bool:
         return (
-            images.shape == self.images.shape and labels.shape == self.labels.shape
-            and images.dtype == self.images.dtype and labels.dtype == self.labels.dtype
+            images.shape == self.images.shape
+            and labels.shape == self.labels.shape
+            and images.dtype == self.images.dtype
+            and labels.dtype == self.labels.dtype
             and images.device == self.images.device
         )
 
@@ -122,7 +124,9 @@ CaptureFn = Callable[[Callable[[], torch.Tensor], torch.Generator, Any], tuple[R
 
 
 def capture_cuda_graph(
-    record: Callable[[], torch.Tensor], generator: torch.Generator, stream: torch.cuda.Stream | None,
+    record: Callable[[], torch.Tensor],
+    generator: torch.Generator,
+    stream: torch.cuda.Stream | None,
 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Record `record()` as a CUDA graph on `stream` (the warm-up's side stream).
 
@@ -133,8 +137,10 @@ def capture_cuda_graph(
     """
     graph = torch.cuda.CUDAGraph()
     graph.register_generator_state(generator)
-    with (torch.cuda.stream(torch.cuda.current_stream()),
-          torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local")):
+    with (
+        torch.cuda.stream(torch.cuda.current_stream()),
+        torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"),
+    ):
         out = record()
     return graph, out
 
@@ -196,7 +202,7 @@ class GraphedStep:
             return self._graph_step(images, labels)
         except UserError:
             raise  # an expected error of the step itself, not of the graph machinery
-        except Exception as exc:  # noqa: BLE001 - any failure of warm-up, capture or replay: train eagerly
+        except Exception as exc:
             self._fall_back(exc, rng_before)
             return eager_step(self.parts, images, labels)
 
@@ -236,8 +242,9 @@ class GraphedStep:
         # Gradients must not exist at capture: backward then allocates them inside the graph's memory
         # pool and every replay overwrites them (rather than accumulating into stale ones).
         self.parts.optimizer.zero_grad(set_to_none=True)
-        graph, stats = self.capture(lambda: _update(self.parts, batch.images, batch.labels),
-                                    self.parts.generator, self._side(images.device))
+        graph, stats = self.capture(
+            lambda: _update(self.parts, batch.images, batch.labels), self.parts.generator, self._side(images.device)
+        )
         self._stage = "replay"
         graph.replay()  # capture records without running: this replay trains on the capture batch
         self.graph, self.batch, self.stats = graph, batch, stats
@@ -318,7 +325,9 @@ def learning_rate(optimizer: torch.optim.Optimizer, group: int = 0) -> float:
 
 
 def build_step(
-    parts: StepParts, use_graphs: bool, on_fallback: Callable[[str], None] | None = None,
+    parts: StepParts,
+    use_graphs: bool,
+    on_fallback: Callable[[str], None] | None = None,
 ) -> EagerStep | GraphedStep:
     """The step runner for one training phase (build a new one when trainable parameters change).
 
@@ -328,6 +337,14 @@ def build_step(
 
 
 __all__ = [
-    "EagerStep", "GraphedStep", "StaticBatch", "StepParts", "build_step", "capture_cuda_graph", "eager_step",
-    "graph_blocker", "learning_rate", "set_optimizer_for_graphs",
+    "EagerStep",
+    "GraphedStep",
+    "StaticBatch",
+    "StepParts",
+    "build_step",
+    "capture_cuda_graph",
+    "eager_step",
+    "graph_blocker",
+    "learning_rate",
+    "set_optimizer_for_graphs",
 ]

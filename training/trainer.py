@@ -23,9 +23,10 @@ import math
 import random
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -96,7 +97,9 @@ class TrainResult:
         lines = [f"run folder: {self.out_dir}"]
         if self.initial_metrics:
             lines.append(f"before training       : {format_metrics(self.initial_metrics)}")
-        lines.append(f"last epoch ({self.last_epoch:>3})      : {format_metrics(self.last_metrics)}  -> {self.last_checkpoint}")
+        lines.append(
+            f"last epoch ({self.last_epoch:>3})      : {format_metrics(self.last_metrics)}  -> {self.last_checkpoint}"
+        )
         if self.best_epoch is not None:
             lines.append(
                 f"best epoch ({self.best_epoch:>3}) by R@1: {format_metrics(self.best_metrics)}  -> {self.best_checkpoint}"
@@ -226,8 +229,14 @@ def build_run(cfg: RunConfig, info: DistInfo, say: Callable[[str], None]) -> Run
     if info.rank > 0:
         torch.manual_seed(t.seed + info.rank)  # but each rank augments its share differently
     return Run(
-        cfg, info, dataset, batches, num_classes, TrainingState(model, objective, optimizer, scheduler, scaler, generator),
-        amp_dtype, channels_last=t.channels_last and device.type == "cuda",
+        cfg,
+        info,
+        dataset,
+        batches,
+        num_classes,
+        TrainingState(model, objective, optimizer, scheduler, scaler, generator),
+        amp_dtype,
+        channels_last=t.channels_last and device.type == "cuda",
         gather=info.enabled and objective.gathers_global_batch,
         graph_reason=graph_blocker(device, distributed=info.enabled, amp_dtype=amp_dtype, compile_model=t.compile),
     )
@@ -291,8 +300,14 @@ def run_epoch(run: Run, step_fn: StepFn, epoch: int, progress: bool) -> dict[str
     run.batches.set_epoch(epoch)
     lr = learning_rate(s.optimizer)
     stats = train_one_epoch(
-        step_fn, run.batches, run.info, batch_size=run.cfg.data.batch_size, channels_last=run.channels_last,
-        gather_labels=run.gather, max_steps=t.max_steps_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}",
+        step_fn,
+        run.batches,
+        run.info,
+        batch_size=run.cfg.data.batch_size,
+        channels_last=run.channels_last,
+        gather_labels=run.gather,
+        max_steps=t.max_steps_per_epoch,
+        desc=f"epoch {epoch + 1}/{t.epochs}",
         progress=progress,
     )
     s.scheduler.step()
@@ -344,8 +359,14 @@ def train_one_epoch(
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
     means = all_reduce_mean(sums / step, info).tolist()
-    return {"loss": means[0], "clean": means[1], "mixed": means[2], "steps": step,
-            "images_per_s": images_seen / elapsed, "epoch_time_s": elapsed}
+    return {
+        "loss": means[0],
+        "clean": means[1],
+        "mixed": means[2],
+        "steps": step,
+        "images_per_s": images_seen / elapsed,
+        "epoch_time_s": elapsed,
+    }
 
 
 def _check_finite(loss: float, desc: str, step: int) -> None:
@@ -362,8 +383,14 @@ def evaluate(run: Run, progress: bool) -> dict[str, float]:
     if run.info.is_main:
         started = time.perf_counter()
         prep = Preprocessing(image_size=run.cfg.data.image_size, resize_size=run.cfg.data.resize_size)
-        backend = TorchBackend(run.state.model, prep, device=run.info.device, workers=run.cfg.data.workers,
-                               amp_dtype=run.amp_dtype, channels_last=run.channels_last)
+        backend = TorchBackend(
+            run.state.model,
+            prep,
+            device=run.info.device,
+            workers=run.cfg.data.workers,
+            amp_dtype=run.amp_dtype,
+            channels_last=run.channels_last,
+        )
         metrics = evaluate_model(backend, run.dataset, batch_size=max(run.cfg.data.batch_size, 64), progress=progress)
         metrics["eval_time_s"] = time.perf_counter() - started
     return broadcast_object(metrics, run.info)
@@ -395,7 +422,7 @@ class RunRecord:
     timings: dict[str, float] = field(default_factory=lambda: {"setup_time_s": 0.0, "checkpoint_time_s": 0.0})
 
     @classmethod
-    def open(cls, cfg: RunConfig, info: DistInfo, resumed_epoch: int | None) -> "RunRecord":
+    def open(cls, cfg: RunConfig, info: DistInfo, resumed_epoch: int | None) -> RunRecord:
         """Create the run folder with config.json, and its metrics log (keeping rows up to a resumed epoch)."""
         if not info.is_main:
             return cls(None, [])
@@ -412,8 +439,14 @@ class RunRecord:
             self.history.append(row)
 
 
-def run_result(run: Run, done: Progress, last_epoch: int, last_metrics: dict[str, float],
-               initial_metrics: dict[str, float] | None, history: list[dict[str, Any]]) -> TrainResult:
+def run_result(
+    run: Run,
+    done: Progress,
+    last_epoch: int,
+    last_metrics: dict[str, float],
+    initial_metrics: dict[str, float] | None,
+    history: list[dict[str, Any]],
+) -> TrainResult:
     out_dir, info = Path(run.cfg.train.out_dir), run.info
     return TrainResult(
         out_dir=out_dir,
@@ -489,11 +522,14 @@ def _train(
         resume = resume_checkpoint(resume)
         done = load_training_state(resume, cfg, info, state)
         say(f"resumed from {resume} after epoch {done.epoch}")
-    set_optimizer_for_graphs(state.optimizer, capturable=run.use_graphs)  # after resume: a checkpoint carries its run's form
+    set_optimizer_for_graphs(
+        state.optimizer, capturable=run.use_graphs
+    )  # after resume: a checkpoint carries its run's form
     start_epoch = done.epoch
     if start_epoch >= t.epochs:
-        warnings.warn(f"the checkpoint already completed {start_epoch} of {t.epochs} epochs; nothing to train",
-                      stacklevel=2)
+        warnings.warn(
+            f"the checkpoint already completed {start_epoch} of {t.epochs} epochs; nothing to train", stacklevel=2
+        )
     record = RunRecord.open(cfg, info, resumed_epoch=start_epoch if resume is not None else None)
     say(describe_run(run))
     initial_metrics = None

@@ -28,8 +28,20 @@ app = typer.Typer(
 )
 
 # Order here is the order shown by `retrieval --help`.
-_COMMAND_MODULES = ("demo", "datasets", "prepare", "train", "embed", "index", "search", "evaluate", "plot", "compare",
-                    "export", "serve")
+_COMMAND_MODULES = (
+    "demo",
+    "datasets",
+    "prepare",
+    "train",
+    "embed",
+    "index",
+    "search",
+    "evaluate",
+    "plot",
+    "compare",
+    "export",
+    "serve",
+)
 
 for _name in _COMMAND_MODULES:
     importlib.import_module(f"retrieval.cli.{_name}").register(app)
@@ -51,7 +63,7 @@ def cli_errors(command: Callable[..., Any]) -> Callable[..., Any]:
                 raise typer.Exit(code=report(exc)) from None
             _discard_stdout()  # `retrieval ... | head`: the reader has all it wanted; nothing to report
             raise typer.Exit(code=EXIT_ERROR) from None
-        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - classified by report()
+        except (Exception, KeyboardInterrupt) as exc:
             sys.stdout.flush()
             raise typer.Exit(code=report(exc)) from None
 

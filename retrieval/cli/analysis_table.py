@@ -13,11 +13,12 @@ _MEANING = {
 }
 
 
-def analysis_table(report: dict[str, Any]):  # noqa: ANN201 - rich Table (rich imported lazily)
+def analysis_table(report: dict[str, Any]):
     from rich.table import Table
 
-    facts = ", ".join(f"{key} {report[key]}" for key in ("test embeddings", "training images", "mixes", "mix level")
-                      if key in report)
+    facts = ", ".join(
+        f"{key} {report[key]}" for key in ("test embeddings", "training images", "mixes", "mix level") if key in report
+    )
     table = Table(title=f"embedding analysis ({facts})", title_justify="left")
     table.add_column("measure")
     table.add_column("value", justify="right")

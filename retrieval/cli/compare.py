@@ -25,8 +25,11 @@ def gain_table(baseline: Any, metrix: Any, epoch: str = "last") -> dict[str, Any
     shared = [k for k in picked["baseline"] if k.startswith("R@") and k in picked["metrix"]]
     shared.sort(key=lambda k: int(k[2:]))
     columns = shared + [k for k in ("MAP@R", "RP") if k in picked["baseline"] and k in picked["metrix"]]
-    table: dict[str, Any] = {"columns": columns, "epoch": epoch,
-                             "epochs": {role: int(row["epoch"]) for role, row in picked.items()}}
+    table: dict[str, Any] = {
+        "columns": columns,
+        "epoch": epoch,
+        "epochs": {role: int(row["epoch"]) for role, row in picked.items()},
+    }
     for role, row in picked.items():
         table[role] = {k: 100.0 * float(row[k]) for k in columns}
     table["gain"] = {k: table["metrix"][k] - table["baseline"][k] for k in columns}
@@ -56,8 +59,10 @@ def register(app: typer.Typer) -> None:
         if len(datasets) > 1:
             typer.echo(f"warning: the runs are of different datasets ({cells[0]} vs {cells[1]})", err=True)
         if as_json:
-            table["runs"] = {"baseline": {"folder": str(baseline), "cell": cells[0]},
-                             "metrix": {"folder": str(metrix), "cell": cells[1]}}
+            table["runs"] = {
+                "baseline": {"folder": str(baseline), "cell": cells[0]},
+                "metrix": {"folder": str(metrix), "cell": cells[1]},
+            }
             typer.echo(json.dumps(table, indent=2))
             return
 
@@ -72,7 +77,10 @@ def register(app: typer.Typer) -> None:
             out.add_column(key, justify="right")
         for role, folder, cell in (("baseline", baseline, cells[0]), ("metrix", metrix, cells[1])):
             name = "baseline" if role == "baseline" else f"+ Metrix ({cell.rsplit('mixup ', 1)[-1]})"
-            out.add_row(f"{name}  {escape(str(folder))}", str(table["epochs"][role]),
-                        *[f"{table[role][k]:.1f}" for k in table["columns"]])
+            out.add_row(
+                f"{name}  {escape(str(folder))}",
+                str(table["epochs"][role]),
+                *[f"{table[role][k]:.1f}" for k in table["columns"]],
+            )
         out.add_row("gain (points)", "", *[f"{table['gain'][k]:+.1f}" for k in table["columns"]])
         Console().print(out)

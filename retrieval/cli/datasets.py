@@ -17,7 +17,8 @@ def register(app: typer.Typer) -> None:
             Optional[str], typer.Argument(help=f"Dataset to describe or check ({', '.join(DATASETS)}).")
         ] = None,
         root: Annotated[
-            Optional[Path], typer.Option("--root", help="Check this folder against the dataset's layout and count its splits.")
+            Optional[Path],
+            typer.Option("--root", help="Check this folder against the dataset's layout and count its splits."),
         ] = None,
     ) -> None:
         """List supported datasets with protocol, Recall@K and expected folder layout; --root checks a folder."""
@@ -45,7 +46,9 @@ def register(app: typer.Typer) -> None:
                 table.add_row(info.name, info.title, info.protocol, ", ".join(str(k) for k in info.recall_ks))
             console.print(table)
             for info in shown:
-                console.print(Panel.fit(Text(info.layout.rstrip()), title=f"{info.name}: expected layout", title_align="left"))
+                console.print(
+                    Panel.fit(Text(info.layout.rstrip()), title=f"{info.name}: expected layout", title_align="left")
+                )
             console.print("Check a folder: [bold]retrieval datasets NAME --root PATH[/bold]")
             return
 

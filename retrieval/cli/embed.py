@@ -30,9 +30,12 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
         part_size: int = typer.Option(4096, "--part-size", min=1, help="Images per part (the unit of resumption)."),
         dtype: str = typer.Option("float32", "--dtype", help="Stored embeddings: float32 | float16."),
-        engine: str = typer.Option("local", "--engine", help=f"{' | '.join(ENGINES)}: this process, or a Ray actor pool."),
-        address: Optional[str] = typer.Option(None, "--address",
-                                              help="Ray: auto (running cluster) | HOST:PORT; default starts Ray here."),
+        engine: str = typer.Option(
+            "local", "--engine", help=f"{' | '.join(ENGINES)}: this process, or a Ray actor pool."
+        ),
+        address: Optional[str] = typer.Option(
+            None, "--address", help="Ray: auto (running cluster) | HOST:PORT; default starts Ray here."
+        ),
         workers: int = typer.Option(2, "--workers", min=1, help="Ray: actors, each loading the embedder once."),
         cpus_per_worker: float = typer.Option(1.0, "--cpus-per-worker", help="Ray: CPUs per actor."),
         gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="Ray: GPUs per actor (0 = CPU)."),
@@ -58,17 +61,30 @@ def register(app: typer.Typer) -> None:
             fail("pass either --dataset NAME --data-root PATH or image files/folders, not both")
         if dataset is not None and data_root is None:
             fail("--dataset needs --data-root PATH")
-        spec = opts.embedder_spec(backend, checkpoint, model, untrained=untrained, arch=arch,
-                             embedding_size=embedding_size, image_size=image_size, seed=seed)
+        spec = opts.embedder_spec(
+            backend,
+            checkpoint,
+            model,
+            untrained=untrained,
+            arch=arch,
+            embedding_size=embedding_size,
+            image_size=image_size,
+            seed=seed,
+        )
         assert spec is not None
-        from retrieval.embed.spec import open_embedder
         from retrieval.embed.engines import embed_to_parts
         from retrieval.embed.job import EmbedOptions, source_from_dataset, source_from_images
         from retrieval.embed.ray_engine import RayOptions
+        from retrieval.embed.spec import open_embedder
 
         options = EmbedOptions(part_size=part_size, dtype=dtype, batch_size=batch_size)
-        ray_options = RayOptions(address=address, workers=workers, cpus_per_worker=cpus_per_worker,
-                                 gpus_per_worker=gpus_per_worker, retries=retries)
+        ray_options = RayOptions(
+            address=address,
+            workers=workers,
+            cpus_per_worker=cpus_per_worker,
+            gpus_per_worker=gpus_per_worker,
+            retries=retries,
+        )
         if dataset is not None:
             from retrieval.data import load_dataset
 
@@ -79,10 +95,12 @@ def register(app: typer.Typer) -> None:
         local_device = "cpu" if engine == "ray" else device
         emb_backend = open_embedder(spec, local_device)
         n = sum(len(r.paths) for r in source.roles)
-        where = (f"Ray, {workers} workers" if engine == "ray" else escape(emb_backend.device))
-        console.print(f"Embedding {n:,} images of {escape(source.dataset)} "
-                      f"({', '.join(f'{r.role}: {len(r.paths):,}' for r in source.roles)}) with the "
-                      f"{emb_backend.name} embedder {emb_backend.fingerprint} on {where} into {escape(str(out))}")
+        where = f"Ray, {workers} workers" if engine == "ray" else escape(emb_backend.device)
+        console.print(
+            f"Embedding {n:,} images of {escape(source.dataset)} "
+            f"({', '.join(f'{r.role}: {len(r.paths):,}' for r in source.roles)}) with the "
+            f"{emb_backend.name} embedder {emb_backend.fingerprint} on {where} into {escape(str(out))}"
+        )
         report = embed_to_parts(out, source, emb_backend, options, engine=engine, ray_options=ray_options)
         m = report.manifest
         rate = f"{report.images_per_second:,.1f} images/s" if report.images else "nothing left to embed"

@@ -18,13 +18,18 @@ RECORDED = " (default: the one recorded in the index)"
 
 
 def checkpoint_option(recorded: bool = False) -> Any:
-    return typer.Option(None, "--checkpoint", help="Checkpoint written by `retrieval train`"
-                        + (RECORDED if recorded else "") + ".")
+    return typer.Option(
+        None, "--checkpoint", help="Checkpoint written by `retrieval train`" + (RECORDED if recorded else "") + "."
+    )
 
 
 def backend_option(default: str | None = "auto") -> Any:
-    return typer.Option(default, "--backend", help=f"{' | '.join(BACKEND_CHOICES[1:])} | auto (onnx when --model "
-                        "is given)" + ("" if default else "; default: the embedder recorded in the index") + ".")
+    return typer.Option(
+        default,
+        "--backend",
+        help=f"{' | '.join(BACKEND_CHOICES[1:])} | auto (onnx when --model "
+        "is given)" + ("" if default else "; default: the embedder recorded in the index") + ".",
+    )
 
 
 def model_option() -> Any:
@@ -32,8 +37,11 @@ def model_option() -> Any:
 
 
 def untrained_option() -> Any:
-    return typer.Option(False, "--untrained", help="A randomly initialised embedder (baselines, smoke tests); "
-                        "recorded with what it builds.")
+    return typer.Option(
+        False,
+        "--untrained",
+        help="A randomly initialised embedder (baselines, smoke tests); recorded with what it builds.",
+    )
 
 
 def arch_option() -> Any:
@@ -67,6 +75,8 @@ def embedder_spec(
         return EmbedderSpec.untrained(arch, embedding_size, image_size, seed=seed)
     spec = EmbedderSpec.from_options(backend, checkpoint, model)
     if spec is None and required:
-        raise UsageError("pass --checkpoint CKPT (or --backend onnx --model MODEL.onnx); for a random-weights "
-                         "baseline pass --untrained explicitly")
+        raise UsageError(
+            "pass --checkpoint CKPT (or --backend onnx --model MODEL.onnx); for a random-weights "
+            "baseline pass --untrained explicitly"
+        )
     return spec

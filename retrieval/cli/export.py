@@ -26,7 +26,9 @@ def register(app: typer.Typer) -> None:
         parity_images: Optional[Path] = typer.Option(
             None, "--parity-images", help="Folder of images for the parity check (default: the checkpoint's dataset)."
         ),
-        dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset for parity images (default: the checkpoint's)."),
+        dataset: Optional[str] = typer.Option(
+            None, "--dataset", help="Dataset for parity images (default: the checkpoint's)."
+        ),
         data_root: Optional[Path] = typer.Option(None, "--data-root", help="Its folder (default: the checkpoint's)."),
         parity_count: int = typer.Option(8, "--parity-count", min=1, help="Images in the parity check."),
         no_parity: bool = typer.Option(False, "--no-parity", help="Skip the onnxruntime-vs-torch parity check."),
@@ -79,4 +81,6 @@ def register(app: typer.Typer) -> None:
         files = ", ".join(str(f) for f in result.files)
         console.print(f"Wrote {escape(files)} ({result.size_bytes / 2**20:.1f} MiB): {meta['arch']}, "
                       f"{meta['embedding_size']}-d, {meta['image_size']} px (test-time resize {meta['resize_size']} px), fingerprint {meta['fingerprint']}")  # fmt: skip
-        console.print(f"Serve it without torch: retrieval serve --index INDEX --backend onnx --model {escape(str(out))}")
+        console.print(
+            f"Serve it without torch: retrieval serve --index INDEX --backend onnx --model {escape(str(out))}"
+        )

@@ -28,12 +28,16 @@ def register(app: typer.Typer) -> None:
             None, "--remove", help="Remove every gallery image of this item id from the index at --out (repeatable)."
         ),
         remove_path: Optional[list[str]] = typer.Option(
-            None, "--remove-path", help="Remove this gallery image (path, or relative to the dataset folder) (repeatable)."
+            None,
+            "--remove-path",
+            help="Remove this gallery image (path, or relative to the dataset folder) (repeatable).",
         ),
         rerank_neighbours: int = typer.Option(
-            0, "--rerank-neighbours", min=0,
+            0,
+            "--rerank-neighbours",
+            min=0,
             help="Also store each gallery item's N nearest neighbours (needed by --rerank dba); with only --out, "
-                 "add them to an existing index.",
+            "add them to an existing index.",
         ),
         checkpoint: Optional[Path] = opts.checkpoint_option(),
         backend: str = opts.backend_option(),
@@ -50,39 +54,68 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="Embedding device: auto | cpu | cuda[:N]."),
         batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per embedding batch."),
         target_recall: float = typer.Option(
-            0.95, "--target-recall", min=0.0, max=1.0,
+            0.95,
+            "--target-recall",
+            min=0.0,
+            max=1.0,
             help="Approximate types: the cheapest search setting whose Recall@10 against exact search on held-out "
-                 "gallery vectors reaches this is kept (0 = no calibration; --nprobe/--ef-search fix the setting)."),
-        calibration_queries: int = typer.Option(1000, "--calibration-queries", min=1,
-                                                help="Gallery vectors searched to measure recall at build time."),
+            "gallery vectors reaches this is kept (0 = no calibration; --nprobe/--ef-search fix the setting).",
+        ),
+        calibration_queries: int = typer.Option(
+            1000, "--calibration-queries", min=1, help="Gallery vectors searched to measure recall at build time."
+        ),
         from_embeddings: Optional[Path] = typer.Option(
-            None, "--from-embeddings", help="Index vectors embedded elsewhere: an embeddings folder written by "
-                                            "`retrieval embed` (no re-embedding), or an (N, D) float32 FILE.npy."),
-        labels: Optional[Path] = typer.Option(None, "--labels", help="With --from-embeddings: (N,) integer labels .npy."),
+            None,
+            "--from-embeddings",
+            help="Index vectors embedded elsewhere: an embeddings folder written by "
+            "`retrieval embed` (no re-embedding), or an (N, D) float32 FILE.npy.",
+        ),
+        labels: Optional[Path] = typer.Option(
+            None, "--labels", help="With --from-embeddings: (N,) integer labels .npy."
+        ),
         ids: Optional[Path] = typer.Option(
-            None, "--ids", help="With --from-embeddings: item ids, a (N,) .npy or a text file with one id per line."),
-        normalize: bool = typer.Option(False, "--normalize",
-                                       help="With --from-embeddings: rescale rows to unit norm instead of refusing them."),
+            None, "--ids", help="With --from-embeddings: item ids, a (N,) .npy or a text file with one id per line."
+        ),
+        normalize: bool = typer.Option(
+            False, "--normalize", help="With --from-embeddings: rescale rows to unit norm instead of refusing them."
+        ),
         max_bad_fraction: float = typer.Option(
-            0.01, "--max-bad-fraction", min=0.0, max=1.0,
+            0.01,
+            "--max-bad-fraction",
+            min=0.0,
+            max=1.0,
             help="Skip images that cannot be used (listed in meta.json) unless more than this fraction of them are.",
         ),
         strict: bool = typer.Option(False, "--strict", help="Stop at the first image that cannot be used."),
-        engine: str = typer.Option("local", "--engine", help="With --from-embeddings DIR --shards: local | ray (shard builds as Ray tasks)."),
-        shards: int = typer.Option(0, "--shards", min=0, help="With --from-embeddings DIR: N shard indexes (0 = one index)."),
+        engine: str = typer.Option(
+            "local", "--engine", help="With --from-embeddings DIR --shards: local | ray (shard builds as Ray tasks)."
+        ),
+        shards: int = typer.Option(
+            0, "--shards", min=0, help="With --from-embeddings DIR: N shard indexes (0 = one index)."
+        ),
         merge: bool = typer.Option(False, "--merge", help="With --shards: merge the shards into one index."),
-        address: Optional[str] = typer.Option(None, "--address", help="Ray: auto | HOST:PORT (default: Ray starts here)."),
+        address: Optional[str] = typer.Option(
+            None, "--address", help="Ray: auto | HOST:PORT (default: Ray starts here)."
+        ),
         workers: int = typer.Option(2, "--workers", min=1, help="Ray: shard builds running at once."),
         store: str = typer.Option(
-            "faiss", "--store",
+            "faiss",
+            "--store",
             help="Where the vectors live: faiss (files in the folder) | milvus (a collection on --milvus-uri; see "
-                 "docs/scaling.md)."),
-        milvus_uri: Optional[str] = typer.Option(None, "--milvus-uri", help="With --store milvus: the server, "
-                                                                             "e.g. http://localhost:19530."),
-        collection: Optional[str] = typer.Option(None, "--collection", help="With --store milvus: the collection "
-                                                                             "(default metrix_<folder name>)."),
-        milvus_token_env: str = typer.Option("", "--milvus-token-env", help="With --store milvus: the environment "
-                                             "variable holding the server's token (the token is never written)."),
+            "docs/scaling.md).",
+        ),
+        milvus_uri: Optional[str] = typer.Option(
+            None, "--milvus-uri", help="With --store milvus: the server, e.g. http://localhost:19530."
+        ),
+        collection: Optional[str] = typer.Option(
+            None, "--collection", help="With --store milvus: the collection (default metrix_<folder name>)."
+        ),
+        milvus_token_env: str = typer.Option(
+            "",
+            "--milvus-token-env",
+            help="With --store milvus: the environment "
+            "variable holding the server's token (the token is never written).",
+        ),
         upload_batch: int = typer.Option(1000, "--upload-batch", min=1, help="With --store milvus: rows per upsert."),
         knobs: Optional[dict[str, Any]] = None,
     ) -> None:

@@ -77,11 +77,11 @@ class IndexArgs:
         A calibrated knob given on the command line (--nprobe, --ef-search) fixes the search setting:
         calibration then measures it instead of sweeping."""
         given = {name: value for name, value in self.knobs.items() if value is not None}
-        cfg = IndexConfig(index_type=self.index_type, memory_budget_gb=self.memory_budget_gb, use_gpu=self.gpu,
-                          **given)
+        cfg = IndexConfig(index_type=self.index_type, memory_budget_gb=self.memory_budget_gb, use_gpu=self.gpu, **given)
         fixed = any(name in given for name, knob in INDEX_KNOBS.items() if knob.calibrated)
-        calib = CalibrationConfig(target_recall=self.target_recall, queries=self.calibration_queries, seed=self.seed,
-                                  sweep=not fixed)
+        calib = CalibrationConfig(
+            target_recall=self.target_recall, queries=self.calibration_queries, seed=self.seed, sweep=not fixed
+        )
         return cfg, calib
 
     def store_record(self, out: Path) -> Any:
@@ -96,8 +96,9 @@ class IndexArgs:
             return None
         from retrieval.index.milvus_store import MilvusStoreRecord, default_collection_name
 
-        return MilvusStoreRecord(self.milvus_uri or "", self.collection or default_collection_name(out),
-                                 self.milvus_token_env)
+        return MilvusStoreRecord(
+            self.milvus_uri or "", self.collection or default_collection_name(out), self.milvus_token_env
+        )
 
 
 Job = Callable[[IndexArgs], None]
@@ -105,8 +106,11 @@ Job = Callable[[IndexArgs], None]
 
 def pick_job(args: IndexArgs) -> Job:
     """The job the flags ask for; the order of the checks is the order of precedence."""
-    edits_existing = args.remove or args.remove_path or (
-        args.rerank_neighbours and args.dataset is None and not args.add and args.from_embeddings is None)
+    edits_existing = (
+        args.remove
+        or args.remove_path
+        or (args.rerank_neighbours and args.dataset is None and not args.add and args.from_embeddings is None)
+    )
     if edits_existing:
         return edit
     if args.add:
@@ -131,8 +135,16 @@ def build(args: IndexArgs) -> None:
     cfg, calib = args.index_settings()
     if args.dataset is None or args.data_root is None:
         raise UsageError("pass --dataset and --data-root (or --add IMAGES --out DIR to extend an index)")
-    spec = opts.embedder_spec(args.backend, args.checkpoint, args.model, untrained=args.untrained, arch=args.arch,
-                              embedding_size=args.embedding_size, image_size=args.image_size, seed=args.seed)
+    spec = opts.embedder_spec(
+        args.backend,
+        args.checkpoint,
+        args.model,
+        untrained=args.untrained,
+        arch=args.arch,
+        embedding_size=args.embedding_size,
+        image_size=args.image_size,
+        seed=args.seed,
+    )
     assert spec is not None
     out = args.out or Path("indexes") / args.dataset
     from retrieval.data import load_dataset
@@ -145,13 +157,25 @@ def build(args: IndexArgs) -> None:
     if args.untrained:
         console.print("[yellow]note:[/yellow] untrained (random) embedder: results are a baseline only")
     gallery = ds.gallery_split()
-    console.print(f"Indexing {ds.name} {gallery.name} split ({len(gallery):,} images) with the "
-                  f"{emb_backend.name} embedder {emb_backend.fingerprint} on {escape(emb_backend.device)} "
-                  f"({emb_backend.preprocessing.describe()})")
-    built = build_index(ds, emb_backend, out, cfg, batch_size=args.batch_size, seed=args.seed, calib=calib,
-                        rerank_neighbours=args.rerank_neighbours, strict=args.strict,
-                        max_bad_fraction=args.max_bad_fraction, store=args.store_record(out),
-                        upload_batch=args.upload_batch)
+    console.print(
+        f"Indexing {ds.name} {gallery.name} split ({len(gallery):,} images) with the "
+        f"{emb_backend.name} embedder {emb_backend.fingerprint} on {escape(emb_backend.device)} "
+        f"({emb_backend.preprocessing.describe()})"
+    )
+    built = build_index(
+        ds,
+        emb_backend,
+        out,
+        cfg,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        calib=calib,
+        rerank_neighbours=args.rerank_neighbours,
+        strict=args.strict,
+        max_bad_fraction=args.max_bad_fraction,
+        store=args.store_record(out),
+        upload_batch=args.upload_batch,
+    )
     _summary(console, built, out)
     _report_bad(built.meta.bad_images or [], out)
 
@@ -174,10 +198,18 @@ def add(args: IndexArgs) -> None:
     else:
         emb_backend = open_recorded(open_index(out, verify_checksums=False).meta.embedder_source, args.device)
     console = _console()
-    console.print(f"Adding to {escape(str(out))} with the {emb_backend.name} embedder "
-                  f"{emb_backend.fingerprint} on {escape(emb_backend.device)}")
-    updated, n_added = add_images(out, args.add, emb_backend, batch_size=args.batch_size, strict=args.strict,
-                                  max_bad_fraction=args.max_bad_fraction)
+    console.print(
+        f"Adding to {escape(str(out))} with the {emb_backend.name} embedder "
+        f"{emb_backend.fingerprint} on {escape(emb_backend.device)}"
+    )
+    updated, n_added = add_images(
+        out,
+        args.add,
+        emb_backend,
+        batch_size=args.batch_size,
+        strict=args.strict,
+        max_bad_fraction=args.max_bad_fraction,
+    )
     console.print(f"[green]added {n_added:,} images[/green]; the index now holds {len(updated):,} items")
     skipped = n_listed - n_added  # the newest entries of the index's bad-image list
     _report_bad(list(updated.meta.bad_images or [])[-skipped:] if skipped else [], out)
@@ -199,8 +231,10 @@ def _remove(out: Path, item_ids: list[str], paths: list[str]) -> None:
     from retrieval.index.build import remove_items
 
     updated, n_removed = remove_items(out, item_ids, paths)
-    _console().print(f"[green]removed {n_removed:,} images[/green] from {escape(str(out))}; "
-                     f"the index now holds {len(updated):,} items")
+    _console().print(
+        f"[green]removed {n_removed:,} images[/green] from {escape(str(out))}; "
+        f"the index now holds {len(updated):,} items"
+    )
 
 
 def _store_neighbour_lists(out: Path, width: int) -> None:
@@ -210,8 +244,10 @@ def _store_neighbour_lists(out: Path, width: int) -> None:
     from retrieval.index.build import add_neighbour_lists
 
     updated = add_neighbour_lists(out, width)
-    _console().print(f"[green]stored {width}-neighbour lists[/green] of {len(updated):,} items in "
-                     f"{escape(str(out))} (for --rerank dba)")
+    _console().print(
+        f"[green]stored {width}-neighbour lists[/green] of {len(updated):,} items in "
+        f"{escape(str(out))} (for --rerank dba)"
+    )
 
 
 def from_vector_file(args: IndexArgs) -> None:
@@ -229,9 +265,19 @@ def from_vector_file(args: IndexArgs) -> None:
     store = args.store_record(args.out)
     console = _console()
     console.print(f"Indexing vectors from {escape(str(path))}")
-    built, _ = build_from_vector_file(path, args.out, cfg, calib, labels_path=args.labels, ids_path=args.ids,
-                                      normalize=args.normalize, seed=args.seed, progress=True, store=store,
-                                      upload_batch=args.upload_batch)
+    built, _ = build_from_vector_file(
+        path,
+        args.out,
+        cfg,
+        calib,
+        labels_path=args.labels,
+        ids_path=args.ids,
+        normalize=args.normalize,
+        seed=args.seed,
+        progress=True,
+        store=store,
+        upload_batch=args.upload_batch,
+    )
     _summary(console, built, args.out)
 
 
@@ -242,8 +288,20 @@ def from_embedding_parts(args: IndexArgs) -> None:
     cfg, calib = args.index_settings()
     parts_dir = _vectors_alone(args)
     store = args.store_record(args.out or parts_dir)
-    index_from_parts(parts_dir, args.out, cfg, calib, args.engine, args.shards, args.merge, args.address,
-                     args.workers, args.seed, store=store, upload_batch=args.upload_batch)
+    index_from_parts(
+        parts_dir,
+        args.out,
+        cfg,
+        calib,
+        args.engine,
+        args.shards,
+        args.merge,
+        args.address,
+        args.workers,
+        args.seed,
+        store=store,
+        upload_batch=args.upload_batch,
+    )
 
 
 # -- shared checks and output ----------------------------------------------------------------------
@@ -278,8 +336,9 @@ def _report_bad(bad: list, out: Path) -> None:
 
     from retrieval.errors import one_line
 
-    sys.stderr.write(f"skipped {len(bad)} image(s) that cannot be used (listed under bad_images in "
-                     f"{out / 'meta.json'}):\n")
+    sys.stderr.write(
+        f"skipped {len(bad)} image(s) that cannot be used (listed under bad_images in {out / 'meta.json'}):\n"
+    )
     for item in bad[:20]:
         sys.stderr.write(f"  {one_line(item['reason'])}\n")
     if len(bad) > 20:

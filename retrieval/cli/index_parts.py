@@ -6,8 +6,20 @@ from pathlib import Path
 from typing import Any
 
 
-def index_from_parts(parts_dir: Path, out: Path | None, cfg: Any, calib: Any, engine: str, shards: int, merge: bool,
-                     address: str | None, workers: int, seed: int, store: Any = None, upload_batch: int = 1000) -> None:
+def index_from_parts(
+    parts_dir: Path,
+    out: Path | None,
+    cfg: Any,
+    calib: Any,
+    engine: str,
+    shards: int,
+    merge: bool,
+    address: str | None,
+    workers: int,
+    seed: int,
+    store: Any = None,
+    upload_batch: int = 1000,
+) -> None:
     """Build from the parts in `parts_dir` (a folder; see retrieval.index.sharded_build) and print a summary."""
     from rich.console import Console
     from rich.markup import escape
@@ -25,12 +37,22 @@ def index_from_parts(parts_dir: Path, out: Path | None, cfg: Any, calib: Any, en
     manifest = EmbeddingsFolder.open(parts_dir).manifest
     out = out or Path("indexes") / str(manifest.get("source", {}).get("dataset", parts_dir.name))
     layout = f"{shards} shards" + (" merged" if merge else "") if shards > 1 else "one index"
-    console.print(f"Indexing {escape(str(parts_dir))} (embedder {manifest['fingerprint']}, "
-                  f"{manifest['embedding_size']}-d {manifest['dtype']}) into {escape(str(out))}: {layout}, "
-                  f"engine {engine}")
-    built, report = build_from_parts(parts_dir, out, cfg, opts, ray_options=RayOptions(address=address,
-                                                                                          workers=workers),
-                                     seed=seed, calib=calib, store=store, upload_batch=upload_batch)
+    console.print(
+        f"Indexing {escape(str(parts_dir))} (embedder {manifest['fingerprint']}, "
+        f"{manifest['embedding_size']}-d {manifest['dtype']}) into {escape(str(out))}: {layout}, "
+        f"engine {engine}"
+    )
+    built, report = build_from_parts(
+        parts_dir,
+        out,
+        cfg,
+        opts,
+        ray_options=RayOptions(address=address, workers=workers),
+        seed=seed,
+        calib=calib,
+        store=store,
+        upload_batch=upload_batch,
+    )
     meta = built.meta
     console.print(
         f"[green]wrote {escape(str(out))}[/green]: {len(built):,} items, {meta.index_factory} ({meta.index_type}), "

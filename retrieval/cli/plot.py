@@ -11,9 +11,13 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("plot")
     def plot(
-        runs: list[Path] = typer.Argument(..., help="Run folders written by `retrieval train` (each holds metrics.jsonl)."),
+        runs: list[Path] = typer.Argument(
+            ..., help="Run folders written by `retrieval train` (each holds metrics.jsonl)."
+        ),
         out: Path = typer.Option(..., "--out", help="PNG file to write."),
-        labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated legend names (default: folder names)."),
+        labels: Optional[str] = typer.Option(
+            None, "--labels", help="Comma-separated legend names (default: folder names)."
+        ),
         title: Optional[str] = typer.Option(None, "--title", help="Figure title."),
     ) -> None:
         """Overlay runs: loss (clean, mixed) per epoch, Recall@K and MAP@R per evaluation, alignment and uniformity."""

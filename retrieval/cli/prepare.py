@@ -18,11 +18,19 @@ def register(app: typer.Typer) -> None:
         dataset: str = typer.Option(..., "--dataset", help=f"{dataset_choices()}."),
         data_root: Path = typer.Option(..., "--data-root", help="The dataset folder (official layout)."),
         out: Optional[Path] = typer.Option(None, "--out", help=f"Cache folder (default: DATA_ROOT/{CACHE_DIR_NAME})."),
-        short_side: int = typer.Option(DEFAULT_SHORT_SIDE, "--short-side", min=32,
-                                       help="Evaluation images' short side in pixels (the test transform's resize)."),
-        max_side: int = typer.Option(DEFAULT_MAX_SHORT_SIDE, "--max-side", min=0,
-                                     help="Training images are stored at their own resolution, short side capped at "
-                                          "this many pixels (0 = no cap), so random crops are as sharp as from the files."),
+        short_side: int = typer.Option(
+            DEFAULT_SHORT_SIDE,
+            "--short-side",
+            min=32,
+            help="Evaluation images' short side in pixels (the test transform's resize).",
+        ),
+        max_side: int = typer.Option(
+            DEFAULT_MAX_SHORT_SIDE,
+            "--max-side",
+            min=0,
+            help="Training images are stored at their own resolution, short side capped at "
+            "this many pixels (0 = no cap), so random crops are as sharp as from the files.",
+        ),
         splits: Optional[str] = typer.Option(
             None, "--splits", help="Comma-separated splits to cache (default: all of the dataset's splits)."
         ),
@@ -54,8 +62,10 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--splits: {dataset} has no split(s) {unknown}; choose from {list(available)}")
         cache_dir = out if out is not None else default_cache_dir(ds.root)
         cap = f"up to {max_side} px" if max_side else "uncapped"
-        console.print(f"Caching {dataset} ({', '.join(wanted)}) into [bold]{cache_dir}[/bold]: training images at full "
-                      f"resolution (short side {cap}), others at short side {short_side} px")
+        console.print(
+            f"Caching {dataset} ({', '.join(wanted)}) into [bold]{cache_dir}[/bold]: training images at full "
+            f"resolution (short side {cap}), others at short side {short_side} px"
+        )
 
         table = Table(title="image cache")
         for col in ("split", "images", "skipped", "size", "status"):
@@ -70,19 +80,26 @@ def register(app: typer.Typer) -> None:
             status = "up to date" if report.up_to_date else f"written in {report.seconds:.1f} s"
             if report.resumed_from:
                 status += f" (resumed at {report.resumed_from:,})"
-            table.add_row(name, f"{report.count:,}", str(len(report.skipped)),
-                          f"{report.total_bytes / 2**30:.2f} GiB", status)
+            table.add_row(
+                name, f"{report.count:,}", str(len(report.skipped)), f"{report.total_bytes / 2**30:.2f} GiB", status
+            )
             if report.skipped:
                 any_skipped = True
                 if report.up_to_date:  # not logged during this run
                     for item in report.skipped[:20]:
                         text = item["reason"] if item["path"] in item["reason"] else f"{item['path']}: {item['reason']}"
                         console.print(f"  [yellow]skipped {escape(text)}[/yellow]")
-                console.print(f"  {len(report.skipped)} unreadable image(s) of split {name!r} are listed in "
-                              f"{escape(str(report.path / 'meta.json'))}")
+                console.print(
+                    f"  {len(report.skipped)} unreadable image(s) of split {name!r} are listed in "
+                    f"{escape(str(report.path / 'meta.json'))}"
+                )
         console.print(table)
         if any_skipped:
-            console.print("[yellow]Unreadable images were skipped; training substitutes another image of the same "
-                          "class when the sampler picks one. Fix or remove them and rerun to include them.[/yellow]")
-        console.print(f"Train from the cache with: retrieval train --dataset {dataset} --data-root {data_root} "
-                      f"--cache {cache_dir}")
+            console.print(
+                "[yellow]Unreadable images were skipped; training substitutes another image of the same "
+                "class when the sampler picks one. Fix or remove them and rerun to include them.[/yellow]"
+            )
+        console.print(
+            f"Train from the cache with: retrieval train --dataset {dataset} --data-root {data_root} "
+            f"--cache {cache_dir}"
+        )

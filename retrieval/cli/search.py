@@ -27,16 +27,20 @@ def register(app: typer.Typer) -> None:
             None, "--data-root", help="Where the dataset is now, if it moved since the index was built."
         ),
         where: Optional[list[str]] = typer.Option(
-            None, "--where", help="Only items with this attribute, e.g. category=Dresses (repeatable: keys AND, "
-                                  "repeated key OR).",
+            None,
+            "--where",
+            help="Only items with this attribute, e.g. category=Dresses (repeatable: keys AND, repeated key OR).",
         ),
         rerank: str = typer.Option("none", "--rerank", help="Re-ranking: none | qe | dba | kreciprocal."),
         embeddings: Optional[Path] = typer.Option(
-            None, "--embeddings", help="Query vectors instead of images: an (Q, D) unit-norm .npy from the same model."),
-        nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1,
-                                             help="IVF lists scanned per query (default: the calibrated setting)."),
-        ef_search: Optional[int] = typer.Option(None, "--ef-search", min=1,
-                                                help="HNSW search beam width (default: the calibrated setting)."),
+            None, "--embeddings", help="Query vectors instead of images: an (Q, D) unit-norm .npy from the same model."
+        ),
+        nprobe: Optional[int] = typer.Option(
+            None, "--nprobe", min=1, help="IVF lists scanned per query (default: the calibrated setting)."
+        ),
+        ef_search: Optional[int] = typer.Option(
+            None, "--ef-search", min=1, help="HNSW search beam width (default: the calibrated setting)."
+        ),
     ) -> None:
         """Search an index by photo: rank, cosine score, label / item id and path of the k nearest items.
 
@@ -56,8 +60,8 @@ def register(app: typer.Typer) -> None:
         console = Console()
         spec = opts.embedder_spec(backend, checkpoint, model, required=False)
         searcher = Searcher.open(index, spec, device=device, data_root=data_root)
-        from retrieval.index.calibrate import override_search_params
         from retrieval.errors import UsageError
+        from retrieval.index.calibrate import override_search_params
 
         searcher.index.set_search_params(override_search_params(searcher.index.params, nprobe, ef_search))
         if embeddings is not None and images:
@@ -79,9 +83,11 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps(payload, indent=2))
             return
         meta = searcher.index.meta
-        console.print(f"index {escape(str(index))}: {meta.dataset} {meta.split}, {len(searcher.gallery_paths):,} "
-                      f"items, {meta.index_type}; embedding on {escape(devices['embedding'])} "
-                      f"({searcher.backend.preprocessing.describe()}), search on {escape(devices['index'])}")
+        console.print(
+            f"index {escape(str(index))}: {meta.dataset} {meta.split}, {len(searcher.gallery_paths):,} "
+            f"items, {meta.index_type}; embedding on {escape(devices['embedding'])} "
+            f"({searcher.backend.preprocessing.describe()}), search on {escape(devices['index'])}"
+        )
         for path, hits in zip(images, results):
             table = Table(title=f"{escape(str(path))}", title_justify="left")
             table.add_column("rank", justify="right")
@@ -105,6 +111,6 @@ def search_files(searcher: Any, paths: list[Path], k: int, where: Any, rerank: s
     intake = QueryIntake()
     results: list[list[Any]] = []
     for start in range(0, len(paths), QUERY_CHUNK):
-        images = [intake.open_file(p) for p in paths[start:start + QUERY_CHUNK]]
+        images = [intake.open_file(p) for p in paths[start : start + QUERY_CHUNK]]
         results += searcher.search_images(images, k=k, where=where, rerank=rerank)
     return results

@@ -20,7 +20,7 @@ def class_attribute(parts: Sequence[str], item_id: str) -> dict[str, str]:
     return {"class": item_id}
 
 
-def split_attributes(rule: AttributeRule | None, root: str | os.PathLike[str], split: "Split") -> list[dict[str, str]]:
+def split_attributes(rule: AttributeRule | None, root: str | os.PathLike[str], split: Split) -> list[dict[str, str]]:
     """Attributes of each image of `split` by a dataset's rule; {} for every image without a rule."""
     if rule is None:
         return [{} for _ in split.paths]

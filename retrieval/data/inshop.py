@@ -60,7 +60,9 @@ def _read_partition(part_file: Path, name: str) -> dict[str, list[tuple[str, str
         cols = line.split()
         if len(cols) != 3 or cols[2] not in rows:
             raise layout_error(
-                name, f"{part_file} line {lineno}: expected 'image_name item_id train|query|gallery', got {line!r}", LAYOUT
+                name,
+                f"{part_file} line {lineno}: expected 'image_name item_id train|query|gallery', got {line!r}",
+                LAYOUT,
             )
         rows[cols[2]].append((cols[0], cols[1]))
     found = sum(len(r) for r in rows.values())
@@ -74,7 +76,9 @@ def _read_partition(part_file: Path, name: str) -> dict[str, list[tuple[str, str
     return rows
 
 
-def load_inshop(root: str | os.PathLike[str], name: str = "inshop", recall_ks: tuple[int, ...] = RECALL_KS) -> RetrievalDataset:
+def load_inshop(
+    root: str | os.PathLike[str], name: str = "inshop", recall_ks: tuple[int, ...] = RECALL_KS
+) -> RetrievalDataset:
     """Read an In-Shop-layout folder; `name` lets the demo dataset reuse the loader under its own name."""
     base = resolve_root(root, PARTITION_FILE, ("Inshop_Clothes", "In-shop Clothes Retrieval Benchmark"), name, LAYOUT)
     rows = _read_partition(base / PARTITION_FILE, name)

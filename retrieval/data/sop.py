@@ -40,7 +40,9 @@ def _read_split(base, file_name: str, split_name: str) -> Split:
     for lineno, line in enumerate(lines[1:], start=2):
         cols = line.split()
         if len(cols) != 4 or not cols[1].isdigit():
-            raise layout_error(name, f"{path} line {lineno}: expected 'image_id class_id super_class_id path', got {line!r}", LAYOUT)
+            raise layout_error(
+                name, f"{path} line {lineno}: expected 'image_id class_id super_class_id path', got {line!r}", LAYOUT
+            )
         paths.append(base / cols[3])
         raw.append(int(cols[1]))
     if not paths:

@@ -54,8 +54,9 @@ def embed_skipping_bad(
     of them cannot be used (or, with `strict`, at the first one)."""
     n = len(paths)
     if strict or n == 0:
-        return EmbedResult(backend.embed_paths(list(paths), batch_size=batch_size, progress=progress),
-                           np.arange(n, dtype=np.int64))
+        return EmbedResult(
+            backend.embed_paths(list(paths), batch_size=batch_size, progress=progress), np.arange(n, dtype=np.int64)
+        )
     with ThreadPoolExecutor(min(PROBE_THREADS, os.cpu_count() or 1)) as pool:
         reasons = list(pool.map(probe_image, paths))
     bad = {i: r for i, r in enumerate(reasons) if r is not None}
@@ -67,7 +68,7 @@ def embed_skipping_bad(
     kept: list[int] = []
     bar = tqdm(total=len(good), desc=f"embedding {what}", unit="img", disable=not progress)
     for start in range(0, len(good), chunk):
-        todo = good[start:start + chunk]
+        todo = good[start : start + chunk]
         while todo:
             try:
                 parts.append(backend.embed_paths([paths[i] for i in todo], batch_size=batch_size, progress=False))
@@ -83,7 +84,7 @@ def embed_skipping_bad(
                 bad[culprit] = _reason(exc)
                 todo = [i for i in todo if i != culprit]
                 _check_fraction(bad, paths, n, max_bad_fraction, what)
-        bar.update(len(good[start:start + chunk]))
+        bar.update(len(good[start : start + chunk]))
     bar.close()
     _check_fraction(bad, paths, n, max_bad_fraction, what)
     order = np.argsort(np.asarray(kept, dtype=np.int64), kind="stable")
@@ -92,7 +93,9 @@ def embed_skipping_bad(
     return EmbedResult(emb, np.asarray(kept, dtype=np.int64)[order], listed)
 
 
-def _one_by_one(backend: Any, paths: Sequence[Any], todo: list[int], bad: dict[int, str]) -> tuple[np.ndarray, list[int]]:
+def _one_by_one(
+    backend: Any, paths: Sequence[Any], todo: list[int], bad: dict[int, str]
+) -> tuple[np.ndarray, list[int]]:
     rows, ok = [], []
     for i in todo:
         try:

@@ -52,10 +52,17 @@ class EmbedReport:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
-def embed_to_parts(out: str | os.PathLike[str], source: EmbedSource, backend: EmbeddingBackend,
-                   options: EmbedOptions | None = None, *, engine: str = "local",
-                   ray_options: Any = None, progress: bool = True,
-                   on_part: Callable[[PartResult], None] | None = None) -> EmbedReport:
+def embed_to_parts(
+    out: str | os.PathLike[str],
+    source: EmbedSource,
+    backend: EmbeddingBackend,
+    options: EmbedOptions | None = None,
+    *,
+    engine: str = "local",
+    ray_options: Any = None,
+    progress: bool = True,
+    on_part: Callable[[PartResult], None] | None = None,
+) -> EmbedReport:
     """Embed `source` into parts under `out`, skipping parts already complete; finalize the manifest.
 
     engine "local" embeds here with `backend`; "ray" hands the missing parts to a Ray actor pool

@@ -26,11 +26,6 @@ import numpy as np
 
 from retrieval.atomic import atomic_write_json
 from retrieval.embed.backend import EmbeddingBackend
-from retrieval.embed.spec import embedder_record
-from retrieval.errors import UsageError
-from retrieval.image_files import list_images
-from retrieval.images import ImageLoadError, open_image
-from retrieval.versions import now_iso, software_versions
 from retrieval.embed.parts import (
     DTYPES,
     MANIFEST_FILE,
@@ -41,6 +36,11 @@ from retrieval.embed.parts import (
     part_name,
     write_part,
 )
+from retrieval.embed.spec import embedder_record
+from retrieval.errors import UsageError
+from retrieval.image_files import list_images
+from retrieval.images import ImageLoadError, open_image
+from retrieval.versions import now_iso, software_versions
 
 MAX_DECODE_THREADS = 8
 
@@ -87,8 +87,13 @@ class EmbedSource:
     roles: list[RoleItems]
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "dataset": self.dataset, "protocol": self.protocol, "recall_ks": self.recall_ks,
-                "splits": {r.role: r.split for r in self.roles}}
+        return {
+            "kind": self.kind,
+            "dataset": self.dataset,
+            "protocol": self.protocol,
+            "recall_ks": self.recall_ks,
+            "splits": {r.role: r.split for r in self.roles},
+        }
 
 
 def source_from_dataset(ds: Any) -> EmbedSource:
@@ -98,23 +103,36 @@ def source_from_dataset(ds: Any) -> EmbedSource:
 
     def role(name: str, split: Any) -> RoleItems:
         attributes = item_attributes(ds, split)
-        return RoleItems(name, split.name, [os.path.abspath(p) for p in split.paths], [int(v) for v in split.labels],
-                         [split.item_id(i) for i in range(len(split.paths))], attributes if any(attributes) else None)
+        return RoleItems(
+            name,
+            split.name,
+            [os.path.abspath(p) for p in split.paths],
+            [int(v) for v in split.labels],
+            [split.item_id(i) for i in range(len(split.paths))],
+            attributes if any(attributes) else None,
+        )
 
     gallery = ds.gallery_split()
     roles = [role("gallery", gallery)]
     if ds.protocol == "query-gallery":
         roles.append(role("query", ds.eval_splits()[0]))
-    return EmbedSource("dataset", ds.name, str(Path(ds.root).resolve()), ds.protocol,
-                       [int(k) for k in ds.recall_ks], roles)
+    return EmbedSource(
+        "dataset", ds.name, str(Path(ds.root).resolve()), ds.protocol, [int(k) for k in ds.recall_ks], roles
+    )
 
 
 def source_from_images(sources: Sequence[str | os.PathLike[str]]) -> EmbedSource:
     """Image files and folders (searched recursively): unlabelled items (label -1, id = parent folder name)."""
     paths = [str(p.resolve()) for p in list_images(sources)]
     root = os.path.commonpath([os.path.dirname(p) for p in paths])
-    return EmbedSource("images", "images", root, "all-vs-all", [],
-                       [RoleItems("gallery", "images", paths, [-1] * len(paths), [Path(p).parent.name for p in paths])])
+    return EmbedSource(
+        "images",
+        "images",
+        root,
+        "all-vs-all",
+        [],
+        [RoleItems("gallery", "images", paths, [-1] * len(paths), [Path(p).parent.name for p in paths])],
+    )
 
 
 @dataclass(frozen=True)
@@ -133,7 +151,7 @@ class PartTask:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "PartTask":
+    def from_json(cls, text: str) -> PartTask:
         return cls(**json.loads(text))
 
 
@@ -150,7 +168,7 @@ class PartResult:
 
 def _relative(path: str, data_root: str | None) -> str:
     prefix = os.path.join(data_root, "") if data_root else None
-    return Path(path[len(prefix):]).as_posix() if prefix and path.startswith(prefix) else path
+    return Path(path[len(prefix) :]).as_posix() if prefix and path.startswith(prefix) else path
 
 
 def plan_tasks(source: EmbedSource, part_size: int) -> list[PartTask]:
@@ -160,29 +178,46 @@ def plan_tasks(source: EmbedSource, part_size: int) -> list[PartTask]:
         for number, start in enumerate(range(0, len(r.paths), part_size)):
             stop = min(len(r.paths), start + part_size)
             paths = r.paths[start:stop]
-            tasks.append(PartTask(part_name(r.role, number), list(range(start, stop)), paths,
-                                  [_relative(p, source.data_root) for p in paths], r.labels[start:stop],
-                                  r.item_ids[start:stop], r.attributes[start:stop] if r.attributes else None))
+            tasks.append(
+                PartTask(
+                    part_name(r.role, number),
+                    list(range(start, stop)),
+                    paths,
+                    [_relative(p, source.data_root) for p in paths],
+                    r.labels[start:stop],
+                    r.item_ids[start:stop],
+                    r.attributes[start:stop] if r.attributes else None,
+                )
+            )
     return tasks
 
 
 def _plan_hash(r: RoleItems, data_root: str | None) -> str:
-    text = json.dumps([[_relative(p, data_root) for p in r.paths], r.labels, r.item_ids]
-                      + ([r.attributes] if r.attributes else []), sort_keys=True)
+    text = json.dumps(
+        [[_relative(p, data_root) for p in r.paths], r.labels, r.item_ids] + ([r.attributes] if r.attributes else []),
+        sort_keys=True,
+    )
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def open_job(out: str | os.PathLike[str], source: EmbedSource, backend: EmbeddingBackend,
-             options: EmbedOptions) -> EmbeddingsFolder:
+def open_job(
+    out: str | os.PathLike[str], source: EmbedSource, backend: EmbeddingBackend, options: EmbedOptions
+) -> EmbeddingsFolder:
     """Write the manifest of a new job, or check that the folder's job is this one (resume).
 
     Refuses a folder made by another embedder (parts of two embedders are never mixed), from other
     items, or cut into other parts, naming the folder and what differs.
     """
     out = Path(out)
-    splits = {r.role: {"split": r.split, "items": len(r.paths),
-                       "parts": (len(r.paths) + options.part_size - 1) // options.part_size,
-                       "plan_sha256": _plan_hash(r, source.data_root)} for r in source.roles}
+    splits = {
+        r.role: {
+            "split": r.split,
+            "items": len(r.paths),
+            "parts": (len(r.paths) + options.part_size - 1) // options.part_size,
+            "plan_sha256": _plan_hash(r, source.data_root),
+        }
+        for r in source.roles
+    }
     manifest: dict[str, Any] = {
         "format": PARTS_FORMAT,
         "fingerprint": backend.fingerprint,
@@ -203,17 +238,23 @@ def open_job(out: str | os.PathLike[str], source: EmbedSource, backend: Embeddin
         existing = EmbeddingsFolder.open(out).manifest
         problems = []
         if existing["fingerprint"] != manifest["fingerprint"]:
-            problems.append(f"it holds embeddings of embedder {existing['fingerprint']}, this run's embedder is "
-                            f"{manifest['fingerprint']} (parts from two embedders cannot be mixed)")
+            problems.append(
+                f"it holds embeddings of embedder {existing['fingerprint']}, this run's embedder is "
+                f"{manifest['fingerprint']} (parts from two embedders cannot be mixed)"
+            )
         for key in ("embedding_size", "normalisation", "dtype", "part_size"):
             if existing.get(key) != manifest[key]:
                 problems.append(f"{key} {existing.get(key)} != {manifest[key]}")
         if existing.get("splits", {}).keys() != splits.keys() or any(
-                existing["splits"][k]["plan_sha256"] != v["plan_sha256"] for k, v in splits.items()):
+            existing["splits"][k]["plan_sha256"] != v["plan_sha256"] for k, v in splits.items()
+        ):
             problems.append("it was made from other images (the dataset or the image list changed)")
         if problems:
-            raise PartsError(f"{out / MANIFEST_FILE}: cannot resume this job in {out}: " + "; ".join(problems)
-                             + ". Use another --out, or delete the folder to start over")
+            raise PartsError(
+                f"{out / MANIFEST_FILE}: cannot resume this job in {out}: "
+                + "; ".join(problems)
+                + ". Use another --out, or delete the folder to start over"
+            )
         return EmbeddingsFolder(out, existing)
     out.mkdir(parents=True, exist_ok=True)
     manifest["created_at"] = now_iso()
@@ -221,8 +262,13 @@ def open_job(out: str | os.PathLike[str], source: EmbedSource, backend: Embeddin
     return EmbeddingsFolder(out, manifest)
 
 
-def embed_part(backend: EmbeddingBackend, task: PartTask, batch_size: int, decode_threads: int = 0,
-               on_images: Callable[[int], None] | None = None) -> tuple[np.ndarray, PartItems]:
+def embed_part(
+    backend: EmbeddingBackend,
+    task: PartTask,
+    batch_size: int,
+    decode_threads: int = 0,
+    on_images: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, PartItems]:
     """Embed one part: (emb (n, D) float32 of the readable images, their items + the unreadable ones).
 
     Unreadable images (corrupt, truncated, too large, missing) are recorded with the reason and skipped.
@@ -253,20 +299,31 @@ def embed_part(backend: EmbeddingBackend, task: PartTask, batch_size: int, decod
             if on_images is not None:
                 on_images(len(idx))
     emb = np.concatenate(embs) if embs else np.zeros((0, int(backend.embedding_size)), np.float32)
-    items = PartItems([task.rows[i] for i in keep], [task.stored_paths[i] for i in keep],
-                      [task.labels[i] for i in keep], [task.item_ids[i] for i in keep], bad,
-                      [task.attributes[i] for i in keep] if task.attributes else None)
+    items = PartItems(
+        [task.rows[i] for i in keep],
+        [task.stored_paths[i] for i in keep],
+        [task.labels[i] for i in keep],
+        [task.item_ids[i] for i in keep],
+        bad,
+        [task.attributes[i] for i in keep] if task.attributes else None,
+    )
     return emb, items
 
 
-def run_part(folder: str | os.PathLike[str], backend: EmbeddingBackend, task: PartTask, options: EmbedOptions,
-             on_images: Callable[[int], None] | None = None) -> PartResult:
+def run_part(
+    folder: str | os.PathLike[str],
+    backend: EmbeddingBackend,
+    task: PartTask,
+    options: EmbedOptions,
+    on_images: Callable[[int], None] | None = None,
+) -> PartResult:
     """Embed and write one part (atomically, marker last)."""
     t0 = time.perf_counter()
     emb, items = embed_part(backend, task, options.batch_size, options.decode_threads, on_images)
     write_part(folder, task.name, emb, items, fingerprint=backend.fingerprint, dtype=options.dtype)
-    return PartResult(task.name, len(items.rows), len(items.bad), time.perf_counter() - t0,
-                      f"{socket.gethostname()}:{os.getpid()}")
+    return PartResult(
+        task.name, len(items.rows), len(items.bad), time.perf_counter() - t0, f"{socket.gethostname()}:{os.getpid()}"
+    )
 
 
 class Progress:
@@ -284,8 +341,14 @@ class Progress:
         self.bar.close()
 
 
-def run_local(folder: EmbeddingsFolder, backend: EmbeddingBackend, tasks: Sequence[PartTask], options: EmbedOptions,
-              progress: bool = True, on_part: Callable[[PartResult], None] | None = None) -> list[PartResult]:
+def run_local(
+    folder: EmbeddingsFolder,
+    backend: EmbeddingBackend,
+    tasks: Sequence[PartTask],
+    options: EmbedOptions,
+    progress: bool = True,
+    on_part: Callable[[PartResult], None] | None = None,
+) -> list[PartResult]:
     """The local engine: embed `tasks` one after another in this process."""
     bar = Progress(sum(len(t.rows) for t in tasks), progress)
     results = []
@@ -319,16 +382,24 @@ def finalize(folder: EmbeddingsFolder) -> dict[str, Any]:
                 items = PartItems.from_dict(read_json(part_paths(folder.folder, name)[1], "part items"))
                 bad += [{"role": role, **b} for b in items.bad]
         embedded[role] = n
-    manifest.update({"complete": True, "embedded": embedded, "n_bad": len(bad), "bad_images": bad,
-                     "completed_at": now_iso()})
+    manifest.update(
+        {"complete": True, "embedded": embedded, "n_bad": len(bad), "bad_images": bad, "completed_at": now_iso()}
+    )
     atomic_write_json(folder.folder / MANIFEST_FILE, manifest)
     folder.manifest = manifest
     return manifest
 
 
-def write_arrays(out: str | os.PathLike[str], roles: dict[str, tuple[np.ndarray, list[int], list[str]]], *,
-                 fingerprint: str, part_size: int = 4096, dtype: str = "float32",
-                 preprocessing: dict[str, Any] | None = None, dataset: str = "arrays") -> EmbeddingsFolder:
+def write_arrays(
+    out: str | os.PathLike[str],
+    roles: dict[str, tuple[np.ndarray, list[int], list[str]]],
+    *,
+    fingerprint: str,
+    part_size: int = 4096,
+    dtype: str = "float32",
+    preprocessing: dict[str, Any] | None = None,
+    dataset: str = "arrays",
+) -> EmbeddingsFolder:
     """An embeddings folder from embeddings already in memory: role -> (emb (N, D) L2-normalised, labels, item ids).
 
     For synthetic benchmarks and for embeddings computed elsewhere; the items get placeholder paths
@@ -340,15 +411,32 @@ def write_arrays(out: str | os.PathLike[str], roles: dict[str, tuple[np.ndarray,
     if (out / MANIFEST_FILE).exists():
         raise PartsError(f"{out} already holds an embeddings folder; choose another folder")
     d = int(next(iter(roles.values()))[0].shape[1])
-    splits = {role: {"split": role, "items": len(emb), "parts": (len(emb) + part_size - 1) // part_size,
-                     "plan_sha256": ""} for role, (emb, _, _) in roles.items()}
+    splits = {
+        role: {"split": role, "items": len(emb), "parts": (len(emb) + part_size - 1) // part_size, "plan_sha256": ""}
+        for role, (emb, _, _) in roles.items()
+    }
     manifest: dict[str, Any] = {
-        "format": PARTS_FORMAT, "fingerprint": fingerprint, "embedding_size": d, "normalisation": "l2",
-        "preprocessing": preprocessing or Preprocessing().to_dict(), "backend": "none",
-        "embedder_source": {"kind": "arrays"}, "dtype": dtype, "part_size": part_size,
-        "source": {"kind": "arrays", "dataset": dataset, "protocol": "query-gallery" if "query" in roles
-                   else "all-vs-all", "recall_ks": [1, 10], "splits": {r: r for r in roles}},
-        "data_root": None, "splits": splits, "versions": {}, "complete": False, "created_at": now_iso(),
+        "format": PARTS_FORMAT,
+        "fingerprint": fingerprint,
+        "embedding_size": d,
+        "normalisation": "l2",
+        "preprocessing": preprocessing or Preprocessing().to_dict(),
+        "backend": "none",
+        "embedder_source": {"kind": "arrays"},
+        "dtype": dtype,
+        "part_size": part_size,
+        "source": {
+            "kind": "arrays",
+            "dataset": dataset,
+            "protocol": "query-gallery" if "query" in roles else "all-vs-all",
+            "recall_ks": [1, 10],
+            "splits": {r: r for r in roles},
+        },
+        "data_root": None,
+        "splits": splits,
+        "versions": {},
+        "complete": False,
+        "created_at": now_iso(),
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / MANIFEST_FILE, manifest)
@@ -356,8 +444,13 @@ def write_arrays(out: str | os.PathLike[str], roles: dict[str, tuple[np.ndarray,
         for number, start in enumerate(range(0, len(emb), part_size)):
             stop = min(len(emb), start + part_size)
             rows = list(range(start, stop))
-            items = PartItems(rows, [f"{role}/{r}" for r in rows], [int(v) for v in labels[start:stop]],
-                              [str(v) for v in ids[start:stop]], [])
+            items = PartItems(
+                rows,
+                [f"{role}/{r}" for r in rows],
+                [int(v) for v in labels[start:stop]],
+                [str(v) for v in ids[start:stop]],
+                [],
+            )
             write_part(out, part_name(role, number), emb[start:stop], items, fingerprint=fingerprint, dtype=dtype)
     folder = EmbeddingsFolder(out, manifest)
     finalize(folder)

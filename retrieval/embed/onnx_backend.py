@@ -86,7 +86,9 @@ def parse_metadata(meta: dict[str, str], path: str | os.PathLike[str]) -> tuple[
         )
         return prep, int(meta["embedding_size"]), meta["fingerprint"]
     except (ValueError, TypeError, KeyError) as exc:
-        raise OnnxModelError(f"{path}: unreadable ONNX metadata ({exc}); re-export it with `retrieval export`.") from exc
+        raise OnnxModelError(
+            f"{path}: unreadable ONNX metadata ({exc}); re-export it with `retrieval export`."
+        ) from exc
 
 
 def nvidia_gpu_visible() -> bool:
@@ -277,6 +279,7 @@ class OnnxBackend:
                 yield np.stack([load(p) for p in chunk])
             return
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
+
             def load_chunk(chunk: Sequence[str | os.PathLike[str]]) -> np.ndarray:
                 return np.stack([load(p) for p in chunk])
 
@@ -304,4 +307,3 @@ class OnnxBackend:
                 out.append(self.embed_array(batch))
                 bar.update(len(batch))
         return np.concatenate(out, axis=0)
-

@@ -54,29 +54,47 @@ class PartItems:
     attributes: list[dict[str, str]] | None = None  # per item (e.g. {"category": "Dresses"}), None = none recorded
 
     def to_dict(self, name: str) -> dict[str, Any]:
-        out = {"part": name, "rows": self.rows, "paths": self.paths, "labels": self.labels,
-               "item_ids": self.item_ids, "bad": self.bad}
+        out = {
+            "part": name,
+            "rows": self.rows,
+            "paths": self.paths,
+            "labels": self.labels,
+            "item_ids": self.item_ids,
+            "bad": self.bad,
+        }
         if self.attributes and any(self.attributes):
             out["attributes"] = self.attributes
         return out
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "PartItems":
-        attributes = [{str(k): str(v) for k, v in row.items()} for row in raw["attributes"]] \
-            if raw.get("attributes") else None
-        return cls([int(r) for r in raw["rows"]], [str(p) for p in raw["paths"]], [int(v) for v in raw["labels"]],
-                   [str(v) for v in raw["item_ids"]], list(raw.get("bad", [])), attributes)
+    def from_dict(cls, raw: dict[str, Any]) -> PartItems:
+        attributes = (
+            [{str(k): str(v) for k, v in row.items()} for row in raw["attributes"]] if raw.get("attributes") else None
+        )
+        return cls(
+            [int(r) for r in raw["rows"]],
+            [str(p) for p in raw["paths"]],
+            [int(v) for v in raw["labels"]],
+            [str(v) for v in raw["item_ids"]],
+            list(raw.get("bad", [])),
+            attributes,
+        )
 
     def attribute_rows(self) -> list[dict[str, str]]:
         return list(self.attributes) if self.attributes else [{} for _ in self.rows]
 
     @classmethod
-    def concat(cls, parts: "list[PartItems]") -> "PartItems":
+    def concat(cls, parts: list[PartItems]) -> PartItems:
         """The items of several parts, one after another (attributes None when no part recorded any)."""
         attributes = [row for items in parts for row in items.attribute_rows()]
-        return cls([r for items in parts for r in items.rows], [p for items in parts for p in items.paths],
-                   [v for items in parts for v in items.labels], [v for items in parts for v in items.item_ids],
-                   [b for items in parts for b in items.bad], attributes if any(attributes) else None)
+        return cls(
+            [r for items in parts for r in items.rows],
+            [p for items in parts for p in items.paths],
+            [v for items in parts for v in items.labels],
+            [v for items in parts for v in items.item_ids],
+            [b for items in parts for b in items.bad],
+            attributes if any(attributes) else None,
+        )
 
 
 def part_name(role: str, number: int) -> str:
@@ -89,8 +107,9 @@ def part_paths(folder: str | os.PathLike[str], name: str) -> tuple[Path, Path, P
     return base.with_suffix(".npy"), base.with_suffix(".json"), base.with_suffix(".done")
 
 
-def write_part(folder: str | os.PathLike[str], name: str, emb: np.ndarray, items: PartItems, *,
-               fingerprint: str, dtype: str) -> None:
+def write_part(
+    folder: str | os.PathLike[str], name: str, emb: np.ndarray, items: PartItems, *, fingerprint: str, dtype: str
+) -> None:
     """Write one part: embeddings, items, then the completion marker (each atomically, marker last).
 
     emb: (n, D) float32 L2-normalised rows of the readable items, in `items.rows` order.
@@ -109,8 +128,14 @@ def write_part(folder: str | os.PathLike[str], name: str, emb: np.ndarray, items
 
     atomic_write_with(npy, write_npy)
     atomic_write_json(js, items.to_dict(name))
-    marker = {"part": name, "fingerprint": fingerprint, "dtype": dtype, "n": len(items.rows), "n_bad": len(items.bad),
-              "files": {npy.name: file_digest(npy), js.name: file_digest(js)}}
+    marker = {
+        "part": name,
+        "fingerprint": fingerprint,
+        "dtype": dtype,
+        "n": len(items.rows),
+        "n_bad": len(items.bad),
+        "files": {npy.name: file_digest(npy), js.name: file_digest(js)},
+    }
     atomic_write_json(done, marker)
 
 
@@ -121,8 +146,10 @@ def part_is_done(folder: str | os.PathLike[str], name: str) -> bool:
         return False
     try:
         marker = json.loads(done.read_text(encoding="utf-8"))
-        return all((npy.parent / f).is_file() and (npy.parent / f).stat().st_size == d["bytes"]
-                   for f, d in marker["files"].items())
+        return all(
+            (npy.parent / f).is_file() and (npy.parent / f).stat().st_size == d["bytes"]
+            for f, d in marker["files"].items()
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -136,7 +163,7 @@ class EmbeddingsFolder:
 
     # -- opening --------------------------------------------------------------------------------
     @classmethod
-    def open(cls, folder: str | os.PathLike[str]) -> "EmbeddingsFolder":
+    def open(cls, folder: str | os.PathLike[str]) -> EmbeddingsFolder:
         folder = Path(folder)
         if not folder.is_dir():
             raise PartsError(f"embeddings folder not found: {folder}; create it with `retrieval embed --out {folder}`")
@@ -204,8 +231,10 @@ class EmbeddingsFolder:
                 "files and rerun `retrieval embed` with the folder's embedder, or use another --out"
             )
         if marker.get("dtype") != self.manifest["dtype"]:
-            raise PartsError(f"{done}: part {name} is stored as {marker.get('dtype')} but the manifest says "
-                             f"{self.manifest['dtype']}; delete the part and rerun `retrieval embed`")
+            raise PartsError(
+                f"{done}: part {name} is stored as {marker.get('dtype')} but the manifest says "
+                f"{self.manifest['dtype']}; delete the part and rerun `retrieval embed`"
+            )
         return marker
 
     def count(self, role: str) -> int:
@@ -220,8 +249,10 @@ class EmbeddingsFolder:
         for path in (npy, js):
             expected = marker["files"].get(path.name)
             if expected is None or not path.is_file():
-                raise PartsError(f"{path} is missing (part {name}); delete {path.with_suffix('.done')} and rerun "
-                                 "`retrieval embed` to embed the part again")
+                raise PartsError(
+                    f"{path} is missing (part {name}); delete {path.with_suffix('.done')} and rerun "
+                    "`retrieval embed` to embed the part again"
+                )
             size = path.stat().st_size
             if size != expected["bytes"] or (verify and file_digest(path)["sha256"] != expected["sha256"]):
                 raise PartsError(
@@ -232,16 +263,21 @@ class EmbeddingsFolder:
             emb = np.load(npy, allow_pickle=False, mmap_mode="r")
             items = PartItems.from_dict(read_json(js, "part items"))
         except (ValueError, OSError, EOFError, KeyError, TypeError) as exc:
-            raise PartsError(f"part {name} ({npy} / {js}) cannot be read ({exc}); delete its .done marker and "
-                             "rerun `retrieval embed`") from exc
+            raise PartsError(
+                f"part {name} ({npy} / {js}) cannot be read ({exc}); delete its .done marker and "
+                "rerun `retrieval embed`"
+            ) from exc
         d = self.embedding_size
         if emb.ndim != 2 or emb.shape != (len(items.rows), d) or emb.dtype != np.dtype(self.manifest["dtype"]):
-            raise PartsError(f"{npy} holds {emb.dtype} {emb.shape}, expected {self.manifest['dtype']} "
-                             f"({len(items.rows)}, {d}); delete its .done marker and rerun `retrieval embed`")
+            raise PartsError(
+                f"{npy} holds {emb.dtype} {emb.shape}, expected {self.manifest['dtype']} "
+                f"({len(items.rows)}, {d}); delete its .done marker and rerun `retrieval embed`"
+            )
         return as_unit_float32(emb), items
 
-    def iter_parts(self, role: str, names: Sequence[str] | None = None,
-                   verify: bool = True) -> Iterator[tuple[str, np.ndarray, PartItems]]:
+    def iter_parts(
+        self, role: str, names: Sequence[str] | None = None, verify: bool = True
+    ) -> Iterator[tuple[str, np.ndarray, PartItems]]:
         for name in names if names is not None else self.part_names(role):
             emb, items = self.read_part(name, verify)
             yield name, emb, items

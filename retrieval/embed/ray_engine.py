@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.errors import UsageError
 from retrieval.embed.job import EmbedOptions, PartResult, PartTask, Progress, run_part
 from retrieval.embed.parts import EmbeddingsFolder, PartsError
+from retrieval.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,9 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError as exc:
-        raise UsageError("the ray engine needs Ray: install the extra with `pip install -e .[ray]` "
-                           "(or use --engine local)") from exc
+        raise UsageError(
+            "the ray engine needs Ray: install the extra with `pip install -e .[ray]` (or use --engine local)"
+        ) from exc
     return ray
 
 
@@ -71,8 +72,15 @@ def connect(options: RayOptions) -> Any:
 class PartEmbedder:
     """A Ray Data actor: opens the embedder once, then embeds and writes whole parts handed to it."""
 
-    def __init__(self, folder: str, embedder_source: dict[str, Any], fingerprint: str, device: str,
-                 options: dict[str, Any], threads: int) -> None:
+    def __init__(
+        self,
+        folder: str,
+        embedder_source: dict[str, Any],
+        fingerprint: str,
+        device: str,
+        options: dict[str, Any],
+        threads: int,
+    ) -> None:
         from retrieval.embed.spec import open_recorded
 
         if device == "cpu":
@@ -86,8 +94,10 @@ class PartEmbedder:
         self.options = EmbedOptions(**options)
         self.backend = open_recorded(embedder_source, device)
         if self.backend.fingerprint != fingerprint:
-            raise PartsError(f"{folder}: a worker opened embedder {self.backend.fingerprint} but the job embeds with "
-                             f"{fingerprint}; the embedder file changed on this node")
+            raise PartsError(
+                f"{folder}: a worker opened embedder {self.backend.fingerprint} but the job embeds with "
+                f"{fingerprint}; the embedder file changed on this node"
+            )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list[Any]] = {"name": [], "n": [], "n_bad": [], "seconds": [], "worker": []}
@@ -98,8 +108,14 @@ class PartEmbedder:
         return {key: np.asarray(values) for key, values in out.items()}
 
 
-def run_ray(folder: EmbeddingsFolder, tasks: Sequence[PartTask], options: EmbedOptions, ray_options: RayOptions,
-            progress: bool = True, on_part: Callable[[PartResult], None] | None = None) -> list[PartResult]:
+def run_ray(
+    folder: EmbeddingsFolder,
+    tasks: Sequence[PartTask],
+    options: EmbedOptions,
+    ray_options: RayOptions,
+    progress: bool = True,
+    on_part: Callable[[PartResult], None] | None = None,
+) -> list[PartResult]:
     """Embed `tasks` on a Ray actor pool of `ray_options.workers` actors; returns per-part results as they finish."""
     if not tasks:
         return []
@@ -118,10 +134,14 @@ def run_ray(folder: EmbeddingsFolder, tasks: Sequence[PartTask], options: EmbedO
             batch_size=1,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=ray_options.workers, max_tasks_in_flight_per_actor=1),
-            fn_constructor_kwargs={"folder": str(Path(folder.folder).resolve()),
-                                   "embedder_source": manifest["embedder_source"],
-                                   "fingerprint": manifest["fingerprint"], "device": device,
-                                   "options": actor_options, "threads": threads},
+            fn_constructor_kwargs={
+                "folder": str(Path(folder.folder).resolve()),
+                "embedder_source": manifest["embedder_source"],
+                "fingerprint": manifest["fingerprint"],
+                "device": device,
+                "options": actor_options,
+                "threads": threads,
+            },
             num_cpus=ray_options.cpus_per_worker,
             num_gpus=ray_options.gpus_per_worker or None,
             max_restarts=ray_options.retries,
@@ -131,8 +151,9 @@ def run_ray(folder: EmbeddingsFolder, tasks: Sequence[PartTask], options: EmbedO
     results: list[PartResult] = []
     try:
         for row in ds.iter_rows():
-            result = PartResult(str(row["name"]), int(row["n"]), int(row["n_bad"]), float(row["seconds"]),
-                                str(row["worker"]))
+            result = PartResult(
+                str(row["name"]), int(row["n"]), int(row["n_bad"]), float(row["seconds"]), str(row["worker"])
+            )
             results.append(result)
             bar.update(result.n + result.n_bad)
             if on_part is not None:

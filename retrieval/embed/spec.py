@@ -44,20 +44,33 @@ class EmbedderSpec:
 
     # -- constructors ----------------------------------------------------------------------------
     @classmethod
-    def checkpoint(cls, path: str | os.PathLike[str]) -> "EmbedderSpec":
+    def checkpoint(cls, path: str | os.PathLike[str]) -> EmbedderSpec:
         return cls("checkpoint", _absolute(path))
 
     @classmethod
-    def onnx(cls, path: str | os.PathLike[str]) -> "EmbedderSpec":
+    def onnx(cls, path: str | os.PathLike[str]) -> EmbedderSpec:
         return cls("onnx", _absolute(path))
 
     @classmethod
-    def untrained(cls, arch: str = "resnet18", embedding_size: int = 128, image_size: int = 224,
-                  resize_size: int | None = None, seed: int = 0) -> "EmbedderSpec":
+    def untrained(
+        cls,
+        arch: str = "resnet18",
+        embedding_size: int = 128,
+        image_size: int = 224,
+        resize_size: int | None = None,
+        seed: int = 0,
+    ) -> EmbedderSpec:
         from retrieval.config import default_resize_size
 
-        return cls("untrained", None, arch, int(embedding_size), int(image_size),
-                   int(resize_size or default_resize_size(image_size)), int(seed))
+        return cls(
+            "untrained",
+            None,
+            arch,
+            int(embedding_size),
+            int(image_size),
+            int(resize_size or default_resize_size(image_size)),
+            int(seed),
+        )
 
     @classmethod
     def from_options(
@@ -65,7 +78,7 @@ class EmbedderSpec:
         backend: str | None = "auto",
         checkpoint: str | os.PathLike[str] | None = None,
         model: str | os.PathLike[str] | None = None,
-    ) -> "EmbedderSpec | None":
+    ) -> EmbedderSpec | None:
         """What `--backend/--checkpoint/--model` ask for; None when they name no embedder.
 
         "auto" (or no backend) runs the ONNX model when one is given, the checkpoint otherwise.
@@ -84,7 +97,7 @@ class EmbedderSpec:
         return cls(kind.name, _absolute(path))
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> "EmbedderSpec":
+    def from_record(cls, record: dict[str, Any]) -> EmbedderSpec:
         """The embedder an index or embeddings folder records, or an error saying how to supply one."""
         kind = record.get("kind")
         if kind == "vectors":
@@ -95,16 +108,23 @@ class EmbedderSpec:
         if kind not in KINDS:
             raise InputError(f"the index records no usable embedder ({record!r}); pass --checkpoint or --model")
         if kind == "untrained":
-            return cls.untrained(record["arch"], record["embedding_size"], record["image_size"],
-                                 record["resize_size"], record["seed"])
+            return cls.untrained(
+                record["arch"], record["embedding_size"], record["image_size"], record["resize_size"], record["seed"]
+            )
         return cls(kind, str(record["path"]))
 
     # -- facts -------------------------------------------------------------------------------------
     def to_record(self) -> dict[str, Any]:
         """The JSON record stored in meta.json / manifest.json (read back by `from_record`)."""
         if self.kind == "untrained":
-            return {"kind": "untrained", "arch": self.arch, "embedding_size": self.embedding_size,
-                    "image_size": self.image_size, "resize_size": self.resize_size, "seed": self.seed}
+            return {
+                "kind": "untrained",
+                "arch": self.arch,
+                "embedding_size": self.embedding_size,
+                "image_size": self.image_size,
+                "resize_size": self.resize_size,
+                "seed": self.seed,
+            }
         return {"kind": self.kind, "path": self.path}
 
     def describe(self) -> str:
@@ -118,7 +138,7 @@ def _absolute(path: str | os.PathLike[str]) -> str:
     return str(Path(path).expanduser().resolve())
 
 
-def open_embedder(spec: EmbedderSpec, device: str = "auto") -> "EmbeddingBackend":
+def open_embedder(spec: EmbedderSpec, device: str = "auto") -> EmbeddingBackend:
     """The backend for `spec` on `device` ("auto", "cpu", "cuda[:N]"); it keeps the spec as `backend.spec`.
 
     The backend module is imported here, so an ONNX embedder never imports torch; for ONNX, `device`
@@ -133,8 +153,10 @@ def embedder_record(backend: EmbeddingBackend) -> dict[str, Any]:
     """The record an index or embeddings folder stores so the same embedder can be re-opened for search."""
     spec = getattr(backend, "spec", None)
     if spec is None:
-        raise UsageError("this embedder was not opened from a checkpoint, an ONNX file or --untrained, so an index "
-                         "could not re-open it; open it with retrieval.embed.spec.open_embedder")
+        raise UsageError(
+            "this embedder was not opened from a checkpoint, an ONNX file or --untrained, so an index "
+            "could not re-open it; open it with retrieval.embed.spec.open_embedder"
+        )
     return spec.to_record()
 
 
@@ -142,21 +164,23 @@ def open_recorded(record: dict[str, Any], device: str = "auto") -> EmbeddingBack
     """Re-open the embedder an index (or embeddings folder) records, or say how to supply one."""
     spec = EmbedderSpec.from_record(record)
     if KINDS[spec.kind].takes_path and not Path(spec.path or "").is_file():
-        raise FileNotFoundError(f"the index was built with {spec.path}, which no longer exists; pass the embedder "
-                                f"with {KINDS[spec.kind].flag}")
+        raise FileNotFoundError(
+            f"the index was built with {spec.path}, which no longer exists; pass the embedder "
+            f"with {KINDS[spec.kind].flag}"
+        )
     return open_embedder(spec, device)
 
 
 # -- the kinds ---------------------------------------------------------------------------------------
 
 
-def _open_checkpoint(spec: EmbedderSpec, device: str) -> "EmbeddingBackend":
+def _open_checkpoint(spec: EmbedderSpec, device: str) -> EmbeddingBackend:
     from retrieval.embed.torch_backend import TorchBackend
 
     return TorchBackend.from_checkpoint(_path_of(spec), device=device)
 
 
-def _open_onnx(spec: EmbedderSpec, device: str) -> "EmbeddingBackend":
+def _open_onnx(spec: EmbedderSpec, device: str) -> EmbeddingBackend:
     from retrieval.embed.onnx_backend import OnnxBackend, providers_for_device
 
     return OnnxBackend(_path_of(spec), providers=providers_for_device(device))
@@ -169,19 +193,21 @@ def _path_of(spec: EmbedderSpec) -> str:
     return spec.path
 
 
-def _open_untrained(spec: EmbedderSpec, device: str) -> "EmbeddingBackend":
+def _open_untrained(spec: EmbedderSpec, device: str) -> EmbeddingBackend:
     """Seeded, so that search re-creates the very network the index was built with."""
     import torch
 
     from retrieval.config import ModelConfig, default_resize_size
-    from retrieval.preprocess import Preprocessing
     from retrieval.embed.torch_backend import TorchBackend
     from retrieval.model import Embedder
+    from retrieval.preprocess import Preprocessing
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         model = Embedder(ModelConfig(arch=spec.arch, embedding_size=spec.embedding_size, pretrained="none"))
-    prep = Preprocessing(image_size=spec.image_size, resize_size=spec.resize_size or default_resize_size(spec.image_size))
+    prep = Preprocessing(
+        image_size=spec.image_size, resize_size=spec.resize_size or default_resize_size(spec.image_size)
+    )
     return TorchBackend(model, prep, device=device)
 
 
@@ -196,18 +222,33 @@ class EmbedderKind:
     label: str  # what it is, in messages
     flag: str  # how a user passes it
     needs: str  # what --backend BACKEND without its file is told
-    open: Callable[[EmbedderSpec, str], "EmbeddingBackend"]
+    open: Callable[[EmbedderSpec, str], EmbeddingBackend]
 
 
 KINDS: dict[str, EmbedderKind] = {
     "checkpoint": EmbedderKind(
-        "checkpoint", "torch", True, "checkpoint", "checkpoint", "--checkpoint CKPT",
-        "--checkpoint PATH (or use --backend onnx --model PATH.onnx)", _open_checkpoint),
+        "checkpoint",
+        "torch",
+        True,
+        "checkpoint",
+        "checkpoint",
+        "--checkpoint CKPT",
+        "--checkpoint PATH (or use --backend onnx --model PATH.onnx)",
+        _open_checkpoint,
+    ),
     "onnx": EmbedderKind(
-        "onnx", "onnx", True, "model", "ONNX model", "--backend onnx --model MODEL.onnx",
-        "--model PATH.onnx (create one with `retrieval export --checkpoint CKPT --out model.onnx`)", _open_onnx),
-    "untrained": EmbedderKind("untrained", "torch", False, "", "an untrained embedder", "--untrained", "--untrained",
-                              _open_untrained),
+        "onnx",
+        "onnx",
+        True,
+        "model",
+        "ONNX model",
+        "--backend onnx --model MODEL.onnx",
+        "--model PATH.onnx (create one with `retrieval export --checkpoint CKPT --out model.onnx`)",
+        _open_onnx,
+    ),
+    "untrained": EmbedderKind(
+        "untrained", "torch", False, "", "an untrained embedder", "--untrained", "--untrained", _open_untrained
+    ),
 }
 
 # values of --backend: "auto" plus every backend that runs a file

@@ -70,7 +70,7 @@ class TorchBackend:
         return self._fingerprint
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike[str], device: str = "auto", workers: int = 0) -> "TorchBackend":
+    def from_checkpoint(cls, path: str | os.PathLike[str], device: str = "auto", workers: int = 0) -> TorchBackend:
         from retrieval.checkpoint import embedder_from_checkpoint
 
         model, _cfg, prep, fp = embedder_from_checkpoint(path)
@@ -85,8 +85,9 @@ class TorchBackend:
         batch = batch.to(self.torch_device, non_blocking=True)
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.torch_device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
+        with torch.autocast(
+            self.torch_device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        ):
             emb = self.model(batch)
         emb = torch.nn.functional.normalize(emb.float(), dim=1)
         return emb.cpu().numpy().astype(np.float32, copy=False)
@@ -98,7 +99,10 @@ class TorchBackend:
         return self.embed_tensor(batch)
 
     def embed_paths(
-        self, paths: Sequence[str | os.PathLike[str]], batch_size: int = 64, progress: bool = True,
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        batch_size: int = 64,
+        progress: bool = True,
         desc: str = "embedding",
     ) -> np.ndarray:
         if len(paths) == 0:

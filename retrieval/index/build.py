@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.embed.bad_images import DEFAULT_MAX_BAD_FRACTION, embed_skipping_bad
 from retrieval.config import CalibrationConfig
 from retrieval.embed.backend import EmbeddingBackend
+from retrieval.embed.bad_images import DEFAULT_MAX_BAD_FRACTION, embed_skipping_bad
 from retrieval.embed.spec import embedder_record
 from retrieval.errors import InputError
 from retrieval.image_files import list_images
@@ -64,8 +64,10 @@ def build_index(
     """
     cfg = cfg or IndexConfig()
     if store is not None and rerank_neighbours > 0:
-        raise InputError("--rerank-neighbours stores neighbour lists in FAISS folders only; Milvus-backed folders "
-                         "re-rank with qe or kreciprocal (drop --rerank-neighbours)")
+        raise InputError(
+            "--rerank-neighbours stores neighbour lists in FAISS folders only; Milvus-backed folders "
+            "re-rank with qe or kreciprocal (drop --rerank-neighbours)"
+        )
     source = embedder_record(backend)  # before any work: an embedder the index cannot re-open is refused
     t_start = time.perf_counter()
     gallery = dataset.gallery_split()
@@ -111,16 +113,24 @@ def build_index(
         **result.meta(),
         bad_images=bad_images,
     )
-    index = gallery_index(built.index, built.params, items, meta, queries,
-                          None if built.params.stores_exact_vectors else gallery_emb, use_gpu=cfg.use_gpu)
+    index = gallery_index(
+        built.index,
+        built.params,
+        items,
+        meta,
+        queries,
+        None if built.params.stores_exact_vectors else gallery_emb,
+        use_gpu=cfg.use_gpu,
+    )
     if rerank_neighbours > 0:
         index.build_neighbours(rerank_neighbours)
     index.save(out_dir)
     return index
 
 
-def _embed_splits(dataset: Any, gallery: Any, backend: EmbeddingBackend, skip: dict[str, Any]
-                  ) -> tuple[np.ndarray, Any, StoredQueries | None, list[dict[str, Any]]]:
+def _embed_splits(
+    dataset: Any, gallery: Any, backend: EmbeddingBackend, skip: dict[str, Any]
+) -> tuple[np.ndarray, Any, StoredQueries | None, list[dict[str, Any]]]:
     """(gallery embeddings, the gallery split without the images that cannot be used, the stored queries of
     query/gallery datasets, the images skipped in either)."""
     embedded = embed_skipping_bad(backend, list(gallery.paths), what=f"{gallery.name} images", **skip)
@@ -165,8 +175,15 @@ def add_images(
     index = open_index(index_dir)
     index.check_embedder(backend.fingerprint, backend.embedding_size, getattr(backend, "normalisation", "l2"))
     paths = list_images(sources)
-    embedded = embed_skipping_bad(backend, paths, batch_size=batch_size, progress=progress, strict=strict,
-                                  max_bad_fraction=max_bad_fraction, what="added images")
+    embedded = embed_skipping_bad(
+        backend,
+        paths,
+        batch_size=batch_size,
+        progress=progress,
+        strict=strict,
+        max_bad_fraction=max_bad_fraction,
+        what="added images",
+    )
     kept = [paths[int(i)] for i in embedded.kept]
     if not kept:
         raise InputError(f"none of the {len(paths)} images to add can be used: {embedded.bad[0]['reason']}")
@@ -178,7 +195,6 @@ def add_images(
     return index, len(kept)
 
 
-
 def _items_with_attributes(dataset: Any, split: Any) -> ItemTable:
     from retrieval.data import item_attributes
 
@@ -187,7 +203,9 @@ def _items_with_attributes(dataset: Any, split: Any) -> ItemTable:
     return items
 
 
-def rows_to_remove(index: GalleryIndex, item_ids: Sequence[str] = (), paths: Sequence[str | os.PathLike[str]] = ()) -> list[int]:
+def rows_to_remove(
+    index: GalleryIndex, item_ids: Sequence[str] = (), paths: Sequence[str | os.PathLike[str]] = ()
+) -> list[int]:
     """Gallery rows of the given item ids (every image of the item) and image paths; ValueError naming any not found."""
     by_id: dict[str, list[int]] = {}
     for row, item in enumerate(index.items.item_ids):
@@ -209,13 +227,17 @@ def rows_to_remove(index: GalleryIndex, item_ids: Sequence[str] = (), paths: Seq
         else:
             rows.add(found)
     if missing:
-        raise InputError(f"not in the index {index.meta.folder}: {', '.join(missing[:5])}"
-                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else "") + "; nothing was removed")
+        raise InputError(
+            f"not in the index {index.meta.folder}: {', '.join(missing[:5])}"
+            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            + "; nothing was removed"
+        )
     return sorted(rows)
 
 
-def remove_items(index_dir: str | os.PathLike[str], item_ids: Sequence[str] = (),
-                 paths: Sequence[str | os.PathLike[str]] = ()) -> tuple[GalleryIndex, int]:
+def remove_items(
+    index_dir: str | os.PathLike[str], item_ids: Sequence[str] = (), paths: Sequence[str | os.PathLike[str]] = ()
+) -> tuple[GalleryIndex, int]:
     """Remove the gallery rows of `item_ids` and `paths` from the index at `index_dir`, republished atomically."""
     index = open_index(index_dir, use_gpu=False)
     rows = rows_to_remove(index, item_ids, paths)

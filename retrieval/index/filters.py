@@ -84,8 +84,7 @@ def matching_ids(attributes: Sequence[Mapping[str, str]], where: Where) -> np.nd
     if unknown:
         offered = ", ".join(sorted(known)) or "none (this index stores no item attributes; rebuild it to filter)"
         raise FilterError(f"unknown filter attribute {unknown[0]!r}; this index's items have: {offered}")
-    keep = [i for i, attrs in enumerate(attributes)
-            if all(attrs.get(key) in values for key, values in where.items())]
+    keep = [i for i, attrs in enumerate(attributes) if all(attrs.get(key) in values for key, values in where.items())]
     return np.asarray(keep, dtype=np.int64)
 
 

@@ -52,11 +52,11 @@ from retrieval.errors import UserError
 from retrieval.index.errors import IndexBuildError, IndexFileError, RerankError
 from retrieval.index.faiss_index import (
     add_to_index,
-    remove_from_index,
     check_embeddings,
     configure_search,
     exact_vectors,
     read_index,
+    remove_from_index,
     search,
     to_search_device,
     write_index,
@@ -102,38 +102,44 @@ class ItemTable:
         return len(self.paths)
 
     @classmethod
-    def from_split(cls, split: Any) -> "ItemTable":
+    def from_split(cls, split: Any) -> ItemTable:
         """From a retrieval.data Split (paths, labels, optional item_ids)."""
         n = len(split.paths)
         paths = [os.path.abspath(p) for p in split.paths]  # search results must not depend on the working directory
         return cls(paths, [int(v) for v in split.labels], [split.item_id(i) for i in range(n)])
 
-    def extend(self, other: "ItemTable") -> None:
+    def extend(self, other: ItemTable) -> None:
         self.paths += other.paths
         self.labels += other.labels
         self.item_ids += other.item_ids
         self.attributes += other.attributes
 
-    def select(self, rows: Sequence[int]) -> "ItemTable":
+    def select(self, rows: Sequence[int]) -> ItemTable:
         """The rows `rows`, in that order (a copy)."""
-        return ItemTable([self.paths[i] for i in rows], [self.labels[i] for i in rows],
-                         [self.item_ids[i] for i in rows], [dict(self.attributes[i]) for i in rows])
+        return ItemTable(
+            [self.paths[i] for i in rows],
+            [self.labels[i] for i in rows],
+            [self.item_ids[i] for i in rows],
+            [dict(self.attributes[i]) for i in rows],
+        )
 
     def to_dict(self, data_root: str | None = None) -> dict[str, list]:
         """Paths under `data_root` (an absolute folder) become relative to it; others stay absolute."""
         prefix = os.path.join(data_root, "") if data_root else None
-        paths = [Path(p[len(prefix):]).as_posix() if prefix and p.startswith(prefix) else p for p in self.paths]
+        paths = [Path(p[len(prefix) :]).as_posix() if prefix and p.startswith(prefix) else p for p in self.paths]
         table: dict[str, list] = {"paths": paths, "labels": self.labels, "item_ids": self.item_ids}
         if any(self.attributes):
             table["attributes"] = self.attributes
         return table
 
     @classmethod
-    def from_dict(cls, raw: Any, source: Path, data_root: str | None = None) -> "ItemTable":
+    def from_dict(cls, raw: Any, source: Path, data_root: str | None = None) -> ItemTable:
         """Relative paths are resolved against `data_root` (absolute ones are kept)."""
         try:
-            paths = [str(p) if os.path.isabs(str(p)) or not data_root else os.path.join(data_root, *str(p).split("/"))
-                     for p in raw["paths"]]
+            paths = [
+                str(p) if os.path.isabs(str(p)) or not data_root else os.path.join(data_root, *str(p).split("/"))
+                for p in raw["paths"]
+            ]
             attributes = [{str(k): str(v) for k, v in row.items()} for row in raw.get("attributes") or []]
             return cls(paths, [int(v) for v in raw["labels"]], [str(v) for v in raw["item_ids"]], attributes)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -190,8 +196,10 @@ def publish_folder(target: Path, write: Callable[[Path], None]) -> None:
 def _missing_folder_message(folder: Path) -> str:
     aside = sorted(folder.parent.glob(f".{folder.name}.old-*")) if folder.parent.is_dir() else []
     if aside:
-        return (f"index folder {folder} not found, but {aside[-1]} holds a previous index left by an interrupted "
-                f"update: rename it to {folder} to use it, or rebuild with `retrieval index`")
+        return (
+            f"index folder {folder} not found, but {aside[-1]} holds a previous index left by an interrupted "
+            f"update: rename it to {folder} to use it, or rebuild with `retrieval index`"
+        )
     return f"index folder not found: {folder}; build one with `retrieval index --dataset ... --out {folder}`"
 
 
@@ -238,8 +246,9 @@ class GalleryIndex:
     def exact(self) -> bool:
         return self.params.exact
 
-    def check_embedder(self, fingerprint: str, embedding_size: int, normalisation: str = NORMALISATION,
-                       what: str = "the embedder") -> None:
+    def check_embedder(
+        self, fingerprint: str, embedding_size: int, normalisation: str = NORMALISATION, what: str = "the embedder"
+    ) -> None:
         """Refuse an embedder other than the one that built this index, saying what to do."""
         problems = []
         if fingerprint != self.fingerprint:
@@ -264,8 +273,7 @@ class GalleryIndex:
     # -- search --------------------------------------------------------------------------------
     def _target(self) -> Any:
         if self._searchable is None:
-            self._searchable, self.search_device = to_search_device(
-                self.index, self.params, self.use_gpu)
+            self._searchable, self.search_device = to_search_device(self.index, self.params, self.use_gpu)
         return self._searchable
 
     def set_search_params(self, params: IndexParams) -> None:
@@ -278,8 +286,9 @@ class GalleryIndex:
         """queries (Q, D) L2-normalised -> (scores (Q, k'), ids (Q, k')), k' = min(k, len(self)); ids -1 = none."""
         return search(self._target(), queries, k)
 
-    def search_subset(self, queries: np.ndarray, k: int, ids: np.ndarray,
-                      where: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    def search_subset(
+        self, queries: np.ndarray, k: int, ids: np.ndarray, where: Any = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Like `search`, restricted to the rows `ids` inside FAISS (an ID selector on the CPU index).
 
         `where` is the filter those rows match (retrieval.index.filters.Where): a store that filters by
@@ -298,8 +307,10 @@ class GalleryIndex:
         if self.neighbours is None:
             folder = self.meta.folder or "DIR"
             why = self.neighbours_problem or "this index has no gallery neighbour lists"
-            raise RerankError(f"{why}; build them with `retrieval index --out {folder} --rerank-neighbours "
-                              f"{DEFAULT_NEIGHBOURS}` (or rebuild the index with that flag)")
+            raise RerankError(
+                f"{why}; build them with `retrieval index --out {folder} --rerank-neighbours "
+                f"{DEFAULT_NEIGHBOURS}` (or rebuild the index with that flag)"
+            )
         return self.neighbours
 
     def build_neighbours(self, n: int = DEFAULT_NEIGHBOURS) -> None:
@@ -313,8 +324,10 @@ class GalleryIndex:
             return np.asarray(self.gallery_vectors, dtype=np.float32)
         vectors = exact_vectors(self.index, self.params)
         if vectors is None:
-            raise IndexFileError(f"the {self.params.index_type} index does not keep exact vectors and no "
-                                 f"{GALLERY_FILE} was stored; rebuild the index")
+            raise IndexFileError(
+                f"the {self.params.index_type} index does not keep exact vectors and no "
+                f"{GALLERY_FILE} was stored; rebuild the index"
+            )
         return vectors
 
     # -- change --------------------------------------------------------------------------------
@@ -377,9 +390,16 @@ class GalleryIndex:
                 names += [NEIGHBOURS_FILE, NEIGHBOUR_SCORES_FILE]
                 rerank = {"neighbours": self.neighbours.width, "index_sha256": file_digest(tmp / INDEX_FILE)["sha256"]}
             meta = dataclasses.replace(
-                self.meta, n_items=len(self), embedding_size=self.embedding_size, index_params=self.params,
-                n_queries=0 if self.queries is None else len(self.queries.items), saved_at=now_iso(),
-                files={name: file_digest(tmp / name) for name in names}, rerank=rerank, folder="")
+                self.meta,
+                n_items=len(self),
+                embedding_size=self.embedding_size,
+                index_params=self.params,
+                n_queries=0 if self.queries is None else len(self.queries.items),
+                saved_at=now_iso(),
+                files={name: file_digest(tmp / name) for name in names},
+                rerank=rerank,
+                folder="",
+            )
             write_meta(tmp / META_FILE, meta)  # last: its presence marks a complete folder
             published.append(meta)
 
@@ -398,8 +418,14 @@ class GalleryIndex:
         return [INDEX_FILE]
 
     @classmethod
-    def load(cls, folder: str | os.PathLike[str], *, verify_checksums: bool = True, use_gpu: bool = True,
-             data_root: str | os.PathLike[str] | None = None) -> "GalleryIndex":
+    def load(
+        cls,
+        folder: str | os.PathLike[str],
+        *,
+        verify_checksums: bool = True,
+        use_gpu: bool = True,
+        data_root: str | os.PathLike[str] | None = None,
+    ) -> GalleryIndex:
         """Open an index folder, refusing missing, truncated or altered files with an error naming the file.
 
         `data_root` says where the dataset is now when it moved since the build (default: meta.json's data_root)."""
@@ -414,8 +440,10 @@ class GalleryIndex:
             )
         meta = read_meta(meta_path)
         if meta.store:
-            raise IndexFileError(f"{folder} keeps its vectors in {meta.store.get('kind')!r}, not in FAISS files: open "
-                                 "it with retrieval.index.stores.open_index")
+            raise IndexFileError(
+                f"{folder} keeps its vectors in {meta.store.get('kind')!r}, not in FAISS files: open "
+                "it with retrieval.index.stores.open_index"
+            )
         files = meta.files
         sharded = bool(meta.shards)  # shard files listed in meta.json instead of one index.faiss
         for name in (ITEMS_FILE,) if sharded else (INDEX_FILE, ITEMS_FILE):
@@ -442,15 +470,18 @@ class GalleryIndex:
                 f"{meta.n_items}; the folder is inconsistent, rebuild the index"
             )
         if index.d != meta.embedding_size:
-            raise IndexFileError(f"{folder / INDEX_FILE} holds {index.d}-d vectors but meta.json says "
-                                 f"{meta.embedding_size}; rebuild the index")
+            raise IndexFileError(
+                f"{folder / INDEX_FILE} holds {index.d}-d vectors but meta.json says "
+                f"{meta.embedding_size}; rebuild the index"
+            )
         queries = _load_queries(folder, index.d, root) if QUERIES_FILE in files else None
         gallery_vectors = None
         if GALLERY_FILE in files:
             gallery_vectors = _read_npy(folder / GALLERY_FILE, mmap=True)
             if gallery_vectors.shape != (index.ntotal, index.d):
-                raise IndexFileError(f"{folder / GALLERY_FILE} has shape {gallery_vectors.shape}, expected "
-                                     f"({index.ntotal}, {index.d})")
+                raise IndexFileError(
+                    f"{folder / GALLERY_FILE} has shape {gallery_vectors.shape}, expected ({index.ntotal}, {index.d})"
+                )
         meta.folder = str(folder)
         loaded = cls(index, params, items, meta, queries, gallery_vectors, use_gpu=use_gpu)
         loaded.neighbours, loaded.neighbours_problem = _load_neighbours(folder, meta, files, index.ntotal)
@@ -477,8 +508,10 @@ class ShardedGalleryIndex(GalleryIndex):
             return np.asarray(self.gallery_vectors, dtype=np.float32)
         vectors = self.index.exact_vectors(self.params)
         if vectors is None:
-            raise IndexFileError(f"the {self.params.index_type} shards do not keep exact vectors and no gallery.npy "
-                                 "was stored; rebuild the index")
+            raise IndexFileError(
+                f"the {self.params.index_type} shards do not keep exact vectors and no gallery.npy "
+                "was stored; rebuild the index"
+            )
         return vectors
 
     def add(self, vectors: np.ndarray, items: Any) -> None:
@@ -491,11 +524,14 @@ class ShardedGalleryIndex(GalleryIndex):
         )
 
     def build_neighbours(self, n: int = 0) -> None:
-        raise RerankError("gallery neighbour lists (--rerank-neighbours) are not available for sharded index "
-                          "folders; build the index with --merge to re-rank with them")
+        raise RerankError(
+            "gallery neighbour lists (--rerank-neighbours) are not available for sharded index "
+            "folders; build the index with --merge to re-rank with them"
+        )
 
-    def search_subset(self, queries: np.ndarray, k: int, ids: np.ndarray,
-                      where: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    def search_subset(
+        self, queries: np.ndarray, k: int, ids: np.ndarray, where: Any = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Like `search`, restricted to the rows `ids`: each shard searches its own rows (an ID selector inside
         FAISS), the results are merged like an unrestricted search's."""
         queries = check_embeddings(queries, self.embedding_size, "query embeddings")
@@ -560,8 +596,9 @@ def _load_queries(folder: Path, d: int, data_root: str | None) -> StoredQueries:
     return StoredQueries(emb.astype(np.float32, copy=False), items)
 
 
-def _load_neighbours(folder: Path, meta: IndexMeta, files: dict[str, Any],
-                     n_items: int) -> tuple[NeighbourLists | None, str]:
+def _load_neighbours(
+    folder: Path, meta: IndexMeta, files: dict[str, Any], n_items: int
+) -> tuple[NeighbourLists | None, str]:
     """The stored neighbour lists when they belong to this index file; else (None, why not)."""
     record = meta.rerank
     if not isinstance(record, dict):

@@ -51,9 +51,16 @@ class MilvusGalleryIndex(GalleryIndex):
     index: MilvusCollection
     fetches_vectors = True
 
-    def __init__(self, index: MilvusCollection, params: IndexParams, items: ItemTable, meta: IndexMeta,
-                 queries: StoredQueries | None = None, gallery_vectors: np.ndarray | None = None,
-                 use_gpu: bool = True) -> None:
+    def __init__(
+        self,
+        index: MilvusCollection,
+        params: IndexParams,
+        items: ItemTable,
+        meta: IndexMeta,
+        queries: StoredQueries | None = None,
+        gallery_vectors: np.ndarray | None = None,
+        use_gpu: bool = True,
+    ) -> None:
         super().__init__(index, params, items, meta, queries, None, use_gpu)
         self._record_store()
         self._all_vectors: np.ndarray | None = None
@@ -65,8 +72,9 @@ class MilvusGalleryIndex(GalleryIndex):
         self.search_device = self.index.device
         return self.index
 
-    def search_subset(self, queries: np.ndarray, k: int, ids: np.ndarray,
-                      where: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    def search_subset(
+        self, queries: np.ndarray, k: int, ids: np.ndarray, where: Any = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The filter as a Milvus expression over the item attributes (the rows when no filter is given)."""
         queries = check_embeddings(queries, self.embedding_size, "query embeddings")
         ids = np.asarray(ids, dtype=np.int64)
@@ -110,8 +118,10 @@ class MilvusGalleryIndex(GalleryIndex):
         self.meta.history.append({"action": "remove", "items": len(drop), "at": now_iso()})
 
     def build_neighbours(self, n: int = 0) -> None:
-        raise RerankError("gallery neighbour lists (--rerank dba) are not stored for Milvus-backed index folders; "
-                          "use --rerank qe or kreciprocal, which read the candidates' vectors from the collection")
+        raise RerankError(
+            "gallery neighbour lists (--rerank dba) are not stored for Milvus-backed index folders; "
+            "use --rerank qe or kreciprocal, which read the candidates' vectors from the collection"
+        )
 
     def _record_store(self) -> None:
         """meta.store: the store record and which rows this version serves (part of the served version's id)."""
@@ -128,16 +138,23 @@ class MilvusGalleryIndex(GalleryIndex):
         return []  # so is the item table: one copy, shared by every server of the collection
 
     @classmethod
-    def load(cls, folder: str | os.PathLike[str], *, verify_checksums: bool = True, use_gpu: bool = True,
-             data_root: str | os.PathLike[str] | None = None) -> MilvusGalleryIndex:
+    def load(
+        cls,
+        folder: str | os.PathLike[str],
+        *,
+        verify_checksums: bool = True,
+        use_gpu: bool = True,
+        data_root: str | os.PathLike[str] | None = None,
+    ) -> MilvusGalleryIndex:
         """Open a Milvus-backed folder: its files verified, its collection checked against meta.json."""
         folder = Path(folder)
         meta_path = folder / META_FILE
         if not folder.is_dir():
             raise IndexFileError(_missing_folder_message(folder))
         if not meta_path.is_file():
-            raise IndexFileError(f"{meta_path} is missing: {folder} is not a complete index folder; rebuild it with "
-                                 "`retrieval index`")
+            raise IndexFileError(
+                f"{meta_path} is missing: {folder} is not a complete index folder; rebuild it with `retrieval index`"
+            )
         meta = read_meta(meta_path)
         record = MilvusStoreRecord.from_dict(meta.store, str(meta_path))
         for name, expected in meta.files.items():
@@ -148,12 +165,15 @@ class MilvusGalleryIndex(GalleryIndex):
         params = meta.index_params
         if params is None:
             raise IndexFileError(f"{meta_path} records no index parameters; rebuild the index")
-        collection, items = MilvusCollection.open(record, meta.fingerprint, meta.embedding_size, meta.n_items,
-                                                  params, root, str(meta_path))
+        collection, items = MilvusCollection.open(
+            record, meta.fingerprint, meta.embedding_size, meta.n_items, params, root, str(meta_path)
+        )
         recorded = meta.store.get("keys_sha256") if meta.store else None
         if recorded and recorded != keys_digest(collection.keys):
-            raise IndexFileError(f"{record.describe()} holds other rows than {meta_path} records (same count, other "
-                                 "keys): it was changed by another folder; rebuild this one or open that folder")
+            raise IndexFileError(
+                f"{record.describe()} holds other rows than {meta_path} records (same count, other "
+                "keys): it was changed by another folder; rebuild this one or open that folder"
+            )
         queries = _load_queries(folder, meta.embedding_size, root) if QUERIES_FILE in meta.files else None
         meta.folder = str(folder)
         return cls(collection, params, items, meta, queries, use_gpu=use_gpu)

@@ -24,24 +24,47 @@ from retrieval.index.milvus_store import (
 )
 
 
-def upload_parts(parts_dir: str, names: Sequence[str], first_key: int, record: dict[str, str],
-                 batch_size: int = DEFAULT_BATCH, verify: bool = True) -> int:
+def upload_parts(
+    parts_dir: str,
+    names: Sequence[str],
+    first_key: int,
+    record: dict[str, str],
+    batch_size: int = DEFAULT_BATCH,
+    verify: bool = True,
+) -> int:
     """Upsert gallery parts `names` (rows first_key..) into the record's collection; returns the rows written."""
     folder = EmbeddingsFolder.open(parts_dir)
     store = MilvusStoreRecord(record["uri"], record["collection"], record.get("token_env", ""))
     collection = MilvusCollection(connect(store), store, folder.embedding_size, np.zeros(0, np.int64))
     key = int(first_key)
     for _, emb, items in folder.iter_parts("gallery", names, verify=verify):
-        table = ItemTable(absolute_paths(items.paths, folder.data_root), list(items.labels), list(items.item_ids),
-                          items.attribute_rows())
-        collection.upsert(np.arange(key, key + len(emb), dtype=np.int64), np.asarray(emb, np.float32), table,
-                          folder.data_root, batch_size)
+        table = ItemTable(
+            absolute_paths(items.paths, folder.data_root),
+            list(items.labels),
+            list(items.item_ids),
+            items.attribute_rows(),
+        )
+        collection.upsert(
+            np.arange(key, key + len(emb), dtype=np.int64),
+            np.asarray(emb, np.float32),
+            table,
+            folder.data_root,
+            batch_size,
+        )
         key += len(emb)
     return key - int(first_key)
 
 
-def upload_parts_on_ray(parts_dir: str, groups: list[list[str]], first_keys: list[int], record: MilvusStoreRecord,
-                        batch_size: int, ray_options: Any, verify: bool = True, progress: bool = True) -> int:
+def upload_parts_on_ray(
+    parts_dir: str,
+    groups: list[list[str]],
+    first_keys: list[int],
+    record: MilvusStoreRecord,
+    batch_size: int,
+    ray_options: Any,
+    verify: bool = True,
+    progress: bool = True,
+) -> int:
     """One Ray task per group of parts (at most `workers` at once); returns the rows uploaded."""
     from tqdm.auto import tqdm
 
@@ -71,8 +94,10 @@ def upload_parts_on_ray(parts_dir: str, groups: list[list[str]], first_keys: lis
                     cause = getattr(exc, "cause", None) or exc
                     if isinstance(cause, (ValueError, OSError)):
                         raise cause from exc  # a corrupt part, an unreachable server: the task's own message
-                    raise RuntimeError(f"part upload {j} failed on Ray ({type(exc).__name__}: "
-                                       f"{(str(exc).strip().splitlines() or [''])[0]})") from exc
+                    raise RuntimeError(
+                        f"part upload {j} failed on Ray ({type(exc).__name__}: "
+                        f"{(str(exc).strip().splitlines() or [''])[0]})"
+                    ) from exc
                 bar.update(1)
     finally:
         bar.close()

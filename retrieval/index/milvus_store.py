@@ -62,8 +62,10 @@ class MilvusStoreRecord:
         if not self.uri:
             raise UsageError("--store milvus needs --milvus-uri (e.g. http://localhost:19530)")
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,254}", self.collection):
-            raise UsageError(f"collection name {self.collection!r}: use letters, digits and underscores, not "
-                             "starting with a digit (--collection NAME)")
+            raise UsageError(
+                f"collection name {self.collection!r}: use letters, digits and underscores, not "
+                "starting with a digit (--collection NAME)"
+            )
 
     def to_dict(self) -> dict[str, str]:
         return {"kind": STORE_KIND, "uri": self.uri, "collection": self.collection, "token_env": self.token_env}
@@ -86,8 +88,10 @@ class MilvusStoreRecord:
             return ""
         value = os.environ.get(self.token_env)
         if value is None:
-            raise UsageError(f"the Milvus store {self.uri} needs its token in the environment variable "
-                             f"{self.token_env}, which is not set")
+            raise UsageError(
+                f"the Milvus store {self.uri} needs its token in the environment variable "
+                f"{self.token_env}, which is not set"
+            )
         return value
 
 
@@ -108,8 +112,9 @@ def connect(record: MilvusStoreRecord) -> Any:
     except UsageError:
         raise
     except Exception as exc:
-        raise UsageError(f"cannot reach the Milvus server {record.uri} ({_first_line(exc)}); start it or "
-                         "correct --milvus-uri") from exc
+        raise UsageError(
+            f"cannot reach the Milvus server {record.uri} ({_first_line(exc)}); start it or correct --milvus-uri"
+        ) from exc
 
 
 def _first_line(exc: BaseException) -> str:
@@ -135,12 +140,17 @@ def collection_facts(client: Any, name: str) -> dict[str, Any]:
     info = client.describe_collection(name)
     props = info.get("properties") or {}
     dims = [f.get("params", {}).get("dim") for f in info.get("fields", []) if f.get("name") == "vector"]
-    return {"fingerprint": props.get(PROPERTY_FINGERPRINT, ""), "metric": props.get(PROPERTY_METRIC, ""),
-            "format": props.get(PROPERTY_FORMAT, ""), "dim": int(dims[0]) if dims and dims[0] else 0}
+    return {
+        "fingerprint": props.get(PROPERTY_FINGERPRINT, ""),
+        "metric": props.get(PROPERTY_METRIC, ""),
+        "format": props.get(PROPERTY_FORMAT, ""),
+        "dim": int(dims[0]) if dims and dims[0] else 0,
+    }
 
 
-def mismatch(facts: dict[str, Any], fingerprint: str, d: int, rows: int | None = None,
-             expected_rows: int | None = None) -> list[str]:
+def mismatch(
+    facts: dict[str, Any], fingerprint: str, d: int, rows: int | None = None, expected_rows: int | None = None
+) -> list[str]:
     """What differs between a collection and what an index folder expects ("" list = nothing)."""
     problems = []
     if facts["format"] != COLLECTION_FORMAT:
@@ -172,8 +182,12 @@ def read_keys_and_items(client: Any, name: str, data_root: str | None) -> tuple[
     attributes: list[dict[str, str]] = []
     last = -1
     while True:
-        page = client.query(name, filter=f"key > {last}", output_fields=["key", "label", "item_id", "path",
-                                                                           "attributes"], limit=FETCH_BATCH)
+        page = client.query(
+            name,
+            filter=f"key > {last}",
+            output_fields=["key", "label", "item_id", "path", "attributes"],
+            limit=FETCH_BATCH,
+        )
         if not page:
             break
         page = sorted(page, key=lambda r: int(r["key"]))
@@ -186,8 +200,9 @@ def read_keys_and_items(client: Any, name: str, data_root: str | None) -> tuple[
         last = keys[-1]
         if len(page) < FETCH_BATCH:
             break
-    table = ItemTable.from_dict({"paths": paths, "labels": labels, "item_ids": item_ids,
-                                 "attributes": attributes}, name, data_root)  # type: ignore[arg-type]
+    table = ItemTable.from_dict(
+        {"paths": paths, "labels": labels, "item_ids": item_ids, "attributes": attributes}, name, data_root
+    )  # type: ignore[arg-type]
     return np.asarray(keys, dtype=np.int64), table
 
 
@@ -198,8 +213,9 @@ class MilvusCollection:
 
     is_trained = True
 
-    def __init__(self, client: Any, record: MilvusStoreRecord, d: int, keys: np.ndarray,
-                 params: IndexParams | None = None) -> None:
+    def __init__(
+        self, client: Any, record: MilvusStoreRecord, d: int, keys: np.ndarray, params: IndexParams | None = None
+    ) -> None:
         self.client, self.record, self.d = client, record, int(d)
         self.keys = np.asarray(keys, dtype=np.int64)
         self.params = params or IndexParams("flat")
@@ -231,8 +247,15 @@ class MilvusCollection:
         if k <= 0 or len(x) == 0:
             return scores, rows
         params = {"metric_type": METRIC, "params": self.params.kind.milvus_search(self.params)}
-        result = self.client.search(self.name, data=x.tolist(), limit=k, filter=expression, output_fields=["key"],
-                                    search_params=params, anns_field="vector")
+        result = self.client.search(
+            self.name,
+            data=x.tolist(),
+            limit=k,
+            filter=expression,
+            output_fields=["key"],
+            search_params=params,
+            anns_field="vector",
+        )
         for q, hits in enumerate(result):
             found = np.asarray([int(h["key"]) for h in hits], dtype=np.int64)
             sims = np.asarray([float(h["distance"]) for h in hits], dtype=np.float32)
@@ -254,13 +277,16 @@ class MilvusCollection:
         found: dict[int, list[float]] = {}
         for start in range(0, len(unique), FETCH_BATCH):
             chunk = unique[start : start + FETCH_BATCH].tolist()
-            for row in self.client.query(self.name, filter=keys_expression(chunk), output_fields=["key", "vector"],
-                                         limit=len(chunk)):
+            for row in self.client.query(
+                self.name, filter=keys_expression(chunk), output_fields=["key", "vector"], limit=len(chunk)
+            ):
                 found[int(row["key"])] = row["vector"]
         missing = [int(k) for k in unique if int(k) not in found]
         if missing:
-            raise IndexFileError(f"{self.record.describe()} no longer holds key {missing[0]} (changed since this "
-                                 "index folder was opened); open it again")
+            raise IndexFileError(
+                f"{self.record.describe()} no longer holds key {missing[0]} (changed since this "
+                "index folder was opened); open it again"
+            )
         for i, key in enumerate(wanted.tolist()):
             out[i] = found[key]
         return out
@@ -270,20 +296,35 @@ class MilvusCollection:
         return self.vectors_of(np.arange(self.ntotal))
 
     # -- change ---------------------------------------------------------------------------------------
-    def upsert(self, keys: np.ndarray, vectors: np.ndarray, items: ItemTable, data_root: str | None,
-               batch_size: int = DEFAULT_BATCH, progress: bool = False, what: str = "uploading") -> float:
+    def upsert(
+        self,
+        keys: np.ndarray,
+        vectors: np.ndarray,
+        items: ItemTable,
+        data_root: str | None,
+        batch_size: int = DEFAULT_BATCH,
+        progress: bool = False,
+        what: str = "uploading",
+    ) -> float:
         """Upsert rows (key, vector, item) in batches of `batch_size`; returns the seconds it took."""
         from tqdm.auto import tqdm
 
         table = items.to_dict(data_root)
         t0 = time.perf_counter()
-        with tqdm(total=len(keys), desc=f"{what} to Milvus", unit="rows", unit_scale=True,
-                  disable=not progress) as bar:
+        with tqdm(total=len(keys), desc=f"{what} to Milvus", unit="rows", unit_scale=True, disable=not progress) as bar:
             for start in range(0, len(keys), batch_size):
                 stop = min(start + batch_size, len(keys))
-                rows = [{"key": int(keys[i]), "vector": vectors[i].tolist(), "label": int(table["labels"][i]),
-                         "item_id": str(table["item_ids"][i])[:MAX_ID], "path": str(table["paths"][i]),
-                         "attributes": dict(items.attributes[i])} for i in range(start, stop)]
+                rows = [
+                    {
+                        "key": int(keys[i]),
+                        "vector": vectors[i].tolist(),
+                        "label": int(table["labels"][i]),
+                        "item_id": str(table["item_ids"][i])[:MAX_ID],
+                        "path": str(table["paths"][i]),
+                        "attributes": dict(items.attributes[i]),
+                    }
+                    for i in range(start, stop)
+                ]
                 self.client.upsert(self.name, rows)
                 bar.update(stop - start)
         return time.perf_counter() - t0
@@ -309,37 +350,58 @@ class MilvusCollection:
             for name in existing:
                 client.drop_index(self.name, name)
         index_params = client.prepare_index_params()
-        index_params.add_index(field_name="vector", index_name="vector", index_type=kind.milvus_type,
-                               metric_type=METRIC, params=kind.milvus_build(params))
+        index_params.add_index(
+            field_name="vector",
+            index_name="vector",
+            index_type=kind.milvus_type,
+            metric_type=METRIC,
+            params=kind.milvus_build(params),
+        )
         try:
             client.create_index(self.name, index_params)
         except Exception as exc:
-            raise IndexBuildError(f"{self.record.describe()} cannot build a {kind.milvus_type} index "
-                                  f"({_first_line(exc)}); choose another --index-type") from exc
+            raise IndexBuildError(
+                f"{self.record.describe()} cannot build a {kind.milvus_type} index "
+                f"({_first_line(exc)}); choose another --index-type"
+            ) from exc
         client.load_collection(self.name)
         self.configure(params)
         return time.perf_counter() - t0
 
     @classmethod
-    def open(cls, record: MilvusStoreRecord, fingerprint: str, d: int, expected_rows: int, params: IndexParams,
-             data_root: str | None, source: str = "meta.json") -> tuple[MilvusCollection, ItemTable]:
+    def open(
+        cls,
+        record: MilvusStoreRecord,
+        fingerprint: str,
+        d: int,
+        expected_rows: int,
+        params: IndexParams,
+        data_root: str | None,
+        source: str = "meta.json",
+    ) -> tuple[MilvusCollection, ItemTable]:
         """The collection an index folder names, checked against it, and its item table; IndexFileError
         naming what differs (fingerprint, dimension, metric, row count)."""
         client = connect(record)
         if not client.has_collection(record.collection):
-            raise IndexFileError(f"{source} names {record.describe()}, which does not exist; rebuild the index "
-                                 "into it with `retrieval index ... --store milvus`")
+            raise IndexFileError(
+                f"{source} names {record.describe()}, which does not exist; rebuild the index "
+                "into it with `retrieval index ... --store milvus`"
+            )
         facts = collection_facts(client, record.collection)
         client.load_collection(record.collection)
         problems = mismatch(facts, fingerprint, d, count_rows(client, record.collection), expected_rows)
         if problems:
-            raise IndexFileError(f"{record.describe()} does not match {source}: {'; '.join(problems)}; rebuild "
-                                 "the index (`retrieval index ... --store milvus`) or point the folder at its own "
-                                 "collection")
+            raise IndexFileError(
+                f"{record.describe()} does not match {source}: {'; '.join(problems)}; rebuild "
+                "the index (`retrieval index ... --store milvus`) or point the folder at its own "
+                "collection"
+            )
         keys, items = read_keys_and_items(client, record.collection, data_root)
         if len(keys) != expected_rows:  # changed between the count and the read
-            raise IndexFileError(f"{record.describe()} changed while it was opened ({len(keys):,} rows, "
-                                 f"{source} says {expected_rows:,}); open it again")
+            raise IndexFileError(
+                f"{record.describe()} changed while it was opened ({len(keys):,} rows, "
+                f"{source} says {expected_rows:,}); open it again"
+            )
         return cls(client, record, d, keys, params), items
 
 
@@ -354,8 +416,15 @@ class MilvusUpload:
 
     local = False
 
-    def __init__(self, record: MilvusStoreRecord, items: ItemTable, fingerprint: str, data_root: str | None,
-                 batch_size: int = DEFAULT_BATCH, progress: bool = True) -> None:
+    def __init__(
+        self,
+        record: MilvusStoreRecord,
+        items: ItemTable,
+        fingerprint: str,
+        data_root: str | None,
+        batch_size: int = DEFAULT_BATCH,
+        progress: bool = True,
+    ) -> None:
         self.record, self.items, self.fingerprint, self.data_root = record, items, fingerprint, data_root
         self.batch_size, self.progress = int(batch_size), progress
         self.collection: MilvusCollection | None = None
@@ -376,12 +445,21 @@ class MilvusUpload:
         if client.has_collection(name):
             problems = mismatch(collection_facts(client, name), self.fingerprint, d)
             if problems:
-                raise IndexBuildError(f"{self.record.describe()} already exists and does not match this build: "
-                                      f"{'; '.join(problems)}; choose another --collection or drop it")
+                raise IndexBuildError(
+                    f"{self.record.describe()} already exists and does not match this build: "
+                    f"{'; '.join(problems)}; choose another --collection or drop it"
+                )
         else:
-            client.create_collection(name, schema=_schema(client, d, self.fingerprint), consistency_level="Strong",
-                                     properties={PROPERTY_FORMAT: COLLECTION_FORMAT,
-                                                 PROPERTY_FINGERPRINT: self.fingerprint, PROPERTY_METRIC: METRIC})
+            client.create_collection(
+                name,
+                schema=_schema(client, d, self.fingerprint),
+                consistency_level="Strong",
+                properties={
+                    PROPERTY_FORMAT: COLLECTION_FORMAT,
+                    PROPERTY_FINGERPRINT: self.fingerprint,
+                    PROPERTY_METRIC: METRIC,
+                },
+            )
         self.collection = MilvusCollection(client, self.record, d, np.zeros(0, np.int64))
         return self.collection
 
@@ -391,9 +469,14 @@ class MilvusUpload:
         collection = self._collection(vectors.shape[1])
         start, stop = max(first, self.uploaded), first + len(vectors)
         if stop > start:
-            self.upload_seconds += collection.upsert(np.arange(start, stop, dtype=np.int64), vectors[start - first:],
-                                                     self.items.select(range(start, stop)), self.data_root,
-                                                     self.batch_size, self.progress)
+            self.upload_seconds += collection.upsert(
+                np.arange(start, stop, dtype=np.int64),
+                vectors[start - first :],
+                self.items.select(range(start, stop)),
+                self.data_root,
+                self.batch_size,
+                self.progress,
+            )
             self.uploaded = stop
         if self.uploaded == len(self.items):
             # rows keyed past this gallery: left by an earlier, larger upload into the same collection

@@ -55,8 +55,13 @@ class ShardSet:
 
     is_trained = True
 
-    def __init__(self, shards: Sequence[faiss.Index | None], ntotals: Sequence[int], d: int,
-                 files: Sequence[Path | None] | None = None) -> None:
+    def __init__(
+        self,
+        shards: Sequence[faiss.Index | None],
+        ntotals: Sequence[int],
+        d: int,
+        files: Sequence[Path | None] | None = None,
+    ) -> None:
         if len(shards) != len(ntotals) or not shards:
             raise ValueError("a shard set needs one item count per shard and at least one shard")
         self._shards = list(shards)
@@ -69,11 +74,11 @@ class ShardSet:
         self._pool: ThreadPoolExecutor | None = None
 
     @classmethod
-    def from_indexes(cls, shards: Sequence[faiss.Index]) -> "ShardSet":
+    def from_indexes(cls, shards: Sequence[faiss.Index]) -> ShardSet:
         return cls(list(shards), [s.ntotal for s in shards], shards[0].d)
 
     @classmethod
-    def from_files(cls, files: Sequence[Path], ntotals: Sequence[int], d: int) -> "ShardSet":
+    def from_files(cls, files: Sequence[Path], ntotals: Sequence[int], d: int) -> ShardSet:
         return cls([None] * len(files), ntotals, d, [Path(f) for f in files])
 
     def __len__(self) -> int:
@@ -86,8 +91,10 @@ class ShardSet:
             assert path is not None
             index = read_index(path)
             if index.ntotal != self.ntotals[j] or index.d != self.d:
-                raise IndexFileError(f"{path} holds {index.ntotal} {index.d}-d vectors, expected "
-                                     f"{self.ntotals[j]} {self.d}-d; rebuild the index")
+                raise IndexFileError(
+                    f"{path} holds {index.ntotal} {index.d}-d vectors, expected "
+                    f"{self.ntotals[j]} {self.d}-d; rebuild the index"
+                )
             if self._params is not None:
                 configure_search(index, self._params)
             self._shards[j] = index
@@ -146,8 +153,9 @@ class ShardSet:
 def merge_shards(shards: Sequence[faiss.Index], params: IndexParams) -> faiss.Index:
     """Merge shard indexes (consecutive id ranges, one trained quantizer) into one; refuses types that cannot merge."""
     if not params.kind.mergeable:
-        raise IndexBuildError(f"{params.index_type} shards cannot be merged into one index; keep them as shards "
-                              "(no --merge)")
+        raise IndexBuildError(
+            f"{params.index_type} shards cannot be merged into one index; keep them as shards (no --merge)"
+        )
     merged = faiss.clone_index(shards[0])
     for shard in shards[1:]:
         params.kind.merge(merged, faiss.clone_index(shard))

@@ -27,8 +27,13 @@ from retrieval.index.milvus_store import (
 STORES = ("faiss", "milvus")
 
 
-def open_index(folder: str | os.PathLike[str], *, verify_checksums: bool = True, use_gpu: bool = True,
-               data_root: str | os.PathLike[str] | None = None) -> GalleryIndex:
+def open_index(
+    folder: str | os.PathLike[str],
+    *,
+    verify_checksums: bool = True,
+    use_gpu: bool = True,
+    data_root: str | os.PathLike[str] | None = None,
+) -> GalleryIndex:
     """Open an index folder of any store (GalleryIndex.load's checks, and the Milvus collection's)."""
     meta_path = Path(folder) / META_FILE
     cls: Any = GalleryIndex
@@ -37,16 +42,29 @@ def open_index(folder: str | os.PathLike[str], *, verify_checksums: bool = True,
     return cls.load(folder, verify_checksums=verify_checksums, use_gpu=use_gpu, data_root=data_root)
 
 
-def gallery_index(index: Any, params: Any, items: ItemTable, meta: IndexMeta, queries: StoredQueries | None,
-                  gallery_vectors: np.ndarray | None, use_gpu: bool = True) -> GalleryIndex:
+def gallery_index(
+    index: Any,
+    params: Any,
+    items: ItemTable,
+    meta: IndexMeta,
+    queries: StoredQueries | None,
+    gallery_vectors: np.ndarray | None,
+    use_gpu: bool = True,
+) -> GalleryIndex:
     """A built index (FAISS, or a Milvus collection from MilvusUpload) as the folder object of its store."""
     if isinstance(index, MilvusCollection):
         return MilvusGalleryIndex(index, params, items, meta, queries, use_gpu=use_gpu)
     return GalleryIndex(index, params, items, meta, queries, gallery_vectors, use_gpu=use_gpu)
 
 
-def store_builder(record: MilvusStoreRecord | None, items: ItemTable, fingerprint: str, data_root: str | None,
-                  batch_size: int = 1000, progress: bool = True) -> Any:
+def store_builder(
+    record: MilvusStoreRecord | None,
+    items: ItemTable,
+    fingerprint: str,
+    data_root: str | None,
+    batch_size: int = 1000,
+    progress: bool = True,
+) -> Any:
     """The builder `build_calibrated` builds with: None (FAISS, in this process) or an upload into Milvus."""
     if record is None:
         return None

@@ -96,8 +96,10 @@ def checked_vectors(vectors: np.ndarray, *, normalize: bool = False, source: str
         problems.append(f"{len(rows):,} rows are all zeros and cannot be normalised (rows {_rows_text(rows)})")
     rows = np.concatenate(bad_norm) if bad_norm else np.empty(0, np.int64)
     if len(rows):
-        problems.append(f"{len(rows):,} rows are not unit-norm (rows {_rows_text(rows)}; pass --normalize to "
-                        "rescale them, since the index compares vectors by cosine similarity)")
+        problems.append(
+            f"{len(rows):,} rows are not unit-norm (rows {_rows_text(rows)}; pass --normalize to "
+            "rescale them, since the index compares vectors by cosine similarity)"
+        )
     if problems:
         raise VectorFileError(f"{source}: " + "; ".join(problems) + " (rows numbered from 0)")
     return out
@@ -197,8 +199,15 @@ def build_from_vectors(
         history=[{"action": "build", "items": n, "at": now_iso()}],
         **result.meta(),
     )
-    index = gallery_index(built.index, built.params, items, meta, None,
-                          None if built.params.stores_exact_vectors else vectors, use_gpu=cfg.use_gpu)
+    index = gallery_index(
+        built.index,
+        built.params,
+        items,
+        meta,
+        None,
+        None if built.params.stores_exact_vectors else vectors,
+        use_gpu=cfg.use_gpu,
+    )
     index.save(out_dir)
     return index, result
 
@@ -226,5 +235,16 @@ def build_from_vector_file(
     vectors = checked_vectors(raw, normalize=normalize, source=str(path))
     del raw
     source = {"kind": "vectors", "path": str(path.resolve()), "sha256": file_sha256(path), "normalized": normalize}
-    return build_from_vectors(vectors, out_dir, cfg, calib, labels=labels, ids=ids, source=source, seed=seed,
-                              progress=progress, store=store, upload_batch=upload_batch)
+    return build_from_vectors(
+        vectors,
+        out_dir,
+        cfg,
+        calib,
+        labels=labels,
+        ids=ids,
+        source=source,
+        seed=seed,
+        progress=progress,
+        store=store,
+        upload_batch=upload_batch,
+    )

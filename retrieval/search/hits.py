@@ -25,17 +25,27 @@ class Hit:
     gallery_index: int = field(metadata={"description": "row of the item in the index's item table"})
     item_id: str = field(metadata={"description": "the item's id (product id, class folder name, ...)"})
     label: int = field(metadata={"description": "integer class label; -1 = unlabelled"})
-    path: str = field(metadata={"description": "the image file, relative to the dataset root (absolute for an "
-                                               "item added from outside it)"})
+    path: str = field(
+        metadata={
+            "description": "the image file, relative to the dataset root (absolute for an item added from outside it)"
+        }
+    )
     score: float = field(metadata={"description": "cosine similarity to the query (higher is closer)"})
-    attributes: Mapping[str, str] = field(default_factory=dict,
-                                          metadata={"description": "filterable attributes, e.g. category"})
+    attributes: Mapping[str, str] = field(
+        default_factory=dict, metadata={"description": "filterable attributes, e.g. category"}
+    )
 
     def to_json(self) -> dict[str, Any]:
         """The record as JSON-ready values, in field order; the score rounded to SCORE_DECIMALS."""
-        return {"rank": int(self.rank), "gallery_index": int(self.gallery_index), "item_id": str(self.item_id),
-                "label": int(self.label), "path": self.path, "score": round(float(self.score), SCORE_DECIMALS),
-                "attributes": dict(self.attributes)}
+        return {
+            "rank": int(self.rank),
+            "gallery_index": int(self.gallery_index),
+            "item_id": str(self.item_id),
+            "label": int(self.label),
+            "path": self.path,
+            "score": round(float(self.score), SCORE_DECIMALS),
+            "attributes": dict(self.attributes),
+        }
 
 
 HIT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Hit))
@@ -46,7 +56,7 @@ def dataset_relative(path: str, data_root: str | None) -> str:
     if data_root:
         prefix = os.path.join(data_root, "")
         if path.startswith(prefix):
-            return Path(path[len(prefix):]).as_posix()
+            return Path(path[len(prefix) :]).as_posix()
     return path
 
 

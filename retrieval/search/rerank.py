@@ -96,7 +96,9 @@ class Reranker:
     def shortlist_size(self, k: int) -> int:
         return max(int(k), self.cfg.shortlist)
 
-    def rerank(self, method: str, queries: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def rerank(
+        self, method: str, queries: np.ndarray, scores: np.ndarray, ids: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """queries (Q, D); scores/ids (Q, M) of the shortlist (-1 ids = none) -> re-ranked (Q, M), -1 padded."""
         method = check_method(method)
         if method == "none":
@@ -127,16 +129,18 @@ class Reranker:
         return lambda rows: fetched[np.searchsorted(unique, rows)]
 
     # -- methods on one query (g: the candidates' vectors; DBA reads its own) -------------------------
-    def _qe(self, q: np.ndarray, s: np.ndarray, cand: np.ndarray,
-            g: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def _qe(
+        self, q: np.ndarray, s: np.ndarray, cand: np.ndarray, g: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         assert g is not None
         g = g.astype(np.float64)
         n = min(self.cfg.qe_n, len(cand))
         expanded = _normalise(q + (_weights(s[:n], self.cfg.alpha)[:, None] * g[:n]).sum(axis=0))
         return _reorder(g @ expanded, cand)
 
-    def _dba(self, q: np.ndarray, s: np.ndarray, cand: np.ndarray,
-             g: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def _dba(
+        self, q: np.ndarray, s: np.ndarray, cand: np.ndarray, g: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         lists = self.neighbours
         n = min(self.cfg.dba_n, lists.width)
         nbr_ids, nbr_s = lists.ids[cand, :n], lists.scores[cand, :n]
@@ -144,8 +148,9 @@ class Reranker:
         augmented = _normalise((w[:, :, None] * self.vectors[np.maximum(nbr_ids, 0)].astype(np.float64)).sum(axis=1))
         return _reorder(augmented @ q, cand)
 
-    def _kreciprocal(self, q: np.ndarray, s: np.ndarray, cand: np.ndarray,
-                     g: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def _kreciprocal(
+        self, q: np.ndarray, s: np.ndarray, cand: np.ndarray, g: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         assert g is not None
         points = np.concatenate([q[None, :], g.astype(np.float64)])
         dist = k_reciprocal_distance(points, self.cfg.k1, self.cfg.k2, self.cfg.lam)

@@ -24,11 +24,11 @@ from retrieval.embed.spec import EmbedderSpec, open_embedder, open_recorded
 from retrieval.errors import InputError
 from retrieval.index.filters import Where, attribute_values, matching_ids, parse_where
 from retrieval.index.folder import GalleryIndex
-from retrieval.index.stores import open_index
 from retrieval.index.meta import IndexMeta
+from retrieval.index.stores import open_index
 from retrieval.metrics import neighbour_metrics
 from retrieval.search.hits import Hit, dataset_relative
-from retrieval.search.rerank import Reranker, RerankConfig, check_method
+from retrieval.search.rerank import RerankConfig, Reranker, check_method
 
 DEFAULT_RECALL_KS = (1, 2, 4, 8)  # when an index records no protocol ks (e.g. a folder of images)
 EVAL_CHUNK = 2048
@@ -42,8 +42,12 @@ class Searcher:
         self.device = device
         self._backend: EmbeddingBackend | None = None
         self._subsets: dict[tuple, np.ndarray] = {}  # filter -> matching rows (the item table is fixed once open)
-        self.reranker = Reranker(index.exact_gallery_vectors, index.neighbour_lists, RerankConfig(),
-                                 fetch=index.vectors_of if index.fetches_vectors else None)
+        self.reranker = Reranker(
+            index.exact_gallery_vectors,
+            index.neighbour_lists,
+            RerankConfig(),
+            fetch=index.vectors_of if index.fetches_vectors else None,
+        )
         if backend is not None:
             self._attach(backend)
 
@@ -56,12 +60,11 @@ class Searcher:
         *,
         verify_checksums: bool = True,
         data_root: str | os.PathLike[str] | None = None,
-    ) -> "Searcher":
+    ) -> Searcher:
         """Open `index_dir` with `embedder` (an open backend, or a spec opened here), else the one recorded
         in the index (opened on first search). FAISS uses a GPU unless `device` is "cpu".
         `data_root`: where the dataset is now, when it moved (with the index) since the build."""
-        index = open_index(index_dir, verify_checksums=verify_checksums, use_gpu=device != "cpu",
-                           data_root=data_root)
+        index = open_index(index_dir, verify_checksums=verify_checksums, use_gpu=device != "cpu", data_root=data_root)
         if isinstance(embedder, EmbedderSpec):
             embedder = open_embedder(embedder, device)
         return cls(index, embedder, device)
@@ -128,15 +131,21 @@ class Searcher:
         return self._backend
 
     def _attach(self, backend: EmbeddingBackend) -> None:
-        self.index.check_embedder(backend.fingerprint, backend.embedding_size,
-                                  getattr(backend, "normalisation", "l2"), what=f"the {backend.name} embedder")
+        self.index.check_embedder(
+            backend.fingerprint,
+            backend.embedding_size,
+            getattr(backend, "normalisation", "l2"),
+            what=f"the {backend.name} embedder",
+        )
         self._backend = backend
 
     @property
     def devices(self) -> dict[str, str]:
         """Where embedding and FAISS search run (known after the first search)."""
-        return {"embedding": self._backend.device if self._backend else "not opened yet",
-                "index": self.index.search_device}
+        return {
+            "embedding": self._backend.device if self._backend else "not opened yet",
+            "index": self.index.search_device,
+        }
 
     @property
     def attribute_values(self) -> dict[str, list[str]]:
@@ -157,8 +166,9 @@ class Searcher:
             self._subsets[key] = matching_ids(self.index.items.attributes, where)
         return self._subsets[key]
 
-    def search_raw(self, emb: np.ndarray, k: int, where: Any = None,
-                   rerank: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search_raw(
+        self, emb: np.ndarray, k: int, where: Any = None, rerank: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) (Q, k'), -1 = none: the index's search, restricted to a filter, re-ranked."""
         method = check_method(rerank)
         rows = self.subset(where)
@@ -173,8 +183,9 @@ class Searcher:
         return scores, ids
 
     # -- search ---------------------------------------------------------------------------------
-    def search_embeddings(self, emb: np.ndarray, k: int = 10, *, where: Any = None,
-                          rerank: str | None = None) -> list[list[Hit]]:
+    def search_embeddings(
+        self, emb: np.ndarray, k: int = 10, *, where: Any = None, rerank: str | None = None
+    ) -> list[list[Hit]]:
         """emb (Q, D) L2-normalised -> per query, up to k hits, best first.
 
         `where`: a filter ("category=Dresses" terms or {"category": "Dresses"}), exact inside FAISS;
@@ -188,21 +199,37 @@ class Searcher:
                 if i < 0:
                     continue
                 i = int(i)
-                hits.append(Hit(rank=len(hits) + 1, gallery_index=i, item_id=items.item_ids[i], label=items.labels[i],
-                                path=dataset_relative(items.paths[i], root), score=float(s),
-                                attributes=items.attributes[i]))
+                hits.append(
+                    Hit(
+                        rank=len(hits) + 1,
+                        gallery_index=i,
+                        item_id=items.item_ids[i],
+                        label=items.labels[i],
+                        path=dataset_relative(items.paths[i], root),
+                        score=float(s),
+                        attributes=items.attributes[i],
+                    )
+                )
             out.append(hits)
         return out
 
-    def search_images(self, images: Sequence[Image.Image], k: int = 10, *, where: Any = None,
-                      rerank: str | None = None) -> list[list[Hit]]:
+    def search_images(
+        self, images: Sequence[Image.Image], k: int = 10, *, where: Any = None, rerank: str | None = None
+    ) -> list[list[Hit]]:
         """RGB PIL images -> per image, its k nearest gallery items."""
         if len(images) == 0:
             return []
         return self.search_embeddings(self.backend.embed_images(list(images)), k, where=where, rerank=rerank)
 
-    def search_paths(self, paths: Sequence[str | os.PathLike[str]], k: int = 10, batch_size: int = 64, *,
-                     where: Any = None, rerank: str | None = None) -> list[list[Hit]]:
+    def search_paths(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        k: int = 10,
+        batch_size: int = 64,
+        *,
+        where: Any = None,
+        rerank: str | None = None,
+    ) -> list[list[Hit]]:
         """Image files -> per file, its k nearest gallery items (unreadable files raise ImageLoadError naming them)."""
         if len(paths) == 0:
             return []
@@ -214,7 +241,9 @@ class Searcher:
         return dataset_relative(self.index.items.paths[int(gallery_index)], self.index.meta.data_root)
 
     # -- evaluation -----------------------------------------------------------------------------
-    def evaluate(self, ks: Sequence[int] | None = None, exact: bool = True, rerank: str | None = None) -> dict[str, float]:
+    def evaluate(
+        self, ks: Sequence[int] | None = None, exact: bool = True, rerank: str | None = None
+    ) -> dict[str, float]:
         """Recall@K, MAP@R and R-precision of the stored evaluation protocol, as fractions.
 
         The keys are "R@k", "MAP@R", "RP" from the index's own search. For approximate indexes
@@ -236,10 +265,18 @@ class Searcher:
             self_ids = np.flatnonzero(gallery_labels >= 0)
             q_emb, q_labels = g_emb[self_ids], gallery_labels[self_ids]
         if method != "none":
-            return neighbour_metrics(lambda q, k: self.search_raw(q, k, rerank=method), q_emb, q_labels,
-                                     gallery_labels, ks, self_ids=self_ids, chunk_size=EVAL_CHUNK)
-        result = neighbour_metrics(self.index.search, q_emb, q_labels, gallery_labels, ks, self_ids=self_ids,
-                                   chunk_size=EVAL_CHUNK)
+            return neighbour_metrics(
+                lambda q, k: self.search_raw(q, k, rerank=method),
+                q_emb,
+                q_labels,
+                gallery_labels,
+                ks,
+                self_ids=self_ids,
+                chunk_size=EVAL_CHUNK,
+            )
+        result = neighbour_metrics(
+            self.index.search, q_emb, q_labels, gallery_labels, ks, self_ids=self_ids, chunk_size=EVAL_CHUNK
+        )
         if self.index.exact or not exact:
             return result
 
@@ -249,8 +286,9 @@ class Searcher:
         labelled = gallery_labels[gallery_labels >= 0]
         max_r = int(np.unique(labelled, return_counts=True)[1].max()) if len(labelled) else 0
         flat = FlatSearcher(g_exact, metric="ip", use_gpu=self.device != "cpu", max_k=max(max(ks), max_r) + 1)
-        exact_result = neighbour_metrics(flat.search, q_emb, q_labels, gallery_labels, ks, self_ids=self_ids,
-                                         chunk_size=EVAL_CHUNK)
+        exact_result = neighbour_metrics(
+            flat.search, q_emb, q_labels, gallery_labels, ks, self_ids=self_ids, chunk_size=EVAL_CHUNK
+        )
         for key, value in exact_result.items():
             result[f"exact {key}"] = value
             result[f"diff {key}"] = result[key] - value

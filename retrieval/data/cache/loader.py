@@ -43,8 +43,11 @@ class _PinnedSlot:
             cap = max(n_bytes, 2 * (0 if self.images is None else self.images.numel()))
             self.images = torch.empty(cap, dtype=torch.uint8, pin_memory=self.pin)
         if self.info is None or self.info.shape[0] < batch:
-            self.info = torch.empty((max(batch, 2 * (0 if self.info is None else self.info.shape[0])), 4),
-                                    dtype=torch.int64, pin_memory=self.pin)
+            self.info = torch.empty(
+                (max(batch, 2 * (0 if self.info is None else self.info.shape[0])), 4),
+                dtype=torch.int64,
+                pin_memory=self.pin,
+            )
         return self.images, self.info
 
 
@@ -54,8 +57,13 @@ def _copy_padded(cached: CachedSplit, records: np.ndarray, batch: np.ndarray, ro
         paste_padded(batch, k, cached.image_chw(int(records[k])))
 
 
-def _fill_slot(cached: CachedSplit, records: np.ndarray, slot: _PinnedSlot,
-               pool: ThreadPoolExecutor | None = None, threads: int = 1) -> tuple[int, int, int]:
+def _fill_slot(
+    cached: CachedSplit,
+    records: np.ndarray,
+    slot: _PinnedSlot,
+    pool: ThreadPoolExecutor | None = None,
+    threads: int = 1,
+) -> tuple[int, int, int]:
     """Copy the records' bytes into the slot as a padded (B, 3, Hmax, Wmax) batch.
 
     With a pool, rows are copied by several threads (NumPy releases the GIL while copying; on a

@@ -51,10 +51,13 @@ def cache_mismatch(meta: dict[str, Any], split: Split, check_files: bool = True)
     rel = [relative_source(Path(p), root) for p in split.paths]
     stored = sources.get("paths", [])
     moved_root_matches = len(stored) == len(rel) and all(  # same layout under a moved dataset folder
-        Path(p).resolve().as_posix().endswith("/" + r) for p, r in zip(split.paths, stored))
+        Path(p).resolve().as_posix().endswith("/" + r) for p, r in zip(split.paths, stored)
+    )
     if rel != stored and not moved_root_matches:
-        return (f"the cache lists {len(sources.get('paths', []))} images for split {split.name!r} but the dataset has "
-                f"{len(rel)} (or different paths)")
+        return (
+            f"the cache lists {len(sources.get('paths', []))} images for split {split.name!r} but the dataset has "
+            f"{len(rel)} (or different paths)"
+        )
     if list(split.labels) != sources.get("labels"):
         return f"labels of split {split.name!r} differ from the cached ones"
     if check_files:
@@ -86,8 +89,10 @@ class CachedSplit:
             raise CacheError(f"{folder / INDEX_FILE} does not match {folder / META_FILE}; rerun `retrieval prepare`")
         size = os.path.getsize(folder / IMAGES_FILE)
         if size != self.meta["total_bytes"]:
-            raise CacheError(f"{folder / IMAGES_FILE} has {size} bytes, expected {self.meta['total_bytes']}; "
-                             "rerun `retrieval prepare --overwrite`")
+            raise CacheError(
+                f"{folder / IMAGES_FILE} has {size} bytes, expected {self.meta['total_bytes']}; "
+                "rerun `retrieval prepare --overwrite`"
+            )
         self.data = np.memmap(folder / IMAGES_FILE, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
         self.offsets = self.records[:, 0]
         self.heights = self.records[:, 1]
@@ -121,8 +126,10 @@ class CachedSplit:
         """Raise CacheError when this cache was written for other images than `split`."""
         reason = cache_mismatch(self.meta, split, check_files=check_files)
         if reason is not None:
-            raise CacheError(f"image cache {self.folder} is stale: {reason}; rerun `retrieval prepare` "
-                             "to rebuild it, or run without --cache")
+            raise CacheError(
+                f"image cache {self.folder} is stale: {reason}; rerun `retrieval prepare` "
+                "to rebuild it, or run without --cache"
+            )
 
     def substitute_records(self, split_indices: Sequence[int]) -> np.ndarray:
         """Records for source-split indices; a skipped (corrupt) image is replaced by a kept image of the same class.
@@ -132,15 +139,19 @@ class CachedSplit:
         """
         idx = np.asarray(split_indices, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_sources):
-            raise IndexError(f"sampler index out of range for cached split {self.meta['split']!r} "
-                             f"({self.num_sources} images); was the sampler built for another split?")
+            raise IndexError(
+                f"sampler index out of range for cached split {self.meta['split']!r} "
+                f"({self.num_sources} images); was the sampler built for another split?"
+            )
         rec = self.record_of_split_index[idx]
         missing = np.flatnonzero(rec < 0)
         for m in missing:
             label = self.meta["sources"]["labels"][int(idx[m])]
             same = np.flatnonzero(self.labels == label)
             if same.size == 0:
-                raise CacheError(f"every image of class {label} in split {self.meta['split']!r} was unreadable; "
-                                 "fix or remove them (see the skipped list in meta.json)")
+                raise CacheError(
+                    f"every image of class {label} in split {self.meta['split']!r} was unreadable; "
+                    "fix or remove them (see the skipped list in meta.json)"
+                )
             rec[m] = same[int(idx[m]) % same.size]
         return rec

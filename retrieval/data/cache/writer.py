@@ -109,13 +109,29 @@ class _Job:
     mtimes: list[int]
 
     @classmethod
-    def describe(cls, split: Split, cache_dir: str | os.PathLike[str], dataset: str,
-                 root: str | os.PathLike[str] | None, short_side: int, max_short_side: int | None) -> _Job:
+    def describe(
+        cls,
+        split: Split,
+        cache_dir: str | os.PathLike[str],
+        dataset: str,
+        root: str | os.PathLike[str] | None,
+        short_side: int,
+        max_short_side: int | None,
+    ) -> _Job:
         root_path = Path(root).expanduser() if root is not None else None
         sizes, mtimes = source_stats(split.paths)
         capped = max_short_side is not None
-        return cls(split, dataset, Path(cache_dir), root_path, int(max_short_side if max_short_side is not None else short_side), capped,
-                   [relative_source(Path(p), root_path) for p in split.paths], sizes, mtimes)
+        return cls(
+            split,
+            dataset,
+            Path(cache_dir),
+            root_path,
+            int(max_short_side if max_short_side is not None else short_side),
+            capped,
+            [relative_source(Path(p), root_path) for p in split.paths],
+            sizes,
+            mtimes,
+        )
 
     @property
     def final(self) -> Path:
@@ -139,8 +155,11 @@ class _Job:
         if not has_cache(self.cache_dir, self.split.name):
             return None
         meta = read_json(self.final / META_FILE, "cache metadata")
-        same_size = (meta.get("max_short_side") == self.size) if self.capped else (
-            meta.get("short_side") == self.size and meta.get("max_short_side") is None)
+        same_size = (
+            (meta.get("max_short_side") == self.size)
+            if self.capped
+            else (meta.get("short_side") == self.size and meta.get("max_short_side") is None)
+        )
         if same_size and meta.get("dataset") == self.dataset and cache_mismatch(meta, self.split) is None:
             return meta
         return None
@@ -161,8 +180,12 @@ class _Job:
             "max_height": int(records[:, 1].max()) if len(records) else 0,
             "max_width": int(records[:, 2].max()) if len(records) else 0,
             "root": str(self.root.resolve()) if self.root is not None else None,
-            "sources": {"paths": self.rel_paths, "labels": list(self.split.labels), "sizes": self.sizes,
-                        "mtimes_ns": self.mtimes},
+            "sources": {
+                "paths": self.rel_paths,
+                "labels": list(self.split.labels),
+                "sizes": self.sizes,
+                "mtimes_ns": self.mtimes,
+            },
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
@@ -196,7 +219,11 @@ class _Progress:
             except ValueError:
                 raw = {}
             if raw.get("fingerprint") == fingerprint:
-                state.done, state.image_bytes, state.records = int(raw["done"]), int(raw["image_bytes"]), int(raw["records"])
+                state.done, state.image_bytes, state.records = (
+                    int(raw["done"]),
+                    int(raw["image_bytes"]),
+                    int(raw["records"]),
+                )
                 state.skipped = list(raw["skipped"])
                 return state
         # A different job (or garbage) was here: start over.
@@ -214,10 +241,16 @@ class _Progress:
             os.truncate(path, length)
 
     def save(self) -> None:
-        atomic_write_json(self.folder / _PROGRESS_FILE, {
-            "fingerprint": self.fingerprint, "done": self.done, "image_bytes": self.image_bytes,
-            "records": self.records, "skipped": self.skipped,
-        })
+        atomic_write_json(
+            self.folder / _PROGRESS_FILE,
+            {
+                "fingerprint": self.fingerprint,
+                "done": self.done,
+                "image_bytes": self.image_bytes,
+                "records": self.records,
+                "skipped": self.skipped,
+            },
+        )
 
     def finish(self) -> None:
         """Drop the resume bookkeeping once the index and metadata are written."""
@@ -230,16 +263,25 @@ class _Progress:
 # ----------------------------------------------------------------------------------------------
 
 
-def _decode_chunk(job: _Job, lo: int, hi: int, executor: Executor | None,
-                  workers: int) -> Iterable[tuple[np.ndarray | None, str | None]]:
+def _decode_chunk(
+    job: _Job, lo: int, hi: int, executor: Executor | None, workers: int
+) -> Iterable[tuple[np.ndarray | None, str | None]]:
     jobs = [(str(job.split.paths[i]), job.size, job.capped) for i in range(lo, hi)]
     if executor is not None:
         return executor.map(_decode_one, jobs, chunksize=max(1, len(jobs) // (4 * workers)))
     return (_decode_one(j) for j in jobs)
 
 
-def _append_chunk(job: _Job, lo: int, hi: int, results: Iterable[tuple[np.ndarray | None, str | None]],
-                  img_fh: IO[bytes], rec_fh: IO[bytes], state: _Progress, log: Log | None) -> None:
+def _append_chunk(
+    job: _Job,
+    lo: int,
+    hi: int,
+    results: Iterable[tuple[np.ndarray | None, str | None]],
+    img_fh: IO[bytes],
+    rec_fh: IO[bytes],
+    state: _Progress,
+    log: Log | None,
+) -> None:
     """Append the chunk's kept images and their records, make them durable, then record the progress."""
     rows = []
     offset = state.image_bytes
@@ -265,8 +307,9 @@ def _append_chunk(job: _Job, lo: int, hi: int, results: Iterable[tuple[np.ndarra
     state.save()
 
 
-def _write_remaining(job: _Job, state: _Progress, chunk_size: int, workers: int, show_progress: bool,
-                     log: Log | None) -> None:
+def _write_remaining(
+    job: _Job, state: _Progress, chunk_size: int, workers: int, show_progress: bool, log: Log | None
+) -> None:
     """Decode and append the images not done yet, chunk by chunk (`workers` > 0: in that many processes)."""
     state.rewind_files()
     total = len(job.split)
@@ -326,8 +369,15 @@ def prepare_split(
     job = _Job.describe(split, cache_dir, dataset, root, short_side, max_short_side)
     published = None if overwrite else job.published_meta()
     if published is not None:
-        return PrepareReport(split.name, job.final, int(published["count"]), list(published["skipped"]),
-                             int(published["total_bytes"]), time.perf_counter() - started, up_to_date=True)
+        return PrepareReport(
+            split.name,
+            job.final,
+            int(published["count"]),
+            list(published["skipped"]),
+            int(published["total_bytes"]),
+            time.perf_counter() - started,
+            up_to_date=True,
+        )
 
     job.cache_dir.mkdir(parents=True, exist_ok=True)
     state = _Progress.load_or_start(job.partial, job.fingerprint())
@@ -336,5 +386,12 @@ def prepare_split(
         log(f"resuming split {split.name!r} at image {resumed_from:,} of {len(split):,}")
     _write_remaining(job, state, chunk_size, workers, show_progress, log)
     meta = _publish(job, state)
-    return PrepareReport(split.name, job.final, meta["count"], state.skipped, state.image_bytes,
-                         time.perf_counter() - started, resumed_from=resumed_from)
+    return PrepareReport(
+        split.name,
+        job.final,
+        meta["count"],
+        state.skipped,
+        state.image_bytes,
+        time.perf_counter() - started,
+        resumed_from=resumed_from,
+    )
