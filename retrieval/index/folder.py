@@ -133,8 +133,8 @@ class ItemTable:
         return table
 
     @classmethod
-    def from_dict(cls, raw: Any, source: Path, data_root: str | None = None) -> ItemTable:
-        """Relative paths are resolved against `data_root` (absolute ones are kept)."""
+    def from_dict(cls, raw: Any, source: Path | str, data_root: str | None = None) -> ItemTable:
+        """Relative paths are resolved against `data_root` (absolute ones are kept); `source` names it in errors."""
         try:
             paths = [
                 str(p) if os.path.isabs(str(p)) or not data_root else os.path.join(data_root, *str(p).split("/"))

@@ -201,8 +201,10 @@ def read_keys_and_items(client: Any, name: str, data_root: str | None) -> tuple[
         if len(page) < FETCH_BATCH:
             break
     table = ItemTable.from_dict(
-        {"paths": paths, "labels": labels, "item_ids": item_ids, "attributes": attributes}, name, data_root
-    )  # type: ignore[arg-type]
+        {"paths": paths, "labels": labels, "item_ids": item_ids, "attributes": attributes},
+        f"the item rows of Milvus collection {name!r}",
+        data_root,
+    )
     return np.asarray(keys, dtype=np.int64), table
 
 
