@@ -210,7 +210,8 @@ def iter_knn_chunks(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if exclude_self and len(query) != searcher.size:
         raise ValueError(
-            f"exclude_self needs the query set to be the gallery, got {len(query)} queries for {searcher.size} gallery items"
+            f"exclude_self needs the query set to be the gallery, got {len(query)} queries for {searcher.size} "
+            "gallery items"
         )
     for start in range(0, len(query), chunk_size):
         stop = min(start + chunk_size, len(query))

@@ -49,7 +49,8 @@ def _match_matrix(neighbor_labels: np.ndarray, query_labels: np.ndarray) -> np.n
     query_labels = np.asarray(query_labels)
     if neighbor_labels.ndim != 2 or query_labels.shape != (len(neighbor_labels),):
         raise ValueError(
-            f"expected neighbor_labels (Q, K) and query_labels (Q,), got {neighbor_labels.shape} and {query_labels.shape}"
+            f"expected neighbor_labels (Q, K) and query_labels (Q,), got {neighbor_labels.shape} and "
+            f"{query_labels.shape}"
         )
     return neighbor_labels == query_labels[:, None]
 

@@ -3,11 +3,11 @@
 A run started by `torchrun --nproc_per_node N` finds RANK / WORLD_SIZE / LOCAL_RANK in its environment;
 a plain `retrieval train` finds nothing and runs as a single process with no process group.
 
-The loss must see the global batch (pair losses get their negatives from the whole batch), so each rank
-gathers the embeddings of every rank *with gradient* (and, for feature-level Metrix, the layer4 maps it
-mixes; `GatheredEmbedder`), and the objective runs on the global batch, identically on every rank. Gradients of the gathered maps are summed across ranks on the
-way back and DDP then averages parameter gradients, which together equal the single-process gradient of
-the same global batch (tests/test_ddp.py checks it).
+The loss must see the global batch (pair losses get their negatives from the whole batch), so each rank gathers the
+embeddings of every rank *with gradient* (and, for feature-level Metrix, the layer4 maps it mixes;
+`GatheredEmbedder`), and the objective runs on the global batch, identically on every rank. Gradients of the gathered
+maps are summed across ranks on the way back and DDP then averages parameter gradients, which together equal the
+single-process gradient of the same global batch (tests/test_ddp.py checks it).
 
 Input-level Metrix mixes images, and an image can only be embedded by the rank that holds it, so at that
 level nothing is gathered: every rank computes the clean and mixed loss of its own share and DDP averages

@@ -102,7 +102,8 @@ class TrainResult:
         )
         if self.best_epoch is not None:
             lines.append(
-                f"best epoch ({self.best_epoch:>3}) by R@1: {format_metrics(self.best_metrics)}  -> {self.best_checkpoint}"
+                f"best epoch ({self.best_epoch:>3}) by R@1: {format_metrics(self.best_metrics)}  -> "
+                f"{self.best_checkpoint}"
             )
             lines.append("report the last epoch; the best epoch is selected on the test set and is optimistic")
         return "\n".join(lines)

@@ -38,7 +38,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Export the full embedder (trunk, pooling, head, L2 norm) to ONNX and check it against torch.
 
-        The file records the checkpoint's fingerprint and preprocessing, so indexes built with the torch backend are searchable with `--backend onnx --model OUT` and vice versa.
+        The file records the checkpoint's fingerprint and preprocessing, so indexes built with the torch backend
+        are searchable with `--backend onnx --model OUT` and vice versa.
 
         Parity fails (exit 1, nothing written) if max abs diff > 1e-4 (fp32) or min cosine < 0.999 (fp16).
         """
@@ -80,7 +81,8 @@ def register(app: typer.Typer) -> None:
                               "to check on photos.[/yellow]")  # fmt: skip
         files = ", ".join(str(f) for f in result.files)
         console.print(f"Wrote {escape(files)} ({result.size_bytes / 2**20:.1f} MiB): {meta['arch']}, "
-                      f"{meta['embedding_size']}-d, {meta['image_size']} px (test-time resize {meta['resize_size']} px), fingerprint {meta['fingerprint']}")  # fmt: skip
+                      f"{meta['embedding_size']}-d, {meta['image_size']} px (test-time resize {meta['resize_size']} "
+                      f"px), fingerprint {meta['fingerprint']}")  # fmt: skip
         console.print(
             f"Serve it without torch: retrieval serve --index INDEX --backend onnx --model {escape(str(out))}"
         )

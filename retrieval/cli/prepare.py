@@ -74,7 +74,8 @@ def register(app: typer.Typer) -> None:
         for name in wanted:
             report = prepare_split(
                 available[name], cache_dir, dataset=ds.name, root=ds.root, short_side=short_side,
-                workers=workers, overwrite=overwrite, log=lambda msg: console.print(f"  [yellow]{escape(msg)}[/yellow]"),
+                workers=workers, overwrite=overwrite,
+                log=lambda msg: console.print(f"  [yellow]{escape(msg)}[/yellow]"),
                 max_short_side=max_side if name == ds.train.name else None,
             )  # fmt: skip
             status = "up to date" if report.up_to_date else f"written in {report.seconds:.1f} s"

@@ -31,7 +31,8 @@ class Run:
         if not self.config:
             return "unknown cell"
         c = self.config
-        return f"{c.get('data', {}).get('dataset')} / {c.get('loss', {}).get('name')} / mixup {c.get('mixup', {}).get('level')}"
+        dataset, loss = c.get("data", {}).get("dataset"), c.get("loss", {}).get("name")
+        return f"{dataset} / {loss} / mixup {c.get('mixup', {}).get('level')}"
 
 
 def read_run(folder: str | Path) -> Run:

@@ -31,7 +31,8 @@ def register(app: typer.Typer) -> None:
             "--api-token",
             envvar="RETRIEVAL_API_TOKEN",
             show_envvar=True,
-            help="Require this token on every route: API clients send `Authorization: Bearer TOKEN`, the browser asks for it once at /login (the probes /api/v1/health and /api/v1/ready stay open).",
+            help="Require this token on every route: API clients send `Authorization: Bearer TOKEN`, the browser asks "
+            "for it once at /login (the probes /api/v1/health and /api/v1/ready stay open).",
         ),
         max_batch_size: Optional[int] = typer.Option(
             None, "--max-batch-size", min=1, help="Queries embedded in one forward pass (default 16 on CPU, 64 on GPU)."

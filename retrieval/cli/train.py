@@ -65,7 +65,8 @@ def register(app: typer.Typer) -> None:
             None,
             "--image-size",
             min=16,
-            help="Training crop and test centre crop (the test resize follows at 256/224 unless --resize-size is given).",
+            help="Training crop and test centre crop (the test resize follows at 256/224 unless --resize-size is "
+            "given).",
         ),
         resize_size: Optional[int] = typer.Option(
             None, "--resize-size", min=16, help="Test-time short-side resize (default: image size x 256/224)."
@@ -105,12 +106,14 @@ def register(app: typer.Typer) -> None:
         pair_kind: Optional[str] = typer.Option(
             None,
             "--pair-kind",
-            help="random (official code: one kind per step; the table presets), both (the paper's V(a); demo and folders), positive or anchor.",
+            help="random (official code: one kind per step; the table presets), both (the paper's V(a); demo and "
+            "folders), positive or anchor.",
         ),
         input_pairs: Optional[str] = typer.Option(
             None,
             "--input-pairs",
-            help="Input-level mixes: hardest (each positive with the anchor's closest negatives, as the official code) or random.",
+            help="Input-level mixes: hardest (each positive with the anchor's closest negatives, as the official "
+            "code) or random.",
         ),
         hard_negatives: Optional[int] = typer.Option(
             None,
@@ -130,12 +133,16 @@ def register(app: typer.Typer) -> None:
         compile_loss: Optional[bool] = typer.Option(
             None,
             "--compile-loss/--no-compile-loss",
-            help="torch.compile the loss terms and embedding-level mixing (fewer kernel launches per step). Opt-in (default off).",
+            help="torch.compile the loss terms and embedding-level mixing (fewer kernel launches per step). Opt-in "
+            "(default off).",
         ),
         cuda_graphs: Optional[bool] = typer.Option(
             None,
             "--cuda-graphs/--no-cuda-graphs",
-            help="Replay the whole training step from a CUDA graph. Opt-in (default off): not yet validated on a GPU by benchmarks/gpu_checks.sh. Applies where the step qualifies (CUDA, one process, bf16/fp32, no --compile, no deterministic algorithms; otherwise eager, with the reason printed); if capture or replay fails, training continues eagerly and says why.",
+            help="Replay the whole training step from a CUDA graph. Opt-in (default off): not yet validated on a GPU "
+            "by benchmarks/gpu_checks.sh. Applies where the step qualifies (CUDA, one process, bf16/fp32, no "
+            "--compile, no deterministic algorithms; otherwise eager, with the reason printed); if capture or "
+            "replay fails, training continues eagerly and says why.",
         ),
         channels_last: Optional[bool] = typer.Option(
             None, "--channels-last/--no-channels-last", help="channels_last memory format on GPU."
@@ -185,11 +192,12 @@ def register(app: typer.Typer) -> None:
             "mixup": dict(weight=mix_weight, alpha=mix_alpha, lam_per=lam_per, pair_kind=pair_kind, max_pairs=max_pairs,
                           input_pairs=input_pairs, hard_negatives=hard_negatives),
             "train": dict(epochs=epochs, lr=lr, weight_decay=weight_decay, lr_step=lr_step, lr_gamma=lr_gamma,
-                          warmup_epochs=warmup_epochs, freeze_bn=freeze_bn, bn_affine_after_warmup=bn_affine_after_warmup,
-                          proxy_lr_mult=proxy_lr_mult,
+                          warmup_epochs=warmup_epochs, freeze_bn=freeze_bn,
+                          bn_affine_after_warmup=bn_affine_after_warmup, proxy_lr_mult=proxy_lr_mult,
                           grad_clip=grad_clip, seed=seed, amp=amp, channels_last=channels_last,
-                          compile=compile_model, compile_loss=compile_loss, cuda_graphs=cuda_graphs, eval_every=eval_every,
-                          out_dir=out, device=device, max_steps_per_epoch=max_steps_per_epoch, deterministic=deterministic),
+                          compile=compile_model, compile_loss=compile_loss, cuda_graphs=cuda_graphs,
+                          eval_every=eval_every, out_dir=out, device=device, max_steps_per_epoch=max_steps_per_epoch,
+                          deterministic=deterministic),
         }  # fmt: skip
         from retrieval.checkpoint import load_checkpoint
 

@@ -184,7 +184,8 @@ class OnnxBackend:
         if not path.is_file():
             hint = " (it is a folder)" if path.is_dir() else ""
             raise OnnxModelError(
-                f"ONNX model not found: {path}{hint}. Create one with `retrieval export --checkpoint CKPT --out {path}`."
+                f"ONNX model not found: {path}{hint}. Create one with `retrieval export --checkpoint CKPT --out "
+                f"{path}`."
             )
         import onnxruntime as ort
 

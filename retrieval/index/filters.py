@@ -113,7 +113,8 @@ def search_parameters(index: faiss.Index, selector: Any) -> Any:
 
 
 def filtered_search(index: faiss.Index, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of the subset `ids` for (Q, D) float32 queries: (scores (Q, k'), ids (Q, k')), -1 = none, k' = min(k, |ids|)."""
+    """Top-k of the subset `ids` for (Q, D) float32 queries: (scores (Q, k'), ids (Q, k')), -1 = none,
+    k' = min(k, |ids|)."""
     k = int(min(k, len(ids)))
     if k <= 0 or len(queries) == 0:
         return np.zeros((len(queries), max(k, 0)), np.float32), np.full((len(queries), max(k, 0)), -1, np.int64)

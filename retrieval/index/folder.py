@@ -520,7 +520,8 @@ class ShardedGalleryIndex(GalleryIndex):
     def remove(self, rows: Any) -> None:
         raise IndexBuildError(
             "a sharded index folder cannot remove items in place: rebuild it with `retrieval index --from-embeddings "
-            "DIR --shards N` from parts that no longer hold them, or merge the shards (--merge), which supports --remove"
+            "DIR --shards N` from parts that no longer hold them, or merge the shards (--merge), which supports "
+            "--remove"
         )
 
     def build_neighbours(self, n: int = 0) -> None:

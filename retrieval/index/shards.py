@@ -1,12 +1,12 @@
 """Sharded indexes: N FAISS indexes over consecutive id ranges of one gallery, searched as one.
 
-This module is the shard store only (it knows nothing of index folders); the folder form,
-`ShardedGalleryIndex`, lives in retrieval.index.folder, which opens either form. A sharded index folder
-lists its shards in meta.json ("shards": file, items, first id) and, like any index file, each shard's
-size and SHA-256 ("files"), so `GalleryIndex.load` verifies them the same way. `ShardSet` searches every shard in parallel threads (FAISS releases the GIL) and merges the
-per-shard top-k into the global top-k with FAISS's own rule for equal scores (the smaller id is
-kept, ties are listed larger id first). So for flat shards the merged results equal one flat index's exactly,
-and for IVF shards that share one trained quantizer (same lists probed) they equal the merged index's.
+This module is the shard store only (it knows nothing of index folders); the folder form, `ShardedGalleryIndex`, lives
+in retrieval.index.folder, which opens either form. A sharded index folder lists its shards in meta.json ("shards":
+file, items, first id) and, like any index file, each shard's size and SHA-256 ("files"), so `GalleryIndex.load`
+verifies them the same way. `ShardSet` searches every shard in parallel threads (FAISS releases the GIL) and merges
+the per-shard top-k into the global top-k with FAISS's own rule for equal scores (the smaller id is kept, ties are
+listed larger id first). So for flat shards the merged results equal one flat index's exactly, and for IVF shards that
+share one trained quantizer (same lists probed) they equal the merged index's.
 """
 
 from __future__ import annotations
