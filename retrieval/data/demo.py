@@ -409,9 +409,8 @@ def generate_demo(
     """Write the demo dataset into `root` (In-Shop layout) and return `root`.
 
     Defaults: 400 train products x 4 photos and 40 test products x 12 photos, 64 px = 2,080 JPEGs (~11 MB):
-    1,600 train, 240 query, 240 gallery images. Many products with few photos each: an embedder generalises
-    to unseen products from the number of products it has seen, not from more photos of the same few. Test
-    products keep 12 photos so that each has 6 gallery photos to find. A few ms of one CPU core per photo.
+    1,600 train, 240 query, 240 gallery images. Many products with few photos each, so that training sees
+    many identities; test products keep 12 photos so that each has 6 gallery photos to find. A few ms of one CPU core per photo.
     `test_images_per_class` None gives test products as many photos as train products.
 
     Idempotent: a folder already holding a complete demo of the same parameters is returned as is.
