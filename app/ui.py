@@ -583,7 +583,8 @@ class SearchApp:
                             gr.Examples(
                                 examples=[[str(self.example_thumbnails.path_for(i))] for i in range(len(self.examples))],
                                 inputs=[query],
-                                label="Example queries from the stored query set (label known: correct results get a ✓)",
+                                label="Example queries: one per item, spread evenly over the stored query set and "
+                                      "not chosen by their results (label known: correct results get a ✓)",
                                 examples_per_page=len(self.examples),
                                 elem_id="example-queries",
                             )

@@ -207,7 +207,7 @@ def build_demo_index(args: argparse.Namespace, folder: Path) -> Path:
     from retrieval.data.inshop import load_inshop
 
     root = generate_demo(folder / "demo", seed=0, num_train_classes=4, num_test_classes=args.demo_items,
-                         images_per_class=8, image_size=128)
+                         images_per_class=8, image_size=128, test_images_per_class=None)
     backend = open_embedder(EmbedderSpec.untrained(args.arch, args.embedding_size, args.image_size), args.device)
     out = folder / "index"
     print(f"building a demo index: {args.arch} (untrained) {args.image_size} px {args.embedding_size}-d ...", flush=True)

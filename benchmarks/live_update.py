@@ -86,7 +86,7 @@ def build(work: Path, test_classes: int, embedding_size: int) -> tuple[Path, Pat
     from retrieval.index.build import build_index
 
     root = generate_demo(work / "demo", seed=0, num_train_classes=24, num_test_classes=test_classes,
-                         images_per_class=12, image_size=64)
+                         images_per_class=12, image_size=64, test_images_per_class=None)
     index_dir, pristine = work / "index", work / f"index-{test_classes}-{embedding_size}.orig"
     shutil.rmtree(work / "staging", ignore_errors=True)
     if not pristine.is_dir():  # a --workdir of an earlier run keeps the index as built: the run starts from it

@@ -83,7 +83,7 @@ def build_index(folder: Path, arch: str, image_size: int, embedding_size: int) -
     from retrieval.data.inshop import load_inshop
 
     root = generate_demo(folder / "demo", seed=0, num_train_classes=4, num_test_classes=40, images_per_class=6,
-                         image_size=128)
+                         image_size=128, test_images_per_class=None)
     backend = open_embedder(EmbedderSpec.untrained(arch, embedding_size, image_size), "cpu")
     out = folder / "index"
     build(load_inshop(root, name="demo"), backend, out, progress=False)

@@ -17,7 +17,10 @@ import torchvision
 from retrieval.config import ModelConfig
 from retrieval.errors import UsageError, UserError
 
-TRUNK_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+TRUNK_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet18-half": 256}
+# Trunks that are a torchvision ResNet at a fraction of its width (no published weights: trained from scratch).
+# ResNet-18 at half width has about a quarter of the multiply-adds: a CPU-sized trunk for small images (the demo).
+_SLIM = {"resnet18-half": ("resnet18", 32)}
 _WEIGHTS_ENUM = {
     "resnet18": "ResNet18_Weights",
     "resnet34": "ResNet34_Weights",
@@ -30,9 +33,39 @@ class PretrainedWeightsError(UserError, RuntimeError):
     """ImageNet weights could not be obtained; the message says how to supply a local file."""
 
 
+def _slim_resnet(base: str, width: int) -> nn.Module:
+    """torchvision's `base` ResNet with `width` channels in its first stage (64 in torchvision), doubling per
+    stage as there; its own blocks and initialisation."""
+    net = getattr(torchvision.models, base)(weights=None)
+    block = type(net.layer1[0])
+    depths = [len(layer) for layer in (net.layer1, net.layer2, net.layer3, net.layer4)]
+    net.inplanes = width
+    net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(width)
+    net.layer1 = net._make_layer(block, width, depths[0])
+    net.layer2 = net._make_layer(block, 2 * width, depths[1], stride=2)
+    net.layer3 = net._make_layer(block, 4 * width, depths[2], stride=2)
+    net.layer4 = net._make_layer(block, 8 * width, depths[3], stride=2)
+    for m in net.modules():  # torchvision's initialisation of a ResNet
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return net
+
+
+def _build_trunk(arch: str) -> nn.Module:
+    if arch in _SLIM:
+        return _slim_resnet(*_SLIM[arch])
+    return getattr(torchvision.models, arch)(weights=None)
+
+
 def _load_trunk_weights(net: nn.Module, arch: str, pretrained: str) -> None:
     if pretrained in ("none", "", None):
         return
+    if arch not in _WEIGHTS_ENUM:
+        raise PretrainedWeightsError(f"{arch} has no pretrained weights; train it from scratch with --pretrained none")
     if pretrained == "imagenet":
         weights = getattr(torchvision.models, _WEIGHTS_ENUM[arch]).IMAGENET1K_V1
         try:
@@ -75,7 +108,7 @@ class Embedder(nn.Module):
         if cfg.arch not in TRUNK_CHANNELS:
             raise UsageError(f"unknown arch {cfg.arch!r}; choose one of {sorted(TRUNK_CHANNELS)}")
         self.cfg = cfg
-        net = getattr(torchvision.models, cfg.arch)(weights=None)
+        net = _build_trunk(cfg.arch)
         _load_trunk_weights(net, cfg.arch, cfg.pretrained)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4

@@ -87,7 +87,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 # A small demo dataset: 40 train products and 40 unseen test products, 12 photos each, 64 px (960 images).
 # 240 queries keep query/gallery Recall@1 from being decided by a handful of images.
-SMALL_DEMO = dict(seed=0, num_train_classes=40, num_test_classes=40, images_per_class=12, image_size=64)
+SMALL_DEMO = dict(seed=0, num_train_classes=40, num_test_classes=40, images_per_class=12, image_size=64,
+                  test_images_per_class=None)
 
 
 @pytest.fixture(scope="session")
@@ -109,7 +110,7 @@ def small_index_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from retrieval.index.build import build_index
 
     root = generate_demo(tmp_path_factory.mktemp("small-data") / "demo", seed=0, num_train_classes=2,
-                         num_test_classes=8, images_per_class=4, image_size=32)
+                         num_test_classes=8, images_per_class=4, image_size=32, test_images_per_class=None)
     backend = open_embedder(EmbedderSpec.untrained("resnet18", embedding_size=8, image_size=32), "cpu")
     out = tmp_path_factory.mktemp("small-index") / "demo-index"
     build_index(load_inshop(root, name="demo"), backend, out, progress=False, rerank_neighbours=4)

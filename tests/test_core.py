@@ -91,6 +91,18 @@ def test_resnet50_embedder_has_the_paper_shape() -> None:
     assert torch.count_nonzero(model.embedding.bias) == 0
 
 
+def test_half_width_resnet18_is_a_quarter_of_the_trunk_and_trains_from_scratch_only() -> None:
+    """The demo's CPU-sized trunk: resnet18's blocks at half the channels (32..256)."""
+    half = Embedder(ModelConfig(arch="resnet18-half", embedding_size=16, pretrained="none"))
+    full = Embedder(ModelConfig(arch="resnet18", embedding_size=16, pretrained="none"))
+    with torch.no_grad():
+        assert half.trunk(torch.randn(2, 3, 64, 64)).shape == (2, 256, 2, 2)
+    trunk_size = [sum(p.numel() for p in m.trunk_parameters()) for m in (half, full)]
+    assert 0.2 < trunk_size[0] / trunk_size[1] < 0.3
+    with pytest.raises(PretrainedWeightsError, match="from scratch"):
+        Embedder(ModelConfig(arch="resnet18-half", pretrained="imagenet"))
+
+
 def test_local_pretrained_weights_are_loaded_and_bad_ones_refused(tmp_path: Path) -> None:
     reference = torchvision.models.resnet18(weights=None)
     weights = tmp_path / "resnet18.pth"

@@ -9,9 +9,10 @@ import pytest
 from retrieval.data import load_dataset
 from retrieval.data import demo as demo_mod
 from retrieval.data.demo import demo_classes, generate_demo
+from retrieval.errors import UsageError
 from retrieval.images import open_image
 
-SMALL = dict(num_train_classes=4, num_test_classes=3, images_per_class=4, image_size=64)
+SMALL = dict(num_train_classes=4, num_test_classes=3, images_per_class=4, image_size=64, test_images_per_class=None)
 
 
 def _digest(root) -> str:
@@ -46,6 +47,17 @@ def test_demo_catalogue_records_classes(small_demo):
     classes = demo_classes(small_demo)
     assert len(classes) == 7 and sum(c.split == "test" for c in classes) == 3
     assert len({(c.family, c.primary, c.secondary, c.pattern) for c in classes}) == 7
+
+
+def test_test_products_can_have_more_photos_than_train_products(tmp_path):
+    """Many train products with few photos each; test products keep enough photos for a query and a gallery."""
+    root = generate_demo(tmp_path / "demo", num_train_classes=3, num_test_classes=2, images_per_class=2,
+                         test_images_per_class=4, image_size=32)
+    ds = load_dataset("demo", root)
+    assert len(ds.train) == 6 and len(ds.query) == len(ds.gallery) == 4
+    assert sorted(ds.query.labels) == sorted(ds.gallery.labels)  # two queries and two gallery photos per item
+    with pytest.raises(UsageError, match="must be >= 2"):
+        generate_demo(tmp_path / "bad", num_train_classes=3, num_test_classes=2, test_images_per_class=1)
 
 
 def test_demo_is_deterministic_per_seed(small_demo, tmp_path):

@@ -4,9 +4,9 @@ Each class is one product: a shape family (bottle, shirt, ring, flower, ...) wit
 and a surface pattern (stripes, dots, checks, ...). Classes share attribute values with one
 another (many red things, many bottles, many striped things), so telling them apart needs the whole
 combination. Each photo varies what a product photo varies: pose (rotation, mirror, aspect), scale,
-position, colour and lighting, background (gradients of random colours), clutter (other small
-objects) and occasional occluders, then JPEG compression. An untrained network therefore confuses
-classes, while a briefly trained one learns the invariances.
+position, colour and lighting, background (gradients of random colours), clutter (at most one other small
+object, now and then in front of the product) and an occasional thin bar across it, then JPEG compression.
+An untrained network therefore confuses classes, while a trained one learns the invariances.
 
 Train classes and test classes are disjoint products (test items are never seen in training); each
 test item's photos are split half into the query set and half into the gallery, as In-Shop does.
@@ -33,7 +33,10 @@ from retrieval.atomic import swap_in_folder
 from retrieval.errors import UsageError
 
 MARKER_FILE = "demo.json"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # bump when the drawing or its parameters change: older demo folders are redrawn
+CLUTTER_MAX = 1  # unrelated small objects per photo: 0..CLUTTER_MAX
+FRONT_P = 0.15  # chance that a clutter object lies partly in front of the product
+OCCLUDER_P = 0.1  # chance of a thin bar across the product
 
 # (name, rgb) of the palette colours; primary colours are the chromatic ones plus brown/black.
 COLOURS: tuple[tuple[str, tuple[int, int, int]], ...] = (
@@ -316,9 +319,9 @@ def _draw_photo(cls: DemoClass, rng: np.random.Generator, image_size: int) -> Im
 
     # clutter: a few smaller unrelated objects, some behind the product, some partly in front
     in_front: list[tuple] = []
-    for _ in range(int(rng.integers(0, 3))):
+    for _ in range(int(rng.integers(0, CLUTTER_MAX + 1))):
         spec = _random_object(rng, s)
-        if rng.random() < 0.25:
+        if rng.random() < FRONT_P:
             in_front.append(spec)
         else:
             _paint_object(canvas, xs, ys, *spec)
@@ -327,7 +330,7 @@ def _draw_photo(cls: DemoClass, rng: np.random.Generator, image_size: int) -> Im
         _paint_object(canvas, xs, ys, *spec)
 
     # occasional occluder: a thin bar of a random colour across the photo, through the product
-    if rng.random() < 0.2:
+    if rng.random() < OCCLUDER_P:
         ang = rng.uniform(0, np.pi)
         off = rng.uniform(-0.6, 0.6) * radius
         dist = (xs - cx) * np.cos(ang) + (ys - cy) * np.sin(ang) - off
@@ -342,11 +345,18 @@ def _draw_photo(cls: DemoClass, rng: np.random.Generator, image_size: int) -> Im
 @dataclass(frozen=True)
 class DemoParams:
     seed: int = 0
-    num_train_classes: int = 80
+    num_train_classes: int = 400
     num_test_classes: int = 40
-    images_per_class: int = 12
-    image_size: int = 128
+    images_per_class: int = 4
+    image_size: int = 64
+    test_images_per_class: int | None = 12  # None: as many as a train product
     version: int = GENERATOR_VERSION
+
+    def photos_of(self, cls: DemoClass) -> int:
+        """How many photos a product gets: test products may get more (half queries, half gallery)."""
+        if cls.split == "test" and self.test_images_per_class is not None:
+            return self.test_images_per_class
+        return self.images_per_class
 
 
 def _is_complete(root: Path, params: DemoParams) -> bool:
@@ -362,13 +372,12 @@ def _is_complete(root: Path, params: DemoParams) -> bool:
 
 def _write_demo(out: Path, params: DemoParams, classes: list[DemoClass], progress: bool) -> int:
     rows: list[tuple[str, str, str]] = []
-    jobs = [(ci, cls, j) for ci, cls in enumerate(classes) for j in range(params.images_per_class)]
+    jobs = [(ci, cls, j) for ci, cls in enumerate(classes) for j in range(params.photos_of(cls))]
     it = jobs
     if progress:
         from tqdm import tqdm
 
         it = tqdm(jobs, desc="drawing demo images", unit="img")
-    n_query = params.images_per_class // 2
     for ci, cls, j in it:
         rng = np.random.default_rng([params.seed, 1, ci, j])
         img = _draw_photo(cls, rng, params.image_size)
@@ -378,7 +387,7 @@ def _write_demo(out: Path, params: DemoParams, classes: list[DemoClass], progres
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=int(rng.integers(80, 96)))
         path.write_bytes(buf.getvalue())
-        status = "train" if cls.split == "train" else ("query" if j < n_query else "gallery")
+        status = "train" if cls.split == "train" else ("query" if j < params.photos_of(cls) // 2 else "gallery")
         rows.append((image_name, cls.item_id, status))
     eval_dir = out / "Eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
@@ -390,25 +399,28 @@ def _write_demo(out: Path, params: DemoParams, classes: list[DemoClass], progres
 def generate_demo(
     root: str | os.PathLike[str],
     seed: int = 0,
-    num_train_classes: int = 80,
+    num_train_classes: int = 400,
     num_test_classes: int = 40,
-    images_per_class: int = 12,
-    image_size: int = 128,
+    images_per_class: int = 4,
+    image_size: int = 64,
     progress: bool = False,
+    test_images_per_class: int | None = 12,
 ) -> Path:
     """Write the demo dataset into `root` (In-Shop layout) and return `root`.
 
-    Defaults: 80 train products and 40 test products x 12 photos of 128 px = 1,440 JPEGs (~9 MB):
-    960 train, 240 query, 240 gallery images; about 10 ms of one CPU core per photo.
+    Defaults: 400 train products x 4 photos and 40 test products x 12 photos, 64 px = 2,080 JPEGs (~11 MB):
+    1,600 train, 240 query, 240 gallery images. Many products with few photos each, so that training sees
+    many identities; test products keep 12 photos so that each has 6 gallery photos to find. A few ms of one CPU core per photo.
+    `test_images_per_class` None gives test products as many photos as train products.
 
     Idempotent: a folder already holding a complete demo of the same parameters is returned as is.
     Atomic: images are drawn into a temporary sibling folder that is renamed into place at the end,
     so an interrupted run never leaves a half-written dataset behind. A previous demo with other
     parameters is replaced; a non-empty folder that is not a demo is never touched.
     """
-    _check_request(num_train_classes, num_test_classes, images_per_class)
+    _check_request(num_train_classes, num_test_classes, images_per_class, test_images_per_class)
     root = Path(root).expanduser()
-    params = DemoParams(seed, num_train_classes, num_test_classes, images_per_class, image_size)
+    params = DemoParams(seed, num_train_classes, num_test_classes, images_per_class, image_size, test_images_per_class)
     if _is_complete(root, params):
         return root
     if root.exists() and any(root.iterdir()) and not (root / MARKER_FILE).exists():
@@ -430,11 +442,13 @@ def generate_demo(
     return root
 
 
-def _check_request(num_train_classes: int, num_test_classes: int, images_per_class: int) -> None:
+def _check_request(num_train_classes: int, num_test_classes: int, images_per_class: int,
+                   test_images_per_class: int | None) -> None:
     if num_train_classes < 1 or num_test_classes < 1:
         raise UsageError("the demo needs at least one train class and one test class")
-    if images_per_class < 2:
-        raise UsageError("images_per_class must be >= 2 (test items need a query and a gallery image)")
+    if images_per_class < 2 or (test_images_per_class is not None and test_images_per_class < 2):
+        raise UsageError("images_per_class and test_images_per_class must be >= 2 "
+                         "(test items need a query and a gallery image)")
     if len(FAMILIES) * len(PRIMARY) * len(COLOURS) * len(PATTERNS) // 4 < num_train_classes + num_test_classes:
         raise UsageError("too many demo classes requested")
 
