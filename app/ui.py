@@ -95,6 +95,7 @@ class DecodedQuery:
 ALL_VALUES = "All"
 FILTER_KEYS = ("category", "super_category", "class", "folder")  # the dropdown's attribute, first present
 
+
 def _clamp_k(k: Any, max_k: int) -> int:
     try:
         value = int(round(float(k)))
@@ -142,8 +143,9 @@ class SearchApp:
         self._worker_lock = threading.Lock()
         index_dir = index_dir if index_dir is not None else searcher.index_dir
         if index_dir is None:
-            raise ValueError("the searcher's index was never saved to a folder; pass index_dir "
-                             "(evaluations are cached there)")
+            raise ValueError(
+                "the searcher's index was never saved to a folder; pass index_dir (evaluations are cached there)"
+            )
         self.index_dir = Path(index_dir)
         self.live = live or (worker.live if worker is not None else LiveIndex(searcher, self.index_dir))
         self.max_k = max(1, min(int(max_k), self.gallery_size))
@@ -160,8 +162,9 @@ class SearchApp:
         self._example_by_hash = {_sha256(q.path.read_bytes()): q for q in self.examples}
         # Examples are shown (and served) as thumbnails, like results; a query that is one of those
         # thumbnails is searched with its original file, so example results match the evaluation.
-        self.example_thumbnails = ThumbnailStore([q.path for q in self.examples], self.thumbnails.folder / "examples",
-                                                 max_side=self.thumbnails.max_side)
+        self.example_thumbnails = ThumbnailStore(
+            [q.path for q in self.examples], self.thumbnails.folder / "examples", max_side=self.thumbnails.max_side
+        )
         self._example_by_thumbnail_hash = {
             _sha256(self.example_thumbnails.path_for(i).read_bytes()): q for i, q in enumerate(self.examples)
         }
@@ -170,7 +173,9 @@ class SearchApp:
         values = searcher.attribute_values
         self.filter_key = next((k for k in FILTER_KEYS if k in values), next(iter(values), None))
         self.filter_choices = [ALL_VALUES] + (values[self.filter_key] if self.filter_key else [])
-        self.rerank_choices = ["none", "qe"] + (["dba"] if searcher.index.neighbours is not None else []) + ["kreciprocal"]
+        self.rerank_choices = (
+            ["none", "qe"] + (["dba"] if searcher.index.neighbours is not None else []) + ["kreciprocal"]
+        )
 
     # --- the served index version ---------------------------------------------------------------------
 
@@ -326,14 +331,16 @@ class SearchApp:
         with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
             return list(pool.map(self._decode_or_error, payloads))
 
-    def search_batch(self, images: Sequence[Any], ks: Sequence[Any], filter_value: Any = None,
-                     rerank: Any = None) -> tuple[list[list[tuple[str, str]]], list[str]]:
+    def search_batch(
+        self, images: Sequence[Any], ks: Sequence[Any], filter_value: Any = None, rerank: Any = None
+    ) -> tuple[list[list[tuple[str, str]]], list[str]]:
         """One (gallery, status) per query, searched through the batching worker; never raises."""
         galleries, statuses, _ = self._search(images, ks, filter_value, rerank)
         return galleries, statuses
 
-    def search_one(self, image: Any, k: Any, filter_value: Any = None,
-                   rerank: Any = None, root_url: str | None = None) -> tuple[list[tuple[str, str]], str, list[str]]:
+    def search_one(
+        self, image: Any, k: Any, filter_value: Any = None, rerank: Any = None, root_url: str | None = None
+    ) -> tuple[list[tuple[str, str]], str, list[str]]:
         """The UI's search event: (result tiles, status, the tiles' thumbnail files, for "more like this").
         `root_url`: the server's public root as the request saw it; tiles are then thumbnail URLs."""
         galleries, statuses, shown = self._search([image], [k], filter_value, rerank, root_url)
@@ -375,8 +382,9 @@ class SearchApp:
             return None
         return {self.filter_key: [str(filter_value)]}
 
-    def _search(self, images: Sequence[Any], ks: Sequence[Any], filter_value: Any, rerank: Any,
-                root_url: str | None = None) -> tuple[list[list[tuple[str, str]]], list[str], list[list[str]]]:
+    def _search(
+        self, images: Sequence[Any], ks: Sequence[Any], filter_value: Any, rerank: Any, root_url: str | None = None
+    ) -> tuple[list[list[tuple[str, str]]], list[str], list[list[str]]]:
         n = len(images)
         galleries: list[list[tuple[str, str]]] = [[] for _ in range(n)]
         statuses = [""] * n
@@ -395,8 +403,9 @@ class SearchApp:
         if not good:
             return galleries, statuses, shown
         try:  # preprocessing runs here, on the event's worker thread, never on the server's event loop
-            futures = [self.worker.submit(self.worker.prepare(q.image).pixels, ks_clamped[i], where, method)
-                       for i, q in good]
+            futures = [
+                self.worker.submit(self.worker.prepare(q.image).pixels, ks_clamped[i], where, method) for i, q in good
+            ]
         except Exception as exc:  # queue full, shutting down
             for i, _ in good:
                 statuses[i] = f"⚠️ The server is busy ({exc}). Try again in a moment."
@@ -412,16 +421,23 @@ class SearchApp:
                 hits = list(result.hits)[: ks_clamped[i]]
                 seconds = result.embed_seconds + result.search_seconds
                 served = result.served or self.live.current
-                galleries[i], statuses[i], shown[i] = self._render(query, hits, seconds, result.batch_size, where,
-                                                                   method, served, root_url)
+                galleries[i], statuses[i], shown[i] = self._render(
+                    query, hits, seconds, result.batch_size, where, method, served, root_url
+                )
             except Exception as exc:
                 log.exception("rendering results failed")
                 statuses[i] = f"⚠️ Could not show the results ({type(exc).__name__}: {exc})."
         return galleries, statuses, shown
 
     def _render(
-        self, query: DecodedQuery, hits: Sequence[Any], seconds: float, batch: int,
-        where: Mapping[str, Any] | None = None, rerank: str = "none", served: ServedIndex | None = None,
+        self,
+        query: DecodedQuery,
+        hits: Sequence[Any],
+        seconds: float,
+        batch: int,
+        where: Mapping[str, Any] | None = None,
+        rerank: str = "none",
+        served: ServedIndex | None = None,
         root_url: str | None = None,
     ) -> tuple[list[tuple[str, str]], str, list[str]]:
         """(tiles, status, each tile's thumbnail file): tiles are URLs with `root_url` (see `tile`)."""
@@ -454,14 +470,16 @@ class SearchApp:
             scope += " where " + " and ".join(f"{k} = {', '.join(v)}" for k, v in where.items())
         if rerank != "none":
             timing += f" · re-ranked ({rerank})"
-        lines = [f"**Top {len(hits)}** of {scope} · {timing} · {self.devices_text()} · "
-                 f"index version `{served.version.id}`"]
+        lines = [
+            f"**Top {len(hits)}** of {scope} · {timing} · {self.devices_text()} · index version `{served.version.id}`"
+        ]
         if query.known is not None:
             item = query.known.item_id
             if correct_ranks:
                 lines.append(
-                    f"{CORRECT_MARK} {query.origin} of item `{item}`: first correct match at rank **{correct_ranks[0]}** "
-                    f"({len(correct_ranks)} of {len(hits)} results are this item, marked {CORRECT_MARK})."
+                    f"{CORRECT_MARK} {query.origin} of item `{item}`: first correct match at rank "
+                    f"**{correct_ranks[0]}** ({len(correct_ranks)} of {len(hits)} results are this item, marked "
+                    f"{CORRECT_MARK})."
                 )
             else:
                 lines.append(f"✗ {query.origin} of item `{item}`: no correct match in the top {len(hits)}.")
@@ -480,10 +498,18 @@ class SearchApp:
         except Exception as exc:
             log.exception("evaluation failed")
             empty = pd.DataFrame({"Metric": [], "Value (%)": []})
-            return empty, pd.DataFrame({"K": [], "Recall@K (%)": []}), self.facts_table(), (
-                f"⚠️ Evaluation failed ({type(exc).__name__}: {exc})."
+            return (
+                empty,
+                pd.DataFrame({"K": [], "Recall@K (%)": []}),
+                self.facts_table(),
+                (f"⚠️ Evaluation failed ({type(exc).__name__}: {exc})."),
             )
-        return self.metrics_table(result), self.recall_curve(result), self.facts_table(), self._evaluation_status(result)
+        return (
+            self.metrics_table(result),
+            self.recall_curve(result),
+            self.facts_table(),
+            self._evaluation_status(result),
+        )
 
     def metrics_table(self, result: EvaluationResult) -> Any:
         import pandas as pd
@@ -571,20 +597,28 @@ class SearchApp:
                             height=280,
                             elem_id="query-image",
                         )
-                        k = gr.Slider(1, self.max_k, value=self.default_k, step=1, label="K (results shown)",
-                                      elem_id="k-slider")
-                        category = gr.Dropdown(self.filter_choices, value=ALL_VALUES,
-                                               label=f"Only {self.filter_key}" if self.filter_key else "Filter",
-                                               visible=self.filter_key is not None, elem_id="filter-dropdown")
-                        rerank = gr.Radio(self.rerank_choices, value="none", label="Re-ranking",
-                                          elem_id="rerank-choice")
+                        k = gr.Slider(
+                            1, self.max_k, value=self.default_k, step=1, label="K (results shown)", elem_id="k-slider"
+                        )
+                        category = gr.Dropdown(
+                            self.filter_choices,
+                            value=ALL_VALUES,
+                            label=f"Only {self.filter_key}" if self.filter_key else "Filter",
+                            visible=self.filter_key is not None,
+                            elem_id="filter-dropdown",
+                        )
+                        rerank = gr.Radio(
+                            self.rerank_choices, value="none", label="Re-ranking", elem_id="rerank-choice"
+                        )
                         button = gr.Button("Search", variant="primary", elem_id="search-button")
                         if self.examples:
                             gr.Examples(
-                                examples=[[str(self.example_thumbnails.path_for(i))] for i in range(len(self.examples))],
+                                examples=[
+                                    [str(self.example_thumbnails.path_for(i))] for i in range(len(self.examples))
+                                ],
                                 inputs=[query],
                                 label="Example queries: one per item, spread evenly over the stored query set and "
-                                      "not chosen by their results (label known: correct results get a ✓)",
+                                "not chosen by their results (label known: correct results get a ✓)",
                                 examples_per_page=len(self.examples),
                                 elem_id="example-queries",
                             )
@@ -600,8 +634,9 @@ class SearchApp:
                         )
                 shown = gr.State([])
 
-                def search(image: Any, k_value: Any, filter_value: Any, rerank_value: Any,
-                           request: gr.Request) -> tuple[list[tuple[str, str]], str, list[str]]:
+                def search(
+                    image: Any, k_value: Any, filter_value: Any, rerank_value: Any, request: gr.Request
+                ) -> tuple[list[tuple[str, str]], str, list[str]]:
                     return self.search_one(image, k_value, filter_value, rerank_value, root_url(request))
 
                 search.__annotations__["request"] = gr.Request  # Gradio reads the class, not its name
@@ -625,23 +660,44 @@ class SearchApp:
 
                 results.select(clicked, inputs=[shown], outputs=[query], api_visibility="private", queue=False)
             with gr.Tab("Evaluation", id="evaluation"):
-                eval_status = gr.Markdown("Evaluating the stored query set against the gallery…",
-                                          elem_id="eval-status")
+                eval_status = gr.Markdown("Evaluating the stored query set against the gallery…", elem_id="eval-status")
                 with gr.Row():
                     with gr.Column(scale=1):
-                        table = gr.Dataframe(label="Recall@K and MAP@R (stored queries vs gallery)",
-                                             interactive=False, elem_id="recall-table")
+                        table = gr.Dataframe(
+                            label="Recall@K and MAP@R (stored queries vs gallery)",
+                            interactive=False,
+                            elem_id="recall-table",
+                        )
                     with gr.Column(scale=2):
-                        plot = gr.LinePlot(x="K", y="Recall@K (%)", title="Recall@K", y_lim=[0, 100],
-                                           label="Recall@K", elem_id="recall-plot")
-                facts = gr.Dataframe(value=self.facts_table(), label="Index and embedder", interactive=False,
-                                     elem_id="facts-table")
+                        plot = gr.LinePlot(
+                            x="K",
+                            y="Recall@K (%)",
+                            title="Recall@K",
+                            y_lim=[0, 100],
+                            label="Recall@K",
+                            elem_id="recall-plot",
+                        )
+                facts = gr.Dataframe(
+                    value=self.facts_table(), label="Index and embedder", interactive=False, elem_id="facts-table"
+                )
                 recompute = gr.Button("Recompute evaluation", elem_id="recompute-button")
                 outputs = [table, plot, facts, eval_status]
-                demo.load(self.evaluation, inputs=None, outputs=outputs, api_name=EVALUATION_API,
-                          concurrency_limit=1, concurrency_id="evaluation")
-                recompute.click(lambda: self.evaluation(recompute=True), inputs=None, outputs=outputs,
-                                api_name=RECOMPUTE_API, concurrency_limit=1, concurrency_id="evaluation")
+                demo.load(
+                    self.evaluation,
+                    inputs=None,
+                    outputs=outputs,
+                    api_name=EVALUATION_API,
+                    concurrency_limit=1,
+                    concurrency_id="evaluation",
+                )
+                recompute.click(
+                    lambda: self.evaluation(recompute=True),
+                    inputs=None,
+                    outputs=outputs,
+                    api_name=RECOMPUTE_API,
+                    concurrency_limit=1,
+                    concurrency_id="evaluation",
+                )
             if self.filter_key is not None:  # the index may have been republished since the page was built
                 demo.load(self.filter_update, inputs=None, outputs=[category], api_name=False, queue=False)
         return demo
@@ -661,7 +717,7 @@ def root_url(request: Any) -> str | None:
     try:
         root_path = inner.scope.get("root_path") or None
         return route_utils.get_root_url(inner, route_utils.get_api_call_path(inner), root_path)
-    except Exception:  # noqa: BLE001 - a request Gradio cannot place: tiles fall back to files
+    except Exception:
         log.exception("could not tell the server's root URL")
         return None
 

@@ -9,8 +9,9 @@ file, flags and --set into a RunConfig is retrieval.config_resolve.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from retrieval.errors import ConfigError
 from training import catalog, levels
@@ -150,7 +151,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
         return cls(
             data=from_dict(DataConfig, raw.get("data", {})),
             model=from_dict(ModelConfig, raw.get("model", {})),
@@ -257,13 +258,31 @@ def demo_run_config() -> RunConfig:
     Deterministic: two runs on the same machine give the same numbers.
     """
     return RunConfig(
-        data=DataConfig(dataset="demo", image_size=64, resize_size=64, batch_size=60, sampler="balanced",
-                        images_per_class=4, workers=0, crop_scale_min=0.35),
+        data=DataConfig(
+            dataset="demo",
+            image_size=64,
+            resize_size=64,
+            batch_size=60,
+            sampler="balanced",
+            images_per_class=4,
+            workers=0,
+            crop_scale_min=0.35,
+        ),
         model=ModelConfig(arch="resnet18-half", embedding_size=128, pretrained="none"),
         loss=LossConfig(name="ms", ms_alpha=2.0, ms_beta=50.0, ms_base=0.5, ms_miner_epsilon=0.1),
         mixup=MixupConfig(level="feature"),
-        train=TrainConfig(epochs=15, lr=3e-3, lr_step=6, lr_gamma=0.3, warmup_epochs=0, freeze_bn=False,
-                          eval_every=0, out_dir="runs/demo", channels_last=False, deterministic=True),
+        train=TrainConfig(
+            epochs=15,
+            lr=3e-3,
+            lr_step=6,
+            lr_gamma=0.3,
+            warmup_epochs=0,
+            freeze_bn=False,
+            eval_every=0,
+            out_dir="runs/demo",
+            channels_last=False,
+            deterministic=True,
+        ),
     )
 
 

@@ -8,9 +8,9 @@ individual commands make; nothing here is demo-only logic except the small defau
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from retrieval.config import RunConfig, override, preset
 
@@ -42,10 +42,10 @@ def run_demo(
     epochs: int | None = None,
     say: Callable[[str], None] = print,
 ) -> DemoResult:
-    from retrieval.embed.spec import EmbedderSpec, open_embedder
-    from retrieval.index.build import build_index
     from retrieval.data import load_dataset
     from retrieval.data.demo import generate_demo
+    from retrieval.embed.spec import EmbedderSpec, open_embedder
+    from retrieval.index.build import build_index
     from retrieval.search.searcher import Searcher
     from training.trainer import train
 
@@ -53,12 +53,17 @@ def run_demo(
     say(f"[1/4] demo dataset -> {data_root}")
     generate_demo(data_root, progress=True)
     dataset = load_dataset("demo", data_root)
-    say(f"      {len(dataset.train)} train images, {len(dataset.query)} queries, {len(dataset.gallery)} gallery images "
-        "(test products never seen in training)")
+    n_query, n_gallery = (len(split) if split is not None else 0 for split in (dataset.query, dataset.gallery))
+    say(
+        f"      {len(dataset.train)} train images, {n_query} queries, {n_gallery} gallery images "
+        "(test products never seen in training)"
+    )
 
     cfg = demo_config(data_root, run_dir, loss, mixup, epochs)
-    say(f"[2/4] training {cfg.model.arch} ({cfg.loss.name} loss, Metrix at the {cfg.mixup.level} level, "
-        f"{cfg.train.epochs} epochs, {cfg.data.image_size} px) -> {run_dir}")
+    say(
+        f"[2/4] training {cfg.model.arch} ({cfg.loss.name} loss, Metrix at the {cfg.mixup.level} level, "
+        f"{cfg.train.epochs} epochs, {cfg.data.image_size} px) -> {run_dir}"
+    )
     result = train(cfg, progress=True, evaluate_before=True)
 
     say(f"[3/4] indexing the gallery with the trained embedder -> {index_dir}")

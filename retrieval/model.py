@@ -33,7 +33,7 @@ class PretrainedWeightsError(UserError, RuntimeError):
     """ImageNet weights could not be obtained; the message says how to supply a local file."""
 
 
-def _slim_resnet(base: str, width: int) -> nn.Module:
+def _slim_resnet(base: str, width: int) -> torchvision.models.ResNet:
     """torchvision's `base` ResNet with `width` channels in its first stage (64 in torchvision), doubling per
     stage as there; its own blocks and initialisation."""
     net = getattr(torchvision.models, base)(weights=None)
@@ -55,7 +55,7 @@ def _slim_resnet(base: str, width: int) -> nn.Module:
     return net
 
 
-def _build_trunk(arch: str) -> nn.Module:
+def _build_trunk(arch: str) -> torchvision.models.ResNet:
     if arch in _SLIM:
         return _slim_resnet(*_SLIM[arch])
     return getattr(torchvision.models, arch)(weights=None)
@@ -139,7 +139,7 @@ class Embedder(nn.Module):
         """layer4 maps (B, C, h, w) -> emb (B, D) L2-normalised."""
         return self.project(self.pool(fmap))
 
-    def forward(self, images: torch.Tensor, return_maps: bool = False, follow_up=None):  # noqa: ANN001
+    def forward(self, images: torch.Tensor, return_maps: bool = False, follow_up=None):
         """images -> emb (B, D); with return_maps, (layer4 maps (B, C, h, w), emb); with follow_up, (emb, emb2)
         where emb2 embeds the images follow_up(emb.detach()) returns.
 

@@ -250,7 +250,7 @@ def _background(size: int, rng: np.random.Generator, xs: np.ndarray, ys: np.ndar
     c1 = rng.uniform(low, 255, size=3).astype(np.float32)
     c2 = rng.uniform(low, 255, size=3).astype(np.float32)
     ang = rng.uniform(0, 2 * np.pi)
-    t = (xs * np.float32(np.cos(ang) / (2 * size)) + ys * np.float32(np.sin(ang) / (2 * size)) + np.float32(0.5))
+    t = xs * np.float32(np.cos(ang) / (2 * size)) + ys * np.float32(np.sin(ang) / (2 * size)) + np.float32(0.5)
     return c1 + (c2 - c1) * np.clip(t, 0, 1)[..., None]
 
 
@@ -272,8 +272,9 @@ def _random_object(rng: np.random.Generator, s: int) -> tuple:
     )
 
 
-def _paint_product(canvas: np.ndarray, xs: np.ndarray, ys: np.ndarray, cls: DemoClass,
-                   rng: np.random.Generator, s: int) -> tuple[float, float, float]:
+def _paint_product(
+    canvas: np.ndarray, xs: np.ndarray, ys: np.ndarray, cls: DemoClass, rng: np.random.Generator, s: int
+) -> tuple[float, float, float]:
     """Paint the class's object somewhere on the canvas, in its own pose; returns its centre and radius."""
     colour_of = dict(COLOURS)
     radius = float(rng.uniform(0.26, 0.42) * s)
@@ -410,7 +411,8 @@ def generate_demo(
 
     Defaults: 400 train products x 4 photos and 40 test products x 12 photos, 64 px = 2,080 JPEGs (~11 MB):
     1,600 train, 240 query, 240 gallery images. Many products with few photos each, so that training sees
-    many identities; test products keep 12 photos so that each has 6 gallery photos to find. A few ms of one CPU core per photo.
+    many identities; test products keep 12 photos so that each has 6 gallery photos to find. A few ms of one CPU
+    core per photo.
     `test_images_per_class` None gives test products as many photos as train products.
 
     Idempotent: a folder already holding a complete demo of the same parameters is returned as is.
@@ -442,13 +444,15 @@ def generate_demo(
     return root
 
 
-def _check_request(num_train_classes: int, num_test_classes: int, images_per_class: int,
-                   test_images_per_class: int | None) -> None:
+def _check_request(
+    num_train_classes: int, num_test_classes: int, images_per_class: int, test_images_per_class: int | None
+) -> None:
     if num_train_classes < 1 or num_test_classes < 1:
         raise UsageError("the demo needs at least one train class and one test class")
     if images_per_class < 2 or (test_images_per_class is not None and test_images_per_class < 2):
-        raise UsageError("images_per_class and test_images_per_class must be >= 2 "
-                         "(test items need a query and a gallery image)")
+        raise UsageError(
+            "images_per_class and test_images_per_class must be >= 2 (test items need a query and a gallery image)"
+        )
     if len(FAMILIES) * len(PRIMARY) * len(COLOURS) * len(PATTERNS) // 4 < num_train_classes + num_test_classes:
         raise UsageError("too many demo classes requested")
 
