@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from retrieval.checkpoint import CheckpointError, embedder_from_checkpoint
-from retrieval.config import RunConfig, preset
+from retrieval.config import LossConfig, RunConfig, preset
 from retrieval.model import Embedder
 from training.logging import MetricsLog, read_metrics
 from training.trainer import build_optimizer, train
@@ -19,6 +19,7 @@ from training.trainer import build_optimizer, train
 def tiny_config(root: Path, out: Path, loss: str = "ms", mixup: str = "feature", **train_kw) -> RunConfig:
     """resnet18 at 32 px, batches of 16 (4 classes x 4 images), CPU, float32."""
     cfg = preset("demo", loss, mixup)
+    cfg.loss = LossConfig(name=loss)  # the library's defaults, not the demo's own MS settings
     cfg.data.root, cfg.data.image_size, cfg.data.resize_size = str(root), 32, 32
     cfg.data.batch_size, cfg.data.images_per_class, cfg.data.sampler, cfg.data.workers = 16, 4, "balanced", 0
     cfg.model.arch, cfg.model.embedding_size, cfg.model.pretrained = "resnet18", 16, "none"
