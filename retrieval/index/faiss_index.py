@@ -106,8 +106,9 @@ def configure_search(index: faiss.Index, params: IndexParams) -> None:
 
 
 def _gpu_supported(params: IndexParams) -> tuple[bool, str]:
-    if params.kind.gpu_unsupported:
-        return False, params.kind.gpu_unsupported
+    why = params.kind.gpu_refusal(params)
+    if why:
+        return False, why
     if params.refine_factor > 0:
         return False, "refined indexes (IndexRefineFlat) run on the CPU"
     return True, ""

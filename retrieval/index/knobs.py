@@ -56,8 +56,13 @@ REFINE = Knob("refine_factor", 0, "Re-rank k x this many approximate candidates 
 INDEX_KNOBS: dict[str, Knob] = {k.field: k for k in (
     Knob("nlist", 0, "IVF lists (0 = about 4 sqrt(N)).", minimum=0),
     NPROBE,
-    Knob("pq_m", 64, "IVF-PQ sub-quantizers (bytes per vector at 8 bits).", minimum=1),
+    Knob("coarse_hnsw_m", 0, "IVF coarse quantizer as an HNSW graph with this many neighbours per centroid, so adding "
+         "costs log(nlist), not nlist (0 = brute-force assignment; 32 suits nlist >= 16,384).", minimum=0,
+         label="coarse HNSW M"),
+    Knob("pq_m", 64, "IVF-PQ / fast-scan sub-quantizers (bytes per vector at 8 bits, half that at 4).", minimum=1),
     Knob("pq_nbits", 8, "IVF-PQ bits per sub-code.", minimum=1, maximum=16),
+    Knob("opq", 0, "Rotate vectors with OPQ before PQ codes (1 = on; ivf-pq, ivf-fastscan).", minimum=0, maximum=1,
+         label="OPQ"),
     Knob("hnsw_m", 32, "HNSW neighbours per node.", minimum=2),
     Knob("ef_construction", 80, "HNSW build beam width.", minimum=1),
     EF_SEARCH,
@@ -76,8 +81,10 @@ class KnobValues:
 
     nlist: int
     nprobe: int
+    coarse_hnsw_m: int
     pq_m: int
     pq_nbits: int
+    opq: int
     hnsw_m: int
     ef_construction: int
     ef_search: int

@@ -70,6 +70,7 @@ class IndexMeta:
     calibration: dict[str, Any] | None = None  # retrieval.index.calibrate.Calibration.to_dict()
     calibration_rejected: dict[str, Any] | None = None
     index_decision: str | None = None  # why auto chose the type, when not the plain size rule
+    auto_candidates: list[dict[str, Any]] | None = None  # what auto measured: each type's speed, recall, memory
     # the saved folder
     n_items: int = 0
     n_queries: int = 0
