@@ -502,18 +502,19 @@ def run_add_cost(args) -> list[dict]:
         added = np.ascontiguousarray(data.gallery[rows[nlist:]])
         del data
         faiss.omp_set_num_threads(1)  # the capacity plan's unit: one 1-CPU worker
-        assigned = {}
-        for coarse in ("brute-force", "hnsw32"):
-            t0 = time.perf_counter()
-            if coarse == "brute-force":
-                quantizer = faiss.IndexFlatIP(d)
-            else:
-                quantizer = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-                quantizer.hnsw.efConstruction = 40
-            quantizer.add(centroids)
-            graph_s = time.perf_counter() - t0
-            if coarse != "brute-force":
-                quantizer.hnsw.efSearch = 64
+        brute = faiss.IndexFlatIP(d)
+        brute.add(centroids)
+        graph = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efConstruction = 40
+        t0 = time.perf_counter()
+        graph.add(centroids)
+        graph_s = time.perf_counter() - t0
+        reference = brute.search(added[:2_000], 1)[1][:, 0]
+        brute_us = 0.0
+        for coarse, ef in [("brute-force", 0)] + [("hnsw32", ef) for ef in args.add_coarse_ef]:
+            quantizer = brute if coarse == "brute-force" else graph
+            if ef:
+                graph.hnsw.efSearch = ef
             index = faiss.IndexIVFPQ(quantizer, d, nlist, args.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
             faiss.omp_set_num_threads(args.threads)
             index.train(added[: args.add_train])  # PQ codebooks only: the quantizer already holds nlist centroids
@@ -521,25 +522,27 @@ def run_add_cost(args) -> list[dict]:
             t0 = time.perf_counter()
             index.add(added)
             add_s = time.perf_counter() - t0
-            assigned[coarse] = quantizer.search(added[:2_000], 1)[1][:, 0]
-            row = {"nlist": nlist, "coarse": coarse, "factory": f"IVF{nlist}{'_HNSW32' if coarse != 'brute-force' else ''},"
-                   f"PQ{args.pq_m}", "vectors": len(added), "us_per_vector": 1e6 * add_s / len(added),
-                   "graph_build_s": round(graph_s, 2)}
+            same = float(np.mean(quantizer.search(added[:2_000], 1)[1][:, 0] == reference))
+            us = 1e6 * add_s / len(added)
+            brute_us = us if coarse == "brute-force" else brute_us
+            row = {"nlist": nlist, "coarse": coarse, "ef_search": ef, "vectors": len(added), "us_per_vector": us,
+                   "graph_build_s": round(graph_s, 2) if ef else 0.0, "same_list_as_brute_force": round(same, 4),
+                   "speedup_vs_brute_force": round(brute_us / us, 2)}
             out.append(row)
-            print(f"  nlist {nlist:,} {coarse}: add {row['us_per_vector']:.0f} us/vector on 1 thread "
-                  f"({len(added):,} vectors; quantizer built in {graph_s:.1f}s)", flush=True)
-            del index, quantizer
+            print(f"  nlist {nlist:,} {coarse}{f' efSearch {ef}' if ef else ''}: add {us:.0f} us/vector on 1 thread "
+                  f"({len(added):,} vectors), {brute_us / us:.1f}x brute force; same list as brute force for "
+                  f"{same:.1%}", flush=True)
+            del index
             gc.collect()
-        same = float(np.mean(assigned["brute-force"] == assigned["hnsw32"]))
-        out[-1]["same_list_as_brute_force"] = round(same, 4)
-        print(f"  nlist {nlist:,}: HNSW assigns {same:.1%} of vectors to the brute-force list; add cost ratio "
-              f"{out[-2]['us_per_vector'] / out[-1]['us_per_vector']:.1f}x", flush=True)
+        del brute, graph
     faiss.omp_set_num_threads(args.threads)
-    print("\n| nlist | coarse assignment | us per added vector (1 thread) | quantizer build s | same list as brute force |")
-    print("| ---: | --- | ---: | ---: | ---: |")
+    print(f"\nIVF{{nlist}},PQ{args.pq_m} (8-bit), {args.add_vectors:,} vectors added on 1 thread")
+    print("\n| nlist | coarse assignment | efSearch | us per added vector | x brute force | HNSW graph build s | "
+          "same list as brute force |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in out:
-        same = f"{r['same_list_as_brute_force']:.3f}" if "same_list_as_brute_force" in r else "1 (reference)"
-        print(f"| {r['nlist']:,} | {r['coarse']} | {r['us_per_vector']:.0f} | {r['graph_build_s']:.1f} | {same} |")
+        print(f"| {r['nlist']:,} | {r['coarse']} | {r['ef_search'] or ''} | {r['us_per_vector']:.0f} | "
+              f"{r['speedup_vs_brute_force']:.1f} | {r['graph_build_s'] or ''} | {r['same_list_as_brute_force']:.3f} |")
     return out
 
 
@@ -572,6 +575,7 @@ def main() -> None:
                          "brute-force vs HNSW coarse assignment")
     ap.add_argument("--add-nlist", type=int, nargs="+", default=[4_096, 16_384, 65_536])
     ap.add_argument("--add-vectors", type=int, default=20_000, help="vectors added per add-cost measurement")
+    ap.add_argument("--add-coarse-ef", type=int, nargs="+", default=[16, 64], help="HNSW coarse efSearch values")
     ap.add_argument("--add-train", type=int, default=20_000, help="vectors the add-cost PQ codebooks train on")
     ap.add_argument("--distributions", nargs="+", choices=list(DISTRIBUTIONS), default=list(DISTRIBUTIONS)[1:],
                     help="generated data (sweep uses the first)")

@@ -359,7 +359,7 @@ class Candidate:
         setting = _setting_words(self.setting) or "exact"
         return (f"{self.factory} at {setting}: Recall@{self.k} {self.recall:.3f}, {self.speedup:.1f}x flat "
                 f"({self.qps:,.0f} vs {self.flat_qps:,.0f} q/s on {self.sample:,} vectors), "
-                f"{self.memory_bytes / 1024**3:.2f} GB for the gallery" + (f"; {self.note}" if self.note else ""))
+                f"{self.memory_bytes / 1024**3:.3g} GB for the gallery" + (f"; {self.note}" if self.note else ""))
 
 
 def choose_fastest(candidates: list[Candidate], flat_memory: int, budget: int, target: float, k: int = 10,
@@ -508,7 +508,7 @@ def build_auto(vectors: np.ndarray, cfg: IndexConfig, calib: CalibrationConfig, 
         full_cfg = _candidate_config(cfg, name, n, d)
         memory = INDEX_TYPES[name].memory_bytes(n, d, full_cfg)
         if memory > budget:
-            candidates.append(Candidate(name, memory, False, note=f"needs {memory / 1024**3:.2f} GB, over the "
+            candidates.append(Candidate(name, memory, False, note=f"needs {memory / 1024**3:.3g} GB, over the "
                                         f"memory budget of {cfg.memory_budget_gb:g} GB"))
             continue
         if time.perf_counter() - t_start > AUTO_TIME_CAP_S:

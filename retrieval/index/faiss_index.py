@@ -29,10 +29,12 @@ NORM_TOLERANCE = 1e-3
 
 
 def choose_index_type(n: int, d: int, cfg: IndexConfig) -> str:
-    """"auto": exact search while the gallery is small enough and fits; otherwise IVF.
+    """"auto"'s size rule: exact search while the gallery is small enough and fits; otherwise IVF.
 
-    IVF-flat keeps exact vectors (fast, high recall at modest nprobe, measured by
-    benchmarks/index_speed.py); IVF-PQ when even float32 vectors exceed the memory budget.
+    Above the rule, the build measures instead (retrieval.index.calibrate.build_auto: each candidate type
+    calibrated on a sample, the fastest reaching the target kept); this answer is only its starting point
+    and what a build checks its parameters with before embedding. IVF-PQ when even float32 vectors exceed
+    the memory budget.
     """
     budget = cfg.memory_budget_gb * 1024**3
     if n <= cfg.flat_max_items and INDEX_TYPES["flat"].memory_bytes(n, d, cfg) <= budget:

@@ -265,7 +265,8 @@ def build_from_parts(parts_dir: str | os.PathLike[str], out_dir: str | os.PathLi
 
 def _check_sharding(params: IndexParams, opts: ShardOptions, n_parts: int) -> None:
     if params.refine_factor > 0:
-        raise IndexBuildError("--refine-factor is not supported with --shards; build one index instead")
+        raise IndexBuildError(f"refined indexes ({params.factory_string()}) cannot be built as --shards: build one "
+                              "index instead, or shards of ivf-flat / ivf-pq without --refine-factor")
     if opts.merge and not params.kind.mergeable:
         raise IndexBuildError(f"{params.index_type} shards cannot be merged into one index; drop --merge to keep "
                               "them as shards")
