@@ -480,7 +480,9 @@ def _candidate_config(cfg: IndexConfig, name: str, n: int, d: int) -> IndexConfi
     changes: dict[str, Any] = {"index_type": name}
     if name.startswith("ivf"):
         changes["coarse_hnsw_m"] = cfg.coarse_hnsw_m or (AUTO_COARSE_HNSW_M if nlist >= COARSE_HNSW_FROM else 0)
-    if name in ("ivf-fastscan", "ivf-pq") and d % cfg.pq_m != 0:
+    if name == "ivf-fastscan" and d % 4 == 0:
+        changes["pq_m"] = d // 4  # 4-bit codes of 4 dimensions each (PQ64x4 plateaued at Recall@10 0.80 on 512-d)
+    elif name == "ivf-pq" and d % cfg.pq_m != 0:
         changes["pq_m"] = max(m for m in range(1, d // 4 + 1) if d % m == 0)
     return dataclasses.replace(cfg, **changes)
 
