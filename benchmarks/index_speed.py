@@ -21,6 +21,7 @@ the first distribution given.
     python benchmarks/index_speed.py --sizes 100000 --candidates ivf-flat hnsw-m32 ivf-pq-refine
     python benchmarks/index_speed.py --sizes 1000000 --large-candidates ivf-flat
     python benchmarks/index_speed.py --report sweep --distributions clustered --sizes 100000 1000000
+    python benchmarks/index_speed.py --report add-cost --add-nlist 4096 16384 65536
 """
 
 from __future__ import annotations
@@ -352,6 +353,18 @@ CANDIDATES = {
                  {"ef_search": 128}),
     "ivf-pq-refine": (lambda n: IndexConfig(index_type="ivf-pq", pq_m=64, refine_factor=4, use_gpu=False),
                       {"nprobe": 16, "refine_factor": 4}),
+    # 128 4-bit sub-quantizers (64 bytes) for 512-d: PQ64x4 plateaued at Recall@10 0.80 on catalogue R@1 0.29
+    "ivf-fastscan": (lambda n: IndexConfig(index_type="ivf-fastscan", pq_m=128, refine_factor=16, use_gpu=False),
+                     {"nprobe": 16, "refine_factor": 16}),
+    "ivf-fastscan-m64": (lambda n: IndexConfig(index_type="ivf-fastscan", pq_m=64, refine_factor=16, use_gpu=False),
+                         {"nprobe": 16, "refine_factor": 16}),
+    "ivf-fastscan-opq": (lambda n: IndexConfig(index_type="ivf-fastscan", pq_m=128, opq=1, refine_factor=16,
+                                               use_gpu=False), {"nprobe": 16, "refine_factor": 16}),
+    "ivf-fastscan-4x-lists-hnsw": (lambda n: IndexConfig(index_type="ivf-fastscan", nlist=min(4 * default_nlist(n), n // 39),
+                                                         coarse_hnsw_m=32, pq_m=128, refine_factor=16, use_gpu=False),
+                                   {"nprobe": 16, "refine_factor": 16}),
+    # what `--index-type auto` builds when it measures (flat_max_items 0: no size rule)
+    "auto": (lambda n: IndexConfig(index_type="auto", flat_max_items=0, use_gpu=False), {}),
 }
 
 
@@ -374,6 +387,7 @@ class CalRow:
     flat_qps: float
     reached: bool
     auto: str = ""
+    index_mb: float = 0.0
 
 
 def _setting_text(setting: dict) -> str:
@@ -405,6 +419,9 @@ def run_calibrated(n: int, dist: str, args) -> list[CalRow]:
                                                                         seed=args.seed + 1), seed=args.seed)
         build_s = time.perf_counter() - t0
         built, cal = result.built, result.calibration
+        if name == "auto":
+            rows.append(_auto_row(n, dist, item_r1, result, build_s, data, exact_ids, flat, flat_qps, args))
+            continue
         configure_search(built.index, IndexParams_replace(built.params, **before))
         b_qps, b_ids = qps_batched(built.index, data.queries, 10, 256, args.min_seconds)
         configure_search(built.index, built.params)
@@ -422,7 +439,8 @@ def run_calibrated(n: int, dist: str, args) -> list[CalRow]:
                 auto = "flat (fallback)"
         row = CalRow(n, dist, item_r1, name, built.params.factory_string(), build_s, cal.seconds,
                      _setting_text(before), recall_at(b_ids, exact_ids), b_qps, _setting_text(cal.chosen),
-                     recall_at(a_ids, exact_ids), cal.recall, a_qps, flat_qps, cal.reached, auto)
+                     recall_at(a_ids, exact_ids), cal.recall, a_qps, flat_qps, cal.reached, auto,
+                     index_size_bytes(built.index) / 2**20)
         rows.append(row)
         print(f"  {name} ({row.factory}): built + calibrated in {build_s:.1f}s (calibration {cal.seconds:.1f}s); "
               f"before {row.before}: R@10 {row.before_recall:.3f} {b_qps / flat_qps:.1f}x flat; after "
@@ -435,18 +453,100 @@ def run_calibrated(n: int, dist: str, args) -> list[CalRow]:
     return rows
 
 
+def _auto_row(n: int, dist: str, item_r1: float, result, build_s: float, data: ClusteredVectors,
+              exact_ids: np.ndarray, flat, flat_qps: float, args) -> CalRow:
+    """What `--index-type auto` built, measured on the held-out queries like the other candidates."""
+    built, cal = result.built, result.calibration
+    qps, ids = qps_batched(built.index, data.queries, 10, 256, args.min_seconds)
+    if args.flat_retime_queries > 0:
+        re_flat, _ = qps_batched(flat, data.queries[: args.flat_retime_queries], 10, 256, 0.0)
+        flat_qps = max(flat_qps, re_flat)
+    print(f"  auto: {result.decision}", flush=True)
+    for c in result.candidates:
+        print(f"    candidate {c.name}: {c.summary()}", flush=True)
+    setting = _setting_text(cal.chosen) if cal is not None else "exact"
+    return CalRow(n, dist, item_r1, "auto", built.params.factory_string(), build_s, cal.seconds if cal else 0.0,
+                  "", float("nan"), float("nan"), setting, recall_at(ids, exact_ids), cal.recall if cal else 1.0,
+                  qps, flat_qps, cal.reached if cal else True, f"chose {built.params.index_type}",
+                  index_size_bytes(built.index) / 2**20)
+
+
 def print_calibrated_table(rows: list[CalRow], target: float, speedup_target: float) -> None:
     print(f"\nRecall@10 vs exact on held-out queries; speeds at batch 256 as x best flat q/s in the same run; "
           f"target Recall@10 >= {target} at >= {speedup_target:g}x flat.")
-    print("\n| items | data | exact item R@1 | index | build+calib s | before | R@10 | x flat | calibrated | R@10 "
-          "(calib.) | x flat | meets target | auto |")
-    print("| ---: | --- | ---: | --- | ---: | --- | ---: | ---: | --- | --- | ---: | --- | --- |")
+    print("\n| items | data | exact item R@1 | index | factory | build+calib s | index MB | before | R@10 | x flat | "
+          "calibrated | R@10 (calib.) | x flat | meets target | auto |")
+    print("| ---: | --- | ---: | --- | --- | ---: | ---: | --- | ---: | ---: | --- | --- | ---: | --- | --- |")
     for r in rows:
         meets = "yes" if r.after_recall >= target and r.after_qps / r.flat_qps >= speedup_target else "no"
         r1 = f"{r.item_r1:.2f}" if r.distribution != "isotropic" else "n/a"
-        print(f"| {r.size:,} | {r.distribution} | {r1} | {r.index} | {r.build_s:.0f} | {r.before} | "
-              f"{r.before_recall:.3f} | {r.before_qps / r.flat_qps:.1f} | {r.after} | {r.after_recall:.3f} "
+        print(f"| {r.size:,} | {r.distribution} | {r1} | {r.index} | {r.factory} | {r.build_s:.0f} | {r.index_mb:.0f} | "
+              f"{r.before} | {r.before_recall:.3f} | {r.before_qps / r.flat_qps:.1f} | {r.after} | {r.after_recall:.3f} "
               f"({r.calib_recall:.3f}) | {r.after_qps / r.flat_qps:.1f} | {meets} | {r.auto} |")
+
+
+# -- add cost: coarse assignment by brute force vs an HNSW graph over the centroids ---------------------
+
+
+def run_add_cost(args) -> list[dict]:
+    """Seconds per added vector on one thread, IVF{nlist},PQ{m} with brute-force and with HNSW32 coarse assignment.
+
+    The centroids are a seeded sample of the vectors (training 65,536 lists by k-means would need 2.5M
+    training vectors; the cost of assigning a vector does not depend on how its centroids were trained).
+    Also reported: the HNSW graph's build time and how often it assigns a vector to the same list as
+    brute force."""
+    d, n_add = args.dim, args.add_vectors
+    out = []
+    for nlist in args.add_nlist:
+        data = DISTRIBUTIONS[args.distributions[0]][1](nlist + n_add, 0, d, args.seed, args.items_per_class)
+        rng = np.random.default_rng(args.seed)
+        rows = rng.permutation(len(data.gallery))
+        centroids = np.ascontiguousarray(data.gallery[rows[:nlist]])
+        added = np.ascontiguousarray(data.gallery[rows[nlist:]])
+        del data
+        faiss.omp_set_num_threads(1)  # the capacity plan's unit: one 1-CPU worker
+        brute = faiss.IndexFlatIP(d)
+        brute.add(centroids)
+        graph = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efConstruction = 40
+        t0 = time.perf_counter()
+        graph.add(centroids)
+        graph_s = time.perf_counter() - t0
+        reference = brute.search(added[:2_000], 1)[1][:, 0]
+        brute_us = 0.0
+        for coarse, ef in [("brute-force", 0)] + [("hnsw32", ef) for ef in args.add_coarse_ef]:
+            quantizer = brute if coarse == "brute-force" else graph
+            if ef:
+                graph.hnsw.efSearch = ef
+            index = faiss.IndexIVFPQ(quantizer, d, nlist, args.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
+            faiss.omp_set_num_threads(args.threads)
+            index.train(added[: args.add_train])  # PQ codebooks only: the quantizer already holds nlist centroids
+            faiss.omp_set_num_threads(1)
+            t0 = time.perf_counter()
+            index.add(added)
+            add_s = time.perf_counter() - t0
+            same = float(np.mean(quantizer.search(added[:2_000], 1)[1][:, 0] == reference))
+            us = 1e6 * add_s / len(added)
+            brute_us = us if coarse == "brute-force" else brute_us
+            row = {"nlist": nlist, "coarse": coarse, "ef_search": ef, "vectors": len(added), "us_per_vector": us,
+                   "graph_build_s": round(graph_s, 2) if ef else 0.0, "same_list_as_brute_force": round(same, 4),
+                   "speedup_vs_brute_force": round(brute_us / us, 2)}
+            out.append(row)
+            print(f"  nlist {nlist:,} {coarse}{f' efSearch {ef}' if ef else ''}: add {us:.0f} us/vector on 1 thread "
+                  f"({len(added):,} vectors), {brute_us / us:.1f}x brute force; same list as brute force for "
+                  f"{same:.1%}", flush=True)
+            del index
+            gc.collect()
+        del brute, graph
+    faiss.omp_set_num_threads(args.threads)
+    print(f"\nIVF{{nlist}},PQ{args.pq_m} (8-bit), {args.add_vectors:,} vectors added on 1 thread")
+    print("\n| nlist | coarse assignment | efSearch | us per added vector | x brute force | HNSW graph build s | "
+          "same list as brute force |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in out:
+        print(f"| {r['nlist']:,} | {r['coarse']} | {r['ef_search'] or ''} | {r['us_per_vector']:.0f} | "
+              f"{r['speedup_vs_brute_force']:.1f} | {r['graph_build_s'] or ''} | {r['same_list_as_brute_force']:.3f} |")
+    return out
 
 
 def main() -> None:
@@ -472,9 +572,14 @@ def main() -> None:
     ap.add_argument("--hnsw-max-items", type=int, default=10**9, help="skip HNSW above this size (bounds build time)")
     ap.add_argument("--target", type=float, default=0.95)
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
-    ap.add_argument("--report", choices=["calibrated", "sweep"], default="calibrated",
+    ap.add_argument("--report", choices=["calibrated", "sweep", "add-cost"], default="calibrated",
                     help="calibrated: per distribution, each index's setting before and after build-time calibration; "
-                         "sweep: every type x setting on one distribution")
+                         "sweep: every type x setting on one distribution; add-cost: seconds per added vector with "
+                         "brute-force vs HNSW coarse assignment")
+    ap.add_argument("--add-nlist", type=int, nargs="+", default=[4_096, 16_384, 65_536])
+    ap.add_argument("--add-vectors", type=int, default=20_000, help="vectors added per add-cost measurement")
+    ap.add_argument("--add-coarse-ef", type=int, nargs="+", default=[16, 64], help="HNSW coarse efSearch values")
+    ap.add_argument("--add-train", type=int, default=20_000, help="vectors the add-cost PQ codebooks train on")
     ap.add_argument("--distributions", nargs="+", choices=list(DISTRIBUTIONS), default=list(DISTRIBUTIONS)[1:],
                     help="generated data (sweep uses the first)")
     ap.add_argument("--candidates", nargs="+", choices=list(CANDIDATES), default=list(CANDIDATES),
@@ -489,6 +594,12 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     print(f"faiss {faiss.__version__}, numpy {np.__version__}, {args.threads} threads, seed {args.seed}")
     t_start = time.perf_counter()
+    if args.report == "add-cost":
+        add_rows = run_add_cost(args)
+        if args.json:
+            args.json.write_text(json.dumps(add_rows, indent=2))
+        print(f"\ntotal run time {time.perf_counter() - t_start:.0f}s")
+        return
     if args.report == "calibrated":
         cal_rows: list[CalRow] = []
         for n in args.sizes:

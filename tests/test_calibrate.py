@@ -14,7 +14,9 @@ from typer.testing import CliRunner
 
 from retrieval.index.calibrate import (
     REFINE_LADDER,
+    Candidate,
     build_calibrated,
+    choose_fastest,
     calibrate,
     override_search_params,
     sample_queries,
@@ -26,7 +28,7 @@ from retrieval.index.config import IndexConfig
 from retrieval.index.faiss_index import build_faiss_index, configure_search, read_index, resolve_params
 from retrieval.index.folder import GalleryIndex, ItemTable
 from retrieval.index.meta import IndexMeta
-from retrieval.index.types import IndexParams
+from retrieval.index.types import INDEX_TYPES, IndexParams, IndexType
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -191,9 +193,13 @@ def test_auto_builds_flat_when_no_approximate_setting_is_faster_at_the_target(mo
     cfg = IndexConfig(index_type="auto", flat_max_items=1_000, use_gpu=False)
     result = build_calibrated(g, cfg, CalibrationConfig(queries=300))
     assert result.built.params.exact and result.calibration is None
-    assert result.decision.startswith("auto built flat (exact search): ivf-flat does not reach Recall@10 0.95")
+    assert result.decision.startswith("auto built flat (exact search): no candidate reaches Recall@10 0.95 at >= "
+                                      "1.5x the speed of exact search")
     assert result.rejected is not None and not result.rejected.applied
     assert result.meta()["index_decision"] == result.decision
+    # every candidate was measured and recorded: speed, recall and memory of each
+    assert [c["name"] for c in result.meta()["auto_candidates"]] == ["ivf-flat", "ivf-fastscan", "hnsw"]
+    assert all(c["measured"] and c["memory_bytes"] > 0 and c["flat_qps"] > 0 for c in result.meta()["auto_candidates"])
     assert result.built.index.ntotal == len(g)
     meta = IndexMeta(index_params=IndexParams("flat"), **result.meta())
     assert "auto built flat" in search_setting_text(meta)
@@ -218,3 +224,81 @@ def test_fixed_setting_is_measured_not_swept_and_zero_target_skips_calibration()
     assert [p.setting for p in fixed.calibration.curve] == [{"nprobe": 3}]
     off = build_calibrated(g, cfg, CalibrationConfig(target_recall=0.0))
     assert off.calibration is None and off.built.params.nprobe == 3
+
+
+# -- auto: the decision from measured speeds, and a build that records what it measured --------------------
+
+GB = 1024**3
+
+
+def _measured(name: str, speedup: float, recall: float, memory_gb: float = 1.0) -> Candidate:
+    return Candidate(name, int(memory_gb * GB), factory=name, recall=recall, qps=100.0 * speedup, flat_qps=100.0,
+                     reached=recall >= 0.95, sample=1_000)
+
+
+def test_auto_picks_the_fastest_candidate_that_meets_the_target_within_the_memory_budget():
+    fast_but_low = _measured("ivf-pq", 40.0, 0.90)
+    fastscan, ivf, hnsw = _measured("ivf-fastscan", 20.0, 0.96), _measured("ivf-flat", 8.0, 0.97), _measured("hnsw", 12.0, 0.95)
+    name, why = choose_fastest([ivf, fastscan, hnsw, fast_but_low], flat_memory=2 * GB, budget=4 * GB, target=0.95)
+    assert name == "ivf-fastscan" and why.startswith("auto chose ivf-fastscan: the fastest index reaching Recall@10")
+    assert "20.0x" in why and "hnsw 12.0x" in why  # the winner's speed, and what else was measured
+    # the fastest needs more memory than the budget: the next fastest
+    big = _measured("ivf-fastscan", 20.0, 0.96, memory_gb=5.0)
+    assert choose_fastest([ivf, big, hnsw], 2 * GB, 4 * GB, 0.95)[0] == "hnsw"
+    # a candidate that is not measured (time cap, memory) is never chosen
+    skipped = Candidate("ivf-fastscan", GB, measured=False, note="skipped")
+    assert choose_fastest([ivf, skipped], 2 * GB, 4 * GB, 0.95)[0] == "ivf-flat"
+
+
+def test_auto_keeps_flat_when_nothing_is_clearly_faster_at_the_target_and_says_so():
+    slow = [_measured("ivf-flat", 1.2, 0.96), _measured("hnsw", 0.4, 0.97), _measured("ivf-fastscan", 3.0, 0.80)]
+    name, why = choose_fastest(slow, flat_memory=GB, budget=4 * GB, target=0.95)
+    assert name == "flat"
+    assert why.startswith("auto built flat (exact search): no candidate reaches Recall@10 0.95 at >= 1.5x")
+    assert "best measured: ivf-flat Recall@10 0.960 at 1.2x" in why
+    assert choose_fastest([], flat_memory=GB, budget=4 * GB, target=0.95)[0] == "flat"
+
+
+def test_when_flat_exceeds_the_budget_auto_takes_the_fastest_fitting_or_else_the_closest_recall():
+    fitting = [_measured("ivf-pq", 9.0, 0.96, 0.5), _measured("ivf-fastscan", 30.0, 0.97, 3.0)]
+    name, why = choose_fastest(fitting, flat_memory=8 * GB, budget=1 * GB, target=0.95)
+    assert name == "ivf-pq" and "flat exceeds the memory budget of 1 GB" in why
+    missing = [_measured("ivf-pq", 9.0, 0.80, 0.5), _measured("hnsw", 2.0, 0.85, 0.9)]
+    name, why = choose_fastest(missing, flat_memory=8 * GB, budget=1 * GB, target=0.95)
+    assert name == "hnsw" and "came closest (0.850)" in why
+    too_big = [Candidate("ivf-flat", 9 * GB, measured=False), Candidate("ivf-pq", 2 * GB, measured=False)]
+    assert choose_fastest(too_big, flat_memory=8 * GB, budget=1 * GB, target=0.95)[0] == "ivf-pq"
+
+
+def test_auto_builds_what_its_recorded_measurements_choose(tmp_path):
+    from retrieval.index.calibrate import choose_fastest as decide
+
+    g, _ = clustered(4_000, 32, 40, seed=11, spread=1.0)
+    cfg = IndexConfig(index_type="auto", flat_max_items=1_000, use_gpu=False)
+    result = build_calibrated(g, cfg, CalibrationConfig(queries=200))
+    recorded = [Candidate(**{k: v for k, v in c.items() if k != "speedup"}) for c in result.meta()["auto_candidates"]]
+    choice, why = decide(recorded, 4_000 * 32 * 4, int(cfg.memory_budget_gb * GB), 0.95)
+    assert result.built.params.index_type == choice and result.decision.startswith(why)
+    assert result.built.index.ntotal == len(g)
+    assert {c.name for c in recorded} == {"ivf-flat", "ivf-fastscan", "hnsw"}
+    fastscan = next(c for c in recorded if c.name == "ivf-fastscan")
+    assert fastscan.factory == "IVF102,PQ8x4fs,RFlat" and "refine_factor" in fastscan.setting  # 8 sub-codes divide 32
+
+
+APPROXIMATE = [kind for kind in INDEX_TYPES.values() if not kind.exact]
+
+
+@pytest.mark.parametrize("kind", APPROXIMATE, ids=[k.name for k in APPROXIMATE])
+def test_recall_on_held_out_queries_is_within_002_of_what_calibration_measured(kind: IndexType):
+    """The recall a build promises (measured on gallery vectors, or held-out ones for graphs) is what new queries
+    of the same distribution get."""
+    points, _ = clustered(6_000, 32, 50, seed=12, spread=1.0)
+    g, queries = points[:5_000], points[5_000:]  # queries: new points of the same distribution
+    cfg = IndexConfig(index_type=kind.name, pq_m=8, pq_nbits=4, refine_factor=8 if kind.name == "ivf-pq" else 0,
+                      hnsw_m=8, use_gpu=False)
+    result = build_calibrated(g, cfg, CalibrationConfig(target_recall=0.9, queries=1_000, seed=1))
+    cal = result.calibration
+    assert cal is not None and cal.reached
+    exact = exact_top_k(g, queries, 10, None)
+    held_out = recall_without_self(result.built.index, queries, None, exact)
+    assert abs(held_out - cal.recall) <= 0.02, (kind.name, held_out, cal.recall)

@@ -25,6 +25,12 @@ from retrieval.index.types import INDEX_TYPES, IndexParams, IndexType, index_typ
 
 N, D = 3_000, 16
 SMALL = dict(nlist=16, nprobe=16, pq_m=4, pq_nbits=6, hnsw_m=8, ef_search=64, use_gpu=False)
+# every registered type with SMALL, and the IVF variants its knobs make: an HNSW coarse quantizer, an OPQ rotation
+VARIANTS = [(kind, {}) for kind in INDEX_TYPES.values()] + [
+    (INDEX_TYPES["ivf-flat"], dict(coarse_hnsw_m=8)),
+    (INDEX_TYPES["ivf-fastscan"], dict(opq=1, coarse_hnsw_m=8)),
+]
+VARIANT_IDS = [kind.name + "".join(f"-{k}{v}" for k, v in extra.items()) for kind, extra in VARIANTS]
 
 
 def clustered(n: int, seed: int) -> np.ndarray:
@@ -39,9 +45,13 @@ def gallery() -> np.ndarray:
     return clustered(N, 0)
 
 
-@pytest.mark.parametrize("kind", list(INDEX_TYPES.values()), ids=list(INDEX_TYPES))
-def test_every_registered_type_builds_searches_and_declares_what_it_can_do(kind: IndexType, gallery):
-    params = resolve_params(IndexConfig(index_type=kind.name, **SMALL), N, D)
+@pytest.mark.parametrize("kind, extra", VARIANTS, ids=VARIANT_IDS)
+def test_every_registered_type_builds_searches_and_declares_what_it_can_do(kind: IndexType, extra: dict, gallery):
+    params = resolve_params(IndexConfig(index_type=kind.name, **SMALL, **extra), N, D)
+    for field, value in extra.items():
+        assert getattr(params, field) == value
+    assert ("_HNSW8," in params.factory_string()) == ("coarse_hnsw_m" in extra)
+    assert params.factory_string().startswith("OPQ4,") == ("opq" in extra)
     assert params.kind is kind and params.exact == kind.exact and params.factory_string()
     assert kind.memory_bytes(N, D, IndexConfig(**SMALL)) > 0
     built = build_faiss_index(gallery, params, use_gpu=False)
@@ -70,9 +80,9 @@ def test_every_registered_type_builds_searches_and_declares_what_it_can_do(kind:
             remove_from_index(built.index, params, np.array([0]))
 
 
-@pytest.mark.parametrize("kind", list(INDEX_TYPES.values()), ids=list(INDEX_TYPES))
-def test_shards_of_every_type_merge_into_one_index_or_are_refused(kind: IndexType, gallery):
-    params = resolve_params(IndexConfig(index_type=kind.name, **SMALL), N, D)
+@pytest.mark.parametrize("kind, extra", VARIANTS, ids=VARIANT_IDS)
+def test_shards_of_every_type_merge_into_one_index_or_are_refused(kind: IndexType, extra: dict, gallery):
+    params = resolve_params(IndexConfig(index_type=kind.name, **SMALL, **extra), N, D)
     built = build_faiss_index(gallery, params, use_gpu=False).index
     if not kind.mergeable:
         with pytest.raises(IndexBuildError, match="cannot be merged"):
@@ -109,7 +119,8 @@ def test_the_command_line_lists_the_registered_types():
 
 # A valid, non-default value of every knob that has a flag, for 700 vectors of size 16 (ivf-pq with 4-bit codes
 # trains on 39 x 16 = 624 of them). A new knob needs a value here.
-KNOB_VALUES = dict(nlist=4, nprobe=3, pq_m=4, pq_nbits=4, hnsw_m=6, ef_construction=20, ef_search=24, refine_factor=2)
+KNOB_VALUES = dict(nlist=4, nprobe=3, coarse_hnsw_m=8, pq_m=4, pq_nbits=4, opq=1, hnsw_m=6, ef_construction=20,
+                   ef_search=24, refine_factor=2)
 
 
 def _index_options() -> dict:
@@ -135,7 +146,7 @@ def test_every_knob_is_an_index_config_field_an_index_params_field_and_a_flag_wi
     assert set(KNOB_VALUES) == {k.field for k in INDEX_KNOBS.values() if k.cli}
     # the flags users and the README name
     for flag in ("--nlist", "--nprobe", "--pq-m", "--pq-nbits", "--hnsw-m", "--ef-construction", "--ef-search",
-                 "--refine-factor"):
+                 "--refine-factor", "--coarse-hnsw-m", "--opq"):
         assert any(flag in p.opts for p in options.values()), flag
 
 

@@ -15,14 +15,21 @@ a real catalogue where neighbourhoods overlap), so the setting is measured, not 
 3. the smallest setting whose Recall@k reaches the target is applied to the index (so it is written
    into the index file) and recorded with the whole curve in the folder's metadata.
 
-For `--index-type auto`, `build_calibrated` also decides honestly: an approximate index that does not
-reach the target clearly faster than exact search is replaced by flat when flat fits the memory
-budget, and the reason is recorded.
+For `--index-type auto` above the size rule (`flat_max_items`), `build_calibrated` measures instead of
+assuming: each candidate type (IVF-flat, IVF fast-scan + refinement, HNSW; IVF-PQ when flat does not fit)
+whose memory estimate fits the budget is built and calibrated on a seeded sample of at most
+AUTO_SAMPLE_ITEMS gallery vectors, beside exact search on the same queries. `choose_fastest` (a pure
+function of those measurements) keeps the fastest that reaches the target at least AUTO_MIN_SPEEDUP x
+faster than flat, else flat when it fits; the winner is then built on the whole gallery and calibrated
+again. Every candidate's speed, recall and memory, and why auto chose, go to the folder's metadata. Build
+time stays bounded: the sample size, sweeps that stop once slower than AUTO_MIN_SPEEDUP x flat, and
+AUTO_TIME_CAP_S after which the remaining candidates are skipped (and recorded as skipped).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +45,7 @@ from retrieval.index.errors import IndexBuildError
 from retrieval.index.faiss_index import BuiltIndex, add_to_index, build_faiss_index, configure_search, resolve_params
 from retrieval.index.knobs import EF_SEARCH, NPROBE, knob_label, knob_values
 from retrieval.index.meta import IndexMeta
-from retrieval.index.types import INDEX_TYPES, IndexParams
+from retrieval.index.types import INDEX_TYPES, IndexParams, default_nlist
 
 TIMING_BATCH = 256  # queries per search call when timing (the batch size speed targets are stated at)
 REFINE_LADDER = (1, 2, 4, 8, 16, 32, 64)
@@ -46,6 +53,12 @@ PLATEAU_GAIN = 0.001  # two doublings in a row gaining less than this: recall ha
 MIN_TIMING_SECONDS, MAX_TIMING_PASSES = 0.25, 20
 AUTO_MIN_SPEEDUP = 1.5  # auto keeps an approximate index only when it is at least this much faster than exact
 MAX_HELD_OUT_FRACTION = 5  # a graph (HNSW) holds out at most 1/5 of the gallery while it is calibrated
+AUTO_CANDIDATES = ("ivf-flat", "ivf-fastscan", "hnsw", "ivf-pq")  # what auto measures beside flat, cheapest first
+AUTO_MEMORY_ONLY = ("ivf-pq",)  # measured only when flat exceeds the memory budget (they exist to save memory)
+AUTO_SAMPLE_ITEMS = 100_000  # auto measures its candidates on a seeded sample of at most this many vectors
+AUTO_TIME_CAP_S = 900.0  # candidates not started after this many seconds of measuring are skipped
+COARSE_HNSW_FROM = 16_384  # auto's IVF indexes with at least this many lists assign with an HNSW graph
+AUTO_COARSE_HNSW_M = 32
 
 
 @dataclass
@@ -89,7 +102,7 @@ class Calibration:
         return out
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "Calibration":
+    def from_dict(cls, raw: dict[str, Any]) -> Calibration:
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in raw.items() if k in names}
         values["curve"] = [CurvePoint(**p) for p in raw.get("curve", [])]
@@ -99,11 +112,16 @@ class Calibration:
         """One line: the chosen setting, its recall against exact search and its speed against exact."""
         setting = _setting_words(self.chosen)
         how = "calibrated" if self.swept else "measured"
-        verdict = (f">= target {self.target_recall:g}" if self.reached
-                   else f"below target {self.target_recall:g}: the best this index reached")
+        verdict = (
+            f">= target {self.target_recall:g}"
+            if self.reached
+            else f"below target {self.target_recall:g}: the best this index reached"
+        )
         queries = "held-out gallery vectors" if self.held_out else "gallery vectors as queries"
-        return (f"{setting} ({how} on {self.n_queries:,} {queries}: Recall@{self.k} vs exact "
-                f"{self.recall:.3f}, {verdict}; {self.speedup:.1f}x exact search speed on {self.device})")
+        return (
+            f"{setting} ({how} on {self.n_queries:,} {queries}: Recall@{self.k} vs exact "
+            f"{self.recall:.3f}, {verdict}; {self.speedup:.1f}x exact search speed on {self.device})"
+        )
 
 
 def _setting_words(setting: dict[str, int]) -> str:
@@ -119,18 +137,23 @@ def sample_queries(n: int, count: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=count, replace=False))
 
 
-def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, rows: np.ndarray | None, k: int, use_gpu: bool
-                     ) -> tuple[np.ndarray, float, str]:
+def exact_neighbours(
+    vectors: np.ndarray, queries: np.ndarray, rows: np.ndarray | None, k: int, use_gpu: bool
+) -> tuple[np.ndarray, float, str]:
     """(ids (Q, k) of the exact top-k of `queries` among `vectors`, each query's own row `rows[i]` excluded
     when given; CPU queries/s of exact search; device the exact search ran on). The CPU speed is timed
     separately when a GPU did the work."""
     from retrieval.knn import FlatSearcher
 
     def exact(searcher: FlatSearcher) -> np.ndarray:
-        return np.concatenate([
-            searcher.search(queries[s : s + TIMING_BATCH], k,
-                            self_ids=None if rows is None else rows[s : s + TIMING_BATCH])[1]
-            for s in range(0, len(queries), TIMING_BATCH)])
+        return np.concatenate(
+            [
+                searcher.search(
+                    queries[s : s + TIMING_BATCH], k, self_ids=None if rows is None else rows[s : s + TIMING_BATCH]
+                )[1]
+                for s in range(0, len(queries), TIMING_BATCH)
+            ]
+        )
 
     searcher = FlatSearcher(vectors, metric="ip", use_gpu=use_gpu, max_k=k + 1)
     device = searcher.device
@@ -142,8 +165,9 @@ def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, rows: np.ndarray 
     del searcher  # free the GPU copy before timing the CPU one
     cpu = FlatSearcher(vectors, metric="ip", use_gpu=False, max_k=k + 1)
     timed = queries[: 2 * TIMING_BATCH]
-    _, seconds = _timed_passes(lambda: [cpu.index.search(timed[s : s + TIMING_BATCH], k + 1)
-                                        for s in range(0, len(timed), TIMING_BATCH)])
+    _, seconds = _timed_passes(
+        lambda: [cpu.index.search(timed[s : s + TIMING_BATCH], k + 1) for s in range(0, len(timed), TIMING_BATCH)]
+    )
     return ids, len(timed) / seconds, device
 
 
@@ -160,12 +184,13 @@ def _timed_passes(run: Callable[[], Any]) -> tuple[Any, float]:
     return first, max(best, 1e-9)
 
 
-def _search_without_self(index: faiss.Index, queries: np.ndarray, rows: np.ndarray, k: int
-                         ) -> tuple[np.ndarray, float]:
+def _search_without_self(index: faiss.Index, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, float]:
     """Top-k ids of each query with its own row removed (k+1 searched), and queries/s in batches."""
+
     def run() -> np.ndarray:
-        return np.concatenate([index.search(queries[s : s + TIMING_BATCH], k + 1)[1]
-                               for s in range(0, len(queries), TIMING_BATCH)])
+        return np.concatenate(
+            [index.search(queries[s : s + TIMING_BATCH], k + 1)[1] for s in range(0, len(queries), TIMING_BATCH)]
+        )
 
     ids, seconds = _timed_passes(run)
     own = ids == rows[:, None]
@@ -193,8 +218,16 @@ def _plateaued(points: list[CurvePoint]) -> bool:
 class _Sweep:
     """Measures settings of one index against the exact neighbours, remembering every point."""
 
-    def __init__(self, index: faiss.Index, params: IndexParams, queries: np.ndarray, rows: np.ndarray,
-                 exact: np.ndarray, k: int, progress: bool = False) -> None:
+    def __init__(
+        self,
+        index: faiss.Index,
+        params: IndexParams,
+        queries: np.ndarray,
+        rows: np.ndarray,
+        exact: np.ndarray,
+        k: int,
+        progress: bool = False,
+    ) -> None:
         from tqdm.auto import tqdm
 
         self.index, self.params, self.queries, self.rows, self.exact, self.k = index, params, queries, rows, exact, k
@@ -211,8 +244,9 @@ class _Sweep:
         return point
 
 
-def _sweep_ladder(sweep: _Sweep, key: str, ladder: list[int], target: float, min_qps: float,
-                  **fixed: int) -> CurvePoint | None:
+def _sweep_ladder(
+    sweep: _Sweep, key: str, ladder: list[int], target: float, min_qps: float, **fixed: int
+) -> CurvePoint | None:
     """Walk `ladder` upwards; the first point reaching `target`, else None (stops at a plateau, or once
     slower than `min_qps`)."""
     walked: list[CurvePoint] = []
@@ -226,9 +260,17 @@ def _sweep_ladder(sweep: _Sweep, key: str, ladder: list[int], target: float, min
     return None
 
 
-def calibrate(index: faiss.Index, params: IndexParams, vectors: np.ndarray, cfg: CalibrationConfig, *,
-              use_gpu: bool = True, min_speedup: float = 0.0, holdout: np.ndarray | None = None,
-              progress: bool = False) -> tuple[IndexParams, Calibration]:
+def calibrate(
+    index: faiss.Index,
+    params: IndexParams,
+    vectors: np.ndarray,
+    cfg: CalibrationConfig,
+    *,
+    use_gpu: bool = True,
+    min_speedup: float = 0.0,
+    holdout: np.ndarray | None = None,
+    progress: bool = False,
+) -> tuple[IndexParams, Calibration]:
     """Choose the search setting of the built CPU `index` (over `vectors` (N, D), L2-normalised) and apply it.
 
     Queries are a seeded sample of `vectors` (own row excluded), or `holdout` (Q, D): vectors the index
@@ -267,12 +309,22 @@ def calibrate(index: faiss.Index, params: IndexParams, vectors: np.ndarray, cfg:
     chosen = dataclasses.replace(params, **knob_values(**found.setting))
     configure_search(index, chosen)
     result = Calibration(
-        index_type=params.index_type, target_recall=target, k=k, n_queries=len(queries), seed=cfg.seed,
-        chosen=dict(found.setting), recall=found.recall, qps=found.qps, flat_qps=round(flat_qps, 1),
-        reached=bool(reached), curve=sweep.points, swept=cfg.sweep,
+        index_type=params.index_type,
+        target_recall=target,
+        k=k,
+        n_queries=len(queries),
+        seed=cfg.seed,
+        chosen=dict(found.setting),
+        recall=found.recall,
+        qps=found.qps,
+        flat_qps=round(flat_qps, 1),
+        reached=bool(reached),
+        curve=sweep.points,
+        swept=cfg.sweep,
         device=getattr(index, "device", None) or f"cpu, {faiss.omp_get_max_threads()} threads",
         exact_device=exact_device,
-        seconds=round(time.perf_counter() - t_start, 3), held_out=holdout is not None,
+        seconds=round(time.perf_counter() - t_start, 3),
+        held_out=holdout is not None,
     )
     return chosen, result
 
@@ -283,8 +335,14 @@ def _search_ladders(sweep: _Sweep, params: IndexParams, target: float, min_qps: 
     assert kind.knob is not None  # every approximate type has a knob
     knob, ladder = kind.knob.field, kind.ladder(params, sweep.k, n)
     if params.refine_factor <= 0 or not kind.sweeps_refine:
-        return _sweep_ladder(sweep, knob, ladder, target, min_qps,
-                             **({"refine_factor": params.refine_factor} if params.refine_factor > 0 else {}))
+        return _sweep_ladder(
+            sweep,
+            knob,
+            ladder,
+            target,
+            min_qps,
+            **({"refine_factor": params.refine_factor} if params.refine_factor > 0 else {}),
+        )
     # the knob sets the cost (e.g. lists scanned); re-ranking k x factor candidates costs k x factor dot
     # products, small beside that: so the smallest knob value that reaches the target with any factor,
     # then the smallest factor there. A factor that misses at the largest value misses at all.
@@ -315,6 +373,111 @@ def _current_setting(params: IndexParams) -> dict[str, int]:
 
 
 @dataclass
+class Candidate:
+    """One index type auto considered: its calibrated speed and recall on the sample, and its memory estimate
+    for the whole gallery. `measured` False: skipped (memory budget, time cap, parameters), `note` says why."""
+
+    name: str
+    memory_bytes: int
+    measured: bool = True
+    factory: str = ""
+    setting: dict[str, int] = field(default_factory=dict)
+    recall: float = 0.0
+    qps: float = 0.0
+    flat_qps: float = 0.0  # exact search on the same sample and queries, in the same run
+    reached: bool = False
+    seconds: float = 0.0
+    sample: int = 0
+    note: str = ""
+    k: int = 10
+
+    @property
+    def speedup(self) -> float:
+        return self.qps / self.flat_qps if self.flat_qps > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["speedup"] = round(self.speedup, 3)
+        return out
+
+    def summary(self) -> str:
+        if not self.measured:
+            return f"not measured: {self.note}"
+        setting = _setting_words(self.setting) or "exact"
+        return (
+            f"{self.factory} at {setting}: Recall@{self.k} {self.recall:.3f}, {self.speedup:.1f}x flat "
+            f"({self.qps:,.0f} vs {self.flat_qps:,.0f} q/s on {self.sample:,} vectors), "
+            f"{self.memory_bytes / 1024**3:.3g} GB for the gallery" + (f"; {self.note}" if self.note else "")
+        )
+
+
+def choose_fastest(
+    candidates: list[Candidate],
+    flat_memory: int,
+    budget: int,
+    target: float,
+    k: int = 10,
+    min_speedup: float = AUTO_MIN_SPEEDUP,
+) -> tuple[str, str]:
+    """(index type, why): auto's choice from measured candidates, a pure function of what was measured.
+
+    Flat fits the budget: the fastest candidate that fits, reaches `target` and is at least `min_speedup` x
+    faster than flat, else flat. Flat does not fit: the fastest fitting candidate that reaches the target,
+    else the fitting one with the best recall, else the smallest."""
+    fitting = [c for c in candidates if c.measured and c.memory_bytes <= budget]
+    meeting = [c for c in fitting if c.reached]
+    gb = f"{budget / 1024**3:g} GB"
+
+    def others(chosen: str) -> str:
+        rest = [
+            f"{c.name} {c.speedup:.1f}x" + ("" if c.reached else f" (Recall@{k} {c.recall:.3f})")
+            for c in candidates
+            if c.measured and c.name != chosen
+        ]
+        return f"; measured: {', '.join(rest)}" if rest else ""
+
+    if flat_memory <= budget:
+        faster = [c for c in meeting if c.speedup >= min_speedup]
+        if not faster:
+            best = (
+                max(meeting, key=lambda c: c.qps)
+                if meeting
+                else (max(fitting, key=lambda c: (c.recall, c.qps)) if fitting else None)
+            )
+            seen = (
+                f" (best measured: {best.name} Recall@{k} {best.recall:.3f} at {best.speedup:.1f}x)"
+                if best is not None
+                else ""
+            )
+            return "flat", (
+                f"auto built flat (exact search): no candidate reaches Recall@{k} {target:g} at >= "
+                f"{min_speedup:g}x the speed of exact search{seen}, and flat fits the memory budget "
+                f"of {gb}{others('flat')}"
+            )
+        best = max(faster, key=lambda c: c.qps)
+        return best.name, (
+            f"auto chose {best.name}: the fastest index reaching Recall@{k} {target:g} "
+            f"({best.recall:.3f} at {best.speedup:.1f}x exact search, measured on {best.sample:,} "
+            f"vectors){others(best.name)}"
+        )
+    if meeting:
+        best = max(meeting, key=lambda c: c.qps)
+        return best.name, (
+            f"auto chose {best.name}: flat exceeds the memory budget of {gb}; the fastest fitting "
+            f"index reaching Recall@{k} {target:g} ({best.recall:.3f} at {best.speedup:.1f}x){others(best.name)}"
+        )
+    if fitting:
+        best = max(fitting, key=lambda c: (c.recall, c.qps))
+        return best.name, (
+            f"auto chose {best.name}: flat exceeds the memory budget of {gb} and no fitting index "
+            f"reaches Recall@{k} {target:g}; {best.name} came closest ({best.recall:.3f}){others(best.name)}"
+        )
+    smallest = min(candidates, key=lambda c: c.memory_bytes) if candidates else None
+    name = smallest.name if smallest is not None else "ivf-pq"
+    return name, (f"auto chose {name}: nothing fits the memory budget of {gb}; {name} needs the least memory")
+
+
+@dataclass
 class CalibratedBuild:
     """A built index, its calibration (None for flat or when switched off) and why auto chose its type."""
 
@@ -322,9 +485,10 @@ class CalibratedBuild:
     calibration: Calibration | None
     decision: str = ""  # auto's reason for its choice, when it is not the plain size rule
     rejected: Calibration | None = None  # the approximate index auto measured and replaced by flat
+    candidates: list[Candidate] = field(default_factory=list)  # what auto measured
 
     def meta(self) -> dict[str, Any]:
-        """The IndexMeta fields this build fills (calibration, what auto rejected and why)."""
+        """The IndexMeta fields this build fills (calibration, what auto measured or rejected, and why)."""
         out: dict[str, Any] = {}
         if self.calibration is not None:
             out["calibration"] = self.calibration.to_dict()
@@ -332,6 +496,8 @@ class CalibratedBuild:
             out["calibration_rejected"] = self.rejected.to_dict()
         if self.decision:
             out["index_decision"] = self.decision
+        if self.candidates:
+            out["auto_candidates"] = [c.to_dict() for c in self.candidates]
         return out
 
 
@@ -360,13 +526,63 @@ def held_out_count(params: IndexParams, calib: CalibrationConfig, n: int) -> int
     return min(calib.queries, n // MAX_HELD_OUT_FRACTION)
 
 
-def build_calibrated(vectors: np.ndarray, cfg: IndexConfig, calib: CalibrationConfig | None = None, *,
-                     seed: int = 0, progress: bool = False, builder: Any = None) -> CalibratedBuild:
+def _build_and_calibrate(
+    vectors: np.ndarray,
+    params: IndexParams,
+    cfg: IndexConfig,
+    calib: CalibrationConfig,
+    min_speedup: float,
+    seed: int,
+    progress: bool,
+    builder: Any = None,
+) -> tuple[BuiltIndex, Calibration]:
+    """Build `params` over `vectors` in the builder's store (default FaissBuilder()) and calibrate it (HNSW: with
+    its last rows held out, added afterwards)."""
+    builder = builder or FaissBuilder()
+    n = len(vectors)
+    held = held_out_count(params, calib, n)
+    built = builder.build(vectors[: n - held] if held else vectors, params, use_gpu=cfg.use_gpu, seed=seed)
+    chosen, result = calibrate(
+        built.index,
+        params,
+        vectors[: n - held] if held else vectors,
+        calib,
+        use_gpu=cfg.use_gpu,
+        min_speedup=min_speedup,
+        holdout=vectors[n - held :] if held else None,
+        progress=progress,
+    )
+    if held:
+        t0 = time.perf_counter()
+        builder.add(built.index, vectors[n - held :])
+        built.add_seconds += time.perf_counter() - t0
+    built.params = chosen
+    return built, result
+
+
+def _not_reached(cfg: IndexConfig, result: Calibration, why: str = "") -> str:
+    return (
+        f"{why}{result.index_type} reaches at most Recall@{result.k} {result.recall:.3f}, below the target "
+        f"{result.target_recall:g} (more lists, a larger HNSW M or IVF-PQ refinement may reach it)"
+    )
+
+
+def build_calibrated(
+    vectors: np.ndarray,
+    cfg: IndexConfig,
+    calib: CalibrationConfig | None = None,
+    *,
+    seed: int = 0,
+    progress: bool = False,
+    builder: Any = None,
+) -> CalibratedBuild:
     """Resolve, build and (for approximate types) calibrate an index over `vectors` (N, D) L2-normalised.
 
-    `--index-type auto` replaces an approximate index by flat when flat fits the memory budget and the
-    approximate one does not reach the target at least AUTO_MIN_SPEEDUP x faster than exact search.
-    `builder` builds the index in its store (default FaissBuilder()); calibration measures whatever it built.
+    `--index-type auto` keeps flat by the size rule; above it (or when flat exceeds the memory budget) it
+    measures its candidates and builds the fastest that reaches the target (`build_auto`). `builder` builds the
+    index in its store (default FaissBuilder()); calibration measures whatever it built. A store whose searches do
+    not run in this process (Milvus) cannot be compared with exact search here, so there auto keeps the size
+    rule's type and calibrates it.
     """
     builder = builder or FaissBuilder()
     calib = calib or CalibrationConfig()
@@ -374,43 +590,123 @@ def build_calibrated(vectors: np.ndarray, cfg: IndexConfig, calib: CalibrationCo
     n, d = vectors.shape
     params = resolve_params(cfg, n, d)
     calibrating = not params.exact and calib.target_recall > 0
-    held = held_out_count(params, calib, n)
-    built = builder.build(vectors[: n - held] if held else vectors, params, use_gpu=cfg.use_gpu, seed=seed)
+    if cfg.index_type == "auto" and calibrating and getattr(builder, "local", False):  # the size rule did not settle
+        return build_auto(vectors, cfg, calib, seed=seed, progress=progress)
     if not calibrating:
-        return CalibratedBuild(built, None)
-    budget = cfg.memory_budget_gb * 1024**3
-    may_fall_back = (cfg.index_type == "auto" and getattr(builder, "local", False)
-                     and INDEX_TYPES["flat"].memory_bytes(n, d, cfg) <= budget)
-    chosen, result = calibrate(built.index, params, vectors[: n - held] if held else vectors, calib,
-                               use_gpu=cfg.use_gpu, min_speedup=AUTO_MIN_SPEEDUP if may_fall_back else 0.0,
-                               holdout=vectors[n - held :] if held else None, progress=progress)
-    if held:
+        return CalibratedBuild(builder.build(vectors, params, use_gpu=cfg.use_gpu, seed=seed), None)
+    built, result = _build_and_calibrate(vectors, params, cfg, calib, 0.0, seed, progress, builder)
+    return CalibratedBuild(built, result, "" if result.reached else _not_reached(cfg, result))
+
+
+def _candidate_config(cfg: IndexConfig, name: str, n: int, d: int) -> IndexConfig:
+    """The IndexConfig auto builds candidate `name` with for `n` vectors: its lists sized for `n` (an HNSW
+    coarse quantizer from COARSE_HNSW_FROM lists), fast-scan codes that divide `d`."""
+    nlist = cfg.nlist if cfg.nlist > 0 else default_nlist(n)
+    changes: dict[str, Any] = {"index_type": name}
+    if name.startswith("ivf"):
+        changes["coarse_hnsw_m"] = cfg.coarse_hnsw_m or (AUTO_COARSE_HNSW_M if nlist >= COARSE_HNSW_FROM else 0)
+    if name == "ivf-fastscan" and d % 4 == 0:
+        changes["pq_m"] = d // 4  # 4-bit codes of 4 dimensions each (PQ64x4 plateaued at Recall@10 0.80 on 512-d)
+    elif name == "ivf-pq" and d % cfg.pq_m != 0:
+        changes["pq_m"] = max(m for m in range(1, d // 4 + 1) if d % m == 0)
+    return dataclasses.replace(cfg, **changes)
+
+
+def _say(progress: bool, text: str) -> None:
+    if progress:
+        print(text, file=sys.stderr, flush=True)
+
+
+def build_auto(
+    vectors: np.ndarray, cfg: IndexConfig, calib: CalibrationConfig, *, seed: int = 0, progress: bool = False
+) -> CalibratedBuild:
+    """`--index-type auto` by measurement: calibrate each candidate on a sample, keep the fastest that reaches
+    the target (`choose_fastest`), build it on the whole gallery. See the module docstring for the bounds."""
+    n, d = vectors.shape
+    budget = int(cfg.memory_budget_gb * 1024**3)
+    flat_memory = INDEX_TYPES["flat"].memory_bytes(n, d, cfg)
+    rows = sample_queries(n, AUTO_SAMPLE_ITEMS, seed) if n > AUTO_SAMPLE_ITEMS else np.arange(n)
+    sample = np.ascontiguousarray(vectors[rows])
+    whole = len(sample) == n
+    names = [c for c in AUTO_CANDIDATES if flat_memory > budget or c not in AUTO_MEMORY_ONLY]
+    candidates: list[Candidate] = []
+    builds: dict[str, tuple[BuiltIndex, Calibration]] = {}
+    t_start = time.perf_counter()
+    for number, name in enumerate(names, 1):
+        full_cfg = _candidate_config(cfg, name, n, d)
+        memory = INDEX_TYPES[name].memory_bytes(n, d, full_cfg)
+        if memory > budget:
+            candidates.append(
+                Candidate(
+                    name,
+                    memory,
+                    False,
+                    note=f"needs {memory / 1024**3:.3g} GB, over the memory budget of {cfg.memory_budget_gb:g} GB",
+                )
+            )
+            continue
+        if time.perf_counter() - t_start > AUTO_TIME_CAP_S:
+            candidates.append(Candidate(name, memory, False, note=f"skipped: measuring passed {AUTO_TIME_CAP_S:g}s"))
+            continue
+        try:
+            params = resolve_params(_candidate_config(cfg, name, len(sample), d), len(sample), d)
+        except IndexBuildError as exc:
+            candidates.append(Candidate(name, memory, False, note=str(exc)))
+            continue
+        _say(
+            progress,
+            f"auto: measuring {name} ({params.factory_string()}) on {len(sample):,} of {n:,} vectors "
+            f"[{number}/{len(names)}]",
+        )
         t0 = time.perf_counter()
-        builder.add(built.index, vectors[n - held :])
-        built.add_seconds += time.perf_counter() - t0
-    built.params = chosen
-    if may_fall_back and (not result.reached or result.speedup < AUTO_MIN_SPEEDUP):
-        best = max(result.curve, key=lambda p: (p.recall, p.qps))
-        decision = (f"auto built flat (exact search): {params.index_type} does not reach Recall@{result.k} "
-                    f"{result.target_recall:g} at >= {AUTO_MIN_SPEEDUP:g}x the speed of exact search (best measured: "
-                    f"{best.recall:.3f} at {best.qps / result.flat_qps:.1f}x), and flat fits the memory budget")
-        flat = builder.build(vectors, IndexParams("flat"), use_gpu=cfg.use_gpu, seed=seed)
-        result.applied = False
-        return CalibratedBuild(flat, None, decision, rejected=result)
-    decision = ""
+        min_speedup = AUTO_MIN_SPEEDUP if flat_memory <= budget else 0.0
+        built, result = _build_and_calibrate(sample, params, cfg, calib, min_speedup, seed, False)
+        candidate = Candidate(
+            name,
+            memory,
+            True,
+            params.factory_string(),
+            dict(result.chosen),
+            result.recall,
+            result.qps,
+            result.flat_qps,
+            result.reached,
+            round(time.perf_counter() - t0, 3),
+            len(sample),
+            k=result.k,
+        )
+        candidates.append(candidate)
+        _say(progress, f"auto:   {candidate.summary()}")
+        if whole:
+            builds[name] = (built, result)
+        else:
+            del built
+    choice, decision = choose_fastest(candidates, flat_memory, budget, calib.target_recall, calib.k)
+    _say(progress, decision)
+    if choice == "flat":
+        flat = build_faiss_index(vectors, IndexParams("flat"), use_gpu=cfg.use_gpu, seed=seed)
+        measured = [c for c in candidates if c.measured]
+        rejected = None
+        if measured and whole:
+            best = max(measured, key=lambda c: (c.reached, c.qps))
+            rejected = builds[best.name][1]
+            rejected.applied = False
+        return CalibratedBuild(flat, None, decision, rejected=rejected, candidates=candidates)
+    if choice in builds:
+        built, result = builds[choice]
+    else:
+        params = resolve_params(_candidate_config(cfg, choice, n, d), n, d)
+        _say(progress, f"auto: building {params.factory_string()} on all {n:,} vectors")
+        built, result = _build_and_calibrate(vectors, params, cfg, calib, 0.0, seed, progress)
     if not result.reached:
-        why = (f"auto chose {params.index_type} because flat exceeds the memory budget of {cfg.memory_budget_gb:g} GB; "
-               if cfg.index_type == "auto" else "")
-        decision = (f"{why}{params.index_type} reaches at most Recall@{result.k} {result.recall:.3f}, below the target "
-                    f"{result.target_recall:g} (more lists, a larger HNSW M or IVF-PQ refinement may reach it)")
-    return CalibratedBuild(built, result, decision)
+        decision = f"{decision}; {_not_reached(cfg, result)}"
+    return CalibratedBuild(built, result, decision, candidates=candidates)
 
 
 # -- search-time overrides -------------------------------------------------------------------------
 
 
-def override_search_params(params: IndexParams, nprobe: int | None = None, ef_search: int | None = None
-                           ) -> IndexParams:
+def override_search_params(params: IndexParams, nprobe: int | None = None, ef_search: int | None = None) -> IndexParams:
     """`params` with `--nprobe` / `--ef-search` applied, refusing a knob the index type does not have."""
     changes: dict[str, int] = {}
     for knob, value in ((NPROBE, nprobe), (EF_SEARCH, ef_search)):

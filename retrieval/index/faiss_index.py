@@ -21,18 +21,20 @@ import numpy as np
 
 from retrieval.devices import faiss_gpu_available
 from retrieval.index.config import IndexConfig
-from retrieval.versions import software_versions
 from retrieval.index.errors import IndexBuildError, IndexFileError
 from retrieval.index.types import INDEX_TYPES, MIN_POINTS_PER_CENTROID, IndexParams, index_type
+from retrieval.versions import software_versions
 
 NORM_TOLERANCE = 1e-3
 
 
 def choose_index_type(n: int, d: int, cfg: IndexConfig) -> str:
-    """"auto": exact search while the gallery is small enough and fits; otherwise IVF.
+    """ "auto"'s size rule: exact search while the gallery is small enough and fits; otherwise IVF.
 
-    IVF-flat keeps exact vectors (fast, high recall at modest nprobe, measured by
-    benchmarks/index_speed.py); IVF-PQ when even float32 vectors exceed the memory budget.
+    Above the rule, the build measures instead (retrieval.index.calibrate.build_auto: each candidate type
+    calibrated on a sample, the fastest reaching the target kept); this answer is only its starting point
+    and what a build checks its parameters with before embedding. IVF-PQ when even float32 vectors exceed
+    the memory budget.
     """
     budget = cfg.memory_budget_gb * 1024**3
     if n <= cfg.flat_max_items and INDEX_TYPES["flat"].memory_bytes(n, d, cfg) <= budget:
@@ -111,8 +113,9 @@ def configure_search(index: faiss.Index, params: IndexParams) -> None:
 
 
 def _gpu_supported(params: IndexParams) -> tuple[bool, str]:
-    if params.kind.gpu_unsupported:
-        return False, params.kind.gpu_unsupported
+    why = params.kind.gpu_refusal(params)
+    if why:
+        return False, why
     if params.refine_factor > 0:
         return False, "refined indexes (IndexRefineFlat) run on the CPU"
     return True, ""
@@ -156,9 +159,7 @@ def to_search_device(cpu_index: faiss.Index, params: IndexParams, use_gpu: bool)
         return cpu_index, "cpu"
 
 
-def build_faiss_index(
-    vectors: np.ndarray, params: IndexParams, *, use_gpu: bool = True, seed: int = 0
-) -> BuiltIndex:
+def build_faiss_index(vectors: np.ndarray, params: IndexParams, *, use_gpu: bool = True, seed: int = 0) -> BuiltIndex:
     """Train (IVF/PQ, on a seeded sample of `params.train_size` vectors) and add `vectors` (N, D) L2-normalised.
 
     IVF types train and add on the GPU when FAISS sees one (k-means is the slow part); the returned
@@ -209,8 +210,9 @@ def train_index(index: faiss.Index, sample: np.ndarray, params: IndexParams) -> 
     try:
         index.train(sample)
     except RuntimeError as exc:
-        raise IndexBuildError(f"FAISS could not train {params.factory_string()} on {len(sample):,} vectors: "
-                              f"{exc}") from exc
+        raise IndexBuildError(
+            f"FAISS could not train {params.factory_string()} on {len(sample):,} vectors: {exc}"
+        ) from exc
 
 
 def add_to_index(index: faiss.Index, vectors: np.ndarray) -> None:
@@ -242,7 +244,9 @@ def remove_from_index(index: faiss.Index, params: IndexParams, rows: np.ndarray)
     n_before = index.ntotal
     params.kind.remove(index, faiss.IDSelectorBatch(rows), rows)
     if index.ntotal != n_before - len(rows):
-        raise IndexBuildError(f"removal left {index.ntotal} vectors, expected {n_before - len(rows)}; rebuild the index")
+        raise IndexBuildError(
+            f"removal left {index.ntotal} vectors, expected {n_before - len(rows)}; rebuild the index"
+        )
 
 
 def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

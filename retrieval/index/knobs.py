@@ -45,25 +45,65 @@ class Knob:
         return "--" + self.field.replace("_", "-")
 
 
-NPROBE = Knob("nprobe", 16, "IVF lists scanned per query (default: calibrated to --target-recall).", minimum=1,
-              calibrated=True, applies_to="IVF indexes")
-EF_SEARCH = Knob("ef_search", 128, "HNSW search beam width (default: calibrated to --target-recall).", minimum=1,
-                 calibrated=True, label="efSearch", applies_to="HNSW indexes")
-REFINE = Knob("refine_factor", 0, "Re-rank k x this many approximate candidates exactly (0 = off).", minimum=0,
-              label="refine factor", applies_to="approximate indexes")
+NPROBE = Knob(
+    "nprobe",
+    16,
+    "IVF lists scanned per query (default: calibrated to --target-recall).",
+    minimum=1,
+    calibrated=True,
+    applies_to="IVF indexes",
+)
+EF_SEARCH = Knob(
+    "ef_search",
+    128,
+    "HNSW search beam width (default: calibrated to --target-recall).",
+    minimum=1,
+    calibrated=True,
+    label="efSearch",
+    applies_to="HNSW indexes",
+)
+REFINE = Knob(
+    "refine_factor",
+    0,
+    "Re-rank k x this many approximate candidates exactly (0 = off).",
+    minimum=0,
+    label="refine factor",
+    applies_to="approximate indexes",
+)
 
 # In the order of the flags in `retrieval index --help` and of the fields in meta.json's index_params.
-INDEX_KNOBS: dict[str, Knob] = {k.field: k for k in (
-    Knob("nlist", 0, "IVF lists (0 = about 4 sqrt(N)).", minimum=0),
-    NPROBE,
-    Knob("pq_m", 64, "IVF-PQ sub-quantizers (bytes per vector at 8 bits).", minimum=1),
-    Knob("pq_nbits", 8, "IVF-PQ bits per sub-code.", minimum=1, maximum=16),
-    Knob("hnsw_m", 32, "HNSW neighbours per node.", minimum=2),
-    Knob("ef_construction", 80, "HNSW build beam width.", minimum=1),
-    EF_SEARCH,
-    REFINE,
-    Knob("train_size", 0, "Vectors sampled (seeded) to train IVF/PQ (0 = chosen from nlist).", minimum=0, cli=False),
-)}
+INDEX_KNOBS: dict[str, Knob] = {
+    k.field: k
+    for k in (
+        Knob("nlist", 0, "IVF lists (0 = about 4 sqrt(N)).", minimum=0),
+        NPROBE,
+        Knob(
+            "coarse_hnsw_m",
+            0,
+            "IVF coarse quantizer as an HNSW graph with this many neighbours per centroid, so adding "
+            "costs log(nlist), not nlist (0 = brute-force assignment; 32 suits nlist >= 16,384).",
+            minimum=0,
+            label="coarse HNSW M",
+        ),
+        Knob("pq_m", 64, "IVF-PQ / fast-scan sub-quantizers (bytes per vector at 8 bits, half that at 4).", minimum=1),
+        Knob("pq_nbits", 8, "IVF-PQ bits per sub-code.", minimum=1, maximum=16),
+        Knob(
+            "opq",
+            0,
+            "Rotate vectors with OPQ before PQ codes (1 = on; ivf-pq, ivf-fastscan).",
+            minimum=0,
+            maximum=1,
+            label="OPQ",
+        ),
+        Knob("hnsw_m", 32, "HNSW neighbours per node.", minimum=2),
+        Knob("ef_construction", 80, "HNSW build beam width.", minimum=1),
+        EF_SEARCH,
+        REFINE,
+        Knob(
+            "train_size", 0, "Vectors sampled (seeded) to train IVF/PQ (0 = chosen from nlist).", minimum=0, cli=False
+        ),
+    )
+}
 
 
 class KnobValues:
@@ -76,8 +116,10 @@ class KnobValues:
 
     nlist: int
     nprobe: int
+    coarse_hnsw_m: int
     pq_m: int
     pq_nbits: int
+    opq: int
     hnsw_m: int
     ef_construction: int
     ef_search: int
@@ -112,8 +154,9 @@ def knob_fields(default: Callable[[Knob], Any], after: str) -> Callable[[type[T]
         own = dict(cls.__dict__.get("__annotations__", {}))
         clash = sorted(set(own) & set(INDEX_KNOBS))
         if after not in own or clash:
-            raise TypeError(f"{cls.__name__}: knob fields go after its field {after!r} and are not declared by hand "
-                            f"({clash})")
+            raise TypeError(
+                f"{cls.__name__}: knob fields go after its field {after!r} and are not declared by hand ({clash})"
+            )
         annotations: dict[str, Any] = {}
         for name, hint in own.items():
             annotations[name] = hint

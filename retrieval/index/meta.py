@@ -70,6 +70,7 @@ class IndexMeta:
     calibration: dict[str, Any] | None = None  # retrieval.index.calibrate.Calibration.to_dict()
     calibration_rejected: dict[str, Any] | None = None
     index_decision: str | None = None  # why auto chose the type, when not the plain size rule
+    auto_candidates: list[dict[str, Any]] | None = None  # what auto measured: each type's speed, recall, memory
     # the saved folder
     n_items: int = 0
     n_queries: int = 0
@@ -110,7 +111,7 @@ class IndexMeta:
         return out
 
     @classmethod
-    def from_dict(cls, raw: Any, source: Path | str = META_FILE) -> "IndexMeta":
+    def from_dict(cls, raw: Any, source: Path | str = META_FILE) -> IndexMeta:
         """Read the meta.json form of any version up to FORMAT_VERSION; IndexFileError naming `source` else."""
         if not isinstance(raw, dict) or raw.get("format") != INDEX_FORMAT:
             raise IndexFileError(f"{source} is not metrix-retrieval index metadata (format {INDEX_FORMAT} expected)")
@@ -138,9 +139,11 @@ def _newer_message(raw: dict[str, Any], version: int, source: Path | str) -> str
     versions = raw.get("versions")
     writer = versions.get("metrix-retrieval") if isinstance(versions, dict) else None
     by = f"metrix-retrieval {writer}" if writer else "a newer metrix-retrieval"
-    return (f"{source} was written by {by} (index format version {version}); this is metrix-retrieval "
-            f"{retrieval.__version__}, which reads versions up to {FORMAT_VERSION}. Open it with that release "
-            "or newer, or rebuild the index with this one (`retrieval index`)")
+    return (
+        f"{source} was written by {by} (index format version {version}); this is metrix-retrieval "
+        f"{retrieval.__version__}, which reads versions up to {FORMAT_VERSION}. Open it with that release "
+        "or newer, or rebuild the index with this one (`retrieval index`)"
+    )
 
 
 def _from_version_1(raw: dict[str, Any]) -> dict[str, Any]:

@@ -102,8 +102,9 @@ def _items_of(folder: EmbeddingsFolder, role: str) -> PartItems:
 
 
 def _item_table(items: PartItems, data_root: str | None) -> ItemTable:
-    return ItemTable(absolute_paths(items.paths, data_root), list(items.labels), list(items.item_ids),
-                     items.attribute_rows())
+    return ItemTable(
+        absolute_paths(items.paths, data_root), list(items.labels), list(items.item_ids), items.attribute_rows()
+    )
 
 
 def split_parts(names: Sequence[str], counts: Sequence[int], shards: int) -> list[list[str]]:
@@ -135,8 +136,15 @@ def train_on_sample(folder: EmbeddingsFolder, params: IndexParams, n: int, seed:
     return bytes(faiss.serialize_index(index))
 
 
-def build_shard(parts_dir: str, names: Sequence[str], trained: bytes, params: dict[str, Any], out_file: str,
-                verify: bool = True, threads: int = 0) -> ShardResult:
+def build_shard(
+    parts_dir: str,
+    names: Sequence[str],
+    trained: bytes,
+    params: dict[str, Any],
+    out_file: str,
+    verify: bool = True,
+    threads: int = 0,
+) -> ShardResult:
     """Add the vectors of parts `names` (one part in memory at a time) to a copy of the trained index and write
     it to `out_file`. Runs in the driver (engine local) or as a Ray task."""
     t0 = time.perf_counter()
@@ -152,20 +160,42 @@ def build_shard(parts_dir: str, names: Sequence[str], trained: bytes, params: di
     configure_search(index, p)
     atomic_write_with(out_file, lambda path: write_index(index, path))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return ShardResult(os.path.basename(out_file), int(index.ntotal), time.perf_counter() - t0, int(rss),
-                       f"{socket.gethostname()}:{os.getpid()}")
+    return ShardResult(
+        os.path.basename(out_file),
+        int(index.ntotal),
+        time.perf_counter() - t0,
+        int(rss),
+        f"{socket.gethostname()}:{os.getpid()}",
+    )
 
 
-def _run_shards_local(parts_dir: str, groups: list[list[str]], trained: bytes, params: dict[str, Any],
-                      files: list[str], verify: bool, progress: bool) -> list[ShardResult]:
+def _run_shards_local(
+    parts_dir: str,
+    groups: list[list[str]],
+    trained: bytes,
+    params: dict[str, Any],
+    files: list[str],
+    verify: bool,
+    progress: bool,
+) -> list[ShardResult]:
     from tqdm.auto import tqdm
 
-    return [build_shard(parts_dir, names, trained, params, f, verify)
-            for names, f in tqdm(list(zip(groups, files)), desc="shards", unit="shard", disable=not progress)]
+    return [
+        build_shard(parts_dir, names, trained, params, f, verify)
+        for names, f in tqdm(list(zip(groups, files)), desc="shards", unit="shard", disable=not progress)
+    ]
 
 
-def _run_shards_ray(parts_dir: str, groups: list[list[str]], trained: bytes, params: dict[str, Any],
-                    files: list[str], verify: bool, progress: bool, ray_options: Any) -> list[ShardResult]:
+def _run_shards_ray(
+    parts_dir: str,
+    groups: list[list[str]],
+    trained: bytes,
+    params: dict[str, Any],
+    files: list[str],
+    verify: bool,
+    progress: bool,
+    ray_options: Any,
+) -> list[ShardResult]:
     """Shard builds as Ray tasks, at most `workers` at once; the trained index is put in the object store once."""
     from tqdm.auto import tqdm
 
@@ -174,8 +204,7 @@ def _run_shards_ray(parts_dir: str, groups: list[list[str]], trained: bytes, par
     ray_options = ray_options or RayOptions()
     ray = connect(ray_options)
     threads = max(1, int(ray_options.cpus_per_worker))
-    task = ray.remote(num_cpus=ray_options.cpus_per_worker, max_calls=1,
-                      max_retries=ray_options.retries)(build_shard)
+    task = ray.remote(num_cpus=ray_options.cpus_per_worker, max_calls=1, max_retries=ray_options.retries)(build_shard)
     trained_ref = ray.put(trained)
     pending = list(zip(groups, files))
     running: dict[Any, int] = {}
@@ -197,19 +226,30 @@ def _run_shards_ray(parts_dir: str, groups: list[list[str]], trained: bytes, par
                     cause = getattr(exc, "cause", None) or exc
                     if isinstance(cause, (ValueError, OSError)):
                         raise cause from exc  # a corrupt part, a mismatch: the worker's own message names the file
-                    raise RuntimeError(f"shard build {j} failed on Ray ({type(exc).__name__}: "
-                                       f"{(str(exc).strip().splitlines() or [''])[0]})") from exc
+                    raise RuntimeError(
+                        f"shard build {j} failed on Ray ({type(exc).__name__}: "
+                        f"{(str(exc).strip().splitlines() or [''])[0]})"
+                    ) from exc
                 bar.update(1)
     finally:
         bar.close()
     return [results[j] for j in range(len(pending))]
 
 
-def build_from_parts(parts_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-                     cfg: IndexConfig | None = None, shard_options: ShardOptions | None = None, *,
-                     ray_options: Any = None, seed: int = 0, verify: bool = True, progress: bool = True,
-                     calib: CalibrationConfig | None = None, store: Any = None,
-                     upload_batch: int = 1000) -> tuple[GalleryIndex, BuildReport]:
+def build_from_parts(
+    parts_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    cfg: IndexConfig | None = None,
+    shard_options: ShardOptions | None = None,
+    *,
+    ray_options: Any = None,
+    seed: int = 0,
+    verify: bool = True,
+    progress: bool = True,
+    calib: CalibrationConfig | None = None,
+    store: Any = None,
+    upload_batch: int = 1000,
+) -> tuple[GalleryIndex, BuildReport]:
     """Publish an index folder at `out_dir` from the embeddings folder `parts_dir` (see module docstring).
 
     One index is built and calibrated exactly as `retrieval index` does (`calib`); shards search with
@@ -227,12 +267,15 @@ def build_from_parts(parts_dir: str | os.PathLike[str], out_dir: str | os.PathLi
         raise IndexBuildError(f"{folder.folder} holds no gallery parts; nothing to index")
     n, d = folder.count("gallery"), folder.embedding_size
     if n == 0:
-        raise IndexBuildError(f"{folder.folder}: no gallery image could be embedded ({manifest.get('n_bad', 0)} "
-                              "unreadable); nothing to index")
+        raise IndexBuildError(
+            f"{folder.folder}: no gallery image could be embedded ({manifest.get('n_bad', 0)} "
+            "unreadable); nothing to index"
+        )
     params = resolve_params(cfg, n, d)
     if store is not None and opts.shards > 1:
-        raise UsageError("--store milvus builds one collection (Milvus spreads it over its own segments and nodes); "
-                         "drop --shards")
+        raise UsageError(
+            "--store milvus builds one collection (Milvus spreads it over its own segments and nodes); drop --shards"
+        )
     if opts.shards > 1:
         _check_sharding(params, opts, len(folder.part_names("gallery")))
     g_items = _items_of(folder, "gallery")
@@ -248,8 +291,21 @@ def build_from_parts(parts_dir: str | os.PathLike[str], out_dir: str | os.PathLi
         return index
 
     if opts.shards > 1:
-        index = _build_shards(folder, params, opts, report, items, queries, Path(out_dir), publish, use_gpu=cfg.use_gpu,
-                              seed=seed, verify=verify, progress=progress, ray_options=ray_options)
+        index = _build_shards(
+            folder,
+            params,
+            opts,
+            report,
+            items,
+            queries,
+            Path(out_dir),
+            publish,
+            use_gpu=cfg.use_gpu,
+            seed=seed,
+            verify=verify,
+            progress=progress,
+            ray_options=ray_options,
+        )
         report.total_seconds = time.perf_counter() - t_start
         index.meta.build_seconds = round(report.total_seconds, 3)
         return index, report
@@ -265,15 +321,31 @@ def build_from_parts(parts_dir: str | os.PathLike[str], out_dir: str | os.PathLi
     built = result.built
     report.train_seconds, report.shard_seconds = built.train_seconds, built.add_seconds
     note = "one index: built in this process (pass --shards N to build shards on Ray)" if opts.engine == "ray" else ""
-    index = gallery_index(built.index, built.params, items, IndexMeta(), queries,
-                          None if built.params.stores_exact_vectors else gallery_emb, use_gpu=cfg.use_gpu)
+    index = gallery_index(
+        built.index,
+        built.params,
+        items,
+        IndexMeta(),
+        queries,
+        None if built.params.stores_exact_vectors else gallery_emb,
+        use_gpu=cfg.use_gpu,
+    )
     publish(index, built.device, built.note or note, **result.meta())
     report.total_seconds = time.perf_counter() - t_start
     return index, report
 
 
-def _upload_parts_on_ray(folder: EmbeddingsFolder, builder: Any, params: IndexParams, calib: CalibrationConfig | None,
-                         d: int, batch_size: int, ray_options: Any, verify: bool, progress: bool) -> None:
+def _upload_parts_on_ray(
+    folder: EmbeddingsFolder,
+    builder: Any,
+    params: IndexParams,
+    calib: CalibrationConfig | None,
+    d: int,
+    batch_size: int,
+    ray_options: Any,
+    verify: bool,
+    progress: bool,
+) -> None:
     """Upload the gallery parts into the builder's Milvus collection from parallel Ray tasks (`--workers` groups of
     consecutive parts); the rows a graph holds out for calibration are left to the build, which adds them later."""
     from retrieval.embed.ray_engine import RayOptions
@@ -295,26 +367,45 @@ def _upload_parts_on_ray(folder: EmbeddingsFolder, builder: Any, params: IndexPa
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int)
     first_keys = [int(offsets[names.index(g[0])]) for g in groups]
     builder.uploaded_elsewhere(d, 0)  # the collection exists (or is refused) before any task writes
-    upload_parts_on_ray(str(folder.folder), groups, first_keys, builder.record, batch_size, ray_options, verify,
-                        progress)
+    upload_parts_on_ray(
+        str(folder.folder), groups, first_keys, builder.record, batch_size, ray_options, verify, progress
+    )
     builder.uploaded_elsewhere(d, total)
 
 
 def _check_sharding(params: IndexParams, opts: ShardOptions, n_parts: int) -> None:
     if params.refine_factor > 0:
-        raise IndexBuildError("--refine-factor is not supported with --shards; build one index instead")
+        raise IndexBuildError(
+            f"refined indexes ({params.factory_string()}) cannot be built as --shards: build one "
+            "index instead, or shards of ivf-flat / ivf-pq without --refine-factor"
+        )
     if opts.merge and not params.kind.mergeable:
-        raise IndexBuildError(f"{params.index_type} shards cannot be merged into one index; drop --merge to keep "
-                              "them as shards")
+        raise IndexBuildError(
+            f"{params.index_type} shards cannot be merged into one index; drop --merge to keep them as shards"
+        )
     if opts.shards > n_parts:
-        raise IndexBuildError(f"--shards {opts.shards} exceeds the {n_parts} gallery parts; use fewer shards or "
-                              "re-embed with a smaller --part-size")
+        raise IndexBuildError(
+            f"--shards {opts.shards} exceeds the {n_parts} gallery parts; use fewer shards or "
+            "re-embed with a smaller --part-size"
+        )
 
 
-def _build_shards(folder: EmbeddingsFolder, params: IndexParams, opts: ShardOptions, report: BuildReport,
-                  items: ItemTable, queries: StoredQueries | None, out_dir: Path,
-                  publish: Callable[[GalleryIndex, str, str], GalleryIndex], *, use_gpu: bool, seed: int,
-                  verify: bool, progress: bool, ray_options: Any) -> GalleryIndex:
+def _build_shards(
+    folder: EmbeddingsFolder,
+    params: IndexParams,
+    opts: ShardOptions,
+    report: BuildReport,
+    items: ItemTable,
+    queries: StoredQueries | None,
+    out_dir: Path,
+    publish: Callable[[GalleryIndex, str, str], GalleryIndex],
+    *,
+    use_gpu: bool,
+    seed: int,
+    verify: bool,
+    progress: bool,
+    ray_options: Any,
+) -> GalleryIndex:
     """Train once here, build the shard files (locally or on Ray) into a staging folder beside `out_dir`, and
     publish them as shards or merged into one index."""
     from retrieval.index.folder import ShardedGalleryIndex
@@ -334,11 +425,13 @@ def _build_shards(folder: EmbeddingsFolder, params: IndexParams, opts: ShardOpti
         t0 = time.perf_counter()
         run = _run_shards_ray if opts.engine == "ray" else _run_shards_local
         extra = (ray_options,) if opts.engine == "ray" else ()
-        report.shards = run(str(folder.folder.resolve()), groups, trained, params.to_dict(), files, verify,
-                            progress, *extra)
+        report.shards = run(
+            str(folder.folder.resolve()), groups, trained, params.to_dict(), files, verify, progress, *extra
+        )
         report.shard_seconds = time.perf_counter() - t0
-        shard_set = ShardSet.from_files([Path(f) for f in files], [r.n_items for r in report.shards],
-                                        folder.embedding_size)
+        shard_set = ShardSet.from_files(
+            [Path(f) for f in files], [r.n_items for r in report.shards], folder.embedding_size
+        )
         gallery_vectors = None if params.stores_exact_vectors else folder.load_role("gallery", verify=False)[0]
         index: GalleryIndex
         if opts.merge:
@@ -347,16 +440,26 @@ def _build_shards(folder: EmbeddingsFolder, params: IndexParams, opts: ShardOpti
             report.merge_seconds = time.perf_counter() - t0
             index = GalleryIndex(merged, params, items, IndexMeta(), queries, gallery_vectors, use_gpu=use_gpu)
         else:
-            index = ShardedGalleryIndex(shard_set, params, items, IndexMeta(), queries, gallery_vectors,
-                                        use_gpu=use_gpu)
+            index = ShardedGalleryIndex(
+                shard_set, params, items, IndexMeta(), queries, gallery_vectors, use_gpu=use_gpu
+            )
         return publish(index, "cpu", "")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _meta(manifest: dict[str, Any], folder: EmbeddingsFolder, cfg: IndexConfig, opts: ShardOptions,
-          report: BuildReport, device: str, note: str, g_items: PartItems, t_start: float,
-          **calibration: Any) -> IndexMeta:
+def _meta(
+    manifest: dict[str, Any],
+    folder: EmbeddingsFolder,
+    cfg: IndexConfig,
+    opts: ShardOptions,
+    report: BuildReport,
+    device: str,
+    note: str,
+    g_items: PartItems,
+    t_start: float,
+    **calibration: Any,
+) -> IndexMeta:
     """The same metadata `retrieval index` records, plus where the embeddings came from and how it was built."""
     src = manifest.get("source", {})
     versions = dict(manifest.get("versions") or {})
@@ -380,10 +483,15 @@ def _meta(manifest: dict[str, Any], folder: EmbeddingsFolder, cfg: IndexConfig, 
         train_seconds=round(report.train_seconds, 3),
         add_seconds=round(report.shard_seconds, 3),
         build_seconds=round(time.perf_counter() - t_start, 3),
-        built_from={"embeddings": str(folder.folder.resolve()), "dtype": manifest.get("dtype"),
-                    "engine": opts.engine, "shards": max(1, opts.shards), "merged": opts.merge,
-                    "unreadable_images": len(g_items.bad),
-                    "shard_builds": [r.__dict__ for r in report.shards]},
+        built_from={
+            "embeddings": str(folder.folder.resolve()),
+            "dtype": manifest.get("dtype"),
+            "engine": opts.engine,
+            "shards": max(1, opts.shards),
+            "merged": opts.merge,
+            "unreadable_images": len(g_items.bad),
+            "shard_builds": [r.__dict__ for r in report.shards],
+        },
         created_at=now_iso(),
         versions=versions,
         history=[{"action": "build", "items": len(g_items.rows), "at": now_iso(), "from": "embeddings"}],

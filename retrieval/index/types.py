@@ -10,11 +10,18 @@ ones it reads, and IndexParams, IndexConfig and the `retrieval index` flags are 
     ivf-sq8   IVF with 8-bit scalar-quantised vectors (D bytes each): a quarter of ivf-flat's memory.
     ivf-pq    IVF with product-quantised codes (pq_m bytes per vector at 8 bits): for galleries that
               do not fit the memory budget as float32.
+    ivf-fastscan  IVF with 4-bit PQ codes scanned in SIMD registers (FAISS fast-scan), always re-ranked
+              exactly (IndexRefineFlat): scanning a list costs a fraction of IVF-flat's, and the refine
+              factor is calibrated with nprobe.
     hnsw      IndexHNSWFlat graph; `ef_search` trades speed for recall. Stays on the CPU (FAISS has no
               GPU HNSW).
 
 Any approximate type takes `refine_factor` > 0 to re-rank k * factor candidates exactly (IndexRefineFlat,
-which keeps the float32 vectors as well). All types use METRIC_INNER_PRODUCT over L2-normalised vectors.
+which keeps the float32 vectors as well). Every IVF type takes `coarse_hnsw_m` > 0 to find lists with an
+HNSW graph over the centroids ("IVF{nlist}_HNSW{M}") instead of comparing with all of them: the distances
+computed to add a vector grow with log(nlist), not nlist (measured on 512-d: it only pays from tens of
+thousands of lists, since brute force runs as one matrix product; see docs/scaling.md). PQ types take `opq` 1
+to learn a rotation ("OPQ{m},") that balances the sub-vectors before coding. All types use METRIC_INNER_PRODUCT over L2-normalised vectors.
 
 FAISS and NumPy are imported inside the methods: the command line reads names and help from this
 module and must start without loading them. IndexConfig (retrieval.index.config) checks its type against
@@ -43,6 +50,8 @@ MIN_POINTS_PER_CENTROID = 39  # below this FAISS k-means gives poor centroids (i
 TRAIN_POINTS_PER_LIST = 64  # default IVF training sample per list (FAISS itself subsamples above 256)
 MAX_AUTO_NLIST = 65_536
 EF_LADDER = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+COARSE_EF_CONSTRUCTION, COARSE_EF_SEARCH = 40, 64  # the HNSW coarse quantizer's graph: build and assignment beams
+FASTSCAN_REFINE = 16  # ivf-fastscan's refine factor when none is given (calibration sweeps it anyway)
 
 
 @dataclass(frozen=True)
@@ -57,7 +66,7 @@ class IndexParams(KnobValues):
     index_type: str
 
     @property
-    def kind(self) -> "IndexType":
+    def kind(self) -> IndexType:
         return index_type(self.index_type)
 
     @property
@@ -77,7 +86,7 @@ class IndexParams(KnobValues):
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "IndexParams":
+    def from_dict(cls, raw: dict[str, Any]) -> IndexParams:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in names})
 
@@ -116,6 +125,10 @@ class IndexType:
     def memory_bytes(self, n: int, d: int, cfg: IndexRequest) -> int:
         """Rough resident size of `n` vectors of dimension `d` (vectors + ids + graph/lists)."""
         return n * d * 4
+
+    def gpu_refusal(self, params: IndexParams) -> str:
+        """Why FAISS cannot build or search this index on a GPU ("" = it can)."""
+        return self.gpu_unsupported
 
     def prepare(self, index: faiss.Index, params: IndexParams) -> None:
         """Build-time settings of a new, empty index."""
@@ -168,9 +181,12 @@ def default_nlist(n: int) -> int:
 
 
 class Ivf(IndexType):
-    """Inverted lists over a k-means coarse quantizer; `nprobe` lists are scanned per query."""
+    """Inverted lists over a k-means coarse quantizer; `nprobe` lists are scanned per query.
 
-    knobs: ClassVar[tuple[str, ...]] = ("nlist", "nprobe", "refine_factor", "train_size")
+    The quantizer compares a vector with every centroid (`coarse_hnsw_m` 0) or searches an HNSW graph over
+    them; k-means training is the same either way (FAISS trains on a flat index, then builds the graph)."""
+
+    knobs: ClassVar[tuple[str, ...]] = ("nlist", "nprobe", "coarse_hnsw_m", "refine_factor", "train_size")
     knob = NPROBE
     sweeps_refine = True  # nprobe sets the cost; re-ranking k x factor candidates is small beside it
     removable = True
@@ -191,22 +207,54 @@ class Ivf(IndexType):
             )
         return cfg.nlist
 
-    def _params(self, cfg: IndexRequest, n: int, nlist: int, **codes: int) -> IndexParams:
-        """IVF parameters with a training sample large enough for the lists and the codes' centroids."""
-        pq_nbits = codes.get("pq_nbits", 0)
-        floor = MIN_POINTS_PER_CENTROID * max(nlist, 2**pq_nbits if pq_nbits else 0)
+    def _params(self, cfg: IndexRequest, n: int, nlist: int, code_centroids: int = 0, **codes: int) -> IndexParams:
+        """IVF parameters with a training sample large enough for the lists and the codes' `code_centroids`."""
+        if cfg.coarse_hnsw_m == 1:
+            raise IndexBuildError("coarse_hnsw_m must be 0 (brute-force assignment) or >= 2")
+        floor = MIN_POINTS_PER_CENTROID * max(nlist, code_centroids)
         train_size = cfg.train_size if cfg.train_size > 0 else max(TRAIN_POINTS_PER_LIST * nlist, floor)
         train_size = int(min(n, max(train_size, floor)))
-        return IndexParams(self.name, **knob_values(nlist=nlist, nprobe=max(1, min(cfg.nprobe, nlist)),
-                                                    refine_factor=cfg.refine_factor, train_size=train_size, **codes))
+        return IndexParams(
+            self.name,
+            **knob_values(
+                nlist=nlist,
+                nprobe=max(1, min(cfg.nprobe, nlist)),
+                coarse_hnsw_m=cfg.coarse_hnsw_m,
+                refine_factor=cfg.refine_factor,
+                train_size=train_size,
+                **codes,
+            ),
+        )
 
     def resolve(self, cfg: IndexRequest, n: int, d: int) -> IndexParams:
         return self._params(cfg, n, self._nlist(cfg, n))
+
+    @staticmethod
+    def coarse(params: IndexParams) -> str:
+        """The factory's coarse quantizer: "IVF{nlist}" or "IVF{nlist}_HNSW{M}"."""
+        return f"IVF{params.nlist}" + (f"_HNSW{params.coarse_hnsw_m}" if params.coarse_hnsw_m > 0 else "")
+
+    def gpu_refusal(self, params: IndexParams) -> str:
+        if params.coarse_hnsw_m > 0:
+            return "an HNSW coarse quantizer runs on the CPU (FAISS has no GPU HNSW)"
+        return self.gpu_unsupported
+
+    def prepare(self, index: faiss.Index, params: IndexParams) -> None:
+        self._coarse_beams(index, params)
+
+    @staticmethod
+    def _coarse_beams(index: faiss.Index, params: IndexParams) -> None:
+        import faiss
+
+        if params.coarse_hnsw_m > 0:
+            graph = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer).hnsw
+            graph.efConstruction, graph.efSearch = COARSE_EF_CONSTRUCTION, COARSE_EF_SEARCH
 
     def apply_search(self, index: faiss.Index, params: IndexParams) -> None:
         import faiss
 
         faiss.extract_index_ivf(index).nprobe = params.nprobe
+        self._coarse_beams(index, params)  # HNSW searches max(efSearch, nprobe) centroids
 
     def milvus_build(self, params: IndexParams) -> dict[str, int]:
         return {"nlist": params.nlist}
@@ -228,6 +276,9 @@ class Ivf(IndexType):
 
         ivf = faiss.extract_index_ivf(index)
         ivf.remove_ids(selector)
+        outer = faiss.downcast_index(index)
+        if outer.ntotal != ivf.ntotal:  # an OPQ rotation (IndexPreTransform) keeps its own count
+            outer.ntotal = ivf.ntotal
         lists = ivf.invlists
         for list_no in range(ivf.nlist):
             size = lists.list_size(list_no)
@@ -239,6 +290,15 @@ class Ivf(IndexType):
             lists.update_entries(list_no, 0, size, faiss.swig_ptr(new_ids), faiss.swig_ptr(codes))
 
     def merge(self, merged: faiss.Index, shard: faiss.Index) -> None:
+        import faiss
+
+        a, b = faiss.downcast_index(merged), faiss.downcast_index(shard)
+        if isinstance(a, faiss.IndexRefine):  # FAISS cannot merge refined indexes: lists and exact rows apart
+            offset = a.ntotal
+            faiss.downcast_index(a.base_index).merge_from(faiss.downcast_index(b.base_index), offset)
+            faiss.downcast_index(a.refine_index).merge_from(faiss.downcast_index(b.refine_index), 0)
+            a.ntotal = a.base_index.ntotal
+            return
         merged.merge_from(shard, merged.ntotal)  # shard-local ids shifted to global ids
 
 
@@ -247,7 +307,7 @@ class IvfFlat(Ivf):
     milvus_type = "IVF_FLAT"
 
     def factory(self, params: IndexParams) -> str:
-        return f"IVF{params.nlist},Flat"
+        return f"{self.coarse(params)},Flat"
 
     def memory_bytes(self, n: int, d: int, cfg: IndexRequest) -> int:
         return n * d * 4 + n * 8
@@ -271,7 +331,7 @@ class IvfSq8(Ivf):
     milvus_type = "IVF_SQ8"
 
     def factory(self, params: IndexParams) -> str:
-        return f"IVF{params.nlist},SQ8"
+        return f"{self.coarse(params)},SQ8"
 
     def memory_bytes(self, n: int, d: int, cfg: IndexRequest) -> int:
         return n * (d + 8) + (n * d * 4 if cfg.refine_factor > 0 else 0)
@@ -280,9 +340,33 @@ class IvfSq8(Ivf):
         return None
 
 
+def _check_pq_m(pq_m: int, d: int) -> None:
+    if pq_m <= 0 or d % pq_m != 0:
+        hint = ", ".join(str(m) for m in (8, 16, 32, 48, 64, 96, 128) if d % m == 0) or "1"
+        raise IndexBuildError(f"pq_m={pq_m} must divide the embedding size {d}; try {hint}")
+
+
+def _opq(params: IndexParams) -> str:
+    """The factory prefix of an OPQ rotation, when asked for."""
+    return f"OPQ{params.pq_m}," if params.opq else ""
+
+
+def _opq_codes(index: faiss.Index, params: IndexParams, nbits: int) -> None:
+    """Let the OPQ rotation learn with the index's own code size (FAISS otherwise trains an 8-bit PQ inside it,
+    16x the work of 4-bit codes). The quantizer is only read while training; the index holds it until then."""
+    import faiss
+
+    if not params.opq:
+        return
+    rotation = faiss.downcast_VectorTransform(faiss.downcast_index(index).chain.at(0))
+    trainer = faiss.ProductQuantizer(rotation.d_out, params.pq_m, nbits)
+    rotation.pq = trainer
+    index.__dict__["_opq_trainer"] = trainer  # FAISS's proxies refuse new attributes; this keeps it alive
+
+
 class IvfPq(Ivf):
     name = "ivf-pq"
-    knobs: ClassVar[tuple[str, ...]] = (*Ivf.knobs, "pq_m", "pq_nbits")
+    knobs: ClassVar[tuple[str, ...]] = (*Ivf.knobs, "pq_m", "pq_nbits", "opq")
     stores_vectors = False
     milvus_type = "IVF_PQ"
 
@@ -292,9 +376,7 @@ class IvfPq(Ivf):
     def resolve(self, cfg: IndexRequest, n: int, d: int) -> IndexParams:
         nlist = self._nlist(cfg, n)
         pq_m, pq_nbits = cfg.pq_m, cfg.pq_nbits
-        if pq_m <= 0 or d % pq_m != 0:
-            hint = ", ".join(str(m) for m in (8, 16, 32, 48, 64, 96, 128) if d % m == 0) or "1"
-            raise IndexBuildError(f"pq_m={pq_m} must divide the embedding size {d}; try {hint}")
+        _check_pq_m(pq_m, d)
         if not 1 <= pq_nbits <= 16:
             raise IndexBuildError(f"pq_nbits must be in 1..16, got {pq_nbits}")
         needed = MIN_POINTS_PER_CENTROID * 2**pq_nbits
@@ -304,10 +386,15 @@ class IvfPq(Ivf):
                 f"{2**pq_nbits} centroids per sub-quantizer; the gallery has {n:,}. Lower --pq-nbits "
                 "or use --index-type ivf-flat / flat."
             )
-        return self._params(cfg, n, nlist, pq_m=pq_m, pq_nbits=pq_nbits)
+        return self._params(cfg, n, nlist, 2**pq_nbits, pq_m=pq_m, pq_nbits=pq_nbits, opq=cfg.opq)
 
     def factory(self, params: IndexParams) -> str:
-        return f"IVF{params.nlist},PQ{params.pq_m}x{params.pq_nbits}np"  # np: skip polysemous training (unused, slow)
+        # np: skip polysemous training (unused, slow)
+        return f"{_opq(params)}{self.coarse(params)},PQ{params.pq_m}x{params.pq_nbits}np"
+
+    def prepare(self, index: faiss.Index, params: IndexParams) -> None:
+        super().prepare(index, params)
+        _opq_codes(_unrefined(index), params, params.pq_nbits)
 
     def memory_bytes(self, n: int, d: int, cfg: IndexRequest) -> int:
         return n * (cfg.pq_m * cfg.pq_nbits // 8 + 8) + (n * d * 4 if cfg.refine_factor > 0 else 0)
@@ -317,6 +404,40 @@ class IvfPq(Ivf):
 
     def stored_vectors(self, index: faiss.Index, n: int) -> np.ndarray | None:
         return None
+
+
+class IvfFastScan(Ivf):
+    """IVF with 4-bit PQ codes laid out for SIMD scanning (FAISS "PQ{m}x4fs"), re-ranked exactly.
+
+    4-bit codes alone rarely reach a high recall, so the index is always refined (IndexRefineFlat keeps the
+    float32 vectors): with no refine factor given it starts at FASTSCAN_REFINE, and calibration picks
+    nprobe and then the smallest factor. Removal is refused (refined indexes keep two id spaces);
+    shards merge their lists and their exact rows."""
+
+    name = "ivf-fastscan"
+    knobs: ClassVar[tuple[str, ...]] = (*Ivf.knobs, "pq_m", "opq")
+    gpu_unsupported = "FAISS has no GPU fast-scan index; it runs on the CPU"
+    removable = False
+    stores_vectors = True  # always refined: the exact rows are read back from the refinement
+
+    def resolve(self, cfg: IndexRequest, n: int, d: int) -> IndexParams:
+        nlist = self._nlist(cfg, n)
+        _check_pq_m(cfg.pq_m, d)
+        params = self._params(cfg, n, nlist, 2**4, pq_m=cfg.pq_m, opq=cfg.opq)
+        return dataclasses.replace(params, **knob_values(refine_factor=cfg.refine_factor or FASTSCAN_REFINE))
+
+    def factory(self, params: IndexParams) -> str:
+        return f"{_opq(params)}{self.coarse(params)},PQ{params.pq_m}x4fs"
+
+    def prepare(self, index: faiss.Index, params: IndexParams) -> None:
+        super().prepare(index, params)
+        _opq_codes(_unrefined(index), params, 4)
+
+    def memory_bytes(self, n: int, d: int, cfg: IndexRequest) -> int:
+        return n * (-(-cfg.pq_m // 2) + 8) + n * d * 4  # 4-bit codes, ids, and the exact rows of the refinement
+
+    def stored_vectors(self, index: faiss.Index, n: int) -> np.ndarray | None:
+        return None  # only reached without refinement, which this type never builds
 
 
 class Hnsw(IndexType):
@@ -337,9 +458,15 @@ class Hnsw(IndexType):
     def resolve(self, cfg: IndexRequest, n: int, d: int) -> IndexParams:
         if cfg.hnsw_m < 2:
             raise IndexBuildError(f"hnsw_m must be >= 2, got {cfg.hnsw_m}")
-        return IndexParams(self.name, **knob_values(hnsw_m=cfg.hnsw_m,
-                                                    ef_construction=max(cfg.ef_construction, cfg.hnsw_m),
-                                                    ef_search=cfg.ef_search, refine_factor=cfg.refine_factor))
+        return IndexParams(
+            self.name,
+            **knob_values(
+                hnsw_m=cfg.hnsw_m,
+                ef_construction=max(cfg.ef_construction, cfg.hnsw_m),
+                ef_search=cfg.ef_search,
+                refine_factor=cfg.refine_factor,
+            ),
+        )
 
     def factory(self, params: IndexParams) -> str:
         return f"HNSW{params.hnsw_m}"
@@ -368,6 +495,14 @@ class Hnsw(IndexType):
             raise UsageError("--ef-search must be >= 1")
 
 
+def _unrefined(index: faiss.Index) -> Any:
+    """The index under an IndexRefineFlat, or the index itself."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    return faiss.downcast_index(index.base_index) if isinstance(index, faiss.IndexRefine) else index
+
+
 def _graph_of(index: faiss.Index) -> Any:
     """The HNSW graph of an HNSW index, refined or not."""
     import faiss
@@ -378,7 +513,7 @@ def _graph_of(index: faiss.Index) -> Any:
     return index.hnsw
 
 
-INDEX_TYPES: dict[str, IndexType] = {t.name: t for t in (Flat(), IvfFlat(), IvfSq8(), IvfPq(), Hnsw())}
+INDEX_TYPES: dict[str, IndexType] = {t.name: t for t in (Flat(), IvfFlat(), IvfSq8(), IvfPq(), IvfFastScan(), Hnsw())}
 
 
 def index_type(name: str) -> IndexType:
