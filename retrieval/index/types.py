@@ -21,7 +21,8 @@ which keeps the float32 vectors as well). Every IVF type takes `coarse_hnsw_m` >
 HNSW graph over the centroids ("IVF{nlist}_HNSW{M}") instead of comparing with all of them: the distances
 computed to add a vector grow with log(nlist), not nlist (measured on 512-d: it only pays from tens of
 thousands of lists, since brute force runs as one matrix product; see docs/scaling.md). PQ types take `opq` 1
-to learn a rotation ("OPQ{m},") that balances the sub-vectors before coding. All types use METRIC_INNER_PRODUCT over L2-normalised vectors.
+to learn a rotation ("OPQ{m},") that balances the sub-vectors before coding. All types use METRIC_INNER_PRODUCT
+over L2-normalised vectors.
 
 FAISS and NumPy are imported inside the methods: the command line reads names and help from this
 module and must start without loading them. IndexConfig (retrieval.index.config) checks its type against
