@@ -58,6 +58,11 @@ def test_cli_builds_a_folder_from_a_npy_that_search_and_evaluate_open(tmp_path: 
     brute = np.argsort(-(g[[5, 9]] @ g.T), axis=1, kind="stable")[:, :3]
     assert [[h["gallery_index"] for h in r["hits"]] for r in results] == brute.tolist()
     assert results[0]["hits"][0]["item_id"] == "sku-5"
+    # the table form too: a folder built from vectors has no embedder, and none is needed to print its results
+    res = runner.invoke(app, ["search", "--index", str(out), "--embeddings", str(tmp_path / "q.npy"), "-k", "3",
+                              "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "queries: vectors from" in _text(res.output) and "sku-5" in res.output
 
     res = runner.invoke(app, ["evaluate", "--index", str(out), "--json", "--device", "cpu", "--ks", "1,4"])
     assert res.exit_code == 0, res.output

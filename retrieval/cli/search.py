@@ -83,10 +83,14 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps(payload, indent=2))
             return
         meta = searcher.index.meta
+        queries = (  # vectors given: no embedder was opened (a folder built from vectors records none)
+            f"queries: vectors from {escape(str(embeddings))}"
+            if embeddings is not None
+            else f"embedding on {escape(devices['embedding'])} ({searcher.backend.preprocessing.describe()})"
+        )
         console.print(
             f"index {escape(str(index))}: {meta.dataset} {meta.split}, {len(searcher.gallery_paths):,} "
-            f"items, {meta.index_type}; embedding on {escape(devices['embedding'])} "
-            f"({searcher.backend.preprocessing.describe()}), search on {escape(devices['index'])}"
+            f"items, {meta.index_type}; {queries}, search on {escape(devices['index'])}"
         )
         for path, hits in zip(images, results):
             table = Table(title=f"{escape(str(path))}", title_justify="left")
