@@ -64,19 +64,28 @@ def test_ray_embedding_equals_local_embedding(ray_parts, photos, tmp_path):
 def test_killed_ray_worker_then_rerun_embeds_only_the_missing_parts_with_identical_files(ray_parts, photos, tmp_path):
     emb_backend = open_embedder(EmbedderSpec.untrained(**TINY), "cpu")
     source = source_from_images([photos])
-    out = tmp_path / "emb"
     killed: list[int] = []
 
-    def kill_worker(result) -> None:  # the actor that finished the first part is already busy with its next one
+    def kill_worker(result) -> None:  # the actor that finished the first part is usually busy with its next one
         if not killed:
             pid = int(result.worker.rsplit(":", 1)[1])
             assert pid != os.getpid()
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
-    with pytest.raises(RuntimeError, match="rerun the same command"):
-        embed_to_parts(out, source, emb_backend, OPTIONS, engine="ray",
-                       ray_options=RayOptions(workers=2, retries=0), progress=False, on_part=kill_worker)
+    # Ray Data may finish every part before this process reads the first result; then the kill lands on an idle
+    # actor and the run completes. That is a scheduling race, not the behaviour under test: try again, up to 5 times.
+    for attempt in range(5):
+        out = tmp_path / f"emb-{attempt}"
+        killed.clear()
+        try:
+            embed_to_parts(out, source, emb_backend, OPTIONS, engine="ray",
+                           ray_options=RayOptions(workers=2, retries=0), progress=False, on_part=kill_worker)
+        except RuntimeError as exc:
+            assert "rerun the same command" in str(exc)
+            break
+    else:
+        pytest.fail("in 5 runs, the killed actor never left a part unfinished")
     assert killed
     folder = EmbeddingsFolder.open(out)
     missing = set(folder.missing_parts())
