@@ -23,9 +23,8 @@ from retrieval.checkpoint import CheckpointError, load_checkpoint, save_checkpoi
 from retrieval.config import RunConfig
 from retrieval.model import Embedder
 from training.distributed import DistInfo
+from training.run_files import BEST_CHECKPOINT, LAST_CHECKPOINT, resume_checkpoint
 
-LAST_CHECKPOINT = "last.pt"
-BEST_CHECKPOINT = "best.pt"
 # Settings a resumed run must share with the checkpoint: (section, key) of RunConfig.
 RESUME_MUST_MATCH = (("model", "arch"), ("model", "embedding_size"), ("loss", "name"), ("data", "dataset"))
 
@@ -57,12 +56,6 @@ class Progress:
         if improved:
             self.best_epoch, self.best_metrics = epoch, dict(metrics)
         return improved
-
-
-def resume_checkpoint(resume: str | Path) -> Path:
-    """The checkpoint a --resume value names: a file, or a run folder's last.pt."""
-    path = Path(resume)
-    return path / LAST_CHECKPOINT if path.is_dir() else path
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:

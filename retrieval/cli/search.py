@@ -108,10 +108,13 @@ def register(app: typer.Typer) -> None:
 
 def search_files(searcher: Any, paths: list[Path], k: int, where: Any, rerank: str) -> list[list[Any]]:
     """Query files -> hits per file, each file read and decoded by the query intake (as the server's
-    uploads are), a few at a time so that full-size decoded photos never pile up in memory."""
+    uploads are), a few at a time so that full-size decoded photos never pile up in memory.
+
+    An index that cannot embed images says so before any image is read; the embedder itself (torch) opens
+    with the first search, so an unreadable first image is reported at once."""
     from retrieval.query_intake import QueryIntake
 
-    _ = searcher.backend  # an index that cannot embed images says so before any image is read
+    searcher.check_embeds_images()
     intake = QueryIntake()
     results: list[list[Any]] = []
     for start in range(0, len(paths), QUERY_CHUNK):

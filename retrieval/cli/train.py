@@ -24,7 +24,7 @@ from training import catalog, levels
 
 def _resume_path(resume: str, out_dir: str | None) -> Path:
     """--resume PATH (a checkpoint), DIR (its last.pt), or 'last' (the run folder's last.pt)."""
-    from training.checkpointing import LAST_CHECKPOINT, resume_checkpoint
+    from training.run_files import LAST_CHECKPOINT, resume_checkpoint
 
     if resume in ("last", "auto"):
         if not out_dir:
@@ -199,11 +199,11 @@ def register(app: typer.Typer) -> None:
                           eval_every=eval_every, out_dir=out, device=device, max_steps_per_epoch=max_steps_per_epoch,
                           deterministic=deterministic),
         }  # fmt: skip
-        from retrieval.checkpoint import load_checkpoint
-
         resume_path, resume_config = None, None
         if resume is not None:
             resume_path = _resume_path(resume, out)
+            from retrieval.checkpoint import load_checkpoint  # torch: only once the checkpoint is known to exist
+
             resume_config = load_checkpoint(resume_path)["config"]
         cfg = resolve_config(
             dataset=dataset, loss=loss, mixup=mixup, config_file=config_file,

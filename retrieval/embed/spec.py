@@ -160,15 +160,21 @@ def embedder_record(backend: EmbeddingBackend) -> dict[str, Any]:
     return spec.to_record()
 
 
-def open_recorded(record: dict[str, Any], device: str = "auto") -> EmbeddingBackend:
-    """Re-open the embedder an index (or embeddings folder) records, or say how to supply one."""
+def recorded_spec(record: dict[str, Any]) -> EmbedderSpec:
+    """The embedder an index (or embeddings folder) records, checked without opening it (no torch), or an error
+    saying how to supply one."""
     spec = EmbedderSpec.from_record(record)
     if KINDS[spec.kind].takes_path and not Path(spec.path or "").is_file():
         raise FileNotFoundError(
             f"the index was built with {spec.path}, which no longer exists; pass the embedder "
             f"with {KINDS[spec.kind].flag}"
         )
-    return open_embedder(spec, device)
+    return spec
+
+
+def open_recorded(record: dict[str, Any], device: str = "auto") -> EmbeddingBackend:
+    """Re-open the embedder an index (or embeddings folder) records, or say how to supply one."""
+    return open_embedder(recorded_spec(record), device)
 
 
 # -- the kinds ---------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from retrieval.embed.backend import EmbeddingBackend
-from retrieval.embed.spec import EmbedderSpec, open_embedder, open_recorded
+from retrieval.embed.spec import EmbedderSpec, open_embedder, open_recorded, recorded_spec
 from retrieval.errors import InputError
 from retrieval.index.filters import Where, attribute_values, matching_ids, parse_where
 from retrieval.index.folder import GalleryIndex
@@ -129,6 +129,12 @@ class Searcher:
             self._attach(open_recorded(self.index.meta.embedder_source, self.device))
         assert self._backend is not None
         return self._backend
+
+    def check_embeds_images(self) -> None:
+        """Raise the error that opening the embedder would (an index built from vectors, a recorded embedder file
+        that is gone) without opening it: cheap, so a command can say so before it reads any query image."""
+        if self._backend is None:
+            recorded_spec(self.index.meta.embedder_source)
 
     def _attach(self, backend: EmbeddingBackend) -> None:
         self.index.check_embedder(
