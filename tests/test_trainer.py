@@ -51,19 +51,20 @@ def deterministic_torch():  # noqa: ANN201
 def test_short_feature_metrix_run_lowers_loss_and_raises_recall(
     demo_root: Path, tmp_path: Path, loss: str, deterministic_torch: None
 ) -> None:
-    """225 steps from scratch of a half-width ResNet-18 at 48 px, the learning rate cut 5x for the last third:
-    the unseen test products' R@1 rises well above the untrained model's (measured on 2 cores, one thread:
-    4.6% -> 13-19% R@1 and 33% -> 54-63% R@10 for the three losses)."""
+    """135 steps from scratch of a half-width ResNet-18 at 48 px, the learning rate cut 5x for the last third:
+    the unseen test products' R@1 rises well above the untrained model's (measured on 2 cores, one thread, at
+    this seed: 10.0% -> 29-33% R@1 and 40% -> 77-86% R@10 for the three losses; at seed 5 the weakest, PA,
+    gained 11.7% -> 15.0% R@1 and 46.7% -> 62.1% R@10, still above the thresholds)."""
     cfg = tiny_config(demo_root, tmp_path / loss, loss, "feature")
     cfg.model.arch, cfg.model.embedding_size = "resnet18-half", 64
     cfg.data.batch_size, cfg.data.image_size, cfg.data.resize_size = 32, 48, 48
     cfg.data.crop_scale_min, cfg.train.freeze_bn = 0.35, False  # the settings the margins were measured with
     t = cfg.train
-    t.epochs, t.max_steps_per_epoch, t.eval_every, t.lr, t.lr_step, t.lr_gamma = 15, 0, 0, 5e-3, 10, 0.2
+    t.epochs, t.max_steps_per_epoch, t.eval_every, t.lr, t.lr_step, t.lr_gamma = 9, 0, 0, 5e-3, 6, 0.2
     result = train(cfg, progress=False, evaluate_before=True)
 
     epochs = [row for row in result.history if row["epoch"] > 0]
-    assert len(epochs) == 15 and all(row["steps"] == 15 for row in epochs)
+    assert len(epochs) == 9 and all(row["steps"] == 15 for row in epochs)
     assert all(row["mixed"] > 0 for row in epochs)  # the Metrix term is active
     first, last = epochs[0]["loss"], sum(row["loss"] for row in epochs[-2:]) / 2
     assert last < first, f"{loss}: loss did not decrease ({first:.4f} -> {last:.4f})"
