@@ -4,6 +4,7 @@ and the capacity plan for 10M / 100M / 1B images computed from the rates measure
     python benchmarks/scale_out.py                      # everything (1M x 512 build: several minutes on 2 cores)
     python benchmarks/scale_out.py --vectors 200000     # a quicker build section
     python benchmarks/scale_out.py --json result.json   # also write every number measured
+    python benchmarks/scale_out.py milvus-plan --milvus-upload-rows-per-s 3700   # the plan's Milvus column alone
 
 1. Embedding: the same JPEGs through `retrieval embed` with the local engine (this process, all cores)
    and the Ray engine (N actors of one CPU each, Ray started beforehand and timed separately).
@@ -311,6 +312,54 @@ def capacity_plan(m: dict, gpu_rate: float, gpu_source: str) -> list[dict]:
     return plan
 
 
+PLAN_SIZES = (10_000_000, 100_000_000, 1_000_000_000)
+
+
+def milvus_plan(dim: int, upload_rows_per_s: float, node_gb: float, hnsw_m: int = 32, pq_m: int = 64) -> list[dict]:
+    """The capacity plan's Milvus column: what the query nodes of one replica hold, and the upload time.
+
+    Computed, not measured on a cluster (none runs here). Rules:
+      memory per vector   Milvus loads a collection's segments into query-node memory: IVF_FLAT 4 D + 8 bytes
+                          (vector, int64 key), IVF_PQ m + 8 (codes and key; raw vectors stay on object storage),
+                          HNSW 4 D + 8 M + 8 (vector, about 2 M links of 4 bytes, key); scalar fields (item id,
+                          path, attributes) add their text length and are not counted
+      index               the FAISS plan's rule: IVF_FLAT up to 10M vectors, IVF_PQ (m 64) above; HNSW beside it
+      query nodes         per replica = ceil(memory / usable memory per node); replicas multiply it
+      upload hours        N / the upsert rate of one client (given: measured with benchmarks/store_compare.py);
+                          parallel uploads (retrieval index --engine ray) divide it as far as the cluster ingests
+    """
+    rows = []
+    for n in PLAN_SIZES:
+        pq = n > 10_000_000
+        ivf_bpv = (pq_m + 8) if pq else (4 * dim + 8)
+        hnsw_bpv = 4 * dim + 8 * hnsw_m + 8
+        ivf_gb, hnsw_gb = n * ivf_bpv / 1e9, n * hnsw_bpv / 1e9
+        rows.append({
+            "images": n,
+            "milvus_index": f"IVF_PQ (m {pq_m})" if pq else "IVF_FLAT",
+            "memory_per_replica_gb": ivf_gb,
+            "query_nodes_per_replica": math.ceil(ivf_gb / node_gb),
+            "hnsw_memory_per_replica_gb": hnsw_gb,
+            "hnsw_query_nodes_per_replica": math.ceil(hnsw_gb / node_gb),
+            "upload_hours_one_client": n / upload_rows_per_s / 3600,
+        })
+    return rows
+
+
+def print_milvus_plan(dim: int, upload_rows_per_s: float, node_gb: float) -> list[dict]:
+    rows = milvus_plan(dim, upload_rows_per_s, node_gb)
+    print(f"\n## Capacity plan, Milvus column ({dim}-d, {node_gb:g} GB usable per query node, upload "
+          f"{upload_rows_per_s:,.0f} rows/s per client)")
+    print("| images | Milvus index | memory per replica | query nodes per replica | HNSW (M 32) memory | "
+          "HNSW query nodes | upload hours (1 client) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['images']:,} | {r['milvus_index']} | {r['memory_per_replica_gb']:,.1f} GB | "
+              f"{r['query_nodes_per_replica']} | {r['hnsw_memory_per_replica_gb']:,.0f} GB | "
+              f"{r['hnsw_query_nodes_per_replica']} | {r['upload_hours_one_client']:,.1f} |")
+    return rows
+
+
 # -- driver ------------------------------------------------------------------------------------------
 
 
@@ -334,6 +383,9 @@ def main() -> None:
     p.add_argument("--pq-parts", type=int, default=4, help="parts (of 65,536 vectors) used for the IVF-PQ rates")
     p.add_argument("--gpu-images-per-s", type=float, default=0.0,
                    help="GPU embedding rate (images/s) measured on a CUDA machine, used when none is present here")
+    p.add_argument("--milvus-upload-rows-per-s", type=float, default=0.0,
+                   help="upserts/s of one client into Milvus (benchmarks/store_compare.py): adds the Milvus column")
+    p.add_argument("--milvus-node-gb", type=float, default=64.0, help="usable memory per Milvus query node")
     p.add_argument("--skip-embed", action="store_true")
     p.add_argument("--only-embed", action="store_true")
     p.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
@@ -349,6 +401,11 @@ def main() -> None:
                 "_search": child_search, "_pq": child_pq}
     if a.mode in children:
         print(json.dumps(children[a.mode](a), default=float))
+        return
+    if a.mode == "milvus-plan":  # the Milvus column alone: arithmetic on a given upload rate, nothing measured
+        if a.milvus_upload_rows_per_s <= 0:
+            p.error("milvus-plan needs --milvus-upload-rows-per-s (measure it with benchmarks/store_compare.py)")
+        print_milvus_plan(a.dim, a.milvus_upload_rows_per_s, a.milvus_node_gb)
         return
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="scale_out-"))
@@ -464,6 +521,8 @@ def main() -> None:
                   f"{row['build_worker_hours']:,.0f} | {row['query_ms_batch256_per_query']:.2f} |")
     else:
         print("\nno GPU here and no --gpu-images-per-s given: the capacity plan needs a GPU embedding rate")
+    if a.milvus_upload_rows_per_s > 0:
+        result["milvus_plan"] = print_milvus_plan(a.dim, a.milvus_upload_rows_per_s, a.milvus_node_gb)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[2]:.1f} (15 min)")
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2, default=float))
