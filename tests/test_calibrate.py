@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from retrieval.index.calibrate import (
+    REFINE_EXTENSION,
     REFINE_LADDER,
     Candidate,
     build_calibrated,
@@ -124,6 +125,30 @@ def test_ivf_pq_refine_calibration_takes_the_smallest_nprobe_then_the_smallest_f
     smaller = [p for p in (1, 2, 4, 8, 16, 32, 64) if p < chosen.nprobe]
     assert all(rec(p, REFINE_LADDER[-1]) < 0.9 for p in smaller)
     assert all(rec(chosen.nprobe, rf) < 0.9 for rf in REFINE_LADDER if rf < chosen.refine_factor)
+    assert all(p.setting["refine_factor"] <= REFINE_LADDER[-1] for p in cal.curve)  # no larger re-ranking needed
+
+
+def test_refine_factors_past_the_ladder_are_tried_only_when_its_largest_misses_the_target():
+    """Codes far too coarse for structureless data (one 2-bit sub-quantizer): re-ranking 10 x 64 candidates misses
+    the target at every nprobe, so calibration tries the larger factors and keeps the smallest that reaches it."""
+    g = np.random.default_rng(2).standard_normal((3_000, 16)).astype(np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    params = resolve_params(IndexConfig(index_type="ivf-pq", nlist=8, pq_m=1, pq_nbits=2, refine_factor=4), len(g), 16)
+    built = build_faiss_index(g, params, use_gpu=False)
+    chosen, cal = calibrate(built.index, params, g, CalibrationConfig(target_recall=0.9, queries=200, seed=3),
+                            use_gpu=False)
+    rows = sample_queries(len(g), 200, 3)
+    exact = exact_top_k(g, g[rows], 10, rows)
+
+    def rec(nprobe: int, rf: int) -> float:
+        configure_search(built.index, dataclasses.replace(params, nprobe=nprobe, refine_factor=rf))
+        return recall_without_self(built.index, g[rows], rows, exact)
+
+    largest_nprobe = max(p.setting["nprobe"] for p in cal.curve)
+    assert rec(largest_nprobe, REFINE_LADDER[-1]) < 0.9  # the usual factors could not reach it
+    assert cal.reached and chosen.refine_factor in REFINE_EXTENSION
+    assert rec(chosen.nprobe, chosen.refine_factor) >= 0.9
+    assert all(rec(chosen.nprobe, rf) < 0.9 for rf in REFINE_EXTENSION if rf < chosen.refine_factor)
 
 
 def _gallery_index(result, g: np.ndarray, labels: np.ndarray) -> GalleryIndex:
