@@ -270,6 +270,10 @@ def child_pq(a: argparse.Namespace) -> dict:
 # -- 4. capacity plan --------------------------------------------------------------------------------
 
 
+PLAN_SIZES = (10_000_000, 100_000_000, 1_000_000_000)
+IVF_FLAT_UP_TO = 10_000_000  # the plan's index rule: IVF-flat up to this many vectors, IVF-PQ64 above
+
+
 def capacity_plan(m: dict, gpu_rate: float, gpu_source: str) -> list[dict]:
     """Per gallery size: embedding GPU-hours, index layout, memory per shard, build time, query latency.
 
@@ -288,8 +292,8 @@ def capacity_plan(m: dict, gpu_rate: float, gpu_source: str) -> list[dict]:
     add_flat = m["add_s_per_vector_1024"]  # seconds per vector per worker at nlist 1024 (ivf-flat)
     add_pq = 1.0 / m["pq"]["add_per_s_1thread"] * (1024 / m["nlist"])  # per vector per thread, at nlist 1024
     coarse_ns_per_centroid = m["coarse_ns_per_centroid"]
-    for n in (10_000_000, 100_000_000, 1_000_000_000):
-        pq = n > 10_000_000
+    for n in PLAN_SIZES:
+        pq = n > IVF_FLAT_UP_TO
         shards = max(1, math.ceil(n / 100_000_000)) if pq else 1
         per_shard = n / shards
         nlist = int(min(65_536, round(4 * math.sqrt(per_shard))))
@@ -312,9 +316,6 @@ def capacity_plan(m: dict, gpu_rate: float, gpu_source: str) -> list[dict]:
     return plan
 
 
-PLAN_SIZES = (10_000_000, 100_000_000, 1_000_000_000)
-
-
 def milvus_plan(dim: int, upload_rows_per_s: float, node_gb: float, hnsw_m: int = 32, pq_m: int = 64) -> list[dict]:
     """The capacity plan's Milvus column: what the query nodes of one replica hold, and the upload time.
 
@@ -330,7 +331,7 @@ def milvus_plan(dim: int, upload_rows_per_s: float, node_gb: float, hnsw_m: int 
     """
     rows = []
     for n in PLAN_SIZES:
-        pq = n > 10_000_000
+        pq = n > IVF_FLAT_UP_TO
         ivf_bpv = (pq_m + 8) if pq else (4 * dim + 8)
         hnsw_bpv = 4 * dim + 8 * hnsw_m + 8
         ivf_gb, hnsw_gb = n * ivf_bpv / 1e9, n * hnsw_bpv / 1e9

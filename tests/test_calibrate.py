@@ -108,9 +108,10 @@ def test_hnsw_calibration_uses_held_out_vectors_and_matches_a_brute_force_sweep(
     assert smallest > 16  # a weak graph (M=4) needs a wider beam than the first rung
 
 
-def test_ivf_pq_refine_calibration_takes_the_smallest_nprobe_then_the_smallest_factor():
-    g, _ = clustered(3_000, 16, 40, seed=2, spread=1.0)
-    params = resolve_params(IndexConfig(index_type="ivf-pq", pq_m=4, pq_nbits=6, refine_factor=4), len(g), 16)
+def _calibrated_refined(g: np.ndarray, cfg: IndexConfig):
+    """Build and calibrate (target Recall@10 0.9, 200 gallery queries) a refined index over `g`; also return
+    rec(nprobe, refine factor): the same queries' recall at that setting, measured directly."""
+    params = resolve_params(cfg, len(g), g.shape[1])
     built = build_faiss_index(g, params, use_gpu=False)
     chosen, cal = calibrate(built.index, params, g, CalibrationConfig(target_recall=0.9, queries=200, seed=3),
                             use_gpu=False)
@@ -121,6 +122,12 @@ def test_ivf_pq_refine_calibration_takes_the_smallest_nprobe_then_the_smallest_f
         configure_search(built.index, dataclasses.replace(params, nprobe=nprobe, refine_factor=rf))
         return recall_without_self(built.index, g[rows], rows, exact)
 
+    return chosen, cal, rec
+
+
+def test_ivf_pq_refine_calibration_takes_the_smallest_nprobe_then_the_smallest_factor():
+    g, _ = clustered(3_000, 16, 40, seed=2, spread=1.0)
+    chosen, cal, rec = _calibrated_refined(g, IndexConfig(index_type="ivf-pq", pq_m=4, pq_nbits=6, refine_factor=4))
     assert cal.reached and rec(chosen.nprobe, chosen.refine_factor) >= 0.9
     smaller = [p for p in (1, 2, 4, 8, 16, 32, 64) if p < chosen.nprobe]
     assert all(rec(p, REFINE_LADDER[-1]) < 0.9 for p in smaller)
@@ -133,17 +140,8 @@ def test_refine_factors_past_the_ladder_are_tried_only_when_its_largest_misses_t
     the target at every nprobe, so calibration tries the larger factors and keeps the smallest that reaches it."""
     g = np.random.default_rng(2).standard_normal((3_000, 16)).astype(np.float32)
     g /= np.linalg.norm(g, axis=1, keepdims=True)
-    params = resolve_params(IndexConfig(index_type="ivf-pq", nlist=8, pq_m=1, pq_nbits=2, refine_factor=4), len(g), 16)
-    built = build_faiss_index(g, params, use_gpu=False)
-    chosen, cal = calibrate(built.index, params, g, CalibrationConfig(target_recall=0.9, queries=200, seed=3),
-                            use_gpu=False)
-    rows = sample_queries(len(g), 200, 3)
-    exact = exact_top_k(g, g[rows], 10, rows)
-
-    def rec(nprobe: int, rf: int) -> float:
-        configure_search(built.index, dataclasses.replace(params, nprobe=nprobe, refine_factor=rf))
-        return recall_without_self(built.index, g[rows], rows, exact)
-
+    cfg = IndexConfig(index_type="ivf-pq", nlist=8, pq_m=1, pq_nbits=2, refine_factor=4)
+    chosen, cal, rec = _calibrated_refined(g, cfg)
     largest_nprobe = max(p.setting["nprobe"] for p in cal.curve)
     assert rec(largest_nprobe, REFINE_LADDER[-1]) < 0.9  # the usual factors could not reach it
     assert cal.reached and chosen.refine_factor in REFINE_EXTENSION
