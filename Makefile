@@ -3,10 +3,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
-# The Milvus Lite server of the Milvus store's tests, in its own environment: milvus-lite depends on faiss-cpu,
-# which must never enter $(VENV) (it would replace faiss-gpu's module). Its gRPC server imports pymilvus.
+# The Milvus servers of the Milvus store's tests, in their own environment: milvus-lite depends on faiss-cpu,
+# which must never enter $(VENV) (it would replace faiss-gpu's module). Its gRPC server imports pymilvus. The
+# `milvus` package is Milvus 2.3.5 standalone (the Go server and an embedded etcd; no Python dependencies).
 MILVUS_VENV ?= .venv-milvus
-MILVUS_STAMP := $(MILVUS_VENV)/.installed
+MILVUS_PACKAGES := "milvus-lite==3.2.2" "pymilvus==3.0.2" "milvus==2.3.5"
+MILVUS_STAMP := $(MILVUS_VENV)/.installed-lite-3.2.2-standalone-2.3.5
 
 .PHONY: install demo test browser lint milvus-server
 
@@ -26,7 +28,7 @@ $(TEST_STAMP): $(STAMP)
 $(MILVUS_STAMP):
 	test -x $(MILVUS_VENV)/bin/python || python3 -m venv $(MILVUS_VENV)
 	$(MILVUS_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(MILVUS_VENV)/bin/python -m pip install --quiet "milvus-lite==3.2.2" "pymilvus==3.0.2"
+	$(MILVUS_VENV)/bin/python -m pip install --quiet $(MILVUS_PACKAGES)
 	touch $(MILVUS_STAMP)
 
 install: $(STAMP)
@@ -48,6 +50,17 @@ milvus-server: $(MILVUS_STAMP)
 
 # The suite on $(TEST_WORKERS) parallel workers, a module per worker with its servers, trained runs or Ray runtime
 # (tests/conftest.py), ending with the 10 slowest tests. TEST_WORKERS=0 runs it in one process.
+# The Milvus standalone tests spend most of their time waiting for the server (flushes, loads), so they run in a
+# pytest process of their own beside the workers, on one thread; their report follows the workers'.
 TEST_WORKERS ?= 2
+BESIDE := tests/test_milvus_standalone.py
+BESIDE_LOG := test-artifacts/milvus-standalone-tests.log
 test: $(TEST_STAMP) browser lint $(MILVUS_STAMP)
-	METRIX_MILVUS_VENV=$(MILVUS_VENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=10 $(PYTEST_ARGS)
+	@mkdir -p test-artifacts
+	@export METRIX_MILVUS_VENV=$(MILVUS_VENV); \
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=3 $(BESIDE) $(PYTEST_ARGS) > $(BESIDE_LOG) 2>&1 & beside=$$!; \
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=10 --ignore=$(BESIDE) \
+		$(PYTEST_ARGS); workers=$$?; \
+	wait $$beside; alone=$$?; \
+	echo "---- $(BESIDE), run beside the workers ($(BESIDE_LOG)):"; tail -n 12 $(BESIDE_LOG); \
+	[ $$workers -eq 0 ] && { [ $$alone -eq 0 ] || [ $$alone -eq 5 ]; }

@@ -10,11 +10,12 @@ For each index type (flat, ivf-flat, hnsw by default), the gallery is indexed by
     q/s b1, b64  held-out queries searched one at a time and in batches of 64 (the Searcher's call)
     R@10         Recall@10 of those queries against exact search over the gallery
 
-and the Milvus / FAISS ratios. The Milvus server is --milvus-uri, or a Milvus Lite server started from
-.venv-milvus (`make milvus-server`) on a free loopback port. Data: clustered unit vectors (classes of ~10),
-queries held out of the gallery.
+and the Milvus / FAISS ratios. The Milvus server is --milvus-uri, or one started from .venv-milvus
+(`make milvus-server`) on a free loopback port: --server lite (Milvus Lite) or standalone (Milvus 2.3.5).
+Data: clustered unit vectors (classes of ~10), queries held out of the gallery.
 
     python benchmarks/store_compare.py                           # 100k x 512, Milvus Lite
+    python benchmarks/store_compare.py --server standalone --types flat ivf-flat ivf-pq hnsw
     python benchmarks/store_compare.py --n 20000 --types flat hnsw --milvus-uri http://milvus:19530
 
 Not measured here: the API's p50/p95 at 16 users with each store (benchmarks/app_load.py --index DIR runs
@@ -25,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ from retrieval.config import CalibrationConfig
 from retrieval.index.calibrate import build_calibrated, recall_against
 from retrieval.index.config import IndexConfig
 from retrieval.index.folder import ItemTable
-from retrieval.index.milvus_store import MilvusStoreRecord, MilvusUpload, connect
+from retrieval.index.milvus_store import MilvusStoreRecord, MilvusUpload
 from retrieval.knn import exact_knn
 
 
@@ -55,29 +54,20 @@ def clustered(n: int, d: int, seed: int) -> np.ndarray:
 
 
 @contextmanager
-def milvus_lite() -> Iterator[str]:
-    """A Milvus Lite server from .venv-milvus on a free loopback port, stopped afterwards."""
-    server = Path(os.environ.get("METRIX_MILVUS_VENV", REPO / ".venv-milvus")) / "bin" / "milvus-lite"
-    if not server.exists():
-        raise SystemExit(f"{server} not found: run `make milvus-server` or pass --milvus-uri")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    data = tempfile.mkdtemp(prefix="store-compare-")
-    proc = subprocess.Popen([str(server), "server", "--data-dir", data, "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"http://127.0.0.1:{port}"
+def started_server(kind: str) -> Iterator[str]:
+    """A Milvus server from .venv-milvus on a free loopback port (`make milvus-server`), stopped afterwards:
+    "lite" = the Milvus Lite gRPC server, "standalone" = Milvus 2.3.5 standalone (the Go server)."""
+    from tests.milvus_server import run_server, run_standalone, server_command, standalone_command
+
+    command, run = (server_command(), run_server) if kind == "lite" else (standalone_command(), run_standalone)
+    if not command.exists():
+        raise SystemExit(f"{command} not found: run `make milvus-server` or pass --milvus-uri")
+    data = Path(tempfile.mkdtemp(prefix="store-compare-")) / "data"
+    server = run(data)
     try:
-        for _ in range(300):
-            try:
-                connect(MilvusStoreRecord(uri, "probe")).list_collections()
-                break
-            except Exception:
-                time.sleep(0.2)
-        yield uri
+        yield next(server)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        server.close()
 
 
 def qps(search, queries: np.ndarray, batch: int, limit_s: float = 5.0) -> float:
@@ -99,7 +89,9 @@ def main() -> None:
     ap.add_argument("--types", nargs="+", default=["flat", "ivf-flat", "hnsw"])
     ap.add_argument("--target-recall", type=float, default=0.95)
     ap.add_argument("--upload-batch", type=int, default=1000)
-    ap.add_argument("--milvus-uri", default=None)
+    ap.add_argument("--milvus-uri", default=None, help="a running Milvus server (default: start --server)")
+    ap.add_argument("--server", choices=["lite", "standalone"], default="lite",
+                    help="the server to start when no --milvus-uri is given")
     a = ap.parse_args()
 
     all_points = clustered(a.n + a.queries, a.d, 0)
@@ -111,7 +103,7 @@ def main() -> None:
     print(f"{a.n:,} x {a.d} clustered unit vectors, {a.queries} held-out queries; {os.cpu_count()} CPUs, load "
           f"{load[0]:.1f} at start")
     rows = []
-    with (milvus_lite() if a.milvus_uri is None else _given(a.milvus_uri)) as uri:
+    with started_server(a.server) if a.milvus_uri is None else _given(a.milvus_uri) as uri:
         for kind in a.types:
             cfg = IndexConfig(index_type=kind, use_gpu=False)
             for store in ("faiss", "milvus"):

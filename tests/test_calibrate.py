@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from retrieval.index.calibrate import (
+    _search_without_self,
     REFINE_EXTENSION,
     REFINE_LADDER,
     Candidate,
@@ -147,6 +148,21 @@ def test_refine_factors_past_the_ladder_are_tried_only_when_its_largest_misses_t
     assert cal.reached and chosen.refine_factor in REFINE_EXTENSION
     assert rec(chosen.nprobe, chosen.refine_factor) >= 0.9
     assert all(rec(chosen.nprobe, rf) < 0.9 for rf in REFINE_EXTENSION if rf < chosen.refine_factor)
+
+
+def test_queries_the_index_does_not_hold_keep_their_results_when_the_index_returns_fewer_than_asked():
+    """Held-out queries (row -1) drop only their (k+1)-th result, also when the index pads with -1 (an IVF
+    probing one small list; a Milvus collection whose stale rows are left out): the padding is not a self-match."""
+    g = np.random.default_rng(4).standard_normal((60, 8)).astype(np.float32)
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(8), 8, 16, faiss.METRIC_INNER_PRODUCT)
+    index.train(g)
+    index.add(g)
+    index.nprobe = 1
+    queries = g[:10] + 0.01
+    ids, _ = _search_without_self(index, queries, np.full(10, -1, np.int64), 10)
+    raw = index.search(queries, 11)[1]
+    assert (raw == -1).any(axis=1).sum() >= 3  # some queries' lists hold fewer than 11 rows
+    np.testing.assert_array_equal(ids, raw[:, :10])
 
 
 def _gallery_index(result, g: np.ndarray, labels: np.ndarray) -> GalleryIndex:

@@ -72,6 +72,8 @@ def test_each_difference_between_a_collection_and_its_folder_is_named():
 
 @pytest.fixture(scope="module")
 def milvus_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if os.environ.get("XURI"):
+        yield os.environ["XURI"]; return
     if not server_command().exists():
         pytest.skip(f"no Milvus Lite server environment at {server_command().parents[1]} (`make test` creates it)")
     yield from run_server(tmp_path_factory.mktemp("milvus") / "data")
@@ -92,13 +94,13 @@ class VectorsOnly:
 
 
 def milvus_folder(uri: str, out: Path, vectors: np.ndarray, labels: np.ndarray, categories: list[str],
-                  collection: str, index_type: str = "flat", calib: CalibrationConfig | None = None):
+                  collection: str, index_type: str = "flat", calib: CalibrationConfig | None = None, **knobs: int):
     """A Milvus-backed folder with category attributes, built as `retrieval index` builds (upload, calibration)."""
     items = ItemTable([f"/g/{i}.jpg" for i in range(len(vectors))], [int(v) for v in labels],
                       [f"item{i}" for i in range(len(vectors))], [{"category": c} for c in categories])
     record = MilvusStoreRecord(uri, collection)
     builder = MilvusUpload(record, items, "fp-test", None, batch_size=128, progress=False)
-    result = build_calibrated(vectors, IndexConfig(index_type=index_type, use_gpu=False),
+    result = build_calibrated(vectors, IndexConfig(index_type=index_type, use_gpu=False, **knobs),
                               calib or CalibrationConfig(queries=100), builder=builder)
     meta = IndexMeta(protocol="all-vs-all", recall_ks=[1, 2, 4], fingerprint="fp-test",
                      embedding_size=vectors.shape[1], **result.meta())

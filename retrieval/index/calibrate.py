@@ -196,7 +196,7 @@ def _search_without_self(index: faiss.Index, queries: np.ndarray, rows: np.ndarr
         )
 
     ids, seconds = _timed_passes(run)
-    own = ids == rows[:, None]
+    own = (ids == rows[:, None]) & (rows[:, None] >= 0)  # row -1: a query the index does not hold
     own[~own.any(axis=1), -1] = True  # rows that did not find themselves drop their last result
     return ids[~own].reshape(len(ids), k), len(queries) / seconds
 

@@ -41,6 +41,13 @@ COLLECTION_FORMAT = "metrix-retrieval/milvus/1"
 METRIC = "IP"  # inner product over L2-normalised vectors = cosine similarity, as the FAISS store
 PROPERTY_FORMAT, PROPERTY_FINGERPRINT, PROPERTY_METRIC = "metrix.format", "metrix.fingerprint", "metrix.metric"
 DEFAULT_BATCH = 1000  # rows per upsert
+# Consistency per call. A Strong read waits for the server's next time tick (about 400 ms per call on Milvus
+# standalone 2.3.5, measured; Milvus Lite has none), so only the reads that must see every client's writes take it:
+# the row count and the key/item table read when a folder is opened or reloaded. Searches and vector reads take
+# Session: they see this client's own writes (a build's upserts, deletes) and, after such a Strong read, the rows it
+# counted; 2-3 ms per call on the same server.
+READ_ALL_WRITES = "Strong"
+SEARCH_CONSISTENCY = "Session"
 FETCH_BATCH = 4096  # rows per query when reading vectors or items back (Milvus caps a query's limit at 16,384)
 MAX_PATH, MAX_ID = 4096, 1024
 
@@ -167,7 +174,7 @@ def mismatch(
 
 
 def count_rows(client: Any, name: str) -> int:
-    raw = client.query(name, filter="", output_fields=["count(*)"])
+    raw = client.query(name, filter="", output_fields=["count(*)"], consistency_level=READ_ALL_WRITES)
     return int(raw[0]["count(*)"])
 
 
@@ -187,6 +194,7 @@ def read_keys_and_items(client: Any, name: str, data_root: str | None) -> tuple[
             filter=f"key > {last}",
             output_fields=["key", "label", "item_id", "path", "attributes"],
             limit=FETCH_BATCH,
+            consistency_level=READ_ALL_WRITES,
         )
         if not page:
             break
@@ -257,6 +265,7 @@ class MilvusCollection:
             output_fields=["key"],
             search_params=params,
             anns_field="vector",
+            consistency_level=SEARCH_CONSISTENCY,
         )
         for q, hits in enumerate(result):
             found = np.asarray([int(h["key"]) for h in hits], dtype=np.int64)
@@ -280,7 +289,11 @@ class MilvusCollection:
         for start in range(0, len(unique), FETCH_BATCH):
             chunk = unique[start : start + FETCH_BATCH].tolist()
             for row in self.client.query(
-                self.name, filter=keys_expression(chunk), output_fields=["key", "vector"], limit=len(chunk)
+                self.name,
+                filter=keys_expression(chunk),
+                output_fields=["key", "vector"],
+                limit=len(chunk),
+                consistency_level=SEARCH_CONSISTENCY,
             ):
                 found[int(row["key"])] = row["vector"]
         missing = [int(k) for k in unique if int(k) not in found]
@@ -480,18 +493,22 @@ class MilvusUpload:
                 self.progress,
             )
             self.uploaded = stop
-        if self.uploaded == len(self.items):
-            # rows keyed past this gallery: left by an earlier, larger upload into the same collection
-            collection.client.delete(self.record.collection, filter=f"key >= {int(self.uploaded)}")
         collection.keys = np.arange(self.uploaded, dtype=np.int64)
         return collection
+
+    def _drop_leftovers(self, collection: MilvusCollection) -> None:
+        """Delete rows keyed past those this build has uploaded: left by an earlier build into the same collection
+        (a larger gallery, or calibration rows this build adds later), they must not answer its searches. Runs on
+        the loaded collection: Milvus standalone deletes only from loaded collections."""
+        collection.client.delete(self.record.collection, filter=f"key >= {int(self.uploaded)}")
 
     def build(self, vectors: np.ndarray, params: IndexParams, *, use_gpu: bool = True, seed: int = 0) -> BuiltIndex:
         """Upload rows 0..len(vectors)-1 (those not uploaded yet) and build the Milvus index of `params`."""
         collection = self._upload(vectors, 0)
         index_seconds = collection.create_index(params)
+        self._drop_leftovers(collection)
         return BuiltIndex(collection, params, self.record.describe(), index_seconds, self.upload_seconds)
 
     def add(self, collection: Any, vectors: np.ndarray) -> None:
         """Upload the next len(vectors) rows (after those uploaded so far)."""
-        self._upload(vectors, self.uploaded)
+        self._drop_leftovers(self._upload(vectors, self.uploaded))
