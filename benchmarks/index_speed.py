@@ -489,7 +489,11 @@ def print_calibrated_table(rows: list[CalRow], target: float, speedup_target: fl
 
 
 def run_add_cost(args) -> list[dict]:
-    """Seconds per added vector on one thread, IVF{nlist},PQ{m} with brute-force and with HNSW32 coarse assignment.
+    """Seconds per added vector on one thread, IVF{nlist},PQ{m} with brute-force, HNSW32 and two-level coarse
+    assignment (two-level: the centroids grouped by k-means into about sqrt(nlist) groups, an IVF-flat index over
+    them; a vector is compared with the group centres and then with the centroids of its `nprobe` nearest groups,
+    both as contiguous scans). `assign us` is the coarse assignment alone (the part the quantizer changes), the rest
+    of an add is computing and encoding the residual.
 
     The centroids are a seeded sample of the vectors (training 65,536 lists by k-means would need 2.5M
     training vectors; the cost of assigning a vector does not depend on how its centroids were trained).
@@ -512,13 +516,25 @@ def run_add_cost(args) -> list[dict]:
         t0 = time.perf_counter()
         graph.add(centroids)
         graph_s = time.perf_counter() - t0
+        groups = max(1, int(round(np.sqrt(nlist))))
+        two_level = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, groups, faiss.METRIC_INNER_PRODUCT)
+        t0 = time.perf_counter()
+        two_level.train(centroids)
+        two_level.add(centroids)
+        two_level.make_direct_map()  # the fine index computes residuals from its centroids by id
+        two_level_s = time.perf_counter() - t0
         reference = brute.search(added[:2_000], 1)[1][:, 0]
-        brute_us = 0.0
-        for coarse, ef in [("brute-force", 0)] + [("hnsw32", ef) for ef in args.add_coarse_ef]:
-            quantizer = brute if coarse == "brute-force" else graph
-            if ef:
+        brute_us = brute_assign_us = 0.0
+        ladder = ([("brute-force", 0)] + [("hnsw32", ef) for ef in args.add_coarse_ef]
+                  + [(f"two-level {groups}", p) for p in args.add_coarse_probes])
+        for coarse, ef in ladder:
+            quantizer = brute if coarse == "brute-force" else graph if coarse == "hnsw32" else two_level
+            if coarse == "hnsw32":
                 graph.hnsw.efSearch = ef
+            elif ef:
+                two_level.nprobe = ef
             index = faiss.IndexIVFPQ(quantizer, d, nlist, args.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
+            index.pq.cp.min_points_per_centroid = 1  # codebook quality does not change the add cost; no warnings
             faiss.omp_set_num_threads(args.threads)
             index.train(added[: args.add_train])  # PQ codebooks only: the quantizer already holds nlist centroids
             faiss.omp_set_num_threads(1)
@@ -526,26 +542,35 @@ def run_add_cost(args) -> list[dict]:
             index.add(added)
             add_s = time.perf_counter() - t0
             same = float(np.mean(quantizer.search(added[:2_000], 1)[1][:, 0] == reference))
+            t0 = time.perf_counter()
+            quantizer.search(added, 1)
+            assign_us = 1e6 * (time.perf_counter() - t0) / len(added)
             us = 1e6 * add_s / len(added)
             brute_us = us if coarse == "brute-force" else brute_us
+            brute_assign_us = assign_us if coarse == "brute-force" else brute_assign_us
+            knob = "efSearch" if coarse == "hnsw32" else "nprobe"
+            build_s = graph_s if coarse == "hnsw32" else two_level_s if ef else 0.0
             row = {"nlist": nlist, "coarse": coarse, "ef_search": ef, "vectors": len(added), "us_per_vector": us,
-                   "graph_build_s": round(graph_s, 2) if ef else 0.0, "same_list_as_brute_force": round(same, 4),
-                   "speedup_vs_brute_force": round(brute_us / us, 2)}
+                   "assign_us_per_vector": assign_us, "graph_build_s": round(build_s, 2),
+                   "same_list_as_brute_force": round(same, 4), "speedup_vs_brute_force": round(brute_us / us, 2),
+                   "assign_speedup_vs_brute_force": round(brute_assign_us / assign_us, 2)}
             out.append(row)
-            print(f"  nlist {nlist:,} {coarse}{f' efSearch {ef}' if ef else ''}: add {us:.0f} us/vector on 1 thread "
-                  f"({len(added):,} vectors), {brute_us / us:.1f}x brute force; same list as brute force for "
-                  f"{same:.1%}", flush=True)
+            print(f"  nlist {nlist:,} {coarse}{f' {knob} {ef}' if ef else ''}: add {us:.0f} us/vector on 1 thread "
+                  f"({len(added):,} vectors), {brute_us / us:.1f}x brute force; assignment alone {assign_us:.0f} "
+                  f"us ({brute_assign_us / assign_us:.1f}x); same list as brute force for {same:.1%}", flush=True)
             del index
             gc.collect()
         del brute, graph
     faiss.omp_set_num_threads(args.threads)
     print(f"\nIVF{{nlist}},PQ{args.pq_m} (8-bit), {args.add_vectors:,} vectors added on 1 thread")
-    print("\n| nlist | coarse assignment | efSearch | us per added vector | x brute force | HNSW graph build s | "
-          "same list as brute force |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| nlist | coarse assignment | efSearch / nprobe | us per added vector | x brute force | assign us | "
+          "x brute force | quantizer build s | same list as brute force |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in out:
         print(f"| {r['nlist']:,} | {r['coarse']} | {r['ef_search'] or ''} | {r['us_per_vector']:.0f} | "
-              f"{r['speedup_vs_brute_force']:.1f} | {r['graph_build_s'] or ''} | {r['same_list_as_brute_force']:.3f} |")
+              f"{r['speedup_vs_brute_force']:.1f} | {r['assign_us_per_vector']:.0f} | "
+              f"{r['assign_speedup_vs_brute_force']:.1f} | {r['graph_build_s'] or ''} | "
+              f"{r['same_list_as_brute_force']:.3f} |")
     return out
 
 
@@ -579,6 +604,8 @@ def main() -> None:
     ap.add_argument("--add-nlist", type=int, nargs="+", default=[4_096, 16_384, 65_536])
     ap.add_argument("--add-vectors", type=int, default=20_000, help="vectors added per add-cost measurement")
     ap.add_argument("--add-coarse-ef", type=int, nargs="+", default=[16, 64], help="HNSW coarse efSearch values")
+    ap.add_argument("--add-coarse-probes", type=int, nargs="*", default=[4, 16],
+                    help="two-level coarse quantizer: groups probed per vector")
     ap.add_argument("--add-train", type=int, default=20_000, help="vectors the add-cost PQ codebooks train on")
     ap.add_argument("--distributions", nargs="+", choices=list(DISTRIBUTIONS), default=list(DISTRIBUTIONS)[1:],
                     help="generated data (sweep uses the first)")
