@@ -93,6 +93,11 @@ def _wait_for(condition: Any, what: str, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
+def _access_ids(caplog: pytest.LogCaptureFixture) -> set[str]:
+    """The request ids of the access log lines captured so far."""
+    return {json.loads(r.getMessage())["id"] for r in caplog.records if r.name == "retrieval.access"}
+
+
 def _metrics(url: str, token: str | None = None) -> dict[tuple[str, tuple], float]:
     """{(sample name, sorted labels): value} of a /metrics scrape, through the Prometheus text parser."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -167,7 +172,9 @@ def test_a_request_id_round_trips_and_each_request_is_one_access_log_line(
         forged = http.get("api/v1/info", headers={"X-Request-ID": "x" * 65})
         spaced = http.get("api/v1/health", headers={"X-Request-ID": "two words"})
         ui = http.get("config", headers={"X-Request-ID": "ui-1"})
-        _wait_for(lambda: sum(r.name == "retrieval.access" for r in caplog.records) >= 5, "the access log")
+        # a line of an earlier test's request can arrive here too: wait for these requests' own lines
+        _wait_for(lambda: {"order-17:a", "order-17:b", "ui-1"} <= _access_ids(caplog)
+                  and len(_access_ids(caplog)) >= 5, "the access log")
     assert ok.status_code == 200 and ok.headers["x-request-id"] == "order-17:a"
     assert refused.status_code == 415 and refused.headers["x-request-id"] == "order-17:b"
     assert refused.json()["request_id"] == "order-17:b"  # the error body names it too
