@@ -18,10 +18,17 @@ candidate and its best speed is the denominator (conservative on a shared machin
 `--report sweep`: build time, size, RSS, q/s at batch 1 and 256 and Recall@10 of every type x setting on
 the first distribution given.
 
+`--report add-cost`: seconds per added vector with brute-force, HNSW and two-level coarse assignment.
+
+`--report neighbours`: why a distribution is hard to index. Where each query's exact top-10 lie (its own
+item, other items of its category, elsewhere) and the fraction of the gallery an IVF on the product's coarse
+quantizer must scan to hold --target of them: a bound on any IVF's speed over a full scan, whatever its codes.
+
     python benchmarks/index_speed.py --sizes 100000 --candidates ivf-flat hnsw-m32 ivf-pq-refine
     python benchmarks/index_speed.py --sizes 1000000 --large-candidates ivf-flat
     python benchmarks/index_speed.py --report sweep --distributions clustered --sizes 100000 1000000
     python benchmarks/index_speed.py --report add-cost --add-nlist 4096 16384 65536
+    python benchmarks/index_speed.py --report neighbours --sizes 1000000 --distributions catalogue-r0.3 isotropic
 """
 
 from __future__ import annotations
@@ -42,7 +49,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval.index.config import IndexConfig  # noqa: E402
-from retrieval.index.faiss_index import build_faiss_index, configure_search, resolve_params, search  # noqa: E402
+from retrieval.index.faiss_index import (  # noqa: E402
+    build_faiss_index,
+    configure_search,
+    resolve_params,
+    search,
+    training_rows,
+)
 from retrieval.index.types import default_nlist  # noqa: E402
 
 ROWS_PER_CHUNK = 65_536
@@ -65,6 +78,7 @@ class ClusteredVectors:
     gallery_labels: np.ndarray
     query_labels: np.ndarray
     n_classes: int
+    category_of_label: np.ndarray | None = None  # catalogue data: each item's category
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -126,12 +140,12 @@ def catalogue_vectors(n: int, n_queries: int, d: int, seed: int, spread: float, 
     n_items = max(2, n // images_per_item)
     n_categories = max(1, n_items // ITEMS_PER_CATEGORY)
     categories = _normalise(rng.standard_normal((n_categories, d), dtype=np.float32))
-    items = _normalise(categories[rng.integers(0, n_categories, n_items)]
-                       + _normalise(rng.standard_normal((n_items, d), dtype=np.float32)))
+    item_category = rng.integers(0, n_categories, n_items)
+    items = _normalise(categories[item_category] + _normalise(rng.standard_normal((n_items, d), dtype=np.float32)))
     gallery_labels = np.resize(np.repeat(np.arange(n_items), images_per_item), n)
     query_labels = rng.integers(0, n_items, n_queries)
     return ClusteredVectors(_draw(rng, items, gallery_labels, spread), _draw(rng, items, query_labels, spread),
-                            gallery_labels, query_labels, n_items)
+                            gallery_labels, query_labels, n_items, item_category)
 
 
 def isotropic_vectors(n: int, n_queries: int, d: int, seed: int) -> ClusteredVectors:
@@ -574,6 +588,97 @@ def run_add_cost(args) -> list[dict]:
     return out
 
 
+# -- neighbours: where a query's exact top-10 lie, and how much of the gallery an IVF must scan to hold them ---
+
+
+def _lists_needed(list_rank: np.ndarray, list_sizes_in_order: np.ndarray, n: int, target: float) -> tuple[int, float]:
+    """The fewest lists p such that the p best-ranked lists of each query hold `target` of all exact
+    neighbours (averaged over queries, as Recall@10 is), and the mean fraction of the gallery they hold."""
+    nlist = list_sizes_in_order.shape[1]
+    held = np.cumsum(np.bincount(list_rank.ravel(), minlength=nlist)) / list_rank.size  # held[p - 1]: p lists
+    p = int(np.searchsorted(held, target - 1e-12) + 1)
+    scanned = float(np.mean(np.cumsum(list_sizes_in_order[:, :p], axis=1)[:, -1]) / n)
+    return p, scanned
+
+
+def run_neighbours(args) -> list[dict]:
+    """Per distribution: the exact top-k of each held-out query split into the query's own item, other items
+    of its category and elsewhere (catalogue data), how far above chance the neighbours found elsewhere are,
+    and the IVF coverage bound: the product's coarse quantizer (its default nlist and training sample) is
+    trained, every gallery vector assigned to its list, each query's lists ranked as search ranks them, and
+    the fewest lists whose union holds `--target` of the exact neighbours found. Whatever codes an IVF on these
+    lists stores, it must scan at least that fraction of the gallery to reach the target, so 1 / fraction is
+    its speed over a scan of the whole gallery with the same per-vector cost."""
+    d, k, out = args.dim, 10, []
+    targets = sorted({0.9, args.target, 0.99})
+    for n in args.sizes:
+        for dist in args.distributions:
+            t0 = time.perf_counter()
+            data = DISTRIBUTIONS[dist][1](n, args.queries, d, args.seed, args.items_per_class)
+            flat = faiss.IndexFlatIP(d)
+            flat.add(data.gallery)
+            sims, exact = flat.search(data.queries, k)
+            del flat
+            row: dict = {"size": n, "distribution": dist, "queries": len(data.queries),
+                         "mean_sim_top1": float(sims[:, 0].mean()), f"mean_sim_top{k}": float(sims[:, -1].mean())}
+            rng = np.random.default_rng(args.seed + 2)
+            sample = data.gallery[rng.choice(n, min(n, 20_000), replace=False)]
+            background = data.queries @ sample.T  # each query against random gallery vectors: chance similarity
+            mean_bg, std_bg = background.mean(axis=1, keepdims=True), background.std(axis=1, keepdims=True)
+            print(f"\n== {n:,} x {d} {dist}: exact top-{k} of {len(data.queries)} held-out queries ==", flush=True)
+            print(f"  similarity: top-1 {row['mean_sim_top1']:.3f}, top-{k} {row[f'mean_sim_top{k}']:.3f}; a random "
+                  f"gallery vector {float(mean_bg.mean()):.3f} +- {float(std_bg.mean()):.3f}", flush=True)
+            if data.category_of_label is not None:
+                own_item = data.gallery_labels[exact] == data.query_labels[:, None]
+                cat = data.category_of_label
+                own_cat = cat[data.gallery_labels[exact]] == cat[data.query_labels][:, None]
+                elsewhere = ~own_cat
+                z = (sims - mean_bg) / std_bg
+                row.update({"own_item": float(own_item.mean()),
+                            "own_category_other_items": float((own_cat & ~own_item).mean()),
+                            "elsewhere": float(elsewhere.mean()),
+                            "queries_with_one_elsewhere": float(elsewhere.any(1).mean()),
+                            "elsewhere_z": float(z[elsewhere].mean()) if elsewhere.any() else float("nan"),
+                            "categories": int(cat.max()) + 1})
+                print(f"  top-{k}: own item {row['own_item']:.3f}, other items of its category "
+                      f"{row['own_category_other_items']:.3f}, elsewhere {row['elsewhere']:.3f} (in "
+                      f"{row['queries_with_one_elsewhere']:.1%} of queries; {row['elsewhere_z']:.1f} standard "
+                      f"deviations above a random gallery vector); {row['categories']} categories", flush=True)
+            nlist = args.nlist or default_nlist(n)
+            params = resolve_params(IndexConfig(index_type="ivf-flat", nlist=nlist, use_gpu=False), n, d)
+            ivf = faiss.index_factory(d, params.factory_string(), faiss.METRIC_INNER_PRODUCT)
+            ivf.train(data.gallery[training_rows(n, params, args.seed)])  # the product's sample and seed
+            quantizer = faiss.downcast_index(ivf.quantizer)
+            assign = quantizer.search(data.gallery, 1)[1][:, 0]
+            sizes = np.bincount(assign, minlength=nlist)
+            order = quantizer.search(data.queries, nlist)[1]  # every list, ranked per query as a search ranks them
+            rank = np.empty_like(order)
+            np.put_along_axis(rank, order, np.arange(nlist)[None, :].repeat(len(order), 0), axis=1)
+            list_rank = np.take_along_axis(rank, assign[exact], axis=1)
+            row.update({"nlist": nlist, "coverage": {}})
+            for target in targets:
+                p, scanned = _lists_needed(list_rank, sizes[order], n, target)
+                row["coverage"][f"{target:.2f}"] = {"lists": p, "gallery_fraction": scanned}
+                print(f"  IVF{nlist}: {target:.2f} of the exact top-{k} lie in each query's first {p:,} lists "
+                      f"({p / nlist:.1%} of them), {scanned:.1%} of the gallery: at most {1 / scanned:.1f}x a full "
+                      f"scan with the same codes", flush=True)
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            out.append(row)
+            del data, ivf, quantizer, background
+            gc.collect()
+    print(f"\n| items | data | top-{k}: own item | other items of its category | elsewhere (queries with one) | "
+          "elsewhere, sd above chance | nlist | " + " | ".join(f"gallery scanned for {t:.2f}" for t in targets) + " |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in targets) + " |")
+    for r in out:
+        comp = "n/a | n/a | n/a | n/a"
+        if "own_item" in r:
+            comp = (f"{r['own_item']:.3f} | {r['own_category_other_items']:.3f} | {r['elsewhere']:.3f} "
+                    f"({r['queries_with_one_elsewhere']:.0%}) | {r['elsewhere_z']:.1f}")
+        cover = " | ".join(f"{c['gallery_fraction']:.1%} ({c['lists']:,} lists)" for c in r["coverage"].values())
+        print(f"| {r['size']:,} | {r['distribution']} | {comp} | {r['nlist']:,} | {cover} |")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -597,10 +702,12 @@ def main() -> None:
     ap.add_argument("--hnsw-max-items", type=int, default=10**9, help="skip HNSW above this size (bounds build time)")
     ap.add_argument("--target", type=float, default=0.95)
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
-    ap.add_argument("--report", choices=["calibrated", "sweep", "add-cost"], default="calibrated",
+    ap.add_argument("--report", choices=["calibrated", "sweep", "add-cost", "neighbours"],
+                    default="calibrated",
                     help="calibrated: per distribution, each index's setting before and after build-time calibration; "
                          "sweep: every type x setting on one distribution; add-cost: seconds per added vector with "
-                         "brute-force vs HNSW coarse assignment")
+                         "brute-force vs HNSW coarse assignment; neighbours: where the exact top-10 lie and the "
+                         "fraction of the gallery an IVF must scan to hold --target of them")
     ap.add_argument("--add-nlist", type=int, nargs="+", default=[4_096, 16_384, 65_536])
     ap.add_argument("--add-vectors", type=int, default=20_000, help="vectors added per add-cost measurement")
     ap.add_argument("--add-coarse-ef", type=int, nargs="+", default=[16, 64], help="HNSW coarse efSearch values")
@@ -621,6 +728,12 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     print(f"faiss {faiss.__version__}, numpy {np.__version__}, {args.threads} threads, seed {args.seed}")
     t_start = time.perf_counter()
+    if args.report == "neighbours":
+        neighbour_rows = run_neighbours(args)
+        if args.json:
+            args.json.write_text(json.dumps(neighbour_rows, indent=2))
+        print(f"\ntotal run time {time.perf_counter() - t_start:.0f}s")
+        return
     if args.report == "add-cost":
         add_rows = run_add_cost(args)
         if args.json:
