@@ -728,16 +728,11 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     print(f"faiss {faiss.__version__}, numpy {np.__version__}, {args.threads} threads, seed {args.seed}")
     t_start = time.perf_counter()
-    if args.report == "neighbours":
-        neighbour_rows = run_neighbours(args)
+    row_reports = {"neighbours": run_neighbours, "add-cost": run_add_cost}  # reports that return their JSON rows
+    if args.report in row_reports:
+        report_rows = row_reports[args.report](args)
         if args.json:
-            args.json.write_text(json.dumps(neighbour_rows, indent=2))
-        print(f"\ntotal run time {time.perf_counter() - t_start:.0f}s")
-        return
-    if args.report == "add-cost":
-        add_rows = run_add_cost(args)
-        if args.json:
-            args.json.write_text(json.dumps(add_rows, indent=2))
+            args.json.write_text(json.dumps(report_rows, indent=2))
         print(f"\ntotal run time {time.perf_counter() - t_start:.0f}s")
         return
     if args.report == "calibrated":
